@@ -1,0 +1,147 @@
+"""Loading converted checkpoints into a backbone: architecture checks, resolution and text-length
+adaptation, and strict key matching with a clear report."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import relative_position as rp
+from models.config import ARCHITECTURE_FIELDS, MULTIWAY_FIELDS, BackboneConfig, layer_scale_enabled
+from models.registry import find_variant
+from util.checkpoint_io import Checkpoint, read_checkpoint
+from util.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BACKBONE_PREFIX = "backbone."
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def architecture_mismatches(saved: BackboneConfig, wanted: BackboneConfig) -> list[str]:
+    """Human-readable differences that make the weights incompatible."""
+    diffs = [f"{f}={getattr(saved, f)} (model wants {getattr(wanted, f)})"
+             for f in ARCHITECTURE_FIELDS if getattr(saved, f) != getattr(wanted, f)]
+    if layer_scale_enabled(saved) != layer_scale_enabled(wanted):
+        diffs.append(f"layer scale {'on' if layer_scale_enabled(saved) else 'off'} "
+                     f"(model wants {'on' if layer_scale_enabled(wanted) else 'off'})")
+    if saved.ffn == wanted.ffn == "multiway":
+        diffs += [f"{f}={getattr(saved, f)} (model wants {getattr(wanted, f)})"
+                  for f in MULTIWAY_FIELDS if getattr(saved, f) != getattr(wanted, f)]
+    return diffs
+
+
+def adapt_backbone_state(state: dict[str, torch.Tensor], saved: BackboneConfig, wanted: BackboneConfig,
+                         fresh: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Resize position tables from the saved image size / text capacity to the wanted ones.
+    `fresh` (a newly initialised model's state) supplies rows for text positions beyond the saved capacity."""
+    state = dict(state)
+    if saved.use_rel_pos_bias and (saved.grid_size != wanted.grid_size or saved.max_text_len != wanted.max_text_len):
+        key = "relative_position_bias_table"
+        state[key] = rp.resize_table(state[key], saved.grid_size, wanted.grid_size, saved.max_text_len, wanted.max_text_len)
+        log.info("resized relative position table %s -> %s", saved.grid_size, wanted.grid_size)
+    if saved.use_abs_pos_emb and saved.grid_size != wanted.grid_size:
+        state["pos_embed"] = rp.resize_abs_pos_embed(state["pos_embed"], saved.grid_size, wanted.grid_size)
+    if saved.max_text_len != wanted.max_text_len:
+        key = "text_embeddings.position_embeddings.weight"
+        old = state[key]
+        new = fresh[key].clone()
+        keep = min(old.shape[0], new.shape[0])
+        new[:keep] = old[:keep]
+        state[key] = new
+    return state
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict` that reports missing/unexpected/mis-shaped keys in one sentence."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} with another shape (e.g. {', '.join(shapes[:2])})")
+        raise UserError(f"{source} does not match the model: {'; '.join(parts)}; "
+                        f"use the checkpoint that belongs to this model or re-convert it")
+    module.load_state_dict(state, strict=True)
+
+
+def config_from_checkpoint(ckpt: Checkpoint) -> BackboneConfig:
+    if ckpt.backbone_config is None:
+        raise UserError(f"{ckpt.path} is not a checkpoint of this project (it has no backbone config); convert it "
+                        f"first: python util/convert_beit_ckpt.py --input {ckpt.path} --output checkpoints/converted.safetensors")
+    try:
+        return BackboneConfig.from_dict(ckpt.backbone_config)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{ckpt.path} has an unreadable backbone config ({err}); re-convert it") from None
+
+
+def load_backbone_weights(model: nn.Module, path: str, ckpt: Checkpoint | None = None) -> Checkpoint:
+    """Load a converted / merged / run checkpoint into `model` (a VLMoBackbone), adapting image size
+    and text capacity; any other difference is an error naming the checkpoint and the fix."""
+    ckpt = ckpt or read_checkpoint(path)
+    saved = config_from_checkpoint(ckpt)
+    wanted: BackboneConfig = model.cfg
+    diffs = architecture_mismatches(saved, wanted)
+    if diffs:
+        raise UserError(f"{path} was saved for another architecture: {', '.join(diffs)}; "
+                        f"build the model from the checkpoint's own config (name=None) or pass a matching checkpoint")
+    state = split_prefix(ckpt.model, BACKBONE_PREFIX)
+    if not state:
+        raise UserError(f"{path} holds no backbone weights (no '{BACKBONE_PREFIX}*' keys)")
+    state = adapt_backbone_state(state, saved, wanted, model.state_dict())
+    load_strict(model, state, str(path))
+    return ckpt
+
+
+def config_for_pretrained(path: str, overrides: dict[str, Any],
+                          ckpt: Checkpoint | None = None) -> tuple[BackboneConfig, Checkpoint]:
+    """The saved config with runtime overrides (image size, text capacity, drop path)."""
+    ckpt = ckpt or read_checkpoint(path)
+    saved = config_from_checkpoint(ckpt)
+    values = saved.to_dict()
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return BackboneConfig(**values), ckpt
+    except (TypeError, ValueError) as err:
+        raise UserError(f"cannot build a model from {path} with these settings: {err}") from None
+
+
+SIZE_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "in_chans")
+
+
+def check_variant_fits(saved: BackboneConfig, name: str, wanted: BackboneConfig, path: str) -> None:
+    """A named model and a checkpoint must agree on every size."""
+    diffs = [f"{f}={getattr(saved, f)} ({name} has {getattr(wanted, f)})"
+             for f in SIZE_FIELDS if getattr(saved, f) != getattr(wanted, f)]
+    if diffs:
+        hint = find_variant(saved)
+        fix = f"use --model {hint}" if hint and hint != name else "use the model the checkpoint was made for"
+        raise UserError(f"{path} is a checkpoint of another size: {', '.join(diffs)}; {fix}")
+
+
+def describe(cfg: BackboneConfig) -> str:
+    """One line for logs."""
+    return (f"{cfg.embed_dim}d x {cfg.depth} layers, {cfg.num_heads} heads, {cfg.img_size}px / patch {cfg.patch_size}, "
+            f"ffn={cfg.ffn}, rel_pos={cfg.use_rel_pos_bias}, abs_pos={cfg.use_abs_pos_emb}")
+
+
+def load_head_weights(head: nn.Module, ckpt: Checkpoint, prefix: str) -> bool:
+    """Load `prefix.*` tensors of `ckpt` into `head` strictly; False when the checkpoint has none."""
+    state = split_prefix(ckpt.model, prefix + ".")
+    if not state:
+        return False
+    load_strict(head, state, f"{ckpt.path} ({prefix})")
+    return True

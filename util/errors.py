@@ -1,0 +1,30 @@
+"""User-facing errors: one sentence that names the file or flag and the fix, no traceback."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A problem the user can fix (path, format, flag combination, shape). Entry points print
+    its message alone and exit with status 2."""
+
+
+def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a CLI `main` so a `UserError` prints `error: <sentence>` instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper
