@@ -119,7 +119,8 @@ def config_for_pretrained(path: str, overrides: dict[str, Any],
         raise UserError(f"cannot build a model from {path} with these settings: {err}") from None
 
 
-SIZE_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "in_chans")
+# What makes a variant a variant; patch size and channels come from the checkpoint unless overridden.
+SIZE_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
 def check_variant_fits(saved: BackboneConfig, name: str, wanted: BackboneConfig, path: str) -> None:

@@ -1,0 +1,113 @@
+"""Forward+backward speed and peak memory of `encode_image` against HF `BeitModel` and timm Beit
+at the same configuration. Each implementation runs in its own process so peak memory is its own.
+
+    python util/benchmark.py                                   # BEiT-base, 224 px, batch 8, CPU
+    python util/benchmark.py --device cuda --amp bf16 --batch_size 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+IMPLS = ("ours", "hf_sdpa", "hf_eager", "timm")
+SIZES = {"tiny": (192, 4, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+
+
+def build(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, callable]:
+    dim, depth, heads = SIZES[size]
+    if impl == "ours":
+        from models import create_model
+
+        model = create_model(f"vlmo_{size}_patch16", img_size=image_size)
+        return model, model.encode_image
+    if impl.startswith("hf"):
+        from transformers import BeitConfig, BeitModel
+
+        cfg = BeitConfig(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * dim,
+                         image_size=image_size, use_shared_relative_position_bias=True, layer_norm_eps=1e-6,
+                         use_mean_pooling=False, drop_path_rate=0.0, attn_implementation=impl.split("_")[1])
+        model = BeitModel(cfg, add_pooling_layer=False)
+        return model, lambda x: model(pixel_values=x).last_hidden_state
+    import timm
+
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, embed_dim=dim, depth=depth, num_heads=heads,
+                              img_size=image_size, num_classes=0, global_pool="token")
+    return model, model.forward_features
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, forward = build(args.worker, args.size, args.image_size)
+    model.to(device).train()
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = forward(images).float().pow(2).mean()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    step = sorted(times)[len(times) // 2]
+    print(json.dumps({"impl": args.worker, "step_s": step, "images_per_s": args.batch_size / step, "peak_mb": peak_mb}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="base")
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    rows = []
+    for impl in args.impls:
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", impl, "--impls", impl]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            rows.append({"impl": impl, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"})
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    hw = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"\nencode_image forward+backward, {args.size} {args.image_size}px, batch {args.batch_size}, "
+          f"amp={args.amp}, {hw}, median of {args.steps} steps")
+    peak = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
+    print(f"| implementation | step (s) | images/s | {peak} |\n| --- | --- | --- | --- |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | error: {r['error']} | | |")
+        else:
+            print(f"| {r['impl']} | {r['step_s']:.3f} | {r['images_per_s']:.1f} | {r['peak_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
