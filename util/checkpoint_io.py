@@ -103,7 +103,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, tensors, config, extra)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp)` on a temporary path beside `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -118,7 +119,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save` to a temporary file, then rename over `path`."""
-    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], backbone_config: dict[str, Any],
@@ -131,7 +132,7 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], back
         from safetensors.torch import save_file
 
         meta = {"format": FORMAT_TAG, "backbone_config": json.dumps(backbone_config), **(extra_metadata or {})}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     else:
         obj = {"format": FORMAT_TAG, "backbone_config": dict(backbone_config), "model": tensors,
                **({"metadata": dict(extra_metadata)} if extra_metadata else {})}

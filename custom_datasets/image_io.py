@@ -1,0 +1,96 @@
+"""Opening whatever image files users have as 8-bit RGB: JPEG/PNG/... in any PIL mode
+(grayscale, RGBA, palette, 16-bit) and `.npy` tiles (HWC or CHW, any dtype, 1..N bands)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+ARRAY_EXTENSIONS = (".npy",)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS + ARRAY_EXTENSIONS
+
+
+def _high_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
+    arr = arr.astype(np.float64)
+    lo, hi = np.percentile(arr, 1), np.percentile(arr, 99)
+    return (np.clip((arr - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """An image file as RGB. 16-bit and float modes are stretched to 8 bits per image;
+    alpha is dropped; palette and grayscale are expanded."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            return Image.fromarray(_high_bit_to_uint8(np.asarray(img))).convert("RGB")
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+
+
+def to_hwc(arr: np.ndarray) -> np.ndarray:
+    """`[H, W]`, `[H, W, C]` or `[C, H, W]` -> `[H, W, C]`; channels are the small axis."""
+    if arr.ndim == 2:
+        return arr[:, :, None]
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 2-D or 3-D array, got shape {arr.shape}")
+    if arr.shape[0] < arr.shape[2] and arr.shape[0] <= 32:
+        return np.transpose(arr, (1, 2, 0))
+    return arr
+
+
+def read_tile(path: str | Path, bands: Sequence[int] | None) -> np.ndarray:
+    """`[H, W, 3]` of the chosen bands (default: the first three; one band is repeated)."""
+    arr = to_hwc(np.load(path, allow_pickle=False))
+    if bands is not None:
+        if max(bands) >= arr.shape[2]:
+            raise ValueError(f"--bands {list(bands)} but {path} has {arr.shape[2]} bands")
+        arr = arr[:, :, list(bands)]
+    elif arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] >= 3:
+        arr = arr[:, :, :3]
+    else:
+        raise ValueError(f"{path} has {arr.shape[2]} bands; pass --bands to choose three")
+    return arr
+
+
+@dataclass
+class BandScaler:
+    """Robust per-dataset, per-band scaling of non-8-bit tiles: the `low`/`high` percentiles of
+    a sample of tiles map to 0/255, so one bright tile does not darken the rest."""
+
+    low: np.ndarray
+    high: np.ndarray
+
+    @classmethod
+    def fit(cls, paths: Sequence[Path], bands: Sequence[int] | None, percentiles=(2.0, 98.0),
+            max_files: int = 64) -> "BandScaler | None":
+        samples = []
+        for path in list(paths)[:max_files]:
+            try:
+                samples.append(read_tile(path, bands).reshape(-1, 3))
+            except (ValueError, OSError):
+                continue
+        if not samples or all(s.dtype == np.uint8 for s in samples):
+            return None
+        values = np.concatenate(samples).astype(np.float64)
+        return cls(np.percentile(values, percentiles[0], axis=0), np.percentile(values, percentiles[1], axis=0))
+
+    def __call__(self, arr: np.ndarray) -> np.ndarray:
+        scaled = (arr.astype(np.float64) - self.low) / np.maximum(self.high - self.low, 1e-12)
+        return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def open_tile_rgb(path: str | Path, bands: Sequence[int] | None, scaler: BandScaler | None) -> Image.Image:
+    arr = read_tile(path, bands)
+    if arr.dtype != np.uint8:
+        arr = scaler(arr) if scaler is not None else _high_bit_to_uint8(arr)
+    return Image.fromarray(np.ascontiguousarray(arr))

@@ -1,0 +1,1 @@
+"""Downstream training and evaluation loops land with the fine-tuning modes (see README status)."""

@@ -1,0 +1,114 @@
+"""One pretraining epoch and one evaluation pass. Knows no objective: it backprops `out["loss"]`
+and logs every other scalar the task returns."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from util import distributed as dist_util
+from util.errors import UserError
+from util.lr_sched import lr_at, set_lr
+from util.metrics import ProgressPrinter, ScalarAverager
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class StepSettings:
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    epochs: int
+    accum_iter: int = 1
+    clip_grad: float | None = None
+    amp_dtype: torch.dtype | None = None
+    print_freq: int = 20
+    max_bad_samples: int | None = None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _scalars(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v.detach()) for k, v in out.items() if k == "loss" or k.startswith(("loss_", "acc_"))}
+
+
+def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, settings: StepSettings, prepare: Callable[[Batch], Batch],
+                    scaler: torch.amp.GradScaler | None = None, log_writer=None, skipped_so_far: int = 0,
+                    steps_per_epoch: int | None = None) -> dict[str, float]:
+    model.train()
+    total = steps_per_epoch or len(loader)  # type: ignore[arg-type]
+    averager = ScalarAverager()
+    progress = ProgressPrinter(f"Epoch [{epoch}]", total, settings.print_freq)
+    skipped = 0
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(loader):
+        skipped += int(batch.pop("num_skipped", 0))
+        if settings.max_bad_samples is not None and skipped_so_far + skipped > settings.max_bad_samples:
+            raise UserError(f"more than --max_bad_samples {settings.max_bad_samples} unreadable samples; "
+                            f"fix or remove the bad files, or raise the limit")
+        if step % settings.accum_iter == 0:  # per-iteration schedule
+            lr = lr_at(epoch + step / total, settings.lr, settings.min_lr, settings.warmup_epochs, settings.epochs)
+            set_lr(optimizer, lr)
+        if not batch:  # every sample of this batch was unreadable
+            continue
+        batch = prepare(batch)
+        last_micro = (step + 1) % settings.accum_iter == 0 or step + 1 == total
+        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, settings.amp_dtype):
+                out = model(batch)
+            loss = out["loss"]
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --blr or use --amp bf16/none")
+            scaled = loss / settings.accum_iter
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        if last_micro:
+            if scaler:
+                scaler.unscale_(optimizer)
+            if settings.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scalars = _scalars(out)
+        batch_size = len(next(iter(batch.values())))
+        averager.update(scalars, batch_size)
+        progress.step(step, batch_size, {"lr": optimizer.param_groups[0]["lr"], **scalars})
+        if log_writer is not None and last_micro:
+            epoch_1000x = int((epoch + step / total) * 1000)  # one axis for runs of different batch sizes
+            for key, value in scalars.items():
+                log_writer.add_scalar(f"train/{key}", value, epoch_1000x)
+            log_writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch_1000x)
+    stats = averager.global_average(device)
+    stats["skipped_samples"] = dist_util.all_reduce_sum(torch.tensor(float(skipped), device=device)).item()
+    stats["lr"] = optimizer.param_groups[0]["lr"]
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable[Batch], device: torch.device, prepare: Callable[[Batch], Batch],
+             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Sample-weighted averages of every scalar the task returns, over the whole loader and all ranks."""
+    model.eval()
+    averager = ScalarAverager()
+    for batch in loader:
+        batch.pop("num_skipped", None)
+        if not batch:
+            continue
+        batch = prepare(batch)
+        with autocast(device, amp_dtype):
+            out = model(batch)
+        averager.update(_scalars(out), len(next(iter(batch.values()))))
+    return averager.global_average(device)

@@ -1,0 +1,82 @@
+"""Visual tokenizers: map the tokenizer view of an image to one target id per backbone patch.
+
+`create_visual_tokenizer(kind, weight_path, image_size)` returns an object with
+`get_codebook_indices(images) -> LongTensor[B, h*w]` and `vocab_size` (the names unilm uses).
+Images come in as [0, 1] pixels at the tokenizer resolution (`--second_image_size`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.visual_tokenizers.dall_e import DalleEncoder, map_pixels
+from models.visual_tokenizers.kmeans import KMeansTokenizer
+from util.checkpoint_io import load_safetensors_file
+from util.errors import UserError
+
+KINDS = ("dall-e", "kmeans")
+
+
+class DalleTokenizer(nn.Module):
+    """DALL-E dVAE encoder as a tokenizer: argmax over the 8192 logits of each 8x8 pixel cell.
+    Runs in bf16/fp16 autocast on GPUs that support it (as BEiT ran it in fp16)."""
+
+    def __init__(self, encoder: DalleEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoder.cfg.vocab_size
+
+    @torch.no_grad()
+    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
+        x = map_pixels(images.float())
+        dtype = torch.bfloat16 if x.is_cuda and torch.cuda.is_bf16_supported() else torch.float16
+        with torch.autocast(x.device.type, dtype=dtype, enabled=x.is_cuda):
+            logits = self.encoder(x)  # [B, V, h, w]
+        return logits.argmax(1).flatten(1)  # [B, h*w]
+
+
+def load_kmeans_tokenizer(path: str | Path) -> KMeansTokenizer:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "visual_tokenizer.safetensors"
+    if not path.is_file():
+        raise UserError(f"--d_vae_weight_path {path} does not exist; fit one with "
+                        f"python util/fit_visual_tokenizer.py --data_path DIR --output {path}")
+    tensors, meta = load_safetensors_file(path)
+    if meta.get("kind") != "kmeans" or "centroids" not in tensors:
+        raise UserError(f"{path} is not a k-means visual tokenizer (made by util/fit_visual_tokenizer.py)")
+    return KMeansTokenizer(tensors["centroids"], int(meta["grid"]))
+
+
+def create_visual_tokenizer(kind: str, weight_path: str | Path | None, image_size: int,
+                            expected_grid: int | None = None) -> nn.Module:
+    """Build the tokenizer and check that it yields one id per backbone patch."""
+    if kind == "dall-e":
+        if weight_path is None:
+            raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl")
+        from models.visual_tokenizers.dall_e_loader import load_dalle_encoder
+
+        tokenizer: nn.Module = DalleTokenizer(load_dalle_encoder(weight_path))
+        grid = image_size // 8
+    elif kind == "kmeans":
+        if weight_path is None:
+            raise UserError("--d_vae_type kmeans needs --d_vae_weight_path FILE (or leave it out in main_pretrain_cook.py to fit one)")
+        tokenizer = load_kmeans_tokenizer(weight_path)
+        grid = tokenizer.grid
+    else:
+        raise UserError(f"--d_vae_type {kind} is unknown; choose one of {', '.join(KINDS)}")
+    if expected_grid is not None and grid != expected_grid:
+        raise UserError(f"the {kind} tokenizer gives a {grid}x{grid} token grid at --second_image_size {image_size} but the "
+                        f"backbone has {expected_grid}x{expected_grid} patches; use --second_image_size "
+                        f"{expected_grid * 8 if kind == 'dall-e' else image_size} or a tokenizer fitted for this grid")
+    return tokenizer
+
+
+def kmeans_metadata(grid: int, image_size: int, extra: dict | None = None) -> dict[str, str]:
+    return {"kind": "kmeans", "grid": str(grid), "image_size": str(image_size), **{k: json.dumps(v) for k, v in (extra or {}).items()}}

@@ -1,0 +1,62 @@
+"""Fit a k-means visual tokenizer on your own images (no download needed).
+
+    python util/fit_visual_tokenizer.py --data_path /data/tiles --output checkpoints/tiles_tokenizer.safetensors \\
+        --image_size 224 --second_image_size 112 --vocab_size 1024
+    python main_pretrain_cook.py --d_vae_type kmeans --d_vae_weight_path checkpoints/tiles_tokenizer.safetensors ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from custom_datasets.pretrain_data import SYNTHETIC, build_image_datasets  # noqa: E402
+from util.errors import UserError, cli_entry  # noqa: E402
+from util.visual_tokenizer_fitting import fit_kmeans_tokenizer, save_kmeans_tokenizer  # noqa: E402
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_path", default=SYNTHETIC)
+    p.add_argument("--output", required=True, help=".safetensors file to write")
+    p.add_argument("--image_size", type=int, default=224, help="backbone resolution")
+    p.add_argument("--patch_size", type=int, default=16, help="backbone patch size")
+    p.add_argument("--second_image_size", type=int, default=None, help="tokenizer view (default image_size // 2)")
+    p.add_argument("--vocab_size", type=int, default=1024, help="number of visual tokens (clusters)")
+    p.add_argument("--max_images", type=int, default=5000)
+    p.add_argument("--bands", default=None, help=".npy tiles: R,G,B band indices")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise UserError(f"--output {output} must end in .safetensors")
+    if output.exists() and not args.overwrite:
+        raise UserError(f"--output {output} already exists; pass --overwrite or choose another path")
+    if args.image_size % args.patch_size:
+        raise UserError(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
+    grid = args.image_size // args.patch_size
+    args.second_image_size = args.second_image_size or args.image_size // 2
+    # the dataset builder's augmentation flags, at their pretraining defaults
+    data_args = argparse.Namespace(
+        **vars(args), eval_data_path=None, val_fraction=0.0, synthetic_train_size=args.max_images,
+        synthetic_val_size=1, synthetic_render_size=96, mask_strategy="random", mim_probability=0.5,
+        num_mask_patches=None, max_mask_patches_per_block=None, min_mask_patches_per_block=16,
+        min_crop_scale=0.08, color_jitter=0.4, imagenet_default_mean_and_std=False)
+    train_set, _ = build_image_datasets(data_args, (grid, grid))
+    start = time.time()
+    tokenizer = fit_kmeans_tokenizer(train_set, grid, args.vocab_size, args.max_images, seed=args.seed,
+                                     num_workers=args.num_workers)
+    save_kmeans_tokenizer(tokenizer, output, args.second_image_size)
+    print(f"wrote {output}: {args.vocab_size} tokens, {grid}x{grid} grid at {args.second_image_size}px "
+          f"({time.time() - start:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

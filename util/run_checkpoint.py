@@ -1,0 +1,56 @@
+"""Run checkpoints (`checkpoint-<epoch>.pth`): model, optimizer, scaler, epoch, step and config,
+plain tensors and types only, written atomically; and resuming from them."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from util.checkpoint_io import FORMAT_TAG, read_checkpoint, save_torch_atomic
+from util.errors import UserError
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def save_run_checkpoint(output_dir: str | Path, epoch: int, step: int, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                        backbone_config: dict[str, Any], args: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    path = Path(output_dir) / f"checkpoint-{epoch}.pth"
+    state = {
+        "format": FORMAT_TAG,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "backbone_config": backbone_config,
+        "args": args,
+        **(extra or {}),
+    }
+    save_torch_atomic(state, path)
+    return path
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*.pth") if (m := CHECKPOINT_RE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None) -> int:
+    """Restore a run checkpoint; returns the epoch to start from."""
+    ckpt = read_checkpoint(path)
+    missing = sorted(set(model.state_dict()) - set(ckpt.model))
+    unexpected = sorted(set(ckpt.model) - set(model.state_dict()))
+    if missing or unexpected:
+        raise UserError(f"--resume {path} does not match this run's model (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); resume with the same --exp_name and model flags")
+    model.load_state_dict(ckpt.model)
+    if "optimizer" not in ckpt.extra or "epoch" not in ckpt.extra:
+        raise UserError(f"--resume {path} has no optimizer state; it is a weights file, use --init_from or --finetune")
+    optimizer.load_state_dict(ckpt.extra["optimizer"])
+    if scaler is not None and ckpt.extra.get("scaler"):
+        scaler.load_state_dict(ckpt.extra["scaler"])
+    return int(ckpt.extra["epoch"]) + 1
