@@ -24,7 +24,7 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent("""
     from models.visual_tokenizers import create_visual_tokenizer
     tok = create_visual_tokenizer("dall-e", {path!r}, 32)
     assert "dall_e" not in [m for m in sys.modules if sys.modules[m] is not None]
-    torch.save(tok.get_codebook_indices(torch.load({images!r})), {out!r})
+    torch.save(tok.get_codebook_indices(torch.load({images!r}, weights_only=True)), {out!r})
 """)
 
 

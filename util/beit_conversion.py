@@ -104,10 +104,10 @@ def read_source(path: str | Path) -> SourceWeights:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; check --input")
-    hf_config: dict[str, Any] = {}
-    tensors = _read_hf_folder(path) if path.is_dir() else _read_tensor_file(path)
     if path.is_dir():
-        tensors, hf_config = tensors
+        tensors, hf_config = _read_hf_folder(path)
+    else:
+        tensors, hf_config = _read_tensor_file(path), {}
     if any(re.match(r"(beit\.)?embeddings\.patch_embeddings\.", k) for k in tensors):
         renamed, unknown = {}, []
         for key, value in tensors.items():
