@@ -1,8 +1,13 @@
-"""Forward+backward speed and peak memory of `encode_image` against HF `BeitModel` and timm Beit
-at the same configuration. Each implementation runs in its own process so peak memory is its own.
+"""Speed and peak memory against HF and timm BEiT at the same configuration. Each implementation
+runs in its own process so peak memory is its own.
+
+`--mode encode`: forward+backward of `encode_image` vs HF `BeitModel` (sdpa, eager) and timm Beit.
+`--mode mim`: one whole BEiT pretraining step: DALL-E tokenization of the second view (ours vs the
+`dall-e` package's Encoder), masked forward, MIM loss, backward and AdamW step, vs HF
+`BeitForMaskedImageModeling`. Random weights: speed does not depend on their values.
 
     python util/benchmark.py                                   # BEiT-base, 224 px, batch 8, CPU
-    python util/benchmark.py --device cuda --amp bf16 --batch_size 64
+    python util/benchmark.py --mode mim --device cuda --amp bf16 --batch_size 64
 """
 from __future__ import annotations
 
@@ -20,10 +25,23 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 IMPLS = ("ours", "hf_sdpa", "hf_eager", "timm")
+MIM_IMPLS = ("ours", "hf_sdpa", "hf_eager")
+VISUAL_VOCAB = 8192
 SIZES = {"tiny": (192, 4, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 
+def hf_config(impl: str, size: str, image_size: int):
+    from transformers import BeitConfig
+
+    dim, depth, heads = SIZES[size]
+    return BeitConfig(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * dim,
+                      image_size=image_size, use_shared_relative_position_bias=True, layer_norm_eps=1e-6,
+                      use_mean_pooling=False, drop_path_rate=0.0, use_mask_token=True, vocab_size=VISUAL_VOCAB,
+                      attn_implementation=impl.split("_")[1])
+
+
 def build(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, callable]:
+    """encode mode: (model, images -> features)."""
     dim, depth, heads = SIZES[size]
     if impl == "ours":
         from models import create_model
@@ -31,12 +49,9 @@ def build(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, calla
         model = create_model(f"vlmo_{size}_patch16", img_size=image_size)
         return model, model.encode_image
     if impl.startswith("hf"):
-        from transformers import BeitConfig, BeitModel
+        from transformers import BeitModel
 
-        cfg = BeitConfig(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * dim,
-                         image_size=image_size, use_shared_relative_position_bias=True, layer_norm_eps=1e-6,
-                         use_mean_pooling=False, drop_path_rate=0.0, attn_implementation=impl.split("_")[1])
-        model = BeitModel(cfg, add_pooling_layer=False)
+        model = BeitModel(hf_config(impl, size, image_size), add_pooling_layer=False)
         return model, lambda x: model(pixel_values=x).last_hidden_state
     import timm
 
@@ -45,13 +60,59 @@ def build(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, calla
     return model, model.forward_features
 
 
+def build_mim(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, callable]:
+    """mim mode: (trainable model, (images, tokenizer_images, mask) -> loss), tokenizer included."""
+    import torch.nn.functional as F
+
+    if impl == "ours":
+        from models import create_model
+        from models.tasks import ImageMIM
+        from models.visual_tokenizers import DalleTokenizer
+        from models.visual_tokenizers.dall_e import DalleEncoder
+
+        tokenizer = DalleTokenizer(DalleEncoder())
+        task = ImageMIM(create_model(f"vlmo_{size}_patch16", img_size=image_size, drop_path_rate=0.0), VISUAL_VOCAB)
+
+        def step(images, token_images, mask):
+            ids = tokenizer.get_codebook_indices(token_images)
+            return task({"image": images, "bool_masked_pos": mask, "visual_token_ids": ids})["loss"]
+
+        return torch.nn.ModuleList([task, tokenizer]), step
+    from dall_e import map_pixels
+    from dall_e.encoder import Encoder
+    from transformers import BeitForMaskedImageModeling
+
+    encoder = Encoder().eval().requires_grad_(False)
+    model = BeitForMaskedImageModeling(hf_config(impl, size, image_size))
+
+    def step(images, token_images, mask):
+        with torch.no_grad():  # the way unilm's BEiT script tokenizes
+            ids = encoder(map_pixels(token_images)).argmax(1).flatten(1)
+        logits = model(pixel_values=images, bool_masked_pos=mask).logits  # [B, N, V], every patch
+        return F.cross_entropy(logits[mask].float(), ids[mask])
+
+    return torch.nn.ModuleList([model, encoder]), step
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model, forward = build(args.worker, args.size, args.image_size)
-    model.to(device).train()
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    b, size = args.batch_size, args.image_size
+    images = torch.randn(b, 3, size, size, device=device)
+    if args.mode == "mim":
+        model, loss_fn = build_mim(args.worker, args.size, size)
+        token_images = torch.rand(b, 3, size // 2, size // 2, device=device)
+        grid = size // 16
+        mask = torch.zeros(b, grid * grid, dtype=torch.bool, device=device)
+        mask[:, : round(grid * grid * 75 / 196)] = True  # BEiT's 75 of 196
+        mask = mask[:, torch.randperm(grid * grid, device=device)]
+        forward = lambda: loss_fn(images, token_images, mask)  # noqa: E731
+    else:
+        model, features = build(args.worker, args.size, size)
+        forward = lambda: features(images).float().pow(2).mean()  # noqa: E731
+    model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6) if args.mode == "mim" else None
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -60,8 +121,10 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = forward(images).float().pow(2).mean()
+            loss = forward()
         loss.backward()
+        if optimizer is not None:
+            optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
@@ -77,6 +140,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["encode", "mim"], default="encode")
     p.add_argument("--size", choices=sorted(SIZES), default="base")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=8)
@@ -84,11 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="default: all of the mode's")
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    args.impls = args.impls or list(MIM_IMPLS if args.mode == "mim" else IMPLS)
+    if args.mode == "mim" and "timm" in args.impls:
+        p.error("--mode mim compares with HF BeitForMaskedImageModeling; timm has no MIM head")
     rows = []
     for impl in args.impls:
         cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", impl, "--impls", impl]
@@ -98,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     hw = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"\nencode_image forward+backward, {args.size} {args.image_size}px, batch {args.batch_size}, "
+    what = "MIM training step (DALL-E tokenize + forward + backward + AdamW)" if args.mode == "mim" else \
+        "encode_image forward+backward"
+    print(f"\n{what}, {args.size} {args.image_size}px, batch {args.batch_size}, "
           f"amp={args.amp}, {hw}, median of {args.steps} steps")
     peak = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
     print(f"| implementation | step (s) | images/s | {peak} |\n| --- | --- | --- | --- |")
