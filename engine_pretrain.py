@@ -28,6 +28,7 @@ class StepSettings:
     amp_dtype: torch.dtype | None = None
     print_freq: int = 20
     max_bad_samples: int | None = None
+    reg_loss_weight: float = 0.0  # weight of `regularizer()`, added once per optimizer step
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -43,7 +44,10 @@ def _scalars(out: dict[str, torch.Tensor]) -> dict[str, float]:
 def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, settings: StepSettings, prepare: Callable[[Batch], Batch],
                     scaler: torch.amp.GradScaler | None = None, log_writer=None, skipped_so_far: int = 0,
-                    steps_per_epoch: int | None = None) -> dict[str, float]:
+                    steps_per_epoch: int | None = None,
+                    regularizer: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+    """`regularizer` (e.g. LoRA self-regularization) is computed from the weights once per optimizer
+    step, on its last micro-batch, weighted by `settings.reg_loss_weight` and logged as `loss_reg`."""
     model.train()
     total = steps_per_epoch or len(loader)  # type: ignore[arg-type]
     averager = ScalarAverager()
@@ -70,6 +74,10 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
             if not math.isfinite(loss.item()):
                 raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --blr or use --amp bf16/none")
             scaled = loss / settings.accum_iter
+            reg = None
+            if regularizer is not None and last_micro:
+                reg = settings.reg_loss_weight * regularizer()
+                scaled = scaled + reg
             (scaler.scale(scaled) if scaler else scaled).backward()
         if last_micro:
             if scaler:
@@ -83,6 +91,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         scalars = _scalars(out)
+        if reg is not None:
+            scalars["loss_reg"] = float(reg.detach())
         batch_size = len(next(iter(batch.values())))
         averager.update(scalars, batch_size)
         progress.step(step, batch_size, {"lr": optimizer.param_groups[0]["lr"], **scalars})

@@ -1,9 +1,13 @@
-"""Continual pretraining of the shared backbone (today: BEiT image MIM).
+"""Continual pretraining of the shared backbone: image MIM, text MLM, image-text contrastive and
+their compound, the later stages through LoRA adapters with self-regularization.
 
     python main_pretrain_cook.py --config configs/demo_image_mim.yaml          # laptop demo, synthetic data
     torchrun --nproc_per_node 8 main_pretrain_cook.py --exp_name image_mim --model vlmo_base_patch16 \\
         --data_path /data/imagenet/train --d_vae_type dall-e --d_vae_weight_path checkpoints/dall_e \\
         --init_from checkpoints/beit_base_pt22k.safetensors --batch_size 64 --amp bf16
+    torchrun --nproc_per_node 8 main_pretrain_cook.py --exp_name text_mlm --data_file_path cc3m.json \\
+        --tokenizer bert-base-uncased --init_from outputs/image_mim/checkpoint-299.pth \\
+        --lora_rank 64 --self_regularization --reg_loss_weight 1.0 --save_merged_lora_model
 """
 from __future__ import annotations
 
@@ -17,19 +21,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from custom_datasets.collate import collate_skipping_bad
-from custom_datasets.pretrain_data import SYNTHETIC, build_image_datasets
+from custom_datasets.pretrain_data import SYNTHETIC, build_pretrain_data
 from engine_pretrain import StepSettings, evaluate, train_one_epoch
 from models import create_model, list_models
 from models.config import FFN_KINDS
+from models.lora import add_lora, self_regularization
 from models.pretrained import describe, load_head_weights
-from models.tasks import TASKS
+from models.tasks import TASKS, TaskOptions
+from models.text_tokenizer import load_text_tokenizer
+from models.trainability import configure_trainable
 from models.visual_tokenizers import KINDS as TOKENIZER_KINDS
 from models.visual_tokenizers import create_visual_tokenizer
 from util import distributed as dist_util
 from util.checkpoint_io import read_checkpoint
 from util.config_args import parse_with_config, plain, save_args
 from util.errors import UserError, cli_entry
+from util.lora_checkpoints import save_adapters, save_merged_model
 from util.run_checkpoint import latest_checkpoint, load_run_state, save_run_checkpoint
 from util.visual_tokenizer_fitting import fit_kmeans_tokenizer, save_kmeans_tokenizer
 
@@ -59,6 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_render_size", type=int, default=96)
     g.add_argument("--max_bad_samples", type=int, default=None, help="stop when more unreadable files than this were skipped")
     g.add_argument("--num_workers", type=int, default=2)
+    g = p.add_argument_group("text")
+    g.add_argument("--tokenizer", default=None,
+                   help="BERT WordPiece tokenizer: local folder or hub name (default for text modes: bert-base-uncased)")
+    g.add_argument("--data_file_path", nargs="+", default=None,
+                   help="captions (.json list / .jsonl / .txt) or image-text pairs (.json/.jsonl with filename); "
+                        "default: the synthetic world")
+    g.add_argument("--eval_data_file_path", default=None, help="held-out captions / pairs (default: --val_fraction)")
+    g.add_argument("--max_text_len", type=int, default=40, help="tokens per caption, [CLS] and [SEP] included")
+    g.add_argument("--max_text_len_of_initckpt", type=int, default=196, help="text positions of a model built from scratch")
+    g.add_argument("--mlm_probability", type=float, default=0.15)
+    g = p.add_argument_group("image-text contrastive and compound")
+    g.add_argument("--aggregate_itc", action=argparse.BooleanOptionalAction, default=True,
+                   help="ITC negatives from every rank (gathered with gradients)")
+    g.add_argument("--mim_conduct_prob", type=float, default=0.3)
+    g.add_argument("--mlm_conduct_prob", type=float, default=0.8)
+    g.add_argument("--itc_conduct_prob", type=float, default=1.0)
+    g = p.add_argument_group("LoRA and self-regularization")
+    g.add_argument("--lora_rank", type=int, default=0, help="0: train the backbone fully")
+    g.add_argument("--lora_alpha", type=float, default=None, help="default: --lora_rank (scaling 1)")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--trainable_extra", nargs="*", default=[], help="glob patterns of base parameters to train too")
+    g.add_argument("--self_regularization", action="store_true", help="add λ·Σ||W ⊙ ΔW||² (needs --lora_rank)")
+    g.add_argument("--reg_loss_weight", type=float, default=1.0, help="λ")
+    g.add_argument("--save_merged_lora_model", action="store_true",
+                   help="at the end write merged_model.safetensors (adapters merged, for the next stage)")
     g = p.add_argument_group("visual tokenizer (MIM targets)")
     g.add_argument("--d_vae_type", choices=TOKENIZER_KINDS, default="kmeans")
     g.add_argument("--d_vae_weight_path", default=None,
@@ -107,11 +139,26 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--eval needs a checkpoint: pass --resume or --init_from")
     if args.d_vae_type == "dall-e" and not args.d_vae_weight_path:
         raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl")
+    if args.exp_name == "image_mim" and args.lora_rank:
+        raise UserError("--lora_rank is for the continual stages (text_mlm, image_text_itc, compound_pretrain); "
+                        "image_mim trains the backbone fully; drop --lora_rank")
+    if args.self_regularization and not args.lora_rank:
+        raise UserError("--self_regularization regularizes LoRA updates; add --lora_rank R (e.g. 64)")
+    if args.save_merged_lora_model and not args.lora_rank:
+        raise UserError("--save_merged_lora_model needs --lora_rank; a full run's checkpoint is already a plain model")
+    if args.lora_rank < 0 or (args.lora_alpha is not None and args.lora_alpha <= 0):
+        raise UserError("--lora_rank must be >= 0 and --lora_alpha > 0")
+    if not 1 < args.max_text_len <= args.max_text_len_of_initckpt:
+        raise UserError(f"--max_text_len {args.max_text_len} must be between 2 and --max_text_len_of_initckpt "
+                        f"{args.max_text_len_of_initckpt}")
+    if not 0 < args.mlm_probability < 1:
+        raise UserError("--mlm_probability must be between 0 and 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no GPU is visible; use --device cpu")
     for flag in ("batch_size", "accum_iter", "epochs", "image_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    args.lora_alpha = args.lora_alpha or args.lora_rank
     args.second_image_size = args.second_image_size or args.image_size // 2
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     args.output_dir = args.output_dir or f"outputs/{args.exp_name}"
@@ -124,11 +171,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_backbone(args: argparse.Namespace, weights: str | None):
+def build_backbone(args: argparse.Namespace, weights: str | None, vocab_size: int | None):
     overrides = dict(img_size=args.image_size, patch_size=args.patch_size, drop_path_rate=args.drop_path,
-                     layer_scale_init_value=args.layer_scale_init_value, ffn=args.ffn)
+                     layer_scale_init_value=args.layer_scale_init_value, ffn=args.ffn, vocab_size=vocab_size,
+                     max_text_len=args.max_text_len_of_initckpt)
     if weights is None:
         return create_model(args.model, **overrides)
+    saved = read_checkpoint(weights).backbone_config or {}
+    if vocab_size is not None and saved.get("vocab_size") not in (None, vocab_size):
+        raise UserError(f"{weights} has a {saved['vocab_size']}-token text vocabulary but --tokenizer {args.tokenizer} has "
+                        f"{vocab_size}; use the tokenizer that checkpoint was trained with, or re-convert the BEiT "
+                        f"weights with --vocab_size {vocab_size}")
     return create_model(args.model, pretrained=weights, **{k: v for k, v in overrides.items()
                                                            if k in ("img_size", "drop_path_rate")})
 
@@ -151,12 +204,12 @@ def build_tokenizer(args, train_set, grid: int, device: torch.device):
     return tokenizer.to(device)
 
 
-def make_loader(dataset, args, train: bool) -> DataLoader:
+def make_loader(dataset, args, train: bool, collate) -> DataLoader:
     sampler = (DistributedSampler(dataset, shuffle=train, seed=args.seed) if dist_util.is_distributed()
                else (torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
                      if train else None))
     return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                      collate_fn=collate_skipping_bad, drop_last=train, pin_memory=args.device.startswith("cuda"),
+                      collate_fn=collate, drop_last=train, pin_memory=args.device.startswith("cuda"),
                       persistent_workers=args.num_workers > 0)
 
 
@@ -171,13 +224,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class BatchPreparer:
-    """Moves a batch to the device and computes the MIM targets with the tokenizer (batched, no grad)."""
+    """Moves the tensors a mode needs to the device and computes MIM targets with the visual
+    tokenizer (batched, no grad)."""
 
-    def __init__(self, device: torch.device, tokenizer=None) -> None:
-        self.device, self.tokenizer = device, tokenizer
+    def __init__(self, device: torch.device, keys: tuple[str, ...], tokenizer=None) -> None:
+        self.device, self.keys, self.tokenizer = device, set(keys) | {"label"}, tokenizer
 
     def __call__(self, batch: dict) -> dict:
-        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        wanted = self.keys | ({"tokenizer_image"} if self.tokenizer is not None else set())
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+               if isinstance(v, torch.Tensor) and k in wanted}
         if self.tokenizer is not None and "tokenizer_image" in out:
             out["visual_token_ids"] = self.tokenizer.get_codebook_indices(out.pop("tokenizer_image"))
         return out
@@ -200,10 +256,56 @@ def majority_baseline(loader, prepare) -> float:
     return max(counts.values()) / total if total else 0.0
 
 
+def resolve_weights(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(weights to initialise from, run checkpoint to continue); says which of the two happens."""
+    if not args.resume:
+        if args.init_from:
+            print(f"starting a new stage from the weights of {args.init_from} (fresh optimizer, epoch 0)")
+        return args.init_from, None
+    ckpt = read_checkpoint(args.resume)
+    if "optimizer" in ckpt.extra:
+        print(f"resuming run from {args.resume} (epoch {ckpt.extra.get('epoch')})")
+        return args.resume, args.resume
+    print(f"--resume {args.resume} holds weights only: initialising the model from it (new run, epoch 0)")
+    return args.resume, None
+
+
+def attach_heads(task, weights: str | None) -> dict[str, torch.Tensor]:
+    """Load the mode's heads that `weights` has; return the other non-backbone tensors it carries
+    (heads of earlier stages), which this run keeps in its checkpoints for later stages."""
+    if not weights:
+        return {}
+    ckpt = read_checkpoint(weights)
+    for head in task.heads:
+        if load_head_weights(getattr(task, head), ckpt, head):
+            print(f"loaded the {head} from {weights}")
+    owned = set(task.heads) | {"backbone"}
+    return {k: v for k, v in ckpt.model.items() if k.split(".")[0] not in owned and ".lora_" not in k}
+
+
+def build_text_tokenizer(args, task_cls):
+    if task_cls.data_kind == "image" and args.tokenizer is None:
+        return None
+    args.tokenizer = args.tokenizer or "bert-base-uncased"
+    return load_text_tokenizer(args.tokenizer)
+
+
+def finish_lora_stage(args, task, backbone, output_dir: Path, carried: dict[str, torch.Tensor]) -> None:
+    lora = {"rank": args.lora_rank, "alpha": args.lora_alpha}
+    state = {**{k: v.detach().cpu() for k, v in task.state_dict().items()}, **carried}
+    save_adapters(output_dir / "adapters.safetensors", state, backbone.cfg.to_dict(), lora)
+    print(f"saved {output_dir / 'adapters.safetensors'} (adapter weights only)")
+    if args.save_merged_lora_model:
+        path = output_dir / "merged_model.safetensors"
+        save_merged_model(path, state, backbone.cfg.to_dict(), lora, str(output_dir))
+        print(f"saved {path} (adapters merged; start the next stage with --init_from {path})")
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_with_config(build_parser(), argv)
     validate(args)
+    task_cls = TASKS[args.exp_name]
     rank, world, local_rank = dist_util.init_distributed(args.device)
     device = torch.device(f"cuda:{local_rank}" if args.device.startswith("cuda") else args.device)
     seed_everything(args.seed + rank)
@@ -215,38 +317,35 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise UserError(f"--output_dir {output_dir} already holds checkpoints of a run; pass --auto_resume to continue "
                         f"it or choose another --output_dir (nothing is overwritten)")
 
-    resume_state = None
-    weights = args.init_from
-    if args.resume:
-        ckpt = read_checkpoint(args.resume)
-        if "optimizer" in ckpt.extra:
-            resume_state = args.resume
-            weights = args.resume
-            print(f"resuming run from {args.resume} (epoch {ckpt.extra.get('epoch')})")
-        else:
-            weights = args.resume
-            print(f"--resume {args.resume} holds weights only: initialising the model from it (new run, epoch 0)")
-    backbone = build_backbone(args, weights)
+    weights, resume_state = resolve_weights(args)
+    text_tokenizer = build_text_tokenizer(args, task_cls)
+    backbone = build_backbone(args, weights, len(text_tokenizer) if text_tokenizer is not None else None)
+    if args.max_text_len > backbone.cfg.max_text_len:
+        raise UserError(f"--max_text_len {args.max_text_len} exceeds the model's {backbone.cfg.max_text_len} text positions")
     grid = backbone.cfg.grid_size
-
-    train_set, val_set = build_image_datasets(args, grid)
-    tokenizer = build_tokenizer(args, train_set, grid[0], device)
-    task = TASKS[args.exp_name](backbone, tokenizer.vocab_size)
-    if weights and load_head_weights(task.mim_head, read_checkpoint(weights), "mim_head"):
-        print(f"loaded the MIM head from {weights}")
-    for name, param in task.named_parameters():
-        if name in set(task.frozen_parameter_names()):
-            param.requires_grad_(False)
+    data = build_pretrain_data(args, task_cls.data_kind, grid, text_tokenizer, task_cls.needs_mlm_masks)
+    tokenizer = build_tokenizer(args, data.train, grid[0], device) if task_cls.needs_visual_tokens else None
+    options = TaskOptions(visual_vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
+                          gather=dist_util.gather_with_grad if args.aggregate_itc else (lambda x: x),
+                          mim_conduct_prob=args.mim_conduct_prob, mlm_conduct_prob=args.mlm_conduct_prob,
+                          itc_conduct_prob=args.itc_conduct_prob, seed=args.seed)
+    task = task_cls(backbone, options)
+    carried = attach_heads(task, weights)
+    if args.lora_rank:
+        add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    trainable = configure_trainable(task, bool(args.lora_rank), args.trainable_extra)
     if args.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     task.to(device)
     model = task
     if dist_util.is_distributed():
-        model = torch.nn.parallel.DistributedDataParallel(task, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(task, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                          find_unused_parameters=not task_cls.static_graph)
 
-    train_loader, val_loader = make_loader(train_set, args, True), make_loader(val_set, args, False)
+    train_loader = make_loader(data.train, args, True, data.train_collate)
+    val_loader = make_loader(data.val, args, False, data.val_collate)
     if len(train_loader) == 0:
-        raise UserError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size} per device; "
+        raise UserError(f"{len(data.train)} training samples are fewer than one batch of {args.batch_size} per device; "
                         f"lower --batch_size")
     eff_batch = args.batch_size * args.accum_iter * world
     lr = args.lr or args.blr * eff_batch / 256
@@ -255,13 +354,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     start_epoch = load_run_state(resume_state, task, optimizer, scaler) if resume_state else 0
-    prepare = BatchPreparer(device, tokenizer)
-    n_train = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    prepare = BatchPreparer(device, task_cls.batch_keys, tokenizer)
+    regularizer = (lambda: self_regularization(backbone)) if args.self_regularization else None
+    n_train = sum(trainable.values())
     if dist_util.is_main_process():
-        print(f"{args.exp_name}: {args.model} ({describe(backbone.cfg)}), {n_train / 1e6:.2f}M trainable parameters")
-        print(f"data: {args.data_path} ({len(train_set)} train / {len(val_set)} val), tokenizer {args.d_vae_type} "
-              f"({tokenizer.vocab_size} tokens), {world} process(es), effective batch {eff_batch}, lr {lr:.3g}, "
-              f"amp {args.amp}, device {device}")
+        print(f"{args.exp_name}: {args.model} ({describe(backbone.cfg)}), {n_train / 1e6:.2f}M trainable parameters: "
+              + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sorted(trainable.items()))
+              + (f"; LoRA rank {args.lora_rank} alpha {args.lora_alpha:g}" if args.lora_rank else "")
+              + (f", self-regularization weight {args.reg_loss_weight:g}" if args.self_regularization else ""))
+        sources = args.data_file_path or args.data_path
+        print(f"data: {sources} ({len(data.train)} train / {len(data.val)} val)"
+              + (f", visual tokenizer {args.d_vae_type} ({tokenizer.vocab_size} tokens)" if tokenizer is not None else "")
+              + (f", text tokenizer {args.tokenizer} ({len(text_tokenizer)} tokens)" if text_tokenizer is not None else "")
+              + f", {world} process(es), effective batch {eff_batch}, lr {lr:.3g}, amp {args.amp}, device {device}")
         save_args(args, output_dir)
 
     if args.eval:
@@ -278,19 +383,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         log_writer = SummaryWriter(log_dir=args.log_dir)
     settings = StepSettings(lr=lr, min_lr=args.min_lr, warmup_epochs=warmup, epochs=args.epochs,
                             accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp_dtype=amp_dtype,
-                            print_freq=args.print_freq, max_bad_samples=args.max_bad_samples)
+                            print_freq=args.print_freq, max_bad_samples=args.max_bad_samples,
+                            reg_loss_weight=args.reg_loss_weight)
+    lora_meta = {"lora": {"rank": args.lora_rank, "alpha": args.lora_alpha}} if args.lora_rank else None
     skipped_total, stats = 0, {}
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
-        # data order, augmentation and masks are functions of (seed, rank, epoch): a resumed run
-        # continues exactly where a straight run would be
+        # data order, augmentation, masks and compound draws are functions of (seed, rank, epoch):
+        # a resumed run continues exactly where a straight run would be
         seed_everything(args.seed + rank + 1000 * epoch)
+        task.set_epoch(epoch)
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         else:
             train_loader.sampler.generator.manual_seed(args.seed + epoch)
         train_stats = train_one_epoch(model, train_loader, optimizer, device, epoch, settings, prepare, scaler,
-                                      log_writer, skipped_total)
+                                      log_writer, skipped_total, regularizer=regularizer)
         skipped_total += int(train_stats.get("skipped_samples", 0))
         seed_everything(args.seed + rank)  # held-out masks are the same in every evaluation
         test_stats = evaluate(model, val_loader, device, prepare, amp_dtype)
@@ -300,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if dist_util.is_main_process():
             if (epoch + 1) % args.save_per_epochs == 0 or last:
                 path = save_run_checkpoint(output_dir, epoch, (epoch + 1) * len(train_loader), task, optimizer, scaler,
-                                           backbone.cfg.to_dict(), plain(vars(args)))
+                                           backbone.cfg.to_dict(), plain(vars(args)), lora_meta, carried)
                 print(f"saved {path}")
             for key, value in test_stats.items():
                 log_writer.add_scalar(f"test/{key}", value, epoch)
@@ -310,10 +418,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                   + (f"  (skipped {int(train_stats['skipped_samples'])} unreadable samples)"
                      if train_stats.get("skipped_samples") else ""), flush=True)
     if dist_util.is_main_process() and stats:
-        baseline = majority_baseline(val_loader, prepare)
-        print(f"done in {time.time() - start:.0f}s: held-out MIM accuracy {stats.get('test_acc_mim', 0):.3f} "
-              f"(always predicting the most frequent token: {baseline:.3f}; uniform chance: {1 / tokenizer.vocab_size:.4f})")
-        stats["majority_baseline"] = baseline
+        if args.lora_rank:
+            finish_lora_stage(args, task, backbone, output_dir, carried)
+        summary = f"done in {time.time() - start:.0f}s"
+        if tokenizer is not None and "test_acc_mim" in stats:
+            baseline = majority_baseline(val_loader, prepare)
+            summary += (f": held-out MIM accuracy {stats['test_acc_mim']:.3f} (always predicting the most frequent "
+                        f"token: {baseline:.3f}; uniform chance: {1 / tokenizer.vocab_size:.4f})")
+            stats["majority_baseline"] = baseline
+        print(summary)
         log_writer.close()
     dist_util.cleanup()
     return stats

@@ -98,7 +98,12 @@ def load_backbone_weights(model: nn.Module, path: str, ckpt: Checkpoint | None =
     if diffs:
         raise UserError(f"{path} was saved for another architecture: {', '.join(diffs)}; "
                         f"build the model from the checkpoint's own config (name=None) or pass a matching checkpoint")
-    state = split_prefix(ckpt.model, BACKBONE_PREFIX)
+    from util.lora_checkpoints import fold_adapters
+
+    tensors, folded = fold_adapters(ckpt)
+    if folded:
+        log.warning("%s: merged its LoRA adapters into the base weights", path)
+    state = split_prefix(tensors, BACKBONE_PREFIX)
     if not state:
         raise UserError(f"{path} holds no backbone weights (no '{BACKBONE_PREFIX}*' keys)")
     state = adapt_backbone_state(state, saved, wanted, model.state_dict())

@@ -57,7 +57,7 @@ def test_init_from_a_run_checkpoint_starts_a_new_stage(tmp_path, capsys):
     main(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(first), "--mask_strategy", "random"])
     main(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(tmp_path / "second"), "--init_from",
                          str(first / "checkpoint-0.pth"), "--d_vae_weight_path", str(first / "visual_tokenizer.safetensors")])
-    assert "loaded the MIM head" in capsys.readouterr().out
+    assert "loaded the mim_head" in capsys.readouterr().out
     assert _log(tmp_path / "second")[0]["epoch"] == 0
 
 

@@ -62,3 +62,13 @@ def broadcast_object(obj):
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 (rank order); gradients flow back to each
+    rank's own slice, so a loss over the gathered batch trains every rank's encoder."""
+    if not is_distributed():
+        return x
+    import torch.distributed.nn.functional as dist_nn
+
+    return torch.cat(dist_nn.all_gather(x), 0)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from models.lora import load_plain_state, plain_names
 from util.checkpoint_io import FORMAT_TAG, read_checkpoint, save_torch_atomic
 from util.errors import UserError
 
@@ -16,11 +17,13 @@ CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 
 def save_run_checkpoint(output_dir: str | Path, epoch: int, step: int, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                        backbone_config: dict[str, Any], args: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+                        backbone_config: dict[str, Any], args: dict[str, Any], extra: dict[str, Any] | None = None,
+                        carried: dict[str, torch.Tensor] | None = None) -> Path:
+    """`carried`: head weights of earlier stages this mode does not train (kept for later stages)."""
     path = Path(output_dir) / f"checkpoint-{epoch}.pth"
     state = {
         "format": FORMAT_TAG,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {**{k: v.detach().cpu() for k, v in plain_names(model.state_dict()).items()}, **(carried or {})},
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
@@ -42,12 +45,14 @@ def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.op
                    scaler: torch.amp.GradScaler | None) -> int:
     """Restore a run checkpoint; returns the epoch to start from."""
     ckpt = read_checkpoint(path)
-    missing = sorted(set(model.state_dict()) - set(ckpt.model))
-    unexpected = sorted(set(ckpt.model) - set(model.state_dict()))
+    own = set(plain_names(model.state_dict()))
+    missing = sorted(own - set(ckpt.model))
+    owned_prefixes = {k.split(".")[0] for k in own}
+    unexpected = sorted(k for k in set(ckpt.model) - own if k.split(".")[0] in owned_prefixes)  # others: carried heads
     if missing or unexpected:
         raise UserError(f"--resume {path} does not match this run's model (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); resume with the same --exp_name and model flags")
-    model.load_state_dict(ckpt.model)
+    load_plain_state(model, {k: v for k, v in ckpt.model.items() if k in own})
     if "optimizer" not in ckpt.extra or "epoch" not in ckpt.extra:
         raise UserError(f"--resume {path} has no optimizer state; it is a weights file, use --init_from or --finetune")
     optimizer.load_state_dict(ckpt.extra["optimizer"])

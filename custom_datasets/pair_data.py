@@ -1,0 +1,52 @@
+"""Image-caption pairs from a JSON list / JSON Lines of `{"caption": ..., "filename": ...}`, and
+captions of the synthetic world without rendering images."""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from custom_datasets.image_io import open_rgb
+from custom_datasets.synthetic_world import SPLIT_OFFSET, make_scene
+
+log = logging.getLogger(__name__)
+
+
+class ImageCaptionPairs(Dataset):
+    """A sample is `build(image) | {"caption": [str, ...]}`; None when the image cannot be read."""
+
+    def __init__(self, pairs: list[tuple[Path, list[str]]], build: Callable[[Image.Image], dict[str, Any]]) -> None:
+        self.pairs, self.build = pairs, build
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def captions(self, index: int) -> list[str]:
+        return self.pairs[index][1]
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        path, captions = self.pairs[index]
+        try:
+            image = open_rgb(path)
+        except Exception as err:  # noqa: BLE001 - missing/corrupt images are skipped and counted
+            log.debug("skipping unreadable %s: %s", path, err)
+            return None
+        return {**self.build(image), "caption": captions}
+
+
+class SyntheticCaptions(Dataset):
+    """The synthetic world's captions alone (text stages): `{"caption": str}`."""
+
+    def __init__(self, split: str, size: int, seed: int) -> None:
+        self.split, self.size, self.seed = split, size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene = make_scene(random.Random(f"{self.seed}:{SPLIT_OFFSET[self.split] + index}"))
+        return {"caption": scene.caption}

@@ -1,0 +1,38 @@
+"""Masked language modeling over the text path (whole-word masks come from the collate)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from custom_datasets.text_masking import IGNORE_INDEX
+from models.backbone import VLMoBackbone
+from models.heads import MLMHead
+from models.tasks.base import PretrainTask, TaskOptions
+
+
+def mlm_loss(backbone: VLMoBackbone, head: MLMHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, accuracy) over the masked text tokens."""
+    features = backbone.encode_text(batch["mlm_input_ids"], batch["attention_mask"])  # [B, L, D]
+    labels = batch["mlm_labels"]  # [B, L]
+    selected = labels != IGNORE_INDEX
+    logits = head(features[selected]).float()  # [M, vocab]
+    target = labels[selected]
+    return F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
+
+
+class TextMLM(PretrainTask):
+    name = "text_mlm"
+    batch_keys = ("mlm_input_ids", "attention_mask", "mlm_labels")
+    data_kind = "text"
+    paths = frozenset({"text"})
+    heads = ("mlm_head",)
+    needs_mlm_masks = True
+
+    def __init__(self, backbone: VLMoBackbone, options: TaskOptions | None = None) -> None:
+        super().__init__(backbone, options)
+        self.mlm_head = MLMHead(backbone.cfg.embed_dim, backbone.cfg.vocab_size, backbone.cfg.layer_norm_eps)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_batch(batch)
+        loss, acc = mlm_loss(self.backbone, self.mlm_head, batch)
+        return {"loss": loss, "loss_mlm": loss.detach(), "acc_mlm": acc}

@@ -1,0 +1,47 @@
+"""The text tokenizer: a BERT WordPiece tokenizer (Hugging Face) from a local folder or the hub.
+
+`bert-base-uncased` (30,522 tokens) is what BEiT/VLMo text weights expect; a folder written by
+`util/train_text_tokenizer.py` works the same way offline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from util.errors import UserError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def load_text_tokenizer(name_or_dir: str):
+    """A fast BERT tokenizer (with `word_ids`, which whole-word masking needs)."""
+    from transformers import BertTokenizerFast
+
+    path = Path(name_or_dir)
+    if path.exists():
+        if not (path / "vocab.txt").is_file():
+            raise UserError(f"--tokenizer {name_or_dir} has no vocab.txt; pass a BERT tokenizer folder or train one: "
+                            f"python util/train_text_tokenizer.py --data_file_path CAPTIONS.json --output {name_or_dir}")
+        return BertTokenizerFast.from_pretrained(str(path))
+    try:
+        return BertTokenizerFast.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--tokenizer {name_or_dir} is neither a local folder nor reachable on the Hugging Face hub "
+                        f"({str(err).splitlines()[0][:120]}); pass a local folder such as "
+                        f"../shared/tokenizers/bert-base-uncased, or train one with util/train_text_tokenizer.py") from None
+
+
+def train_wordpiece(texts, vocab_size: int, output_dir: str | Path, lowercase: bool = True):
+    """Fit a BERT WordPiece vocabulary on `texts` and save it as a tokenizer folder; returns the tokenizer."""
+    import json
+
+    from tokenizers import BertWordPieceTokenizer
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
+    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS))
+    trainer.save_model(str(output_dir))  # vocab.txt
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase, "strip_accents": None if lowercase else False,
+              "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
+              "model_max_length": 512}
+    (output_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return load_text_tokenizer(str(output_dir))
