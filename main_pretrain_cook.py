@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from custom_datasets.pretrain_data import SYNTHETIC, build_pretrain_data
 from engine_pretrain import StepSettings, evaluate, train_one_epoch
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_train_size", type=int, default=2000)
     g.add_argument("--synthetic_val_size", type=int, default=500)
     g.add_argument("--synthetic_render_size", type=int, default=96)
+    g.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training samples (quick trials)")
+    g.add_argument("--max_val_samples", type=int, default=None, help="use only the first N held-out samples")
     g.add_argument("--max_bad_samples", type=int, default=None, help="stop when more unreadable files than this were skipped")
     g.add_argument("--num_workers", type=int, default=2)
     g = p.add_argument_group("text")
@@ -324,6 +326,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise UserError(f"--max_text_len {args.max_text_len} exceeds the model's {backbone.cfg.max_text_len} text positions")
     grid = backbone.cfg.grid_size
     data = build_pretrain_data(args, task_cls.data_kind, grid, text_tokenizer, task_cls.needs_mlm_masks)
+    if args.max_train_samples:
+        data.train = Subset(data.train, range(min(args.max_train_samples, len(data.train))))
+    if args.max_val_samples:
+        data.val = Subset(data.val, range(min(args.max_val_samples, len(data.val))))
     tokenizer = build_tokenizer(args, data.train, grid[0], device) if task_cls.needs_visual_tokens else None
     options = TaskOptions(visual_vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
                           gather=dist_util.gather_with_grad if args.aggregate_itc else (lambda x: x),

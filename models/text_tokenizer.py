@@ -20,13 +20,47 @@ def load_text_tokenizer(name_or_dir: str):
         if not (path / "vocab.txt").is_file():
             raise UserError(f"--tokenizer {name_or_dir} has no vocab.txt; pass a BERT tokenizer folder or train one: "
                             f"python util/train_text_tokenizer.py --data_file_path CAPTIONS.json --output {name_or_dir}")
-        return BertTokenizerFast.from_pretrained(str(path))
+        tokenizer = BertTokenizerFast.from_pretrained(str(path))
+        if not _has_vocabulary(tokenizer):
+            raise UserError(f"--tokenizer {name_or_dir}: vocab.txt holds no vocabulary; re-create the folder")
+        return tokenizer
     try:
-        return BertTokenizerFast.from_pretrained(name_or_dir)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--tokenizer {name_or_dir} is neither a local folder nor reachable on the Hugging Face hub "
-                        f"({str(err).splitlines()[0][:120]}); pass a local folder such as "
-                        f"../shared/tokenizers/bert-base-uncased, or train one with util/train_text_tokenizer.py") from None
+        tokenizer = BertTokenizerFast.from_pretrained(name_or_dir, local_files_only=True)  # the hub cache
+        if _has_vocabulary(tokenizer):
+            return tokenizer
+    except Exception:  # noqa: BLE001 - not cached: try the hub below
+        pass
+    reason = "the hub cannot be reached from this machine"
+    if _hub_reachable():
+        try:
+            tokenizer = BertTokenizerFast.from_pretrained(name_or_dir)
+            if _has_vocabulary(tokenizer):
+                return tokenizer
+            reason = "it has no vocabulary"
+        except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear sentence
+            reason = str(err).splitlines()[0][:120]
+    raise UserError(f"--tokenizer {name_or_dir} is neither a local folder nor reachable on the Hugging Face hub "
+                    f"({reason}); pass a local folder such as ../shared/tokenizers/bert-base-uncased, or train one "
+                    f"with util/train_text_tokenizer.py")
+
+
+def _has_vocabulary(tokenizer) -> bool:
+    """transformers 5 silently builds an empty tokenizer (special tokens only) when files are missing."""
+    return len(tokenizer) > len(SPECIAL_TOKENS)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick check, so an offline machine fails at once instead of after minutes of retries."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def train_wordpiece(texts, vocab_size: int, output_dir: str | Path, lowercase: bool = True):
