@@ -38,6 +38,7 @@ from util.config_args import parse_with_config, plain, save_args
 from util.errors import UserError, cli_entry
 from util.lora_checkpoints import save_adapters, save_merged_model
 from util.run_checkpoint import latest_checkpoint, load_run_state, save_run_checkpoint
+from util.stage_eval import build_probes, format_report, stage_report
 from util.visual_tokenizer_fitting import fit_kmeans_tokenizer, save_kmeans_tokenizer
 
 
@@ -292,6 +293,23 @@ def build_text_tokenizer(args, task_cls):
     return load_text_tokenizer(args.tokenizer)
 
 
+def report_stage(args, task, backbone, data, grid, carried, visual_tokenizer, text_tokenizer, device,
+                 output_dir: Path) -> dict:
+    """The forgetting / transfer metrics of this backbone on held-out probes, printed and saved."""
+    if visual_tokenizer is None and args.d_vae_weight_path:  # the MIM probe of a stage that does not train MIM
+        visual_tokenizer = create_visual_tokenizer(args.d_vae_type, args.d_vae_weight_path, args.second_image_size,
+                                                   expected_grid=grid[0]).to(device)
+    heads = {**{k: v for k, v in task.state_dict().items() if not k.startswith("backbone.")},
+             **{k: v.to(device) for k, v in carried.items()}}
+    probes = build_probes(args, task.data_kind, grid, text_tokenizer, data.val, data.val_collate,
+                          limit=args.max_val_samples or 500)
+    report = stage_report(backbone, heads, probes, device, visual_tokenizer, text_tokenizer, args.max_text_len,
+                          args.batch_size, args.seed)
+    print(f"stage report ({args.exp_name}): {format_report(report)}")
+    (output_dir / "stage_report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
 def finish_lora_stage(args, task, backbone, output_dir: Path, carried: dict[str, torch.Tensor]) -> None:
     lora = {"rank": args.lora_rank, "alpha": args.lora_alpha}
     state = {**{k: v.detach().cpu() for k, v in task.state_dict().items()}, **carried}
@@ -380,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         stats = evaluate(model, val_loader, device, prepare, amp_dtype)
         if dist_util.is_main_process():
             print("eval: " + json.dumps({k: round(v, 4) for k, v in stats.items()}))
+            stats.update(report_stage(args, task, backbone, data, grid, carried, tokenizer, text_tokenizer, device,
+                                      output_dir))
         return stats
 
     log_writer = None
@@ -433,6 +453,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         f"token: {baseline:.3f}; uniform chance: {1 / tokenizer.vocab_size:.4f})")
             stats["majority_baseline"] = baseline
         print(summary)
+        stats["stage_report"] = report_stage(args, task, backbone, data, grid, carried, tokenizer, text_tokenizer,
+                                             device, output_dir)
         log_writer.close()
     dist_util.cleanup()
     return stats
