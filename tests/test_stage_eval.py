@@ -10,9 +10,9 @@ from util.stage_eval import knn_leave_one_out, recall_at_k
 
 def naive_recall(similarity, owner, k):
     n_images, n_texts = len(similarity), len(similarity[0])
-    i2t = sum(any(owner[j] == i for j in sorted(range(n_texts), key=lambda j: -similarity[i, j])[:k])
+    i2t = sum(any(owner[j] == i for j in sorted(range(n_texts), key=lambda j: -similarity[i][j])[:k])
               for i in range(n_images)) / n_images
-    t2i = sum(owner[j] in sorted(range(n_images), key=lambda i: -similarity[i, j])[:k] for j in range(n_texts)) / n_texts
+    t2i = sum(owner[j] in sorted(range(n_images), key=lambda i: -similarity[i][j])[:k] for j in range(n_texts)) / n_texts
     return i2t, t2i
 
 
