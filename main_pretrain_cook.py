@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
 
 from custom_datasets.pretrain_data import SYNTHETIC, build_pretrain_data
 from engine_pretrain import StepSettings, evaluate, train_one_epoch
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="captions (.json list / .jsonl / .txt) or image-text pairs (.json/.jsonl with filename); "
                         "default: the synthetic world")
     g.add_argument("--eval_data_file_path", default=None, help="held-out captions / pairs (default: --val_fraction)")
+    g.add_argument("--webdataset", action="store_true",
+                   help="image-text pairs from WebDataset tar shards: --data_path DIR, glob or shards/{00000..00099}.tar")
+    g.add_argument("--train_num_samples", type=int, default=None, help="pairs in the --webdataset shards (epoch length)")
     g.add_argument("--max_text_len", type=int, default=40, help="tokens per caption, [CLS] and [SEP] included")
     g.add_argument("--max_text_len_of_initckpt", type=int, default=196, help="text positions of a model built from scratch")
     g.add_argument("--mlm_probability", type=float, default=0.15)
@@ -154,6 +157,12 @@ def validate(args: argparse.Namespace) -> None:
     if not 1 < args.max_text_len <= args.max_text_len_of_initckpt:
         raise UserError(f"--max_text_len {args.max_text_len} must be between 2 and --max_text_len_of_initckpt "
                         f"{args.max_text_len_of_initckpt}")
+    if args.webdataset and TASKS[args.exp_name].data_kind != "pair":
+        raise UserError(f"--webdataset holds image-text pairs; {args.exp_name} does not read pairs (use image_text_itc "
+                        f"or compound_pretrain)")
+    if args.webdataset and TASKS[args.exp_name].needs_visual_tokens and args.d_vae_weight_path is None:
+        raise UserError("--webdataset streams its data, so a k-means tokenizer cannot be fitted on it here; fit one "
+                        "first with util/fit_visual_tokenizer.py and pass --d_vae_weight_path")
     if not 0 < args.mlm_probability < 1:
         raise UserError("--mlm_probability must be between 0 and 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -208,6 +217,9 @@ def build_tokenizer(args, train_set, grid: int, device: torch.device):
 
 
 def make_loader(dataset, args, train: bool, collate) -> DataLoader:
+    if isinstance(dataset, IterableDataset):  # streams split and shuffle themselves (set_epoch)
+        return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate,
+                          drop_last=train, pin_memory=args.device.startswith("cuda"))
     sampler = (DistributedSampler(dataset, shuffle=train, seed=args.seed) if dist_util.is_distributed()
                else (torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
                      if train else None))
@@ -344,9 +356,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise UserError(f"--max_text_len {args.max_text_len} exceeds the model's {backbone.cfg.max_text_len} text positions")
     grid = backbone.cfg.grid_size
     data = build_pretrain_data(args, task_cls.data_kind, grid, text_tokenizer, task_cls.needs_mlm_masks)
-    if args.max_train_samples:
+    if args.max_train_samples and not isinstance(data.train, IterableDataset):
         data.train = Subset(data.train, range(min(args.max_train_samples, len(data.train))))
-    if args.max_val_samples:
+    if args.max_val_samples and not isinstance(data.val, IterableDataset):
         data.val = Subset(data.val, range(min(args.max_val_samples, len(data.val))))
     tokenizer = build_tokenizer(args, data.train, grid[0], device) if task_cls.needs_visual_tokens else None
     options = TaskOptions(visual_vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
@@ -419,7 +431,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # a resumed run continues exactly where a straight run would be
         seed_everything(args.seed + rank + 1000 * epoch)
         task.set_epoch(epoch)
-        if isinstance(train_loader.sampler, DistributedSampler):
+        if hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)
+        elif isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         else:
             train_loader.sampler.generator.manual_seed(args.seed + epoch)

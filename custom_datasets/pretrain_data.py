@@ -118,13 +118,30 @@ def build_text_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
     return Subset(corpus, train), Subset(corpus, val)
 
 
+def build_webdataset_pairs(args: argparse.Namespace, train_build, val_build, root) -> tuple[Dataset, Dataset]:
+    """Training pairs streamed from tar shards; held-out pairs from --eval_data_file_path (JSON) or
+    --eval_data_path (shards, counted once)."""
+    from custom_datasets.webdataset_pairs import WebDatasetPairs, count_samples, expand_shards, require_num_samples
+
+    train = WebDatasetPairs(expand_shards(args.data_path), require_num_samples(args.train_num_samples), train_build,
+                            seed=args.seed)
+    if args.eval_data_file_path:
+        return train, ImageCaptionPairs(read_pairs(args.eval_data_file_path, None), val_build)
+    if args.eval_data_path:
+        shards = expand_shards(args.eval_data_path)
+        return train, WebDatasetPairs(shards, count_samples(shards), val_build, seed=args.seed, shuffle=False)
+    raise UserError("--webdataset needs held-out pairs: --eval_data_path SHARDS or --eval_data_file_path PAIRS.json")
+
+
 def build_pair_datasets(args: argparse.Namespace, grid: tuple[int, int]) -> tuple[Dataset, Dataset]:
-    if not args.data_file_path:
+    if not args.data_file_path and not getattr(args, "webdataset", False):
         return build_image_datasets(args, grid)  # the synthetic world's samples carry their captions
     masker = build_masker(args, grid)
     train_build = MIMSampleBuilder(TwoViewTransform(two_view_config(args, True)), masker)
     val_build = MIMSampleBuilder(TwoViewTransform(two_view_config(args, False)), masker)
     root = None if args.data_path in (None, SYNTHETIC) else args.data_path
+    if getattr(args, "webdataset", False):
+        return build_webdataset_pairs(args, train_build, val_build, root)
     pairs = [p for path in args.data_file_path for p in read_pairs(path, root)]
     if args.eval_data_file_path:
         return ImageCaptionPairs(pairs, train_build), ImageCaptionPairs(read_pairs(args.eval_data_file_path, root), val_build)

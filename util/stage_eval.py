@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from models.tasks import ImageMIM, TaskOptions, TextMLM
 from models.heads import ITCHead
@@ -166,6 +166,8 @@ def build_probes(args, kind: str, grid: tuple[int, int], text_tokenizer, val_set
     from custom_datasets.text_masking import masker_for
 
     def cap(dataset):
+        if isinstance(dataset, IterableDataset):  # streamed held-out shards are used whole
+            return dataset
         return Subset(dataset, range(min(limit, len(dataset))))
 
     text_collate = (CaptionCollator(text_tokenizer, args.max_text_len, masker_for(text_tokenizer, args.mlm_probability),
