@@ -45,6 +45,17 @@ def test_the_chain_through_merged_checkpoints(tmp_path, word_pieces, capsys):
     assert torch.equal(merged.model["mim_head.proj.weight"], mim_head)  # earlier heads travel with the backbone
     adapters = read_checkpoint(tmp_path / "mlm" / "adapters.safetensors")
     assert adapters.model and all(".lora_" in k for k in adapters.model)
+    # the standalone merger gives the same file from the run checkpoint, and never overwrites
+    from util.save_merged_lora_model import main as merge_cli
+
+    merge_cli([str(tmp_path / "mlm" / "checkpoint-0.pth"), str(tmp_path / "again.safetensors")])
+    again = read_checkpoint(tmp_path / "again.safetensors")
+    assert again.model.keys() == merged.model.keys()
+    assert all(torch.equal(again.model[k], merged.model[k]) for k in merged.model)
+    with pytest.raises(SystemExit):
+        merge_cli([str(tmp_path / "mlm" / "checkpoint-0.pth"), str(tmp_path / "again.safetensors")])
+    with pytest.raises(SystemExit):  # a full-training checkpoint has nothing to merge
+        merge_cli([str(tmp_path / "mim" / "checkpoint-0.pth"), str(tmp_path / "x.safetensors")])
 
     main(common + lora + ["--exp_name", "image_text_itc", "--init_from", str(tmp_path / "mlm" / "merged_model.safetensors"),
                           "--output_dir", str(tmp_path / "itc")])

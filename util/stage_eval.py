@@ -58,7 +58,8 @@ def mim_and_knn(backbone, head_state, data, tokenizer, batch_size, device, k: in
             correct += (logits.argmax(-1) == batch["visual_token_ids"][mask]).sum().item()
             total += mask.sum().item()
         if "label" in batch:
-            features.append(F.normalize(backbone.encode_image(batch["image"])[:, 0].float(), dim=-1))
+            pooled = backbone.encode_image(batch["image"])[:, 1:].mean(1)  # mean of patch features (BEiT's probe)
+            features.append(F.normalize(pooled.float(), dim=-1))
             labels.append(batch["label"])
     if total:
         out["image_mim_acc"] = correct / total
