@@ -1,1 +1,96 @@
-"""Downstream training and evaluation loops land with the fine-tuning modes (see README status)."""
+"""One fine-tuning epoch and one evaluation pass for downstream classification (MAE/BEiT style):
+mixup/cutmix targets, AMP, accumulation, clipping, per-iteration lr, EMA, top-1/top-5."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+from engine_pretrain import StepSettings, autocast
+from util.errors import UserError
+from util.lr_sched import lr_at, set_lr
+from util.metrics import ProgressPrinter, ScalarAverager
+
+Batch = dict[str, Any]
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [B, k]
+    hits = top == labels[:, None]
+    return {f"acc{k}": hits[:, :k].any(1).float().mean().item() * 100 for k in ks}
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader: Iterable[Batch], optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, settings: StepSettings, mixup_fn=None, model_ema=None,
+                    scaler: torch.amp.GradScaler | None = None, log_writer=None, skipped_so_far: int = 0) -> dict[str, float]:
+    model.train()
+    total = len(loader)  # type: ignore[arg-type]
+    averager = ScalarAverager()
+    progress = ProgressPrinter(f"Epoch [{epoch}]", total, settings.print_freq)
+    skipped = 0
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(loader):
+        skipped += int(batch.pop("num_skipped", 0))
+        if settings.max_bad_samples is not None and skipped_so_far + skipped > settings.max_bad_samples:
+            raise UserError(f"more than --max_bad_samples {settings.max_bad_samples} unreadable samples; "
+                            f"fix or remove the bad files, or raise the limit")
+        if step % settings.accum_iter == 0:
+            set_lr(optimizer, lr_at(epoch + step / total, settings.lr, settings.min_lr, settings.warmup_epochs,
+                                    settings.epochs))
+        if not batch:
+            continue
+        images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        targets = labels
+        if mixup_fn is not None:
+            if len(images) % 2:  # timm's Mixup pairs samples and needs an even batch
+                images, labels, targets = images[:-1], labels[:-1], labels[:-1]
+            images, targets = mixup_fn(images, labels)
+        with autocast(device, settings.amp_dtype):
+            loss = criterion(model(images).float(), targets)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --blr or use --amp bf16/none")
+        last_micro = (step + 1) % settings.accum_iter == 0 or step + 1 == total
+        scaled = loss / settings.accum_iter
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        if last_micro:
+            if scaler:
+                scaler.unscale_(optimizer)
+            if settings.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(model)
+        averager.update({"loss": loss.item()}, len(images))
+        progress.step(step, len(images), {"lr": optimizer.param_groups[0]["lr"], "loss": loss.item()})
+        if log_writer is not None and last_micro:
+            epoch_1000x = int((epoch + step / total) * 1000)
+            log_writer.add_scalar("train/loss", loss.item(), epoch_1000x)
+            log_writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch_1000x)
+    stats = averager.global_average(device)
+    stats["lr"] = optimizer.param_groups[0]["lr"]
+    stats["skipped_samples"] = float(skipped)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable[Batch], device: torch.device,
+             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy (percent) over the loader and all ranks."""
+    model.eval()
+    averager = ScalarAverager()
+    for batch in loader:
+        batch.pop("num_skipped", None)
+        if not batch:
+            continue
+        images, labels = batch["image"].to(device), batch["label"].to(device)
+        with autocast(device, amp_dtype):
+            logits = model(images).float()
+        scalars = {"loss": torch.nn.functional.cross_entropy(logits, labels).item(), **topk_correct(logits, labels)}
+        averager.update(scalars, len(images))
+    return averager.global_average(device)

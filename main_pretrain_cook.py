@@ -280,6 +280,13 @@ def resolve_weights(args: argparse.Namespace) -> tuple[str | None, str | None]:
     ckpt = read_checkpoint(args.resume)
     if "optimizer" in ckpt.extra:
         print(f"resuming run from {args.resume} (epoch {ckpt.extra.get('epoch')})")
+        saved = ckpt.extra.get("lora") or {}
+        if saved and not args.lora_rank:  # a LoRA run continues (or is evaluated) as a LoRA run
+            args.lora_rank, args.lora_alpha = saved["rank"], saved["alpha"]
+            print(f"{args.resume} trained LoRA adapters: using --lora_rank {args.lora_rank} --lora_alpha {args.lora_alpha:g}")
+        elif saved.get("rank", 0) != args.lora_rank:
+            raise UserError(f"--resume {args.resume} was trained with --lora_rank {saved.get('rank', 0)}, not "
+                            f"{args.lora_rank}; resume with the run's own flags, or use --init_from to start a new stage")
         return args.resume, args.resume
     print(f"--resume {args.resume} holds weights only: initialising the model from it (new run, epoch 0)")
     return args.resume, None
@@ -306,7 +313,7 @@ def build_text_tokenizer(args, task_cls):
 
 
 def report_stage(args, task, backbone, data, grid, carried, visual_tokenizer, text_tokenizer, device,
-                 output_dir: Path) -> dict:
+                 output_dir: Path, name: str = "stage_report.json") -> dict:
     """The forgetting / transfer metrics of this backbone on held-out probes, printed and saved."""
     if visual_tokenizer is None and args.d_vae_weight_path:  # the MIM probe of a stage that does not train MIM
         visual_tokenizer = create_visual_tokenizer(args.d_vae_type, args.d_vae_weight_path, args.second_image_size,
@@ -318,7 +325,7 @@ def report_stage(args, task, backbone, data, grid, carried, visual_tokenizer, te
     report = stage_report(backbone, heads, probes, device, visual_tokenizer, text_tokenizer, args.max_text_len,
                           args.batch_size, args.seed)
     print(f"stage report ({args.exp_name}): {format_report(report)}")
-    (output_dir / "stage_report.json").write_text(json.dumps(report, indent=1))
+    (output_dir / name).write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -403,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               + (f", visual tokenizer {args.d_vae_type} ({tokenizer.vocab_size} tokens)" if tokenizer is not None else "")
               + (f", text tokenizer {args.tokenizer} ({len(text_tokenizer)} tokens)" if text_tokenizer is not None else "")
               + f", {world} process(es), effective batch {eff_batch}, lr {lr:.3g}, amp {args.amp}, device {device}")
-        save_args(args, output_dir)
+        save_args(args, output_dir, "eval_args.yaml" if args.eval else "args.yaml")  # an eval never rewrites a run's files
 
     if args.eval:
         seed_everything(args.seed + rank)  # held-out masks are the same in every evaluation
@@ -411,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if dist_util.is_main_process():
             print("eval: " + json.dumps({k: round(v, 4) for k, v in stats.items()}))
             stats.update(report_stage(args, task, backbone, data, grid, carried, tokenizer, text_tokenizer, device,
-                                      output_dir))
+                                      output_dir, "eval_report.json"))
         return stats
 
     log_writer = None

@@ -37,7 +37,8 @@ class ImageFiles(Dataset):
     cannot be read (the collate function drops and counts it)."""
 
     def __init__(self, root: str | Path, build: Callable[[Image.Image], dict[str, Any]],
-                 bands: Sequence[int] | None = None, files: list[Path] | None = None) -> None:
+                 bands: Sequence[int] | None = None, files: list[Path] | None = None,
+                 class_to_idx: dict[str, int] | None = None) -> None:
         self.root = Path(root)
         self.files = files if files is not None else list_image_files(self.root)
         self.build = build
@@ -45,7 +46,10 @@ class ImageFiles(Dataset):
         tiles = [f for f in self.files if f.suffix.lower() in ARRAY_EXTENSIONS]
         self.scaler = BandScaler.fit(tiles, bands) if tiles else None
         classes = sorted({c for f in self.files if (c := class_of(f, self.root)) is not None})
-        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.class_to_idx = class_to_idx if class_to_idx is not None else {c: i for i, c in enumerate(classes)}
+        unknown = [c for c in classes if c not in self.class_to_idx]
+        if unknown:
+            raise UserError(f"{self.root} has class folders the training set does not have: {', '.join(unknown[:5])}")
         self._check_some_readable()
 
     def _check_some_readable(self, probe: int = 20) -> None:

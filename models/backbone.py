@@ -98,7 +98,7 @@ class VLMoBackbone(nn.Module):
 
     # ---- the shared stack ---------------------------------------------------------------------
     def _run_blocks(self, x: torch.Tensor, bias: torch.Tensor | None, padding: torch.Tensor | None,
-                    modality: Modality, text_len: int = 0) -> torch.Tensor:
+                    modality: Modality, text_len: int = 0, apply_norm: bool = True) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
             mask = None if bias is None else bias[i].unsqueeze(0)  # [1, H, n, n]
             if padding is not None:
@@ -107,14 +107,16 @@ class VLMoBackbone(nn.Module):
                 x = checkpoint(block, x, mask, modality, text_len, use_reentrant=False)
             else:
                 x = block(x, mask, modality, text_len)
-        return self.norm(x)
+        return self.norm(x) if apply_norm else x
 
     # ---- public API ---------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """`[B, C, H, W]` (+ optional `[B, N]` mask of patches to replace by the mask token) -> `[B, 1+N, D]`."""
+    def encode_image(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
+                     apply_norm: bool = True) -> torch.Tensor:
+        """`[B, C, H, W]` (+ optional `[B, N]` mask of patches to replace by the mask token) -> `[B, 1+N, D]`.
+        `apply_norm=False` skips the final norm (BEiT's mean-pooling classifier normalises after pooling)."""
         x = self._embed_image(images, bool_masked_pos)
         index = getattr(self, "image_position_index", None)
-        return self._run_blocks(x, self._bias(index), None, Modality.IMAGE)
+        return self._run_blocks(x, self._bias(index), None, Modality.IMAGE, apply_norm=apply_norm)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, L]` token ids (+ `[B, L]` 1/0 mask, 0 = padding) -> `[B, L, D]`."""

@@ -58,7 +58,8 @@ class Attention(nn.Module):
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
             qkv = qkv + bias.to(qkv.dtype)
-        q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, hd]
+        qkv = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
+        q, k, v = qkv.unbind(0)
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, hd]

@@ -57,6 +57,11 @@ def test_the_chain_through_merged_checkpoints(tmp_path, word_pieces, capsys):
     with pytest.raises(SystemExit):  # a full-training checkpoint has nothing to merge
         merge_cli([str(tmp_path / "mim" / "checkpoint-0.pth"), str(tmp_path / "x.safetensors")])
 
+    # evaluating a LoRA run checkpoint needs no LoRA flags: they come from the checkpoint
+    stats = main(common + ["--exp_name", "text_mlm", "--eval", "--resume", str(tmp_path / "mlm" / "checkpoint-0.pth"),
+                           "--output_dir", str(tmp_path / "mlm")])
+    assert stats["acc_mlm"] == pytest.approx(log["test_acc_mlm"], abs=1e-6)
+    assert "using --lora_rank 4 --lora_alpha 8" in capsys.readouterr().out
     main(common + lora + ["--exp_name", "image_text_itc", "--init_from", str(tmp_path / "mlm" / "merged_model.safetensors"),
                           "--output_dir", str(tmp_path / "itc")])
     assert {"train_loss_itc", "test_acc_i2t", "test_acc_t2i"} <= set(_log(tmp_path / "itc")[0])

@@ -106,3 +106,28 @@ def drop_reason(key: str) -> str | None:
         if re.fullmatch(pattern, key):
             return reason
     return None
+
+
+# ---- export: ours -> canonical (timm names; HF names come from HF_TO_CANONICAL in reverse) ----------
+# Multiway checkpoints export their image expert; the relative-position table is split per block by
+# util/beit_export.py.
+OURS_TO_CANONICAL: tuple[tuple[str, str], ...] = (
+    (r"backbone\.(cls_token|mask_token|pos_embed)", r"\1"),
+    (r"backbone\.patch_embed\.proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"backbone\.blocks\.(\d+)\.(norm1\.weight|norm1\.bias|gamma_1|gamma_2)", r"blocks.\1.\2"),
+    (r"backbone\.blocks\.(\d+)\.attn\.(q_bias|v_bias|qkv\.weight|proj\.weight|proj\.bias)", r"blocks.\1.attn.\2"),
+    (r"backbone\.blocks\.(\d+)\.norm2(?:_imag)?\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"backbone\.blocks\.(\d+)\.mlp(?:_imag)?\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    (r"backbone\.norm\.(weight|bias)", r"norm.\1"),
+    (r"pooler_norm\.(weight|bias)", r"fc_norm.\1"),
+    (r"classifier\.(weight|bias)", r"head.\1"),
+    (r"mim_head\.proj\.(weight|bias)", r"lm_head.\1"),
+)
+
+# What an image-only BEiT cannot hold, and why.
+NOT_EXPORTED: tuple[tuple[str, str], ...] = (
+    (r"backbone\.(text_embeddings|token_type_embeddings)\..*", "the text path (BEiT has none)"),
+    (r"backbone\.blocks\.\d+\.(norm2|mlp)_(text|vl)\..*", "text / image-text experts (BEiT has none)"),
+    (r"(mlm_head|itc_head)\..*", "heads of text stages"),
+    (r"backbone\.relative_position_bias_table", "split into per-block tables"),
+)

@@ -44,6 +44,6 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
-def save_args(args: argparse.Namespace, output_dir: str | Path) -> None:
+def save_args(args: argparse.Namespace, output_dir: str | Path, name: str = "args.yaml") -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "args.yaml").write_text(yaml.safe_dump(plain(vars(args)), sort_keys=True))
+    (Path(output_dir) / name).write_text(yaml.safe_dump(plain(vars(args)), sort_keys=True))

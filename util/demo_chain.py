@@ -6,7 +6,7 @@ and one table of held-out metrics after every stage, so the effect of self-regul
 the backbone already knew (image MIM and k-NN accuracy) is visible next to what it learned (MLM,
 retrieval).
 
-    python util/demo_chain.py                          # ~15 min on a 2-core CPU
+    python util/demo_chain.py                          # ~12 min on a 2-core CPU
     python util/demo_chain.py --reg_loss_weight 3e4 --output_dir outputs/chain_b
 """
 from __future__ import annotations
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
     p.add_argument("--lora_rank", type=int, default=16)
     p.add_argument("--train_size", type=int, default=2000)
     p.add_argument("--val_size", type=int, default=300)
-    p.add_argument("--mim_epochs", type=int, default=8)
+    p.add_argument("--mim_epochs", type=int, default=10)
     p.add_argument("--mlm_epochs", type=int, default=6)
-    p.add_argument("--itc_epochs", type=int, default=6)
+    p.add_argument("--itc_epochs", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
             common + visual + lora + ["--exp_name", "text_mlm", "--epochs", str(args.mlm_epochs), "--blr", "5e-3",
                                       "--init_from", str(mim_ckpt)], mlm_dir)))
         rows.append((f"image_text_itc, λ={weight:g}", run_stage(
-            common + visual + lora + ["--exp_name", "image_text_itc", "--epochs", str(args.itc_epochs), "--blr", "5e-3",
+            common + visual + lora + ["--exp_name", "image_text_itc", "--epochs", str(args.itc_epochs), "--blr", "2e-2",
+                                      "--batch_size", "32",  # more steps: contrastive learning from scratch needs them
                                       "--init_from", str(mlm_dir / "merged_model.safetensors")], itc_dir)))
         print_table(rows)
     print(f"\nchain done in {time.time() - start:.0f}s; chance: MIM 1/128, k-NN 1/4 classes "

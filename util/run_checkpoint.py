@@ -18,9 +18,10 @@ CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 def save_run_checkpoint(output_dir: str | Path, epoch: int, step: int, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                         backbone_config: dict[str, Any], args: dict[str, Any], extra: dict[str, Any] | None = None,
-                        carried: dict[str, torch.Tensor] | None = None) -> Path:
-    """`carried`: head weights of earlier stages this mode does not train (kept for later stages)."""
-    path = Path(output_dir) / f"checkpoint-{epoch}.pth"
+                        carried: dict[str, torch.Tensor] | None = None, name: str | None = None) -> Path:
+    """`carried`: head weights of earlier stages this mode does not train (kept for later stages);
+    `name`: file suffix instead of the epoch (e.g. "best")."""
+    path = Path(output_dir) / f"checkpoint-{name or epoch}.pth"
     state = {
         "format": FORMAT_TAG,
         "model": {**{k: v.detach().cpu() for k, v in plain_names(model.state_dict()).items()}, **(carried or {})},

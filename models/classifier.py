@@ -1,0 +1,59 @@
+"""Image classification on the shared backbone, as BEiT fine-tunes: mean of the patch features
+before the final norm + `pooler_norm` (BEiT's fc_norm) + linear `classifier`, or the final-normed
+[CLS] feature with `use_cls`. The names match what the converter writes for fine-tuned BEiT/timm
+checkpoints (they load with their heads) and the layout exports exactly to HF and timm BEiT."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.backbone import VLMoBackbone
+
+
+class ImageClassifier(nn.Module):
+    def __init__(self, backbone: VLMoBackbone, num_classes: int, use_cls: bool = False,
+                 head_init_scale: float = 0.001) -> None:
+        super().__init__()
+        dim = backbone.cfg.embed_dim
+        self.backbone, self.use_cls = backbone, use_cls
+        self.pooler_norm = nn.Identity() if use_cls else nn.LayerNorm(dim, eps=backbone.cfg.layer_norm_eps)
+        self.classifier = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+        with torch.no_grad():  # BEiT: a small head at the start keeps early fine-tuning stable
+            self.classifier.weight.mul_(head_init_scale)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.encode_image(images, apply_norm=self.use_cls)  # [B, 1+N, D]
+        return tokens[:, 0] if self.use_cls else self.pooler_norm(tokens[:, 1:].mean(1))  # [B, D]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))  # [B, classes]
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids for timm's layer-wise lr decay: embeddings first, then one group per block."""
+        return {"stem": r"^backbone\.(?:cls_token|mask_token|pos_embed|patch_embed|relative_position_bias_table|"
+                        r"text_embeddings|token_type_embeddings)",
+                "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm", (99999,))]}
+
+
+def load_for_inference(path: str) -> tuple[nn.Module, list[str] | None]:
+    """A checkpoint of any stage -> (ImageClassifier when it holds a `classifier`, else the
+    backbone; class names when recorded), in eval mode."""
+    from models import create_model
+    from models.pretrained import load_head_weights
+    from util.checkpoint_io import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    backbone = create_model(None, pretrained=path)
+    if "classifier.weight" not in ckpt.model:
+        return backbone.eval(), None
+    args = ckpt.extra.get("args") or {}
+    model = ImageClassifier(backbone, ckpt.model["classifier.weight"].shape[0], bool(args.get("use_cls", False)))
+    for head in ("pooler_norm", "classifier"):
+        load_head_weights(getattr(model, head), ckpt, head)
+    names = ckpt.extra.get("class_names")
+    return model.eval(), list(names) if names else None

@@ -1,0 +1,142 @@
+"""Downstream modes end to end on tiny configs: fine-tuning and linear probing (synthetic class
+folders and ../shared/data/hymenoptera), what --finetune loads, --eval, predict on a folder with a
+corrupt file, and every export format checked against our outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from custom_datasets.synthetic_world import SHAPES, SyntheticWorld
+from main_finetune import main as finetune
+from main_pretrain_cook import main as pretrain
+from models import create_model
+from models.classifier import ImageClassifier, load_for_inference
+from tests.helpers import SHARED_DATA, randomize_, requires_shared
+from tests.test_pretrain_cli import SYNTH, TINY
+from util.checkpoint_io import read_checkpoint, save_weights
+from util.export import main as export
+from util.predict import main as predict
+
+FAST = ["--input_size", "32", "--patch_size", "8", "--batch_size", "8", "--num_workers", "0", "--print_freq", "100",
+        "--warmup_epochs", "0.5", "--drop_path", "0"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """An ImageFolder of synthetic scenes, one folder per first shape."""
+    root = tmp_path_factory.mktemp("shapes")
+    for split, n in (("train", 48), ("val", 24)):
+        world = SyntheticWorld(split, n, seed=1, render_size=40)
+        for i in range(n):
+            sample = world[i]
+            folder = root / split / SHAPES[sample["label"]]
+            folder.mkdir(parents=True, exist_ok=True)
+            sample["image"].save(folder / f"{i}.png")
+    return root
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def test_finetune_from_a_pretraining_checkpoint_then_eval_predict(tmp_path, shapes, capsys):
+    pretrain(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(tmp_path / "mim")])
+    out = tmp_path / "ft"
+    finetune(["--task", "image_classification", "--data_path", str(shapes), "--finetune",
+              str(tmp_path / "mim" / "checkpoint-0.pth"), "--epochs", "2", "--model_ema", "--output_dir", str(out)] + FAST)
+    text = capsys.readouterr().out
+    assert "loaded: backbone" in text and "new: pooler_norm, classifier" in text and "ignored: mim_head" in text
+    log = _log(out)
+    assert len(log) == 2 and {"train_loss", "train_lr", "test_acc1", "test_acc5", "test_loss", "test_ema_acc1"} <= set(log[0])
+    best = read_checkpoint(out / "checkpoint-best.pth")
+    assert best.extra["class_names"] == sorted(SHAPES)
+    stats = finetune(["--task", "image_classification", "--data_path", str(shapes), "--eval", "--finetune",
+                      str(out / "checkpoint-best.pth"), "--output_dir", str(out)] + FAST)
+    assert stats["acc1"] == pytest.approx(best.extra["test_acc1"], abs=1e-6)
+    assert "loaded: backbone" in capsys.readouterr().out  # and its classifier
+    # predict on a folder with a corrupt file: reported, not fatal
+    images = tmp_path / "in"
+    images.mkdir()
+    for i, path in enumerate(sorted((shapes / "val").rglob("*.png"))[:5]):
+        path.rename(images / f"{i}.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    result = predict(["--checkpoint", str(out / "checkpoint-best.pth"), "--input", str(images), "--output",
+                      str(tmp_path / "pred.json"), "--topk", "3"])
+    assert len(result["predictions"]) == 5 and list(result["errors"]) == [str(images / "broken.jpg")]
+    first = next(iter(json.loads((tmp_path / "pred.json").read_text()).values()))
+    assert first["label"] in SHAPES and len(first["topk"]) == 3 and 0 < first["score"] <= 1
+
+
+def test_finetune_at_another_resolution_and_linear_probe(tmp_path, shapes):
+    pretrain(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(tmp_path / "mim")])
+    ckpt = str(tmp_path / "mim" / "checkpoint-0.pth")
+    finetune(["--task", "image_classification", "--data_path", str(shapes), "--finetune", ckpt, "--epochs", "1",
+              "--output_dir", str(tmp_path / "ft48")] + FAST[2:] + ["--input_size", "48"])  # tables interpolated
+    assert _log(tmp_path / "ft48")[0]["test_acc1"] >= 0
+    stats = finetune(["--task", "linear_probe", "--data_path", str(shapes), "--finetune", ckpt, "--epochs", "20",
+                      "--probe_layer", "2", "--output_dir", str(tmp_path / "lp")] + FAST)
+    assert 0 <= stats["best_acc1"] <= 100 and len(_log(tmp_path / "lp")) == 20
+    assert read_checkpoint(tmp_path / "lp" / "probe_head.safetensors").model
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "image_text_retrieval"], "--task image_text_retrieval is not implemented yet"),
+    (["--task", "image_classification", "--eval"], "--eval needs --finetune"),
+    (["--task", "linear_probe", "--probe_layer", "9"], "--probe_layer 9 is outside"),
+    (["--task", "image_classification", "--data_path", "/nope"], "--data_path /nope does not exist"),
+])
+def test_finetune_flag_errors(tmp_path, shapes, capsys, argv, message):
+    base = ["--data_path", str(shapes)] if "--data_path" not in argv else []
+    with pytest.raises(SystemExit) as info:
+        finetune(base + argv + ["--output_dir", str(tmp_path / "o")] + FAST)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@requires_shared
+def test_hymenoptera_finetune_one_epoch(tmp_path):
+    stats = finetune(["--task", "image_classification", "--data_path", str(SHARED_DATA / "hymenoptera"), "--epochs", "1",
+                      "--output_dir", str(tmp_path / "ft")] + FAST)
+    assert 0 <= stats["test_acc1"] <= 100 and stats["train_skipped_samples"] == 0
+
+
+def _random_classifier(tmp_path, ffn: str, use_cls: bool = False, layer_scale: float | None = 0.1):
+    torch.manual_seed(0)
+    backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8, ffn=ffn, layer_scale_init_value=layer_scale)
+    model = randomize_(ImageClassifier(backbone, 3, use_cls=use_cls), scale=0.05).eval()
+    path = tmp_path / f"clf_{ffn}.safetensors"
+    save_weights(path, model.state_dict(), backbone.cfg.to_dict())
+    return model, path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "timm", "hf"])
+@pytest.mark.parametrize("ffn", ["shared", "multiway"])
+def test_exports_reproduce_the_classifier(tmp_path, fmt, ffn):
+    model, path = _random_classifier(tmp_path, ffn)
+    reloaded, _ = load_for_inference(str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reloaded(x))
+    diffs = export(["--checkpoint", str(path), "--format", fmt, "--output", str(tmp_path / fmt)])
+    assert diffs and max(diffs.values()) <= 1e-4
+    if fmt == "hf":  # transformers loads the folder with no missing weights
+        from transformers import BeitForImageClassification
+
+        _, info = BeitForImageClassification.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+    if fmt == "onnx":
+        assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["classifier.onnx", "image_encoder.onnx",
+                                                                         "text_encoder.onnx"]
+
+
+@pytest.mark.parametrize("fmt", ["timm", "hf"])
+def test_exports_of_a_pretrained_backbone(tmp_path, fmt):
+    torch.manual_seed(0)
+    backbone = randomize_(create_model("vlmo_tiny_patch16", img_size=32, patch_size=8), scale=0.05)
+    path = tmp_path / "backbone.safetensors"
+    save_weights(path, {f"backbone.{k}": v for k, v in backbone.state_dict().items()}, backbone.cfg.to_dict())
+    diffs = export(["--checkpoint", str(path), "--format", fmt, "--output", str(tmp_path / fmt)])
+    assert max(diffs.values()) <= 1e-4
+    with pytest.raises(SystemExit):  # never overwritten
+        export(["--checkpoint", str(path), "--format", fmt, "--output", str(tmp_path / fmt) + (".safetensors" if fmt == "timm" else "")])

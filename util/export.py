@@ -1,0 +1,167 @@
+"""Export a checkpoint into the ecosystem, each format checked against this project's outputs.
+
+    python util/export.py --checkpoint outputs/finetune/checkpoint-best.pth --format onnx --output exported/onnx
+    python util/export.py --checkpoint CKPT --format hf --output exported/hf_beit      # save_pretrained folder
+    python util/export.py --checkpoint CKPT --format timm --output exported/beit.safetensors
+
+onnx: `classifier.onnx` (when the checkpoint has a classifier), `image_encoder.onnx` and
+`text_encoder.onnx` (dynamic batch; text also dynamic length), verified with onnxruntime.
+hf: `BeitForImageClassification` (with a classifier) or `BeitModel`, reloaded with
+`from_pretrained` and compared. timm: a Beit state dict (+ `timm_kwargs.json` for `create_model`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models.classifier import ImageClassifier, load_for_inference  # noqa: E402
+from util.errors import UserError, cli_entry  # noqa: E402
+
+TOLERANCE = 1e-4
+
+
+def _check(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    diff = (ours.float() - torch.as_tensor(theirs).float()).abs().max().item()
+    print(f"  {name}: max abs diff {diff:.2e}")
+    if diff > TOLERANCE:
+        raise UserError(f"exported {name} differs from the checkpoint by {diff:.2e} (> {TOLERANCE}); please report this")
+    return diff
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_text(input_ids, attention_mask)
+
+
+class _ImageEncoder(nn.Module):
+    def __init__(self, backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_image(images)
+
+
+def export_onnx(model: nn.Module, output: Path) -> dict[str, float]:
+    import onnxruntime as ort
+
+    backbone = model.backbone if isinstance(model, ImageClassifier) else model
+    cfg = backbone.cfg
+    output.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
+    ids = torch.randint(1, cfg.vocab_size, (2, 8), generator=gen)
+    mask = torch.ones_like(ids)
+    jobs = [("image_encoder", _ImageEncoder(backbone), (images,), ["images"], {"images": {0: "batch"}})]
+    if isinstance(model, ImageClassifier):
+        jobs.insert(0, ("classifier", model, (images,), ["images"], {"images": {0: "batch"}}))
+    jobs.append(("text_encoder", _TextEncoder(backbone), (ids, mask), ["input_ids", "attention_mask"],
+                 {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}))
+    diffs = {}
+    for name, module, inputs, names, axes in jobs:
+        path = output / f"{name}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks that hold for the traced shapes
+            torch.onnx.export(module.eval(), inputs, str(path), input_names=names, output_names=["output"],
+                              dynamic_axes={**axes, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # check at another batch size (and text length) than the traced one
+        if name == "text_encoder":
+            check = (torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long))
+            check[1][0, 7:] = 0
+        else:
+            check = (torch.randn(3, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen),)
+        got = session.run(None, {n: t.numpy() for n, t in zip(names, check)})[0]
+        with torch.no_grad():
+            diffs[name] = _check(str(path), module(*check), got)
+    return diffs
+
+
+def export_timm(model: nn.Module, output: Path) -> dict[str, float]:
+    from util.beit_export import timm_kwargs, to_timm
+
+    classifier = isinstance(model, ImageClassifier)
+    backbone = model.backbone if classifier else model
+    tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    num_classes, mean_pool = 0, True
+    if classifier:
+        tensors.update({f"pooler_norm.{k}": v for k, v in model.pooler_norm.state_dict().items()})
+        tensors.update({f"classifier.{k}": v for k, v in model.classifier.state_dict().items()})
+        num_classes, mean_pool = model.classifier.out_features, not model.use_cls
+    else:
+        mean_pool = False
+    timm_model, state = to_timm(tensors, backbone.cfg, num_classes, mean_pool)
+    from safetensors.torch import save_file
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(output.with_suffix(".safetensors")))
+    kwargs = timm_kwargs(backbone.cfg, num_classes, mean_pool)
+    output.with_suffix(".timm_kwargs.json").write_text(json.dumps(kwargs, indent=1))
+    images = torch.randn(2, backbone.cfg.in_chans, backbone.cfg.img_size, backbone.cfg.img_size)
+    with torch.no_grad():
+        ours = model(images) if classifier else backbone.encode_image(images)
+        theirs = timm_model(images) if classifier else timm_model.forward_features(images)
+    return {"timm": _check(str(output.with_suffix(".safetensors")), ours, theirs)}
+
+
+def export_hf(model: nn.Module, output: Path, class_names: list[str] | None) -> dict[str, float]:
+    from transformers import BeitForImageClassification, BeitModel
+
+    from util.beit_export import to_hf
+
+    classifier = isinstance(model, ImageClassifier)
+    backbone = model.backbone if classifier else model
+    tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    num_classes = 0
+    if classifier:
+        tensors.update({f"pooler_norm.{k}": v for k, v in model.pooler_norm.state_dict().items()})
+        tensors.update({f"classifier.{k}": v for k, v in model.classifier.state_dict().items()})
+        num_classes = model.classifier.out_features
+    id2label = dict(enumerate(class_names)) if class_names else None
+    hf = to_hf(tensors, backbone.cfg, num_classes, classifier and not model.use_cls, id2label)
+    hf.save_pretrained(str(output))
+    reloaded = (BeitForImageClassification.from_pretrained(str(output)) if classifier
+                else BeitModel.from_pretrained(str(output), add_pooling_layer=False)).eval()
+    images = torch.randn(2, backbone.cfg.in_chans, backbone.cfg.img_size, backbone.cfg.img_size)
+    with torch.no_grad():
+        if classifier:
+            return {"hf": _check(str(output), model(images), reloaded(pixel_values=images).logits)}
+        return {"hf": _check(str(output), backbone.encode_image(images), reloaded(pixel_values=images).last_hidden_state)}
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint of any stage, or a fine-tuned classifier")
+    p.add_argument("--format", choices=["onnx", "hf", "timm"], required=True)
+    p.add_argument("--output", required=True, help="onnx/hf: a folder; timm: a file name (.safetensors)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    output = Path(args.output)
+    if output.exists() and not args.overwrite and (output.is_file() or any(output.iterdir())):
+        raise UserError(f"--output {output} exists and is not empty; pass --overwrite or choose another path")
+    model, class_names = load_for_inference(args.checkpoint)
+    kind = f"classifier ({model.classifier.out_features} classes)" if isinstance(model, ImageClassifier) else "backbone"
+    print(f"exporting the {kind} of {args.checkpoint} as {args.format} to {output}")
+    if args.format == "onnx":
+        return export_onnx(model, output)
+    if args.format == "timm":
+        return export_timm(model, output)
+    return export_hf(model, output, class_names)
+
+
+if __name__ == "__main__":
+    main()

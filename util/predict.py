@@ -1,0 +1,106 @@
+"""Classify images with a fine-tuned checkpoint: one JSON object `{path: {"class", "label",
+"score", "topk": [...]}}` and a console line per image; unreadable files are reported, not fatal.
+
+    python util/predict.py --checkpoint outputs/finetune_image_classification/checkpoint-best.pth \\
+        --input photos/ --output predictions.json --topk 5 [--class_names names.txt]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from custom_datasets.image_folder import list_image_files  # noqa: E402
+from custom_datasets.image_io import is_image_file, open_rgb  # noqa: E402
+from models.classifier import ImageClassifier, load_for_inference  # noqa: E402
+from util.checkpoint_io import read_checkpoint  # noqa: E402
+from util.errors import UserError, cli_entry  # noqa: E402
+
+
+def read_class_names(path: str | None, saved: list[str] | None, num_classes: int) -> list[str]:
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"--class_names {file} does not exist")
+        names = json.loads(file.read_text()) if file.suffix == ".json" else \
+            [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        if len(names) != num_classes:
+            raise UserError(f"--class_names {file} lists {len(names)} names but the classifier has {num_classes} classes")
+        return list(names)
+    return saved if saved and len(saved) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def eval_transform(model: ImageClassifier, crop_pct: float = 0.875, imagenet: bool = False):
+    from custom_datasets.classification_data import HALF, IMAGENET_MEAN, IMAGENET_STD
+    from timm.data import create_transform
+
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (HALF, HALF)
+    return create_transform(model.backbone.cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                            mean=mean, std=std)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="an image or a folder (searched recursively)")
+    p.add_argument("--output", default="predictions.json")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--class_names", default=None, help=".txt (one per line) or .json list; default: the checkpoint's")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    source = Path(args.input)
+    if source.is_file():
+        if not is_image_file(source):
+            raise UserError(f"--input {source} is not an image file")
+        files = [source]
+    else:
+        files = list_image_files(source)
+    model, saved_names = load_for_inference(args.checkpoint)
+    if not isinstance(model, ImageClassifier):
+        raise UserError(f"{args.checkpoint} has no classifier; fine-tune one with main_finetune.py --task image_classification")
+    names = read_class_names(args.class_names, saved_names, model.classifier.out_features)
+    device = torch.device(args.device)
+    model.to(device)
+    saved_args = read_checkpoint(args.checkpoint).extra.get("args") or {}  # evaluate as the run did
+    transform = eval_transform(model, saved_args.get("crop_pct", 0.875), bool(saved_args.get("imagenet_default_mean_and_std")))
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    k = min(args.topk, len(names))
+    for start in range(0, len(files), args.batch_size):
+        chunk, tensors = [], []
+        for path in files[start:start + args.batch_size]:
+            try:
+                tensors.append(transform(open_rgb(path)))
+                chunk.append(path)
+            except Exception as err:  # noqa: BLE001 - unreadable files are reported, not fatal
+                failed[str(path)] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                print(f"{path}: unreadable ({failed[str(path)]})")
+        if not tensors:
+            continue
+        with torch.no_grad():
+            probs = model(torch.stack(tensors).to(device)).float().softmax(-1).cpu()
+        for path, row in zip(chunk, probs):
+            scores, ids = row.topk(k)
+            top = [{"class": int(i), "label": names[int(i)], "score": round(float(s), 6)} for s, i in zip(scores, ids)]
+            results[str(path)] = {**top[0], "topk": top}
+            print(f"{path}: {top[0]['label']} ({top[0]['score']:.3f})")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=1))
+    if failed:
+        (output.with_suffix(".errors.json")).write_text(json.dumps(failed, indent=1))
+    print(f"{len(results)} images classified, {len(failed)} unreadable; wrote {output}"
+          + (f" and {output.with_suffix('.errors.json')}" if failed else ""))
+    return {"predictions": results, "errors": failed}
+
+
+if __name__ == "__main__":
+    main()
