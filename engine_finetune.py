@@ -1,5 +1,6 @@
 """One fine-tuning epoch and one evaluation pass for downstream classification (MAE/BEiT style):
-mixup/cutmix targets, AMP, accumulation, clipping, per-iteration lr, EMA, top-1/top-5."""
+mixup/cutmix targets, AMP, accumulation, clipping, per-iteration lr, EMA, top-1/top-5. The model
+is called with the batch fields named in `input_keys` (images, or token ids and mask)."""
 from __future__ import annotations
 
 import math
@@ -21,9 +22,18 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
     return {f"acc{k}": hits[:, :k].any(1).float().mean().item() * 100 for k in ks}
 
 
+IMAGE_INPUTS = ("images",)
+
+
+def _inputs(batch: Batch, keys: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    fields = {"images": "image"}  # batch field of each model argument
+    return {k: batch[fields.get(k, k)].to(device, non_blocking=True) for k in keys}
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader: Iterable[Batch], optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, settings: StepSettings, mixup_fn=None, model_ema=None,
-                    scaler: torch.amp.GradScaler | None = None, log_writer=None, skipped_so_far: int = 0) -> dict[str, float]:
+                    scaler: torch.amp.GradScaler | None = None, log_writer=None, skipped_so_far: int = 0,
+                    input_keys: tuple[str, ...] = IMAGE_INPUTS) -> dict[str, float]:
     model.train()
     total = len(loader)  # type: ignore[arg-type]
     averager = ScalarAverager()
@@ -40,14 +50,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader: Iterabl
                                     settings.epochs))
         if not batch:
             continue
-        images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        inputs, labels = _inputs(batch, input_keys, device), batch["label"].to(device, non_blocking=True)
         targets = labels
         if mixup_fn is not None:
-            if len(images) % 2:  # timm's Mixup pairs samples and needs an even batch
-                images, labels, targets = images[:-1], labels[:-1], labels[:-1]
-            images, targets = mixup_fn(images, labels)
+            if len(labels) % 2:  # timm's Mixup pairs samples and needs an even batch
+                inputs, labels = {k: v[:-1] for k, v in inputs.items()}, labels[:-1]
+            inputs["images"], targets = mixup_fn(inputs["images"], labels)
         with autocast(device, settings.amp_dtype):
-            loss = criterion(model(images).float(), targets)
+            loss = criterion(model(**inputs).float(), targets)
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --blr or use --amp bf16/none")
         last_micro = (step + 1) % settings.accum_iter == 0 or step + 1 == total
@@ -66,8 +76,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader: Iterabl
             optimizer.zero_grad(set_to_none=True)
             if model_ema is not None:
                 model_ema.update(model)
-        averager.update({"loss": loss.item()}, len(images))
-        progress.step(step, len(images), {"lr": optimizer.param_groups[0]["lr"], "loss": loss.item()})
+        averager.update({"loss": loss.item()}, len(labels))
+        progress.step(step, len(labels), {"lr": optimizer.param_groups[0]["lr"], "loss": loss.item()})
         if log_writer is not None and last_micro:
             epoch_1000x = int((epoch + step / total) * 1000)
             log_writer.add_scalar("train/loss", loss.item(), epoch_1000x)
@@ -80,7 +90,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader: Iterabl
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable[Batch], device: torch.device,
-             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+             amp_dtype: torch.dtype | None = None, input_keys: tuple[str, ...] = IMAGE_INPUTS) -> dict[str, float]:
     """Cross-entropy loss, top-1 and top-5 accuracy (percent) over the loader and all ranks."""
     model.eval()
     averager = ScalarAverager()
@@ -88,9 +98,9 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Batch], device: torch.devi
         batch.pop("num_skipped", None)
         if not batch:
             continue
-        images, labels = batch["image"].to(device), batch["label"].to(device)
+        inputs, labels = _inputs(batch, input_keys, device), batch["label"].to(device)
         with autocast(device, amp_dtype):
-            logits = model(images).float()
+            logits = model(**inputs).float()
         scalars = {"loss": torch.nn.functional.cross_entropy(logits, labels).item(), **topk_correct(logits, labels)}
-        averager.update(scalars, len(images))
+        averager.update(scalars, len(labels))
     return averager.global_average(device)

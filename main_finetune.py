@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from custom_datasets.classification_data import build_classification_datasets
 from custom_datasets.collate import collate_skipping_bad
@@ -24,7 +27,7 @@ from engine_finetune import evaluate, train_one_epoch
 from engine_pretrain import StepSettings
 from main_pretrain_cook import seed_everything
 from models import create_model, list_models
-from models.classifier import ImageClassifier
+from models.classifier import ImageClassifier, TextClassifier
 from models.pretrained import describe, load_head_weights
 from util import distributed as dist_util
 from util.checkpoint_io import read_checkpoint
@@ -34,7 +37,7 @@ from util.linear_probe import run_linear_probe
 from util.run_checkpoint import save_run_checkpoint
 
 TASKS = ("image_classification", "linear_probe", "image_text_retrieval", "text_classification")
-IMPLEMENTED = ("image_classification", "linear_probe")
+IMPLEMENTED = TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (1.0: off)")
     g.add_argument("--probe_layer", type=int, default=None, help="linear_probe: block whose output is probed (default: last)")
     g = p.add_argument_group("data and augmentation")
-    g.add_argument("--data_path", required=True, help="folder with train/<class>/ and val/<class>/")
+    g.add_argument("--data_path", default=None,
+                   help="image tasks: folder with train/<class>/ and val/<class>/; retrieval: the image root")
+    g.add_argument("--data_file_path", default=None,
+                   help="text_classification: .csv/.json/.jsonl of text,label; retrieval: image-caption .json")
+    g.add_argument("--eval_data_file_path", default=None, help="held-out texts / pairs (default: --val_fraction)")
+    g.add_argument("--val_fraction", type=float, default=0.1)
+    g.add_argument("--tokenizer", default=None, help="text tasks: BERT tokenizer folder or hub name (default bert-base-uncased)")
+    g.add_argument("--max_text_len", type=int, default=40)
     g.add_argument("--eval_data_path", default=None, help="held-out folder (default: DATA_PATH/val)")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy ('' for none)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
@@ -102,21 +112,33 @@ def validate(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be at least 1")
     if not 0 < args.layer_decay <= 1:
         raise UserError("--layer_decay must be in (0, 1]")
+    needs = {"image_classification": "data_path", "linear_probe": "data_path", "text_classification": "data_file_path",
+             "image_text_retrieval": "data_file_path"}[args.task]
+    if not getattr(args, needs):
+        raise UserError(f"--task {args.task} needs --{needs}")
     args.blr = args.blr if args.blr is not None else (0.1 if args.task == "linear_probe" else 5e-4)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     args.output_dir = args.output_dir or f"outputs/finetune_{args.task}"
     args.log_dir = args.log_dir or args.output_dir
 
 
-def build_classifier(args: argparse.Namespace, num_classes: int) -> tuple[ImageClassifier, list[str]]:
-    """The classifier and a report of what was loaded, new and ignored."""
+def build_classifier(args: argparse.Namespace, num_classes: int, vocab_size: int | None = None) -> tuple[nn.Module, list[str]]:
+    """The task's classifier (image, or text when `vocab_size` is given) and a report of what was
+    loaded, new and ignored."""
+    def make(backbone):
+        return TextClassifier(backbone, num_classes) if vocab_size else ImageClassifier(backbone, num_classes, args.use_cls)
+
     if args.finetune is None:
         backbone = create_model(args.model or "vlmo_tiny_patch16", img_size=args.input_size, patch_size=args.patch_size,
-                                drop_path_rate=args.drop_path)
-        return ImageClassifier(backbone, num_classes, args.use_cls), ["random init (no --finetune)"]
-    backbone = create_model(args.model, pretrained=args.finetune, img_size=args.input_size, drop_path_rate=args.drop_path)
-    model = ImageClassifier(backbone, num_classes, args.use_cls)
+                                drop_path_rate=args.drop_path, **({"vocab_size": vocab_size} if vocab_size else {}))
+        return make(backbone), ["random init (no --finetune)"]
     ckpt = read_checkpoint(args.finetune)
+    saved_vocab = (ckpt.backbone_config or {}).get("vocab_size")
+    if vocab_size and saved_vocab not in (None, vocab_size):
+        raise UserError(f"{args.finetune} has a {saved_vocab}-token text vocabulary but --tokenizer {args.tokenizer} has "
+                        f"{vocab_size}; use the tokenizer that checkpoint was trained with")
+    backbone = create_model(args.model, pretrained=args.finetune, img_size=args.input_size, drop_path_rate=args.drop_path)
+    model = make(backbone)
     loaded, new = [f"backbone ({sum(1 for k in ckpt.model if k.startswith('backbone.'))} tensors)"], []
     for head in ("pooler_norm", "classifier"):
         module = getattr(model, head)
@@ -131,10 +153,81 @@ def build_classifier(args: argparse.Namespace, num_classes: int) -> tuple[ImageC
                    f"ignored: {', '.join(ignored) or 'none'}"]
 
 
-def make_loader(dataset, args, train: bool) -> DataLoader:
+@dataclass
+class Downstream:
+    """Everything the shared training loop needs for one classification task."""
+
+    train: Dataset
+    val: Dataset
+    collate: Callable
+    model: nn.Module
+    report: list[str]
+    class_names: list[str]
+    input_keys: tuple[str, ...]
+    mixup: bool
+
+
+def setup_image_classification(args: argparse.Namespace) -> Downstream:
+    train_set, val_set = build_classification_datasets(args)
+    num_classes = args.nb_classes or len(train_set.class_to_idx)
+    if num_classes < len(train_set.class_to_idx):
+        raise UserError(f"--nb_classes {num_classes} is fewer than the {len(train_set.class_to_idx)} class folders")
+    model, report = build_classifier(args, num_classes)
+    names = sorted(train_set.class_to_idx, key=train_set.class_to_idx.get)
+    return Downstream(train_set, val_set, collate_skipping_bad, model, report, names, ("images",), True)
+
+
+def setup_text_classification(args: argparse.Namespace) -> Downstream:
+    from custom_datasets.labelled_text import LabelledTexts, label_index, read_labelled_texts
+    from custom_datasets.pretrain_data import _is_val_file
+    from custom_datasets.text_collate import CaptionCollator
+    from models.text_tokenizer import load_text_tokenizer
+
+    examples = read_labelled_texts(args.data_file_path)
+    if args.eval_data_file_path:
+        train, val = examples, read_labelled_texts(args.eval_data_file_path)
+    else:
+        held = [_is_val_file(f"example{i}", args.val_fraction) for i in range(len(examples))]
+        train = [e for e, h in zip(examples, held) if not h]
+        val = [e for e, h in zip(examples, held) if h] or examples[:1]
+    labels = label_index(train)
+    num_classes = args.nb_classes or len(labels)
+    args.tokenizer = args.tokenizer or "bert-base-uncased"
+    tokenizer = load_text_tokenizer(args.tokenizer)
+    model, report = build_classifier(args, num_classes, vocab_size=len(tokenizer))
+    names = sorted(labels, key=labels.get)
+    collate = CaptionCollator(tokenizer, args.max_text_len, None, train=False)
+    return Downstream(LabelledTexts(train, labels), LabelledTexts(val, labels), collate, model, report, names,
+                      ("input_ids", "attention_mask"), False)
+
+
+def run_retrieval(args: argparse.Namespace) -> dict:
+    """ITC fine-tuning on image-caption pairs with the full backbone, evaluated by R@1/5/10 in both
+    directions with every caption of an image counted (the pretraining engine's image_text_itc mode)."""
+    from main_pretrain_cook import main as pretrain
+
+    argv = ["--exp_name", "image_text_itc", "--data_file_path", args.data_file_path, "--image_size", str(args.input_size),
+            "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--accum_iter", str(args.accum_iter),
+            "--blr", str(args.blr), "--min_lr", str(args.min_lr), "--warmup_epochs", str(args.warmup_epochs),
+            "--weight_decay", str(args.weight_decay), "--drop_path", str(args.drop_path), "--seed", str(args.seed),
+            "--device", args.device, "--amp", args.amp, "--num_workers", str(args.num_workers), "--output_dir",
+            args.output_dir, "--max_text_len", str(args.max_text_len), "--val_fraction", str(args.val_fraction),
+            "--print_freq", str(args.print_freq), "--tokenizer", args.tokenizer or "bert-base-uncased"]
+    argv += ["--data_path", args.data_path] if args.data_path else []
+    argv += ["--eval_data_file_path", args.eval_data_file_path] if args.eval_data_file_path else []
+    argv += ["--clip_grad", str(args.clip_grad)] if args.clip_grad else []
+    if args.finetune:
+        argv += ["--init_from", args.finetune] + (["--model", args.model] if args.model else [])
+    else:
+        argv += ["--model", args.model or "vlmo_tiny_patch16"] + (["--patch_size", str(args.patch_size)] if args.patch_size else [])
+    stats = pretrain(argv + (["--eval"] if args.eval else []))
+    return stats.get("stage_report", stats)
+
+
+def make_loader(dataset, args, train: bool, collate) -> DataLoader:
     sampler = DistributedSampler(dataset, shuffle=train, seed=args.seed) if dist_util.is_distributed() else None
     return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, shuffle=train and sampler is None,
-                      num_workers=args.num_workers, collate_fn=collate_skipping_bad, drop_last=train,
+                      num_workers=args.num_workers, collate_fn=collate, drop_last=train,
                       pin_memory=args.device.startswith("cuda"), persistent_workers=args.num_workers > 0)
 
 
@@ -158,22 +251,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         f"(nothing is overwritten)")
     if args.task == "linear_probe":
         return run_linear_probe(args, device)
+    if args.task == "image_text_retrieval":
+        return run_retrieval(args)
 
-    train_set, val_set = build_classification_datasets(args)
-    num_classes = args.nb_classes or len(train_set.class_to_idx)
-    if num_classes < len(train_set.class_to_idx):
-        raise UserError(f"--nb_classes {num_classes} is fewer than the {len(train_set.class_to_idx)} class folders")
-    model, report = build_classifier(args, num_classes)
+    task = setup_text_classification(args) if args.task == "text_classification" else setup_image_classification(args)
+    model, train_set, val_set, keys = task.model, task.train, task.val, task.input_keys
+    num_classes = model.classifier.out_features
     model.to(device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    val_loader = make_loader(val_set, args, False)
+    val_loader = make_loader(val_set, args, False, task.collate)
     if dist_util.is_main_process():
         print(f"{args.task}: {describe(model.backbone.cfg)}, {num_classes} classes "
-              f"({len(train_set)} train / {len(val_set)} val images); " + "; ".join(report))
+              f"({len(train_set)} train / {len(val_set)} val examples); " + "; ".join(task.report))
         output_dir.mkdir(parents=True, exist_ok=True)
         save_args(args, output_dir, "eval_args.yaml" if args.eval else "args.yaml")
     if args.eval:
-        stats = evaluate(model, val_loader, device, amp_dtype)
+        stats = evaluate(model, val_loader, device, amp_dtype, keys)
         if dist_util.is_main_process():
             print(f"eval: acc1 {stats['acc1']:.2f}  acc5 {stats['acc5']:.2f}  loss {stats['loss']:.4f}")
         return stats
@@ -181,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ddp = model
     if dist_util.is_distributed():
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    train_loader = make_loader(train_set, args, True)
+    train_loader = make_loader(train_set, args, True, task.collate)
     if len(train_loader) == 0:
         raise UserError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}; lower --batch_size")
     eff_batch = args.batch_size * args.accum_iter * world
@@ -189,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizer = torch.optim.AdamW(layer_decay_groups(model, args), lr=lr)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0:
+    if task.mixup and (args.mixup > 0 or args.cutmix > 0):
         from timm.data import Mixup
 
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
@@ -220,13 +313,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(ddp, criterion, train_loader, optimizer, device, epoch, settings, mixup_fn,
-                                      model_ema, scaler, log_writer, skipped)
+                                      model_ema, scaler, log_writer, skipped, keys)
         skipped += int(train_stats["skipped_samples"])
-        test_stats = evaluate(model, val_loader, device, amp_dtype)
+        test_stats = evaluate(model, val_loader, device, amp_dtype, keys)
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
                  "epoch": epoch, "n_parameters": n_parameters}
         if model_ema is not None:
-            ema_stats = evaluate(model_ema.module, val_loader, device, amp_dtype)
+            ema_stats = evaluate(model_ema.module, val_loader, device, amp_dtype, keys)
             stats.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
         if dist_util.is_main_process():
             if test_stats["acc1"] > best:
@@ -234,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 save_run_checkpoint(output_dir, epoch, (epoch + 1) * len(train_loader), model, optimizer, scaler,
                                     model.backbone.cfg.to_dict(), plain(vars(args)),
                                     {"num_classes": num_classes, "test_acc1": best,
-                                     "class_names": sorted(train_set.class_to_idx, key=train_set.class_to_idx.get)},
+                                     "class_names": task.class_names, "task": args.task},
                                     name="best")
             log_writer.add_scalar("test/acc1", test_stats["acc1"], epoch)
             log_writer.add_scalar("test/acc5", test_stats["acc5"], epoch)

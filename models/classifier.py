@@ -57,3 +57,27 @@ def load_for_inference(path: str) -> tuple[nn.Module, list[str] | None]:
         load_head_weights(getattr(model, head), ckpt, head)
     names = ckpt.extra.get("class_names")
     return model.eval(), list(names) if names else None
+
+
+class TextClassifier(nn.Module):
+    """Text classification: the final-normed [CLS] feature of the text path + `pooler_norm` +
+    linear `classifier` (the same head names as the image classifier)."""
+
+    def __init__(self, backbone: VLMoBackbone, num_classes: int) -> None:
+        super().__init__()
+        dim = backbone.cfg.embed_dim
+        self.backbone = backbone
+        self.pooler_norm = nn.LayerNorm(dim, eps=backbone.cfg.layer_norm_eps)
+        self.classifier = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        cls = self.backbone.encode_text(input_ids, attention_mask)[:, 0]  # [B, D]
+        return self.classifier(self.pooler_norm(cls))  # [B, classes]
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return ImageClassifier.group_matcher(self, coarse)  # type: ignore[arg-type]

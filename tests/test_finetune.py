@@ -82,7 +82,7 @@ def test_finetune_at_another_resolution_and_linear_probe(tmp_path, shapes):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--task", "image_text_retrieval"], "--task image_text_retrieval is not implemented yet"),
+    (["--task", "text_classification"], "--task text_classification needs --data_file_path"),
     (["--task", "image_classification", "--eval"], "--eval needs --finetune"),
     (["--task", "linear_probe", "--probe_layer", "9"], "--probe_layer 9 is outside"),
     (["--task", "image_classification", "--data_path", "/nope"], "--data_path /nope does not exist"),
@@ -140,3 +140,57 @@ def test_exports_of_a_pretrained_backbone(tmp_path, fmt):
     assert max(diffs.values()) <= 1e-4
     with pytest.raises(SystemExit):  # never overwritten
         export(["--checkpoint", str(path), "--format", fmt, "--output", str(tmp_path / fmt) + (".safetensors" if fmt == "timm" else "")])
+
+
+@pytest.fixture(scope="module")
+def word_pieces(tmp_path_factory):
+    from util.train_text_tokenizer import main as train_tokenizer
+
+    return str(train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "200", "--output",
+                                str(tmp_path_factory.mktemp("tok") / "tok")]))
+
+
+def test_text_classification_from_csv(tmp_path, word_pieces):
+    import csv
+
+    world = SyntheticWorld("train", 80, seed=2)
+    path = tmp_path / "texts.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(80):
+            scene = world.scene(i)
+            writer.writerow([scene.caption, SHAPES[scene.label]])
+    out = tmp_path / "tc"
+    stats = finetune(["--task", "text_classification", "--data_file_path", str(path), "--tokenizer", word_pieces,
+                      "--epochs", "3", "--val_fraction", "0.25", "--output_dir", str(out)] + FAST)
+    assert stats["best_acc1"] >= 0 and len(_log(out)) == 3
+    assert read_checkpoint(out / "checkpoint-best.pth").extra["class_names"] == sorted(SHAPES)
+    (tmp_path / "bad.csv").write_text("words,category\nhello,x\n")
+    with pytest.raises(SystemExit):
+        finetune(["--task", "text_classification", "--data_file_path", str(tmp_path / "bad.csv"), "--tokenizer",
+                  word_pieces, "--output_dir", str(tmp_path / "bad")] + FAST)
+
+
+def test_image_text_retrieval_fine_tunes_and_reports_recall(tmp_path, word_pieces):
+    world = SyntheticWorld("train", 40, seed=3, render_size=40)
+    records = []
+    for i in range(40):
+        sample = world[i]
+        sample["image"].save(tmp_path / f"{i}.png")
+        records.append({"filename": f"{i}.png", "caption": [sample["caption"], f"picture {i}: " + sample["caption"]]})
+    (tmp_path / "pairs.json").write_text(json.dumps(records))
+    report = finetune(["--task", "image_text_retrieval", "--data_file_path", str(tmp_path / "pairs.json"), "--tokenizer",
+                       word_pieces, "--epochs", "1", "--val_fraction", "0.3", "--output_dir", str(tmp_path / "r")] + FAST)
+    assert {"itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10", "itc_t2i_r1", "itc_t2i_r10"} <= set(report)
+    assert all(0 <= report[k] <= 1 for k in report)
+
+
+@requires_shared
+def test_flickr_retrieval_one_epoch(tmp_path):
+    from tests.helpers import SHARED
+
+    report = finetune(["--task", "image_text_retrieval", "--data_file_path", str(SHARED_DATA / "flickr8k_1k" / "captions.json"),
+                       "--tokenizer", str(SHARED / "tokenizers" / "bert-base-uncased"), "--epochs", "1",
+                       "--output_dir", str(tmp_path / "r")] + FAST)
+    assert report["itc_t2i_r10"] >= 0

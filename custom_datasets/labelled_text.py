@@ -1,0 +1,60 @@
+"""Labelled texts for text classification: JSON list / JSON Lines of `{"text": ..., "label": ...}`
+or CSV with `text,label` columns. Labels may be names or integers; names get sorted indices."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from util.errors import UserError
+
+
+def read_labelled_texts(path: str | Path) -> list[tuple[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--data_file_path {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        elif suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        elif suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise UserError(f"--data_file_path {path}: use .csv (text,label), .json or .jsonl ({{\"text\", \"label\"}})")
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"--data_file_path {path} cannot be parsed ({err})") from None
+    if not isinstance(rows, list) or not rows:
+        raise UserError(f"--data_file_path {path} holds no examples")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "text" not in row or "label" not in row:
+            raise UserError(f"{path} example {i} needs \"text\" and \"label\" fields")
+        out.append((str(row["text"]), str(row["label"])))
+    return out
+
+
+def label_index(examples: list[tuple[str, str]]) -> dict[str, int]:
+    names = sorted({label for _, label in examples}, key=lambda x: (not x.lstrip("-").isdigit(), int(x) if x.lstrip("-").isdigit() else 0, x))
+    return {name: i for i, name in enumerate(names)}
+
+
+class LabelledTexts(Dataset):
+    def __init__(self, examples: list[tuple[str, str]], labels: dict[str, int]) -> None:
+        unknown = sorted({label for _, label in examples} - set(labels))
+        if unknown:
+            raise UserError(f"held-out labels {unknown[:5]} do not occur in the training data")
+        self.examples, self.labels = examples, labels
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        text, label = self.examples[index]
+        return {"caption": text, "label": torch.tensor(self.labels[label])}
