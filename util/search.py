@@ -1,0 +1,144 @@
+"""Search images with text, or captions with an image, using a checkpoint's contrastive (ITC) head.
+The image folder is embedded once and cached; later queries only embed the text.
+
+    python util/search.py --checkpoint outputs/s3_itc/merged_model.safetensors --images photos/ \\
+        --query "a dog running on the beach" --query "two children" --topk 5
+    python util/search.py --checkpoint CKPT --image_query photo.jpg --captions captions.json --topk 5
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from custom_datasets.image_folder import list_image_files  # noqa: E402
+from custom_datasets.image_io import open_rgb  # noqa: E402
+from custom_datasets.text_data import CaptionCorpus  # noqa: E402
+from models import create_model  # noqa: E402
+from models.heads import ITCHead  # noqa: E402
+from models.pretrained import load_head_weights  # noqa: E402
+from models.text_tokenizer import load_text_tokenizer  # noqa: E402
+from util.checkpoint_io import read_checkpoint  # noqa: E402
+from util.errors import UserError, cli_entry  # noqa: E402
+
+
+class Embedder:
+    """Images and texts -> normalised ITC embeddings of one checkpoint."""
+
+    def __init__(self, checkpoint: str, tokenizer: str | None, device: torch.device) -> None:
+        ckpt = read_checkpoint(checkpoint)
+        if "itc_head.logit_scale" not in ckpt.model:
+            raise UserError(f"{checkpoint} has no image-text (ITC) head; use a checkpoint of an image_text_itc or "
+                            f"compound_pretrain stage (or its merged_model.safetensors)")
+        args = ckpt.extra.get("args") or {}
+        name = tokenizer or args.get("tokenizer")
+        if not name:
+            raise UserError(f"{checkpoint} does not record its text tokenizer; pass --tokenizer")
+        self.tokenizer, self.max_len = load_text_tokenizer(name), int(args.get("max_text_len", 40))
+        self.backbone = create_model(None, pretrained=checkpoint).eval().to(device)
+        self.head = ITCHead(self.backbone.cfg.embed_dim)
+        load_head_weights(self.head, ckpt, "itc_head")
+        self.head.eval().to(device)
+        self.device = device
+        from timm.data import create_transform
+
+        half = (0.5, 0.5, 0.5)
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if args.get("imagenet_default_mean_and_std") else (half, half)
+        self.transform = create_transform(self.backbone.cfg.img_size, is_training=False, interpolation="bicubic",
+                                          crop_pct=1.0, mean=mean, std=std)
+
+    @torch.no_grad()
+    def images(self, paths: list[Path], batch_size: int = 32) -> tuple[torch.Tensor, list[Path], list[Path]]:
+        embeddings, kept, failed = [], [], []
+        for start in range(0, len(paths), batch_size):
+            tensors = []
+            for path in paths[start:start + batch_size]:
+                try:
+                    tensors.append(self.transform(open_rgb(path)))
+                    kept.append(path)
+                except Exception:  # noqa: BLE001 - unreadable images are reported and left out
+                    failed.append(path)
+            if tensors:
+                cls = self.backbone.encode_image(torch.stack(tensors).to(self.device))[:, 0]
+                embeddings.append(self.head.embed_image(cls).cpu())
+        if not embeddings:
+            raise UserError("none of the images could be read")
+        return torch.cat(embeddings), kept, failed
+
+    @torch.no_grad()
+    def texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(texts[start:start + batch_size], padding="longest", truncation=True,
+                                 max_length=self.max_len, return_tensors="pt")
+            cls = self.backbone.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))[:, 0]
+            out.append(self.head.embed_text(cls).cpu())
+        return torch.cat(out)
+
+
+def cached_image_embeddings(embedder: Embedder, checkpoint: str, folder: Path, cache_dir: Path):
+    """Embeddings of every readable image under `folder`, recomputed only when the checkpoint or the
+    file list changes."""
+    from safetensors.torch import load_file, save_file
+
+    files = list_image_files(folder)
+    key = hashlib.sha1(json.dumps([str(Path(checkpoint).resolve()), Path(checkpoint).stat().st_mtime,
+                                   [str(f) for f in files]]).encode()).hexdigest()[:16]
+    cache = cache_dir / f"{key}.safetensors"
+    index = cache.with_suffix(".json")
+    if cache.is_file() and index.is_file():
+        return load_file(str(cache))["embeddings"], [Path(p) for p in json.loads(index.read_text())], []
+    embeddings, kept, failed = embedder.images(files)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"embeddings": embeddings.contiguous()}, str(cache))
+    index.write_text(json.dumps([str(p) for p in kept]))
+    return embeddings, kept, failed
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--images", help="folder of images to search (text -> images)")
+    p.add_argument("--query", action="append", default=[], help="a text query (repeatable)")
+    p.add_argument("--image_query", help="an image (image -> captions)")
+    p.add_argument("--captions", help="captions to search: .json / .jsonl / .txt (image -> captions)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--tokenizer", default=None, help="default: the one recorded in the checkpoint")
+    p.add_argument("--cache_dir", default="outputs/search_cache")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if not ((args.images and args.query) or (args.image_query and args.captions)):
+        raise UserError("give --images DIR with --query TEXT (text -> images), or --image_query IMAGE with "
+                        "--captions FILE (image -> captions)")
+    embedder = Embedder(args.checkpoint, args.tokenizer, torch.device(args.device))
+    results: dict = {}
+    if args.images and args.query:
+        bank, paths, failed = cached_image_embeddings(embedder, args.checkpoint, Path(args.images), Path(args.cache_dir))
+        for path in failed:
+            print(f"{path}: unreadable, left out")
+        scores = embedder.texts(args.query) @ bank.t()  # [Q, I]
+        for query, row in zip(args.query, scores):
+            top = row.topk(min(args.topk, len(paths)))
+            results[query] = [{"image": str(paths[i]), "score": round(float(s), 4)} for s, i in zip(top.values, top.indices)]
+            print(f"{query!r}: " + ", ".join(f"{Path(r['image']).name} ({r['score']:.3f})" for r in results[query]))
+    if args.image_query and args.captions:
+        image, _, failed = embedder.images([Path(args.image_query)])
+        corpus = list(CaptionCorpus([args.captions]).texts())
+        scores = (image @ embedder.texts(corpus).t())[0]  # [T]
+        top = scores.topk(min(args.topk, len(corpus)))
+        results[args.image_query] = [{"caption": corpus[i], "score": round(float(s), 4)} for s, i in zip(top.values, top.indices)]
+        for r in results[args.image_query]:
+            print(f"{r['score']:.3f}  {r['caption']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
