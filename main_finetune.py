@@ -29,6 +29,7 @@ from main_pretrain_cook import seed_everything
 from models import create_model, list_models
 from models.classifier import ImageClassifier, TextClassifier
 from models.pretrained import describe, load_head_weights
+from models.tasks.base import unused_parameter_names
 from util import distributed as dist_util
 from util.checkpoint_io import read_checkpoint
 from util.config_args import parse_with_config, plain, save_args
@@ -257,6 +258,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     task = setup_text_classification(args) if args.task == "text_classification" else setup_image_classification(args)
     model, train_set, val_set, keys = task.model, task.train, task.val, task.input_keys
     num_classes = model.classifier.out_features
+    paths = {"text"} if args.task == "text_classification" else {"image"}
+    unused = set(unused_parameter_names(model, paths))
+    if isinstance(model, ImageClassifier) and not model.use_cls:  # mean pooling skips the final norm (as BEiT)
+        unused |= {n for n, _ in model.named_parameters() if n.startswith("backbone.norm.")}
+    for name, param in model.named_parameters():  # paths the task never takes get no gradient (DDP needs all)
+        if name in unused:
+            param.requires_grad_(False)
     model.to(device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     val_loader = make_loader(val_set, args, False, task.collate)

@@ -88,3 +88,25 @@ def test_torchrun_two_processes_runs_the_cli(tmp_path):
     assert len(log) == 1 and 0 <= log[0]["test_acc_mim"] <= 1
     assert "2 process(es), effective batch 8" in result.stdout
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-0.pth"]  # rank 0 only
+
+
+def test_torchrun_two_processes_fine_tune(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 16), ("val", 8)):
+        for c, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            folder = tmp_path / "data" / split / c
+            folder.mkdir(parents=True)
+            for i in range(n // 2):
+                Image.new("RGB", (40, 40), tuple(max(0, v - 8 * i) for v in colour)).save(folder / f"{i}.png")
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "main_finetune.py"), "--task", "image_classification", "--device", "cpu", "--data_path",
+           str(tmp_path / "data"), "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--num_workers", "0",
+           "--epochs", "1", "--warmup_epochs", "0.5", "--output_dir", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert len(log) == 1 and 0 <= log[0]["test_acc1"] <= 100
+    assert (out / "checkpoint-best.pth").is_file()

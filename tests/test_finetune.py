@@ -95,10 +95,13 @@ def test_finetune_flag_errors(tmp_path, shapes, capsys, argv, message):
 
 
 @requires_shared
-def test_hymenoptera_finetune_one_epoch(tmp_path):
+def test_hymenoptera_finetune_and_linear_probe(tmp_path):
     stats = finetune(["--task", "image_classification", "--data_path", str(SHARED_DATA / "hymenoptera"), "--epochs", "1",
                       "--output_dir", str(tmp_path / "ft")] + FAST)
     assert 0 <= stats["test_acc1"] <= 100 and stats["train_skipped_samples"] == 0
+    probe = finetune(["--task", "linear_probe", "--data_path", str(SHARED_DATA / "hymenoptera"), "--epochs", "10",
+                      "--output_dir", str(tmp_path / "lp")] + FAST)
+    assert 0 <= probe["best_acc1"] <= 100
 
 
 def _random_classifier(tmp_path, ffn: str, use_cls: bool = False, layer_scale: float | None = 0.1):
@@ -194,3 +197,17 @@ def test_flickr_retrieval_one_epoch(tmp_path):
                        "--tokenizer", str(SHARED / "tokenizers" / "bert-base-uncased"), "--epochs", "1",
                        "--output_dir", str(tmp_path / "r")] + FAST)
     assert report["itc_t2i_r10"] >= 0
+
+
+def test_cls_classifier_exports_to_timm_and_hf_refuses_clearly(tmp_path, capsys):
+    model, path = _random_classifier(tmp_path, "shared", use_cls=True)
+    from util.checkpoint_io import read_checkpoint as read
+
+    ckpt = read(path)
+    torch.save({"format": "vlmo-backbone/1", "backbone_config": ckpt.backbone_config, "model": ckpt.model,
+                "args": {"use_cls": True}}, tmp_path / "cls.pth")
+    diffs = export(["--checkpoint", str(tmp_path / "cls.pth"), "--format", "timm", "--output", str(tmp_path / "t")])
+    assert diffs["timm"] <= 1e-4
+    with pytest.raises(SystemExit):
+        export(["--checkpoint", str(tmp_path / "cls.pth"), "--format", "hf", "--output", str(tmp_path / "h")])
+    assert "cannot be expressed as HF BeitForImageClassification" in capsys.readouterr().err

@@ -6,7 +6,7 @@ and one table of held-out metrics after every stage, so the effect of self-regul
 the backbone already knew (image MIM and k-NN accuracy) is visible next to what it learned (MLM,
 retrieval).
 
-    python util/demo_chain.py                          # ~12 min on a 2-core CPU
+    python util/demo_chain.py                          # ~10 min on a 2-core CPU
     python util/demo_chain.py --reg_loss_weight 3e4 --output_dir outputs/chain_b
 """
 from __future__ import annotations

@@ -20,6 +20,13 @@ PATH_PARAMETERS: dict[str, tuple[str, ...]] = {
 }
 
 
+def unused_parameter_names(module: nn.Module, paths: frozenset[str] | set[str]) -> list[str]:
+    """Names of `module`'s parameters that only input paths outside `paths` use (no gradient ever)."""
+    unused = [f for path, fragments in PATH_PARAMETERS.items() if path not in paths for f in fragments]
+    used = [f for path in paths for f in PATH_PARAMETERS[path]]
+    return [n for n, _ in module.named_parameters() if any(f in n for f in unused) and not any(f in n for f in used)]
+
+
 @dataclass
 class TaskOptions:
     """Run settings a mode may need, built once from the CLI."""
@@ -57,10 +64,7 @@ class PretrainTask(nn.Module):
 
     def frozen_parameter_names(self) -> list[str]:
         """Parameters of input paths this mode never takes (frozen when the run is built)."""
-        unused = [f for path, fragments in PATH_PARAMETERS.items() if path not in self.paths for f in fragments]
-        used = [f for path in self.paths for f in PATH_PARAMETERS[path]]
-        return [n for n, _ in self.named_parameters()
-                if any(f in n for f in unused) and not any(f in n for f in used)]
+        return unused_parameter_names(self, self.paths)
 
     def set_epoch(self, epoch: int) -> None:
         """Modes with per-step random choices re-seed them here (identical on every rank)."""
