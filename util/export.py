@@ -56,7 +56,11 @@ class _ImageEncoder(nn.Module):
 
 
 def export_onnx(model: nn.Module, output: Path) -> dict[str, float]:
-    import onnxruntime as ort
+    try:
+        import onnx  # noqa: F401 - the exporter needs it
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("--format onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime") from None
 
     backbone = model.backbone if isinstance(model, ImageClassifier) else model
     cfg = backbone.cfg
