@@ -4,7 +4,8 @@ Scenes hold one or two shapes with a colour, a size and a position on a 3x3 layo
 background. Everything is a pure function of (seed, split, index), so runs are reproducible and
 the train and val splits never share a scene. It exists so every mode learns something measurable
 in minutes on a CPU: MIM (shapes and colours), MLM (caption grammar tied to attributes), ITC
-(which caption belongs to which picture), and classification (the label is the first shape).
+(which caption belongs to which picture), and classification and k-NN probing (the label is the colour
+of the first object, one of eight).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ POSITIONS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0,
              "right": (2, 1), "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
 SIZES = {"small": 0.16, "large": 0.3}
 SPLIT_OFFSET = {"train": 0, "val": 10_000_000}
+LABELS = tuple(sorted(COLORS))  # class names of `Scene.label`
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,9 @@ class Scene:
 
     @property
     def label(self) -> int:
-        return SHAPES.index(self.objects[0].shape)
+        """The first object's colour: visible in a mean of patch features, so a k-NN probe can see
+        when a later stage erodes what image pretraining learned."""
+        return LABELS.index(self.objects[0].color)
 
 
 def make_scene(rng: random.Random) -> Scene:
@@ -90,7 +94,7 @@ class SyntheticWorld(Dataset):
             raise ValueError(f"split must be one of {sorted(SPLIT_OFFSET)}")
         self.split, self.size, self.seed, self.render_size = split, size, seed, render_size
         self.build = build
-        self.class_to_idx = {s: i for i, s in enumerate(SHAPES)}
+        self.class_to_idx = {name: i for i, name in enumerate(LABELS)}
 
     def scene(self, index: int) -> Scene:
         return make_scene(random.Random(f"{self.seed}:{SPLIT_OFFSET[self.split] + index}"))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from custom_datasets.synthetic_world import SHAPES, SyntheticWorld
+from custom_datasets.synthetic_world import LABELS, SyntheticWorld
 from main_finetune import main as finetune
 from main_pretrain_cook import main as pretrain
 from models import create_model
@@ -25,13 +25,13 @@ FAST = ["--input_size", "32", "--patch_size", "8", "--batch_size", "8", "--num_w
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    """An ImageFolder of synthetic scenes, one folder per first shape."""
+    """An ImageFolder of synthetic scenes, one folder per colour of the first object."""
     root = tmp_path_factory.mktemp("shapes")
     for split, n in (("train", 48), ("val", 24)):
         world = SyntheticWorld(split, n, seed=1, render_size=40)
         for i in range(n):
             sample = world[i]
-            folder = root / split / SHAPES[sample["label"]]
+            folder = root / split / LABELS[sample["label"]]
             folder.mkdir(parents=True, exist_ok=True)
             sample["image"].save(folder / f"{i}.png")
     return root
@@ -51,7 +51,7 @@ def test_finetune_from_a_pretraining_checkpoint_then_eval_predict(tmp_path, shap
     log = _log(out)
     assert len(log) == 2 and {"train_loss", "train_lr", "test_acc1", "test_acc5", "test_loss", "test_ema_acc1"} <= set(log[0])
     best = read_checkpoint(out / "checkpoint-best.pth")
-    assert best.extra["class_names"] == sorted(SHAPES)
+    assert best.extra["class_names"] == sorted(p.name for p in (shapes / "train").iterdir())
     stats = finetune(["--task", "image_classification", "--data_path", str(shapes), "--eval", "--finetune",
                       str(out / "checkpoint-best.pth"), "--output_dir", str(out)] + FAST)
     assert stats["acc1"] == pytest.approx(best.extra["test_acc1"], abs=1e-6)
@@ -66,7 +66,7 @@ def test_finetune_from_a_pretraining_checkpoint_then_eval_predict(tmp_path, shap
                       str(tmp_path / "pred.json"), "--topk", "3"])
     assert len(result["predictions"]) == 5 and list(result["errors"]) == [str(images / "broken.jpg")]
     first = next(iter(json.loads((tmp_path / "pred.json").read_text()).values()))
-    assert first["label"] in SHAPES and len(first["topk"]) == 3 and 0 < first["score"] <= 1
+    assert first["label"] in LABELS and len(first["topk"]) == 3 and 0 < first["score"] <= 1
 
 
 def test_finetune_at_another_resolution_and_linear_probe(tmp_path, shapes):
@@ -163,12 +163,13 @@ def test_text_classification_from_csv(tmp_path, word_pieces):
         writer.writerow(["text", "label"])
         for i in range(80):
             scene = world.scene(i)
-            writer.writerow([scene.caption, SHAPES[scene.label]])
+            writer.writerow([scene.caption, LABELS[scene.label]])
     out = tmp_path / "tc"
     stats = finetune(["--task", "text_classification", "--data_file_path", str(path), "--tokenizer", word_pieces,
                       "--epochs", "3", "--val_fraction", "0.25", "--output_dir", str(out)] + FAST)
     assert stats["best_acc1"] >= 0 and len(_log(out)) == 3
-    assert read_checkpoint(out / "checkpoint-best.pth").extra["class_names"] == sorted(SHAPES)
+    names = read_checkpoint(out / "checkpoint-best.pth").extra["class_names"]
+    assert names == sorted(names) and len(names) > 1 and set(names) <= set(LABELS)
     (tmp_path / "bad.csv").write_text("words,category\nhello,x\n")
     with pytest.raises(SystemExit):
         finetune(["--task", "text_classification", "--data_file_path", str(tmp_path / "bad.csv"), "--tokenizer",
