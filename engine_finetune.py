@@ -3,14 +3,12 @@ mixup/cutmix targets, AMP, accumulation, clipping, per-iteration lr, EMA, top-1/
 is called with the batch fields named in `input_keys` (images, or token ids and mask)."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable
 
 import torch
 
-from engine_pretrain import StepSettings, autocast
-from util.errors import UserError
-from util.lr_sched import lr_at, set_lr
+from engine_pretrain import (StepSettings, autocast, check_bad_samples, check_finite, global_skipped, gradient_sync,
+                             is_last_micro_batch, optimizer_step, schedule_lr)
 from util.metrics import ProgressPrinter, ScalarAverager
 
 Batch = dict[str, Any]
@@ -42,12 +40,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader: Iterabl
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(loader):
         skipped += int(batch.pop("num_skipped", 0))
-        if settings.max_bad_samples is not None and skipped_so_far + skipped > settings.max_bad_samples:
-            raise UserError(f"more than --max_bad_samples {settings.max_bad_samples} unreadable samples; "
-                            f"fix or remove the bad files, or raise the limit")
-        if step % settings.accum_iter == 0:
-            set_lr(optimizer, lr_at(epoch + step / total, settings.lr, settings.min_lr, settings.warmup_epochs,
-                                    settings.epochs))
+        check_bad_samples(settings, skipped_so_far + skipped)
+        schedule_lr(optimizer, settings, epoch, step, total)
         if not batch:
             continue
         inputs, labels = _inputs(batch, input_keys, device), batch["label"].to(device, non_blocking=True)
@@ -56,26 +50,17 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader: Iterabl
             if len(labels) % 2:  # timm's Mixup pairs samples and needs an even batch
                 inputs, labels = {k: v[:-1] for k, v in inputs.items()}, labels[:-1]
             inputs["images"], targets = mixup_fn(inputs["images"], labels)
-        with autocast(device, settings.amp_dtype):
-            loss = criterion(model(**inputs).float(), targets)
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --blr or use --amp bf16/none")
-        last_micro = (step + 1) % settings.accum_iter == 0 or step + 1 == total
-        scaled = loss / settings.accum_iter
-        (scaler.scale(scaled) if scaler else scaled).backward()
+        last_micro = is_last_micro_batch(settings, step, total)
+        with gradient_sync(model, last_micro):
+            with autocast(device, settings.amp_dtype):
+                loss = criterion(model(**inputs).float(), targets)
+            check_finite(loss, epoch, step)
+            scaled = loss / settings.accum_iter
+            (scaler.scale(scaled) if scaler else scaled).backward()
         if last_micro:
-            if scaler:
-                scaler.unscale_(optimizer)
-            if settings.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, settings.clip_grad)
             if model_ema is not None:
-                model_ema.update(model)
+                model_ema.update(getattr(model, "module", model))  # the EMA copy is of the unwrapped model
         averager.update({"loss": loss.item()}, len(labels))
         progress.step(step, len(labels), {"lr": optimizer.param_groups[0]["lr"], "loss": loss.item()})
         if log_writer is not None and last_micro:
@@ -84,7 +69,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, loader: Iterabl
             log_writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch_1000x)
     stats = averager.global_average(device)
     stats["lr"] = optimizer.param_groups[0]["lr"]
-    stats["skipped_samples"] = float(skipped)
+    stats["skipped_samples"] = global_skipped(skipped, device)
     return stats
 
 

@@ -37,6 +37,51 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def check_bad_samples(settings: StepSettings, skipped: int) -> None:
+    if settings.max_bad_samples is not None and skipped > settings.max_bad_samples:
+        raise UserError(f"more than --max_bad_samples {settings.max_bad_samples} unreadable samples; "
+                        f"fix or remove the bad files, or raise the limit")
+
+
+def schedule_lr(optimizer: torch.optim.Optimizer, settings: StepSettings, epoch: int, step: int, total: int) -> None:
+    """Per-iteration warmup + cosine, set at the first micro-batch of each optimizer step."""
+    if step % settings.accum_iter == 0:
+        set_lr(optimizer, lr_at(epoch + step / total, settings.lr, settings.min_lr, settings.warmup_epochs, settings.epochs))
+
+
+def is_last_micro_batch(settings: StepSettings, step: int, total: int) -> bool:
+    return (step + 1) % settings.accum_iter == 0 or step + 1 == total
+
+
+def gradient_sync(model: torch.nn.Module, last_micro: bool):
+    """DDP all-reduces gradients only on the micro-batch that ends an optimizer step."""
+    return contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not math.isfinite(loss.item()):
+        raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --blr or use --amp bf16/none")
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   clip_grad: float | None) -> None:
+    """Unscale (fp16), clip, step and clear the accumulated gradients."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def global_skipped(skipped: int, device: torch.device) -> float:
+    return dist_util.all_reduce_sum(torch.tensor(float(skipped), device=device)).item()
+
+
 def _scalars(out: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in out.items() if k == "loss" or k.startswith(("loss_", "acc_"))}
 
@@ -56,23 +101,17 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(loader):
         skipped += int(batch.pop("num_skipped", 0))
-        if settings.max_bad_samples is not None and skipped_so_far + skipped > settings.max_bad_samples:
-            raise UserError(f"more than --max_bad_samples {settings.max_bad_samples} unreadable samples; "
-                            f"fix or remove the bad files, or raise the limit")
-        if step % settings.accum_iter == 0:  # per-iteration schedule
-            lr = lr_at(epoch + step / total, settings.lr, settings.min_lr, settings.warmup_epochs, settings.epochs)
-            set_lr(optimizer, lr)
+        check_bad_samples(settings, skipped_so_far + skipped)
+        schedule_lr(optimizer, settings, epoch, step, total)
         if not batch:  # every sample of this batch was unreadable
             continue
         batch = prepare(batch)
-        last_micro = (step + 1) % settings.accum_iter == 0 or step + 1 == total
-        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        last_micro = is_last_micro_batch(settings, step, total)
+        with gradient_sync(model, last_micro):
             with autocast(device, settings.amp_dtype):
                 out = model(batch)
             loss = out["loss"]
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --blr or use --amp bf16/none")
+            check_finite(loss, epoch, step)
             scaled = loss / settings.accum_iter
             reg = None
             if regularizer is not None and last_micro:
@@ -80,16 +119,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
                 scaled = scaled + reg
             (scaler.scale(scaled) if scaler else scaled).backward()
         if last_micro:
-            if scaler:
-                scaler.unscale_(optimizer)
-            if settings.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, settings.clip_grad)
         scalars = _scalars(out)
         if reg is not None:
             scalars["loss_reg"] = float(reg.detach())
@@ -102,7 +132,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
                 log_writer.add_scalar(f"train/{key}", value, epoch_1000x)
             log_writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch_1000x)
     stats = averager.global_average(device)
-    stats["skipped_samples"] = dist_util.all_reduce_sum(torch.tensor(float(skipped), device=device)).item()
+    stats["skipped_samples"] = global_skipped(skipped, device)
     stats["lr"] = optimizer.param_groups[0]["lr"]
     return stats
 
