@@ -47,12 +47,18 @@ def fold_adapters(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], bool]:
     return merge_adapters(tensors, settings["alpha"] / settings["rank"]), True
 
 
+def save_merged_weights(path: str | Path, merged: dict[str, torch.Tensor], backbone_config: dict[str, Any],
+                        lora: dict[str, Any], source: str) -> None:
+    """Write already merged tensors, marked as merged (so adapters are never applied to them again)."""
+    save_weights(path, merged, backbone_config, {MERGED_FLAG: "true", "merged_from": source,
+                                                 "merged_lora": json.dumps(lora)})
+
+
 def save_merged_model(path: str | Path, tensors: dict[str, torch.Tensor], backbone_config: dict[str, Any],
                       lora: dict[str, Any], source: str) -> None:
     """A plain backbone (+ heads) with the adapters merged and no adapter keys."""
-    merged = merge_adapters(plain_names(tensors), lora["alpha"] / lora["rank"])
-    save_weights(path, merged, backbone_config, {MERGED_FLAG: "true", "merged_from": source,
-                                                 "merged_lora": json.dumps(lora)})
+    save_merged_weights(path, merge_adapters(plain_names(tensors), lora["alpha"] / lora["rank"]), backbone_config,
+                        lora, source)
 
 
 def save_adapters(path: str | Path, tensors: dict[str, torch.Tensor], backbone_config: dict[str, Any],

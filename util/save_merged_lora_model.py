@@ -15,7 +15,7 @@ if __package__ in (None, ""):
 from models.lora import is_adapter_key, plain_names  # noqa: E402
 from util.checkpoint_io import read_checkpoint  # noqa: E402
 from util.errors import UserError, cli_entry  # noqa: E402
-from util.lora_checkpoints import is_marked_merged, lora_settings, save_merged_model  # noqa: E402
+from util.lora_checkpoints import fold_adapters, lora_settings, save_merged_weights  # noqa: E402
 
 
 @cli_entry
@@ -29,20 +29,14 @@ def main(argv: list[str] | None = None) -> Path:
     if output.exists() and not args.overwrite:
         raise UserError(f"{output} exists; pass --overwrite or choose another output")
     ckpt = read_checkpoint(args.checkpoint)
-    tensors = plain_names(ckpt.model)
-    if not any(is_adapter_key(k) for k in tensors):
+    if ckpt.backbone_config is None:
+        raise UserError(f"{args.checkpoint} has no backbone config; pass a run checkpoint written by main_pretrain_cook.py")
+    merged, had_adapters = fold_adapters(ckpt)  # refuses merged-marked, adapter-only and rank-less files
+    if not had_adapters:
         raise UserError(f"{args.checkpoint} holds no LoRA adapters; it is already a plain model")
-    if is_marked_merged(ckpt):
-        raise UserError(f"{args.checkpoint} is marked as merged but still holds adapters; merging again would count "
-                        f"them twice")
     settings = lora_settings(ckpt)
-    if not settings or ckpt.backbone_config is None:
-        raise UserError(f"{args.checkpoint} lacks the LoRA rank/alpha or the backbone config; pass a run checkpoint "
-                        f"written by main_pretrain_cook.py")
-    if not any(".blocks." in k and not is_adapter_key(k) for k in tensors):
-        raise UserError(f"{args.checkpoint} holds adapters only; merge from the run checkpoint that has the base weights")
-    save_merged_model(output, tensors, ckpt.backbone_config, settings, str(args.checkpoint))
-    n = sum(is_adapter_key(k) for k in tensors) // 2
+    save_merged_weights(output, merged, ckpt.backbone_config, settings, str(args.checkpoint))
+    n = sum(is_adapter_key(k) for k in plain_names(ckpt.model)) // 2
     print(f"merged {n} adapters (rank {settings['rank']}, alpha {settings['alpha']:g}) into {output}")
     return output
 
