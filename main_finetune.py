@@ -28,7 +28,7 @@ from engine_pretrain import StepSettings
 from main_pretrain_cook import seed_everything
 from models import create_model, list_models
 from models.classifier import ImageClassifier, TextClassifier
-from models.pretrained import describe, load_head_weights
+from models.pretrained import check_text_vocab, describe, load_head_weights
 from models.tasks.base import unused_parameter_names
 from util import distributed as dist_util
 from util.checkpoint_io import read_checkpoint
@@ -134,11 +134,9 @@ def build_classifier(args: argparse.Namespace, num_classes: int, vocab_size: int
                                 drop_path_rate=args.drop_path, **({"vocab_size": vocab_size} if vocab_size else {}))
         return make(backbone), ["random init (no --finetune)"]
     ckpt = read_checkpoint(args.finetune)
-    saved_vocab = (ckpt.backbone_config or {}).get("vocab_size")
-    if vocab_size and saved_vocab not in (None, vocab_size):
-        raise UserError(f"{args.finetune} has a {saved_vocab}-token text vocabulary but --tokenizer {args.tokenizer} has "
-                        f"{vocab_size}; use the tokenizer that checkpoint was trained with")
-    backbone = create_model(args.model, pretrained=args.finetune, img_size=args.input_size, drop_path_rate=args.drop_path)
+    check_text_vocab(ckpt, vocab_size, args.tokenizer)
+    backbone = create_model(args.model, pretrained=args.finetune, checkpoint=ckpt, img_size=args.input_size,
+                            drop_path_rate=args.drop_path)
     model = make(backbone)
     loaded, new = [f"backbone ({sum(1 for k in ckpt.model if k.startswith('backbone.'))} tensors)"], []
     for head in ("pooler_norm", "classifier"):

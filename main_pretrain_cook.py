@@ -26,14 +26,14 @@ from engine_pretrain import StepSettings, evaluate, train_one_epoch
 from models import create_model, list_models
 from models.config import FFN_KINDS
 from models.lora import add_lora, self_regularization
-from models.pretrained import describe, load_head_weights
+from models.pretrained import check_text_vocab, describe, load_head_weights
 from models.tasks import TASKS, TaskOptions
 from models.text_tokenizer import load_text_tokenizer
 from models.trainability import configure_trainable
 from models.visual_tokenizers import KINDS as TOKENIZER_KINDS
 from models.visual_tokenizers import create_visual_tokenizer
 from util import distributed as dist_util
-from util.checkpoint_io import read_checkpoint
+from util.checkpoint_io import Checkpoint, read_checkpoint
 from util.config_args import parse_with_config, plain, save_args
 from util.errors import UserError, cli_entry
 from util.lora_checkpoints import save_adapters, save_merged_model
@@ -183,19 +183,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_backbone(args: argparse.Namespace, weights: str | None, vocab_size: int | None):
+def build_backbone(args: argparse.Namespace, weights: str | None, ckpt: Checkpoint | None, vocab_size: int | None):
     overrides = dict(img_size=args.image_size, patch_size=args.patch_size, drop_path_rate=args.drop_path,
                      layer_scale_init_value=args.layer_scale_init_value, ffn=args.ffn, vocab_size=vocab_size,
                      max_text_len=args.max_text_len_of_initckpt)
     if weights is None:
         return create_model(args.model, **overrides)
-    saved = read_checkpoint(weights).backbone_config or {}
-    if vocab_size is not None and saved.get("vocab_size") not in (None, vocab_size):
-        raise UserError(f"{weights} has a {saved['vocab_size']}-token text vocabulary but --tokenizer {args.tokenizer} has "
-                        f"{vocab_size}; use the tokenizer that checkpoint was trained with, or re-convert the BEiT "
-                        f"weights with --vocab_size {vocab_size}")
-    return create_model(args.model, pretrained=weights, **{k: v for k, v in overrides.items()
-                                                           if k in ("img_size", "drop_path_rate")})
+    check_text_vocab(ckpt, vocab_size, args.tokenizer)
+    return create_model(args.model, pretrained=weights, checkpoint=ckpt,
+                        **{k: v for k, v in overrides.items() if k in ("img_size", "drop_path_rate")})
 
 
 def build_tokenizer(args, train_set, grid: int, device: torch.device):
@@ -271,12 +267,13 @@ def majority_baseline(loader, prepare) -> float:
     return max(counts.values()) / total if total else 0.0
 
 
-def resolve_weights(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """(weights to initialise from, run checkpoint to continue); says which of the two happens."""
+def resolve_weights(args: argparse.Namespace) -> tuple[str | None, Checkpoint | None, bool]:
+    """(weights path, its checkpoint read once, whether it is a run to continue); says which happens."""
     if not args.resume:
         if args.init_from:
             print(f"starting a new stage from the weights of {args.init_from} (fresh optimizer, epoch 0)")
-        return args.init_from, None
+            return args.init_from, read_checkpoint(args.init_from), False
+        return None, None, False
     ckpt = read_checkpoint(args.resume)
     if "optimizer" in ckpt.extra:
         print(f"resuming run from {args.resume} (epoch {ckpt.extra.get('epoch')})")
@@ -287,20 +284,19 @@ def resolve_weights(args: argparse.Namespace) -> tuple[str | None, str | None]:
         elif saved.get("rank", 0) != args.lora_rank:
             raise UserError(f"--resume {args.resume} was trained with --lora_rank {saved.get('rank', 0)}, not "
                             f"{args.lora_rank}; resume with the run's own flags, or use --init_from to start a new stage")
-        return args.resume, args.resume
+        return args.resume, ckpt, True
     print(f"--resume {args.resume} holds weights only: initialising the model from it (new run, epoch 0)")
-    return args.resume, None
+    return args.resume, ckpt, False
 
 
-def attach_heads(task, weights: str | None) -> dict[str, torch.Tensor]:
-    """Load the mode's heads that `weights` has; return the other non-backbone tensors it carries
+def attach_heads(task, ckpt: Checkpoint | None) -> dict[str, torch.Tensor]:
+    """Load the mode's heads that `ckpt` has; return the other non-backbone tensors it carries
     (heads of earlier stages), which this run keeps in its checkpoints for later stages."""
-    if not weights:
+    if ckpt is None:
         return {}
-    ckpt = read_checkpoint(weights)
     for head in task.heads:
         if load_head_weights(getattr(task, head), ckpt, head):
-            print(f"loaded the {head} from {weights}")
+            print(f"loaded the {head} from {ckpt.path}")
     owned = set(task.heads) | {"backbone"}
     return {k: v for k, v in ckpt.model.items() if k.split(".")[0] not in owned and ".lora_" not in k}
 
@@ -356,9 +352,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise UserError(f"--output_dir {output_dir} already holds checkpoints of a run; pass --auto_resume to continue "
                         f"it or choose another --output_dir (nothing is overwritten)")
 
-    weights, resume_state = resolve_weights(args)
+    weights, weights_ckpt, continue_run = resolve_weights(args)
     text_tokenizer = build_text_tokenizer(args, task_cls)
-    backbone = build_backbone(args, weights, len(text_tokenizer) if text_tokenizer is not None else None)
+    backbone = build_backbone(args, weights, weights_ckpt, len(text_tokenizer) if text_tokenizer is not None else None)
     if args.max_text_len > backbone.cfg.max_text_len:
         raise UserError(f"--max_text_len {args.max_text_len} exceeds the model's {backbone.cfg.max_text_len} text positions")
     grid = backbone.cfg.grid_size
@@ -373,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                           mim_conduct_prob=args.mim_conduct_prob, mlm_conduct_prob=args.mlm_conduct_prob,
                           itc_conduct_prob=args.itc_conduct_prob, seed=args.seed)
     task = task_cls(backbone, options)
-    carried = attach_heads(task, weights)
+    carried = attach_heads(task, weights_ckpt)
     if args.lora_rank:
         add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout)
     trainable = configure_trainable(task, bool(args.lora_rank), args.trainable_extra)
@@ -396,7 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizer = torch.optim.AdamW(param_groups(task, args.weight_decay), lr=lr, betas=tuple(args.opt_betas))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    start_epoch = load_run_state(resume_state, task, optimizer, scaler) if resume_state else 0
+    start_epoch = load_run_state(weights, task, optimizer, scaler, weights_ckpt) if continue_run else 0
+    weights_ckpt = None  # not held in memory for the whole run
     prepare = BatchPreparer(device, task_cls.batch_keys, tokenizer)
     regularizer = (lambda: self_regularization(backbone)) if args.self_regularization else None
     n_train = sum(trainable.values())

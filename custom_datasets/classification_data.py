@@ -39,16 +39,27 @@ def patch_timm_posterize() -> None:
             auto_augment.NAME_TO_OP[name] = _posterize_at_least_one_bit
 
 
+def mean_std(imagenet: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (HALF, HALF)
+
+
+def eval_transform(size: int, crop_pct: float = 0.875, imagenet: bool = False):
+    """Resize + centre crop + normalise, the held-out view (also what predict and search use)."""
+    from timm.data import create_transform
+
+    mean, std = mean_std(imagenet)
+    return create_transform(size, is_training=False, interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std)
+
+
 def build_transform(args: argparse.Namespace, train: bool):
+    if not train:
+        return eval_transform(args.input_size, args.crop_pct, args.imagenet_default_mean_and_std)
     from timm.data import create_transform
 
     patch_timm_posterize()
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std else (HALF, HALF)
-    if train:
-        return create_transform(args.input_size, is_training=True, auto_augment=args.aa or None, re_prob=args.reprob,
-                                re_mode="pixel", interpolation="bicubic", mean=mean, std=std)
-    return create_transform(args.input_size, is_training=False, interpolation="bicubic", crop_pct=args.crop_pct,
-                            mean=mean, std=std)
+    mean, std = mean_std(args.imagenet_default_mean_and_std)
+    return create_transform(args.input_size, is_training=True, auto_augment=args.aa or None, re_prob=args.reprob,
+                            re_mode="pixel", interpolation="bicubic", mean=mean, std=std)
 
 
 def split_roots(args: argparse.Namespace) -> tuple[Path, Path]:

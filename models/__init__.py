@@ -10,10 +10,12 @@ from models.layers import Modality
 from models.registry import BACKBONE_VARIANTS, list_models, variant_config
 
 
-def create_model(name: str | None, pretrained: str | None = None, **overrides: Any) -> VLMoBackbone:
+def create_model(name: str | None, pretrained: str | None = None, checkpoint: Any = None,
+                 **overrides: Any) -> VLMoBackbone:
     """Build a registered backbone variant (field overrides such as `img_size=384` allowed) and,
     with `pretrained`, load a converted checkpoint into it, failing on any missing or unexpected
-    weight. `name=None` rebuilds whatever architecture the checkpoint was saved with."""
+    weight. `name=None` rebuilds whatever architecture the checkpoint was saved with. `checkpoint`:
+    the already read `Checkpoint` of `pretrained`, so callers that need it too read the file once."""
     from models.pretrained import check_variant_fits, config_for_pretrained, load_backbone_weights
     from util.errors import UserError
 
@@ -29,7 +31,7 @@ def create_model(name: str | None, pretrained: str | None = None, **overrides: A
     if pretrained is not None:
         # The checkpoint decides its weight layout (final norm, position kinds, eps); the name only
         # has to agree on sizes; overrides change run-time shape (image size, text length, drop path).
-        saved, ckpt = config_for_pretrained(pretrained, {})
+        saved, ckpt = config_for_pretrained(pretrained, {}, checkpoint)
         if name is not None:
             check_variant_fits(saved, name, cfg, pretrained)
         cfg, _ = config_for_pretrained(pretrained, overrides, ckpt)

@@ -40,15 +40,15 @@ class ImageClassifier(nn.Module):
                 "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm", (99999,))]}
 
 
-def load_for_inference(path: str) -> tuple[nn.Module, list[str] | None]:
-    """A checkpoint of any stage -> (ImageClassifier when it holds a `classifier`, else the
-    backbone; class names when recorded), in eval mode."""
+def load_for_inference(path: str, ckpt=None) -> tuple[nn.Module, list[str] | None]:
+    """A checkpoint of any stage (`ckpt`: the file already read) -> (ImageClassifier when it holds
+    a `classifier`, else the backbone; class names when recorded), in eval mode."""
     from models import create_model
     from models.pretrained import load_head_weights
     from util.checkpoint_io import read_checkpoint
 
-    ckpt = read_checkpoint(path)
-    backbone = create_model(None, pretrained=path)
+    ckpt = ckpt or read_checkpoint(path)
+    backbone = create_model(None, pretrained=path, checkpoint=ckpt)
     if "classifier.weight" not in ckpt.model:
         return backbone.eval(), None
     args = ckpt.extra.get("args") or {}

@@ -138,6 +138,15 @@ def check_variant_fits(saved: BackboneConfig, name: str, wanted: BackboneConfig,
         raise UserError(f"{path} is a checkpoint of another size: {', '.join(diffs)}; {fix}")
 
 
+def check_text_vocab(ckpt: Checkpoint, vocab_size: int | None, tokenizer: str | None) -> None:
+    """A checkpoint's text embeddings must fit the tokenizer the run uses."""
+    saved = (ckpt.backbone_config or {}).get("vocab_size")
+    if vocab_size is not None and saved not in (None, vocab_size):
+        raise UserError(f"{ckpt.path} has a {saved}-token text vocabulary but --tokenizer {tokenizer} has {vocab_size}; "
+                        f"use the tokenizer that checkpoint was trained with, or re-convert the BEiT weights with "
+                        f"--vocab_size {vocab_size}")
+
+
 def describe(cfg: BackboneConfig) -> str:
     """One line for logs."""
     return (f"{cfg.embed_dim}d x {cfg.depth} layers, {cfg.num_heads} heads, {cfg.img_size}px / patch {cfg.patch_size}, "

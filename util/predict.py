@@ -16,6 +16,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from custom_datasets.classification_data import eval_transform  # noqa: E402
 from custom_datasets.image_folder import list_image_files  # noqa: E402
 from custom_datasets.image_io import is_image_file, open_rgb  # noqa: E402
 from models.classifier import ImageClassifier, load_for_inference  # noqa: E402
@@ -36,15 +37,6 @@ def read_class_names(path: str | None, saved: list[str] | None, num_classes: int
     return saved if saved and len(saved) == num_classes else [str(i) for i in range(num_classes)]
 
 
-def eval_transform(model: ImageClassifier, crop_pct: float = 0.875, imagenet: bool = False):
-    from custom_datasets.classification_data import HALF, IMAGENET_MEAN, IMAGENET_STD
-    from timm.data import create_transform
-
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (HALF, HALF)
-    return create_transform(model.backbone.cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
-                            mean=mean, std=std)
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,14 +55,17 @@ def main(argv: list[str] | None = None) -> dict:
         files = [source]
     else:
         files = list_image_files(source)
-    model, saved_names = load_for_inference(args.checkpoint)
+    ckpt = read_checkpoint(args.checkpoint)
+    model, saved_names = load_for_inference(args.checkpoint, ckpt)
     if not isinstance(model, ImageClassifier):
         raise UserError(f"{args.checkpoint} has no classifier; fine-tune one with main_finetune.py --task image_classification")
     names = read_class_names(args.class_names, saved_names, model.classifier.out_features)
     device = torch.device(args.device)
     model.to(device)
-    saved_args = read_checkpoint(args.checkpoint).extra.get("args") or {}  # evaluate as the run did
-    transform = eval_transform(model, saved_args.get("crop_pct", 0.875), bool(saved_args.get("imagenet_default_mean_and_std")))
+    saved_args = ckpt.extra.get("args") or {}  # evaluate as the run did
+    del ckpt
+    transform = eval_transform(model.backbone.cfg.img_size, saved_args.get("crop_pct", 0.875),
+                               bool(saved_args.get("imagenet_default_mean_and_std")))
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
     k = min(args.topk, len(names))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from models.lora import load_plain_state, plain_names
-from util.checkpoint_io import FORMAT_TAG, read_checkpoint, save_torch_atomic
+from util.checkpoint_io import FORMAT_TAG, Checkpoint, read_checkpoint, save_torch_atomic
 from util.errors import UserError
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
@@ -43,9 +43,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None) -> int:
-    """Restore a run checkpoint; returns the epoch to start from."""
-    ckpt = read_checkpoint(path)
+                   scaler: torch.amp.GradScaler | None, ckpt: Checkpoint | None = None) -> int:
+    """Restore a run checkpoint (`ckpt`: the file already read); returns the epoch to start from."""
+    ckpt = ckpt or read_checkpoint(path)
     own = set(plain_names(model.state_dict()))
     missing = sorted(own - set(ckpt.model))
     owned_prefixes = {k.split(".")[0] for k in own}

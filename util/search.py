@@ -18,6 +18,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from custom_datasets.classification_data import eval_transform  # noqa: E402
 from custom_datasets.image_folder import list_image_files  # noqa: E402
 from custom_datasets.image_io import open_rgb  # noqa: E402
 from custom_datasets.text_data import CaptionCorpus  # noqa: E402
@@ -42,17 +43,13 @@ class Embedder:
         if not name:
             raise UserError(f"{checkpoint} does not record its text tokenizer; pass --tokenizer")
         self.tokenizer, self.max_len = load_text_tokenizer(name), int(args.get("max_text_len", 40))
-        self.backbone = create_model(None, pretrained=checkpoint).eval().to(device)
+        self.backbone = create_model(None, pretrained=checkpoint, checkpoint=ckpt).eval().to(device)
         self.head = ITCHead(self.backbone.cfg.embed_dim)
         load_head_weights(self.head, ckpt, "itc_head")
         self.head.eval().to(device)
         self.device = device
-        from timm.data import create_transform
-
-        half = (0.5, 0.5, 0.5)
-        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if args.get("imagenet_default_mean_and_std") else (half, half)
-        self.transform = create_transform(self.backbone.cfg.img_size, is_training=False, interpolation="bicubic",
-                                          crop_pct=1.0, mean=mean, std=std)
+        # the whole image, as the pretraining held-out view saw it
+        self.transform = eval_transform(self.backbone.cfg.img_size, 1.0, bool(args.get("imagenet_default_mean_and_std")))
 
     @torch.no_grad()
     def images(self, paths: list[Path], batch_size: int = 32) -> tuple[torch.Tensor, list[Path], list[Path]]:
