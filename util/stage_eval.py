@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from models.tasks import ImageMIM, TaskOptions, TextMLM
-from models.heads import ITCHead
+from models.heads import ITCHead, MIMHead, MLMHead
+from models.tasks.image_mim import mim_logits
+from models.tasks.text_mlm import mlm_logits
 from models.pretrained import load_head_weights
 from util.checkpoint_io import Checkpoint
 
@@ -44,19 +45,19 @@ def _heads(state: dict[str, torch.Tensor]) -> Checkpoint:
 @torch.no_grad()
 def mim_and_knn(backbone, head_state, data, tokenizer, batch_size, device, k: int = 20) -> dict[str, float]:
     out: dict[str, float] = {}
-    probe = None
+    head = None
     if tokenizer is not None and "mim_head.proj.weight" in head_state:
-        probe = ImageMIM(backbone, TaskOptions(visual_vocab_size=head_state["mim_head.proj.weight"].shape[0]))
-        load_head_weights(probe.mim_head.to(device), _heads(head_state), "mim_head")
+        head = MIMHead(backbone.cfg.embed_dim, head_state["mim_head.proj.weight"].shape[0])
+        load_head_weights(head, _heads(head_state), "mim_head")
+        head.to(device)
     correct = total = 0
     features, labels = [], []
     for batch in _batches(data, batch_size, device):
-        if probe is not None:
+        if head is not None:
             batch["visual_token_ids"] = tokenizer.get_codebook_indices(batch.pop("tokenizer_image"))
-            mask = batch["bool_masked_pos"].flatten(1).bool()
-            logits = probe.mim_head(backbone.encode_image(batch["image"], mask)[:, 1:][mask])
-            correct += (logits.argmax(-1) == batch["visual_token_ids"][mask]).sum().item()
-            total += mask.sum().item()
+            logits, target = mim_logits(backbone, head, batch)
+            correct += (logits.argmax(-1) == target).sum().item()
+            total += len(target)
         if "label" in batch:
             pooled = backbone.encode_image(batch["image"])[:, 1:].mean(1)  # mean of patch features (BEiT's probe)
             features.append(F.normalize(pooled.float(), dim=-1))
@@ -83,14 +84,14 @@ def knn_leave_one_out(features: torch.Tensor, labels: torch.Tensor, k: int, temp
 def mlm_accuracy(backbone, head_state, data, batch_size, device) -> dict[str, float]:
     if "mlm_head.decoder.weight" not in head_state:
         return {}
-    probe = TextMLM(backbone)
-    load_head_weights(probe.mlm_head.to(device), _heads(head_state), "mlm_head")
+    head = MLMHead(backbone.cfg.embed_dim, backbone.cfg.vocab_size, backbone.cfg.layer_norm_eps)
+    load_head_weights(head, _heads(head_state), "mlm_head")
+    head.to(device)
     correct = total = 0
     for batch in _batches(data, batch_size, device):
-        selected = batch["mlm_labels"] != -100
-        logits = probe.mlm_head(backbone.encode_text(batch["mlm_input_ids"], batch["attention_mask"])[selected])
-        correct += (logits.argmax(-1) == batch["mlm_labels"][selected]).sum().item()
-        total += selected.sum().item()
+        logits, target = mlm_logits(backbone, head, batch)
+        correct += (logits.argmax(-1) == target).sum().item()
+        total += len(target)
     return {"text_mlm_acc": correct / total} if total else {}
 
 

@@ -9,12 +9,16 @@ from models.heads import MIMHead
 from models.tasks.base import PretrainTask, TaskOptions
 
 
-def mim_loss(backbone: VLMoBackbone, head: MIMHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, accuracy) over the masked patches."""
+def mim_logits(backbone: VLMoBackbone, head: MIMHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits `[M, V]`, target ids `[M]`) of the M masked patches of the batch."""
     mask = batch["bool_masked_pos"].flatten(1).bool()  # [B, N]
     features = backbone.encode_image(batch["image"], mask)[:, 1:]  # [B, N, D]
-    logits = head(features[mask]).float()  # [M, V], only masked patches
-    labels = batch["visual_token_ids"][mask]  # [M]
+    return head(features[mask]).float(), batch["visual_token_ids"][mask]
+
+
+def mim_loss(backbone: VLMoBackbone, head: MIMHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, accuracy) over the masked patches."""
+    logits, labels = mim_logits(backbone, head, batch)
     return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
 
 

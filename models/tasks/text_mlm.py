@@ -10,13 +10,17 @@ from models.heads import MLMHead
 from models.tasks.base import PretrainTask, TaskOptions
 
 
-def mlm_loss(backbone: VLMoBackbone, head: MLMHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, accuracy) over the masked text tokens."""
+def mlm_logits(backbone: VLMoBackbone, head: MLMHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits `[M, vocab]`, target ids `[M]`) of the M masked text tokens of the batch."""
     features = backbone.encode_text(batch["mlm_input_ids"], batch["attention_mask"])  # [B, L, D]
     labels = batch["mlm_labels"]  # [B, L]
     selected = labels != IGNORE_INDEX
-    logits = head(features[selected]).float()  # [M, vocab]
-    target = labels[selected]
+    return head(features[selected]).float(), labels[selected]
+
+
+def mlm_loss(backbone: VLMoBackbone, head: MLMHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, accuracy) over the masked text tokens."""
+    logits, target = mlm_logits(backbone, head, batch)
     return F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
 
 
