@@ -25,6 +25,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
     dist_util.init_distributed("cpu")
     try:
         fn(rank, world, *args)
+        dist_util.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist_util.cleanup()
 
