@@ -32,13 +32,12 @@ from models.pretrained import check_text_vocab, describe, load_head_weights
 from models.tasks.base import unused_parameter_names
 from util import distributed as dist_util
 from util.checkpoint_io import read_checkpoint
-from util.config_args import parse_with_config, plain, save_args
+from util.config_args import check_run_flags, parse_with_config, plain, save_args
 from util.errors import UserError, cli_entry
 from util.linear_probe import run_linear_probe
 from util.run_checkpoint import save_run_checkpoint
 
 TASKS = ("image_classification", "linear_probe", "image_text_retrieval", "text_classification")
-IMPLEMENTED = TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,15 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace) -> None:
-    if args.task not in IMPLEMENTED:
-        raise UserError(f"--task {args.task} is not implemented yet; available: {', '.join(IMPLEMENTED)}")
     if args.eval and not args.finetune:
         raise UserError("--eval needs --finetune CKPT (a fine-tuned checkpoint with its classifier)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but no GPU is visible; use --device cpu")
-    for flag in ("batch_size", "accum_iter", "epochs", "input_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
+    check_run_flags(args, ("batch_size", "accum_iter", "epochs", "input_size"))
     if not 0 < args.layer_decay <= 1:
         raise UserError("--layer_decay must be in (0, 1]")
     needs = {"image_classification": "data_path", "linear_probe": "data_path", "text_classification": "data_file_path",
@@ -118,7 +111,6 @@ def validate(args: argparse.Namespace) -> None:
     if not getattr(args, needs):
         raise UserError(f"--task {args.task} needs --{needs}")
     args.blr = args.blr if args.blr is not None else (0.1 if args.task == "linear_probe" else 5e-4)
-    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     args.output_dir = args.output_dir or f"outputs/finetune_{args.task}"
     args.log_dir = args.log_dir or args.output_dir
 

@@ -34,7 +34,7 @@ from models.visual_tokenizers import KINDS as TOKENIZER_KINDS
 from models.visual_tokenizers import create_visual_tokenizer
 from util import distributed as dist_util
 from util.checkpoint_io import Checkpoint, read_checkpoint
-from util.config_args import parse_with_config, plain, save_args
+from util.config_args import check_run_flags, parse_with_config, plain, save_args
 from util.errors import UserError, cli_entry
 from util.lora_checkpoints import save_adapters, save_merged_model
 from util.run_checkpoint import latest_checkpoint, load_run_state, save_run_checkpoint
@@ -165,14 +165,9 @@ def validate(args: argparse.Namespace) -> None:
                         "first with util/fit_visual_tokenizer.py and pass --d_vae_weight_path")
     if not 0 < args.mlm_probability < 1:
         raise UserError("--mlm_probability must be between 0 and 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but no GPU is visible; use --device cpu")
-    for flag in ("batch_size", "accum_iter", "epochs", "image_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
+    check_run_flags(args, ("batch_size", "accum_iter", "epochs", "image_size"))
     args.lora_alpha = args.lora_alpha or args.lora_rank
     args.second_image_size = args.second_image_size or args.image_size // 2
-    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     args.output_dir = args.output_dir or f"outputs/{args.exp_name}"
     args.log_dir = args.log_dir or args.output_dir
 

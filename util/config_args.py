@@ -44,6 +44,21 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+def check_run_flags(args: argparse.Namespace, positive: tuple[str, ...]) -> None:
+    """What every entry script checks: the device exists, sizes and counts are positive; and the
+    default precision (bf16 on GPU, none on CPU)."""
+    import torch
+
+    from util.errors import UserError
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but no GPU is visible; use --device cpu")
+    for flag in positive:
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+
+
 def save_args(args: argparse.Namespace, output_dir: str | Path, name: str = "args.yaml") -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / name).write_text(yaml.safe_dump(plain(vars(args)), sort_keys=True))
