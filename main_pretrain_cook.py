@@ -289,11 +289,17 @@ def attach_heads(task, ckpt: Checkpoint | None) -> dict[str, torch.Tensor]:
     (heads of earlier stages), which this run keeps in its checkpoints for later stages."""
     if ckpt is None:
         return {}
+    new = []
     for head in task.heads:
         if load_head_weights(getattr(task, head), ckpt, head):
             print(f"loaded the {head} from {ckpt.path}")
+        else:
+            new.append(head)
     owned = set(task.heads) | {"backbone"}
-    return {k: v for k, v in ckpt.model.items() if k.split(".")[0] not in owned and ".lora_" not in k}
+    carried = {k: v for k, v in ckpt.model.items() if k.split(".")[0] not in owned and ".lora_" not in k}
+    print(f"from {ckpt.path}: backbone loaded; new heads: {', '.join(new) or 'none'}; kept unused for later stages: "
+          f"{', '.join(sorted({k.split('.')[0] for k in carried})) or 'none'}")
+    return carried
 
 
 def build_text_tokenizer(args, task_cls):

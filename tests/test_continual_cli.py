@@ -38,6 +38,7 @@ def test_the_chain_through_merged_checkpoints(tmp_path, word_pieces, capsys):
                           "--output_dir", str(tmp_path / "mlm")])
     out = capsys.readouterr().out
     assert "starting a new stage from the weights" in out and "LoRA adapters" in out
+    assert "new heads: mlm_head; kept unused for later stages: mim_head" in out
     log = _log(tmp_path / "mlm")[0]
     assert {"train_loss_mlm", "train_acc_mlm", "train_loss_reg", "test_acc_mlm"} <= set(log)
     merged = read_checkpoint(tmp_path / "mlm" / "merged_model.safetensors")
