@@ -72,7 +72,7 @@ def test_truncated_checkpoint(tmp_path):
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     path = tmp_path / "resnet.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(UserError, match="not part of a BEiT encoder.*another architecture"):
@@ -82,7 +82,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
 
 def test_beit_of_another_size_for_a_named_model(tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm
     ref = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
                             depth=2, num_heads=4)
     torch.save(ref.state_dict(), tmp_path / "small.pth")
@@ -92,7 +92,7 @@ def test_beit_of_another_size_for_a_named_model(tmp_path):
 
 
 def test_output_is_never_overwritten_without_asking(tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm
     ref = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
                             depth=1, num_heads=4)
     torch.save(ref.state_dict(), tmp_path / "src.pth")
