@@ -2,15 +2,14 @@
 `val/<class>/*`), with timm's BEiT-recipe transforms and the same class indices in both splits."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
+from common.errors import UserError
+from custom_datasets.batch import IMAGE
 from custom_datasets.image_folder import ImageFiles
-from util.errors import UserError
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-HALF = (0.5, 0.5, 0.5)
+from custom_datasets.settings import AugmentSettings, FinetuneDataSettings
+from custom_datasets.transforms import mean_std
 
 
 class LabelledSample:
@@ -20,7 +19,7 @@ class LabelledSample:
         self.transform = transform
 
     def __call__(self, image) -> dict[str, Any]:
-        return {"image": self.transform(image)}
+        return {IMAGE: self.transform(image)}
 
 
 def _posterize_at_least_one_bit(img, bits_to_keep, **_):
@@ -39,33 +38,42 @@ def patch_timm_posterize() -> None:
             auto_augment.NAME_TO_OP[name] = _posterize_at_least_one_bit
 
 
-def mean_std(imagenet: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (HALF, HALF)
-
-
 def eval_transform(size: int, crop_pct: float = 0.875, imagenet: bool = False):
-    """Resize + centre crop + normalise, the held-out view (also what predict and search use)."""
+    """Resize + centre crop + normalise, the held-out view."""
+    mean, std = mean_std(imagenet)
+    return recorded_transform({"image_size": size, "crop_pct": crop_pct, "mean": mean, "std": std})
+
+
+def recorded_transform(preprocessing: dict):
+    """The held-out view a checkpoint records (`models/run_info.py`): what predict, search and
+    exports apply."""
     from timm.data import create_transform
 
-    mean, std = mean_std(imagenet)
-    return create_transform(size, is_training=False, interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std)
+    return create_transform(int(preprocessing["image_size"]), is_training=False,
+                            interpolation=preprocessing.get("interpolation", "bicubic"),
+                            crop_pct=float(preprocessing["crop_pct"]), mean=tuple(preprocessing["mean"]),
+                            std=tuple(preprocessing["std"]))
 
 
-def build_transform(args: argparse.Namespace, train: bool):
+def build_transform(aug: AugmentSettings, input_size: int, train: bool, image_text: bool = False):
+    """BEiT's fine-tuning views. Image-text tasks crop less (VLMo: at least half the image) and never
+    flip, since a caption's "left" and "right" would no longer hold."""
     if not train:
-        return eval_transform(args.input_size, args.crop_pct, args.imagenet_default_mean_and_std)
+        return eval_transform(input_size, aug.crop_pct, aug.imagenet_default_mean_and_std)
     from timm.data import create_transform
 
     patch_timm_posterize()
-    mean, std = mean_std(args.imagenet_default_mean_and_std)
-    return create_transform(args.input_size, is_training=True, auto_augment=args.aa or None, re_prob=args.reprob,
-                            re_mode="pixel", interpolation="bicubic", mean=mean, std=std)
+    mean, std = mean_std(aug.imagenet_default_mean_and_std)
+    scale = aug.min_crop_scale if aug.min_crop_scale is not None else (0.5 if image_text else 0.08)
+    return create_transform(input_size, is_training=True, scale=(scale, 1.0), hflip=0.0 if image_text else 0.5,
+                            auto_augment=aug.aa or None, re_prob=aug.reprob, re_mode="pixel", interpolation="bicubic",
+                            mean=mean, std=std)
 
 
-def split_roots(args: argparse.Namespace) -> tuple[Path, Path]:
-    root = Path(args.data_path)
+def split_roots(data: FinetuneDataSettings) -> tuple[Path, Path]:
+    root = Path(data.data_path)
     train = root / "train" if (root / "train").is_dir() else root
-    val = Path(args.eval_data_path) if args.eval_data_path else root / "val"
+    val = Path(data.eval_data_path) if data.eval_data_path else root / "val"
     if not train.is_dir():
         raise UserError(f"--data_path {root} does not exist; pass a folder with train/<class>/ and val/<class>/")
     if not val.is_dir():
@@ -73,11 +81,10 @@ def split_roots(args: argparse.Namespace) -> tuple[Path, Path]:
     return train, val
 
 
-def build_classification_datasets(args: argparse.Namespace, train_transform=None, val_transform=None):
-    train_root, val_root = split_roots(args)
-    train = ImageFiles(train_root, LabelledSample(train_transform or build_transform(args, True)))
+def build_classification_datasets(data: FinetuneDataSettings, train_transform, val_transform):
+    train_root, val_root = split_roots(data)
+    train = ImageFiles(train_root, LabelledSample(train_transform))
     if len(train.class_to_idx) < 2:
         raise UserError(f"{train_root} must hold one folder per class (found {len(train.class_to_idx)} classes)")
-    val = ImageFiles(val_root, LabelledSample(val_transform or build_transform(args, False)),
-                     class_to_idx=train.class_to_idx)
+    val = ImageFiles(val_root, LabelledSample(val_transform), class_to_idx=train.class_to_idx)
     return train, val

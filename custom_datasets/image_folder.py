@@ -8,8 +8,8 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
-from custom_datasets.image_io import (ARRAY_EXTENSIONS, BandScaler, is_image_file, open_rgb, open_tile_rgb)
-from util.errors import UserError
+from common.errors import UserError
+from custom_datasets.image_io import ARRAY_EXTENSIONS, BandScaler, is_image_file, open_rgb, open_tile_rgb
 
 log = logging.getLogger(__name__)
 

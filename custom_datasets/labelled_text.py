@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from util.errors import UserError
+from common.errors import UserError
 
 
 def read_labelled_texts(path: str | Path) -> list[tuple[str, str]]:

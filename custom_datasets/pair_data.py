@@ -50,3 +50,13 @@ class SyntheticCaptions(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene = make_scene(random.Random(f"{self.seed}:{SPLIT_OFFSET[self.split] + index}"))
         return {"caption": scene.caption}
+
+
+def caption_texts(paths: list[str], synthetic_size: int, seed: int):
+    """Every caption of caption files, or of the synthetic world's training split (`["synthetic"]`)."""
+    from custom_datasets.text_data import CaptionCorpus
+
+    if list(paths) == ["synthetic"]:
+        captions = SyntheticCaptions("train", synthetic_size, seed)
+        return (captions[i]["caption"] for i in range(len(captions)))
+    return CaptionCorpus(list(paths)).texts()

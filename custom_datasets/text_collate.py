@@ -1,5 +1,6 @@
-"""Collate for samples that carry captions: tokenizes them (and MLM-masks them) in the DataLoader
-worker, collates the other fields, and drops and counts unreadable samples."""
+"""Caption tokenization (the one place it happens) and the collate for samples that carry captions:
+tokenizes them (and MLM-masks them) in the DataLoader worker, collates the other fields, and drops
+and counts unreadable samples."""
 from __future__ import annotations
 
 import random
@@ -8,7 +9,14 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
+from custom_datasets import batch as B
 from custom_datasets.text_masking import WholeWordMasker
+
+
+def tokenize_captions(tokenizer, captions: list[str], max_text_len: int):
+    """Captions -> padded (to the longest) and truncated encodings with `input_ids`,
+    `attention_mask` `[B, L]` and `word_ids(i)` (which whole-word masking needs)."""
+    return tokenizer(captions, padding="longest", truncation=True, max_length=max_text_len, return_tensors="pt")
 
 
 class CaptionCollator:
@@ -26,17 +34,16 @@ class CaptionCollator:
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any]:
         good = [s for s in samples if s is not None]
-        batch: dict[str, Any] = {"num_skipped": torch.tensor(len(samples) - len(good))}
+        batch: dict[str, Any] = {B.NUM_SKIPPED: torch.tensor(len(samples) - len(good))}
         if not good:
             return batch
-        captions = [self._caption(s["caption"]) for s in good]
-        rest = [{k: v for k, v in s.items() if k != "caption"} for s in good]
+        captions = [self._caption(s[B.CAPTION]) for s in good]
+        rest = [{k: v for k, v in s.items() if k != B.CAPTION} for s in good]
         if rest[0]:
             batch.update(default_collate(rest))
-        enc = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_text_len,
-                             return_tensors="pt")
-        batch["input_ids"], batch["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+        enc = tokenize_captions(self.tokenizer, captions, self.max_text_len)
+        batch[B.INPUT_IDS], batch[B.ATTENTION_MASK] = enc["input_ids"], enc["attention_mask"]
         if self.masker is not None:
             word_ids = [enc.word_ids(i) for i in range(len(captions))]
-            batch["mlm_input_ids"], batch["mlm_labels"] = self.masker(enc["input_ids"], word_ids)
+            batch[B.MLM_INPUT_IDS], batch[B.MLM_LABELS] = self.masker(enc["input_ids"], word_ids)
         return batch

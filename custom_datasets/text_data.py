@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 from torch.utils.data import Dataset
 
-from util.errors import UserError
+from common.errors import UserError
 
 TEXT_FORMATS = (".json", ".jsonl", ".txt")
 

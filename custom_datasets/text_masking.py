@@ -5,7 +5,7 @@ import random
 
 import torch
 
-IGNORE_INDEX = -100  # label of positions that are not predicted
+from custom_datasets.batch import IGNORE_INDEX
 
 
 class WholeWordMasker:

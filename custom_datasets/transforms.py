@@ -10,8 +10,13 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)  # BEiT's default ("inception" mean/std)
+
+
+def mean_std(imagenet: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's mean/std, or 0.5/0.5."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (HALF, HALF)
 
 
 @dataclass
@@ -31,9 +36,7 @@ class TwoViewTransform:
 
     def __init__(self, cfg: TwoViewConfig) -> None:
         self.cfg = cfg
-        mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if cfg.imagenet_default_mean_and_std
-                     else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
-        self.normalize = T.Normalize(mean, std)
+        self.normalize = T.Normalize(*mean_std(cfg.imagenet_default_mean_and_std))
         jitter = [T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)] if cfg.color_jitter > 0 else []
         self.pre = T.Compose(jitter + [T.RandomHorizontalFlip(cfg.hflip)]) if cfg.train else None
 

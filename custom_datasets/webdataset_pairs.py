@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from util import distributed as dist_util
-from util.errors import UserError
+from common import distributed as dist_util
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

@@ -16,8 +16,8 @@ def create_model(name: str | None, pretrained: str | None = None, checkpoint: An
     with `pretrained`, load a converted checkpoint into it, failing on any missing or unexpected
     weight. `name=None` rebuilds whatever architecture the checkpoint was saved with. `checkpoint`:
     the already read `Checkpoint` of `pretrained`, so callers that need it too read the file once."""
+    from common.errors import UserError
     from models.pretrained import check_variant_fits, config_for_pretrained, load_backbone_weights
-    from util.errors import UserError
 
     if name is None and pretrained is None:
         raise UserError("create_model needs a model name or a pretrained checkpoint")

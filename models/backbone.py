@@ -12,6 +12,14 @@ from models.config import BackboneConfig
 from models.embeddings import PatchEmbed, TextEmbeddings
 from models.layers import Block, Modality
 
+# Layer ids for timm's layer-wise lr decay of any model holding the backbone as `backbone`:
+# embeddings first, then one group per block, the final norm last.
+BACKBONE_LAYER_GROUPS = {
+    "stem": r"^backbone\.(?:cls_token|mask_token|pos_embed|patch_embed|relative_position_bias_table|"
+            r"text_embeddings|token_type_embeddings)",
+    "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm", (99999,))],
+}
+
 
 class VLMoBackbone(nn.Module):
     """BEiT image path + VLMo text/pair paths over one stack of blocks.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbone import VLMoBackbone
+from models.backbone import BACKBONE_LAYER_GROUPS, VLMoBackbone
 
 
 class ImageClassifier(nn.Module):
@@ -34,29 +34,7 @@ class ImageClassifier(nn.Module):
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer ids for timm's layer-wise lr decay: embeddings first, then one group per block."""
-        return {"stem": r"^backbone\.(?:cls_token|mask_token|pos_embed|patch_embed|relative_position_bias_table|"
-                        r"text_embeddings|token_type_embeddings)",
-                "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm", (99999,))]}
-
-
-def load_for_inference(path: str, ckpt=None) -> tuple[nn.Module, list[str] | None]:
-    """A checkpoint of any stage (`ckpt`: the file already read) -> (ImageClassifier when it holds
-    a `classifier`, else the backbone; class names when recorded), in eval mode."""
-    from models import create_model
-    from models.pretrained import load_head_weights
-    from util.checkpoint_io import read_checkpoint
-
-    ckpt = ckpt or read_checkpoint(path)
-    backbone = create_model(None, pretrained=path, checkpoint=ckpt)
-    if "classifier.weight" not in ckpt.model:
-        return backbone.eval(), None
-    args = ckpt.extra.get("args") or {}
-    model = ImageClassifier(backbone, ckpt.model["classifier.weight"].shape[0], bool(args.get("use_cls", False)))
-    for head in ("pooler_norm", "classifier"):
-        load_head_weights(getattr(model, head), ckpt, head)
-    names = ckpt.extra.get("class_names")
-    return model.eval(), list(names) if names else None
+        return BACKBONE_LAYER_GROUPS
 
 
 class TextClassifier(nn.Module):
@@ -80,4 +58,4 @@ class TextClassifier(nn.Module):
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        return ImageClassifier.group_matcher(self, coarse)  # type: ignore[arg-type]
+        return BACKBONE_LAYER_GROUPS

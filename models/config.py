@@ -79,7 +79,3 @@ def layer_scale_enabled(cfg: BackboneConfig) -> bool:
     return cfg.layer_scale_init_value > 0
 
 
-def replace(cfg: BackboneConfig, **changes: Any) -> BackboneConfig:
-    return dataclasses.replace(cfg, **changes)
-
-

@@ -33,10 +33,6 @@ def lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]
 
 
-def has_lora(module: nn.Module) -> bool:
-    return bool(lora_layers(module))
-
-
 def delta_weight(layer: nn.Module) -> torch.Tensor:
     """ΔW = scaling · B · A of one adapted linear, shaped like its weight."""
     a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight  # [r, in], [out, r]

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.checkpoint_io import Checkpoint, read_checkpoint
+from common.errors import UserError
 from models import relative_position as rp
 from models.config import ARCHITECTURE_FIELDS, MULTIWAY_FIELDS, BackboneConfig, layer_scale_enabled
 from models.registry import find_variant
-from util.checkpoint_io import Checkpoint, read_checkpoint
-from util.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def load_backbone_weights(model: nn.Module, path: str, ckpt: Checkpoint | None =
     if diffs:
         raise UserError(f"{path} was saved for another architecture: {', '.join(diffs)}; "
                         f"build the model from the checkpoint's own config (name=None) or pass a matching checkpoint")
-    from util.lora_checkpoints import fold_adapters
+    from models.lora_checkpoints import fold_adapters
 
     tensors, folded = fold_adapters(ckpt)
     if folded:
@@ -151,12 +151,3 @@ def describe(cfg: BackboneConfig) -> str:
     """One line for logs."""
     return (f"{cfg.embed_dim}d x {cfg.depth} layers, {cfg.num_heads} heads, {cfg.img_size}px / patch {cfg.patch_size}, "
             f"ffn={cfg.ffn}, rel_pos={cfg.use_rel_pos_bias}, abs_pos={cfg.use_abs_pos_emb}")
-
-
-def load_head_weights(head: nn.Module, ckpt: Checkpoint, prefix: str) -> bool:
-    """Load `prefix.*` tensors of `ckpt` into `head` strictly; False when the checkpoint has none."""
-    state = split_prefix(ckpt.model, prefix + ".")
-    if not state:
-        return False
-    load_strict(head, state, f"{ckpt.path} ({prefix})")
-    return True

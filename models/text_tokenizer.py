@@ -4,9 +4,10 @@
 `util/train_text_tokenizer.py` works the same way offline."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from util.errors import UserError
+from common.errors import UserError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -65,8 +66,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def train_wordpiece(texts, vocab_size: int, output_dir: str | Path, lowercase: bool = True):
     """Fit a BERT WordPiece vocabulary on `texts` and save it as a tokenizer folder; returns the tokenizer."""
-    import json
-
     from tokenizers import BertWordPieceTokenizer
 
     output_dir = Path(output_dir)
@@ -74,8 +73,20 @@ def train_wordpiece(texts, vocab_size: int, output_dir: str | Path, lowercase: b
     trainer = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
     trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS))
     trainer.save_model(str(output_dir))  # vocab.txt
+    write_tokenizer_config(output_dir, lowercase)
+    return load_text_tokenizer(str(output_dir))
+
+
+def write_tokenizer_config(folder: Path, lowercase: bool) -> None:
     config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase, "strip_accents": None if lowercase else False,
               "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
               "model_max_length": 512}
-    (output_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-    return load_text_tokenizer(str(output_dir))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
+
+def write_tokenizer_folder(folder: str | Path, vocab: list[str], lowercase: bool) -> None:
+    """A BERT tokenizer folder (vocab.txt in id order + tokenizer_config.json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    write_tokenizer_config(folder, lowercase)

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections import Counter
 from fnmatch import fnmatch
 
+from common.errors import UserError
 from models.lora import is_adapter_key
-from models.tasks.base import PretrainTask
-from util.errors import UserError
+from models.modes.base import PretrainMode
 
 
 def _group(name: str) -> str:
@@ -25,7 +25,7 @@ def _group(name: str) -> str:
     return "backbone"
 
 
-def configure_trainable(task: PretrainTask, lora: bool, trainable_extra: list[str] | None = None) -> dict[str, int]:
+def configure_trainable(task: PretrainMode, lora: bool, trainable_extra: list[str] | None = None) -> dict[str, int]:
     """Set `requires_grad` on every parameter of `task`; returns trainable parameter counts per group."""
     extra = list(trainable_extra or [])
     unused = set(task.frozen_parameter_names())

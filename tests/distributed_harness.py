@@ -17,7 +17,7 @@ def free_port() -> int:
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
     import torch
 
-    from util import distributed as dist_util
+    from common import distributed as dist_util
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

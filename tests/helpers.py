@@ -24,3 +24,18 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> to
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def colour_folders(root: Path, train: int, val: int, render_size: int, seed: int = 1) -> Path:
+    """`root/{train,val}/<colour>/<i>.png`: synthetic scenes in one folder per colour of their first
+    object (the ImageNet layout, 8 classes)."""
+    from custom_datasets.synthetic_world import LABELS, SyntheticWorld
+
+    for split, n in (("train", train), ("val", val)):
+        world = SyntheticWorld(split, n, seed=seed, render_size=render_size)
+        for i in range(n):
+            sample = world[i]
+            folder = root / split / LABELS[sample["label"]]
+            folder.mkdir(parents=True, exist_ok=True)
+            sample["image"].save(folder / f"{i}.png")
+    return root

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.checkpoint_io import save_weights
+from common.errors import UserError
 from models import BACKBONE_VARIANTS, create_model, list_models
 from models import relative_position as rp
 from models.config import BackboneConfig
 from models.pretrained import BACKBONE_PREFIX
 from tests.helpers import max_diff, randomize_
-from util.checkpoint_io import save_weights
-from util.errors import UserError
 
 
 def _tiny(ffn="shared", **kw):

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
+from common.checkpoint_io import read_checkpoint
+from common.errors import UserError
+from conversion.beit import read_source
 from models import create_model
 from tests.helpers import ROOT
-from util.checkpoint_io import read_checkpoint
-from util.beit_conversion import read_source
-from util.errors import UserError
 
 
 class _RunsCode:

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
-from models import MIMHead, create_model
-from models.pretrained import load_head_weights
-from tests.helpers import max_diff, randomize_
-from util.checkpoint_io import read_checkpoint
-from util.convert_beit_ckpt import main as convert_main
-
-import transformers  # noqa: E402 - references are required, never skipped
 import timm  # noqa: E402
+import torch
+import transformers  # noqa: E402 - references are required, never skipped
+
+from common.checkpoint_io import read_checkpoint
+from models import MIMHead, create_model
+from models.head_loading import load_head_into as load_head_weights
+from tests.helpers import max_diff, randomize_
+from util.convert_beit_ckpt import main as convert_main
 
 TOL = 1e-4
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, image_size=32, patch_size=8)

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from common.checkpoint_io import read_checkpoint
 from main_pretrain_cook import main
 from tests.helpers import SHARED, SHARED_DATA, requires_shared
 from tests.test_pretrain_cli import SYNTH, TINY
-from util.checkpoint_io import read_checkpoint
 from util.train_text_tokenizer import main as train_tokenizer
 
 BERT = SHARED / "tokenizers" / "bert-base-uncased"

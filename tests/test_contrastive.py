@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.tasks.image_text_itc import contrastive_loss
+from common import distributed as dist_util
+from models.modes.image_text_itc import contrastive_loss
 from tests.distributed_harness import run_in_processes
-from util import distributed as dist_util
 
 N, D = 6, 5
 

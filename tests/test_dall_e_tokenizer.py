@@ -7,14 +7,13 @@ import subprocess
 import sys
 import textwrap
 
+import dall_e  # noqa: E402 - the reference (README test command installs it); a missing one is a failure, not a skip
 import pytest
 import torch
 
+from common.errors import UserError
 from models.visual_tokenizers import create_visual_tokenizer
 from tests.helpers import ROOT
-from util.errors import UserError
-
-import dall_e  # noqa: E402 - the reference (README test command installs it); a missing one is a failure, not a skip
 
 LOAD_WITHOUT_PACKAGE = textwrap.dedent("""
     import sys

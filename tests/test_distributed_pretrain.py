@@ -10,11 +10,12 @@ import sys
 import torch
 
 from custom_datasets.masking import BlockwiseMaskGenerator
-from engine_pretrain import StepSettings, train_one_epoch
+from engine_pretrain import train_one_epoch
 from models import create_model
-from models.tasks import ImageMIM, TaskOptions
+from models.modes import ImageMIM, ModeOptions
 from tests.distributed_harness import free_port, run_in_processes
 from tests.helpers import ROOT
+from training.step import StepSettings
 
 STEPS, BATCH, GRID, VOCAB = 3, 8, 4, 16
 SETTINGS = StepSettings(lr=1e-3, min_lr=1e-5, warmup_epochs=0.5, epochs=2, clip_grad=0.5, print_freq=1000)
@@ -37,7 +38,7 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 def _task() -> ImageMIM:
     torch.manual_seed(0)
     backbone = create_model("vlmo_tiny_patch16", img_size=GRID * 8, patch_size=8, drop_path_rate=0.0)
-    task = ImageMIM(backbone, TaskOptions(visual_vocab_size=VOCAB))
+    task = ImageMIM(backbone, ModeOptions(visual_vocab_size=VOCAB))
     for name, param in task.named_parameters():  # as main_pretrain_cook does: unused text path frozen
         param.requires_grad_(name not in set(task.frozen_parameter_names()))
     return task

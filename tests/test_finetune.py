@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 
+from common.checkpoint_io import read_checkpoint, save_weights
 from custom_datasets.synthetic_world import LABELS, SyntheticWorld
 from main_finetune import main as finetune
 from main_pretrain_cook import main as pretrain
 from models import create_model
-from models.classifier import ImageClassifier, load_for_inference
-from tests.helpers import SHARED_DATA, randomize_, requires_shared
+from models.classifier import ImageClassifier
+from serving import open_servable
+from tests.helpers import SHARED_DATA, colour_folders, randomize_, requires_shared
 from tests.test_pretrain_cli import SYNTH, TINY
-from util.checkpoint_io import read_checkpoint, save_weights
 from util.export import main as export
 from util.predict import main as predict
 
@@ -26,15 +27,7 @@ FAST = ["--input_size", "32", "--patch_size", "8", "--batch_size", "8", "--num_w
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """An ImageFolder of synthetic scenes, one folder per colour of the first object."""
-    root = tmp_path_factory.mktemp("shapes")
-    for split, n in (("train", 48), ("val", 24)):
-        world = SyntheticWorld(split, n, seed=1, render_size=40)
-        for i in range(n):
-            sample = world[i]
-            folder = root / split / LABELS[sample["label"]]
-            folder.mkdir(parents=True, exist_ok=True)
-            sample["image"].save(folder / f"{i}.png")
-    return root
+    return colour_folders(tmp_path_factory.mktemp("shapes"), 48, 24, render_size=40)
 
 
 def _log(out):
@@ -67,18 +60,49 @@ def test_finetune_from_a_pretraining_checkpoint_then_eval_predict(tmp_path, shap
     assert len(result["predictions"]) == 5 and list(result["errors"]) == [str(images / "broken.jpg")]
     first = next(iter(json.loads((tmp_path / "pred.json").read_text()).values()))
     assert first["label"] in LABELS and len(first["topk"]) == 3 and 0 < first["score"] <= 1
+    # the ONNX export alone predicts the same: preprocessing and class names travel in its run_info.json
+    export(["--checkpoint", str(out / "checkpoint-best.pth"), "--format", "onnx", "--output", str(tmp_path / "onnx")])
+    from_export = predict(["--checkpoint", str(tmp_path / "onnx"), "--input", str(images), "--output",
+                           str(tmp_path / "pred_onnx.json"), "--topk", "3"])
+    for path, row in result["predictions"].items():
+        assert from_export["predictions"][path]["label"] == row["label"]
+        assert from_export["predictions"][path]["score"] == pytest.approx(row["score"], abs=1e-4)
 
 
-def test_finetune_at_another_resolution_and_linear_probe(tmp_path, shapes):
+def test_finetune_at_another_resolution(tmp_path, shapes):
     pretrain(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(tmp_path / "mim")])
     ckpt = str(tmp_path / "mim" / "checkpoint-0.pth")
     finetune(["--task", "image_classification", "--data_path", str(shapes), "--finetune", ckpt, "--epochs", "1",
               "--output_dir", str(tmp_path / "ft48")] + FAST[2:] + ["--input_size", "48"])  # tables interpolated
-    assert _log(tmp_path / "ft48")[0]["test_acc1"] >= 0
-    stats = finetune(["--task", "linear_probe", "--data_path", str(shapes), "--finetune", ckpt, "--epochs", "20",
-                      "--probe_layer", "2", "--output_dir", str(tmp_path / "lp")] + FAST)
-    assert 0 <= stats["best_acc1"] <= 100 and len(_log(tmp_path / "lp")) == 20
-    assert read_checkpoint(tmp_path / "lp" / "probe_head.safetensors").model
+    saved = read_checkpoint(tmp_path / "ft48" / "checkpoint-best.pth")
+    assert saved.backbone_config["img_size"] == 48 and saved.info["preprocessing"]["image_size"] == 48
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    """Class folders of 320 / 96 synthetic scenes by the colour of the first object (8 classes)."""
+    return colour_folders(tmp_path_factory.mktemp("colours"), 320, 96, render_size=32)
+
+
+def majority_accuracy(root) -> float:
+    counts = [len(list(folder.iterdir())) for folder in (root / "val").iterdir()]
+    return 100 * max(counts) / sum(counts)
+
+
+def test_linear_probe_learns_above_the_majority_class(tmp_path, colours):
+    stats = finetune(["--task", "linear_probe", "--data_path", str(colours), "--epochs", "20", "--probe_layer", "2",
+                      "--output_dir", str(tmp_path / "lp")] + FAST)
+    assert len(_log(tmp_path / "lp")) == 20 and read_checkpoint(tmp_path / "lp" / "probe_head.safetensors").model
+    assert stats["best_acc1"] > 2 * majority_accuracy(colours)  # measured 49.0 against 16.7
+
+
+def test_image_classification_learns_above_the_majority_class(tmp_path, colours):
+    finetune(["--task", "image_classification", "--data_path", str(colours), "--epochs", "4", "--blr", "2e-2",
+              "--mixup", "0", "--cutmix", "0", "--aa", "", "--reprob", "0", "--layer_decay", "1.0",
+              "--output_dir", str(tmp_path / "ft")] + FAST)
+    log = _log(tmp_path / "ft")
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.1
+    assert log[-1]["test_acc1"] > 1.5 * majority_accuracy(colours)  # measured 32.3 against 16.7 (epoch 3)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -95,13 +119,12 @@ def test_finetune_flag_errors(tmp_path, shapes, capsys, argv, message):
 
 
 @requires_shared
-def test_hymenoptera_finetune_and_linear_probe(tmp_path):
-    stats = finetune(["--task", "image_classification", "--data_path", str(SHARED_DATA / "hymenoptera"), "--epochs", "1",
-                      "--output_dir", str(tmp_path / "ft")] + FAST)
-    assert 0 <= stats["test_acc1"] <= 100 and stats["train_skipped_samples"] == 0
-    probe = finetune(["--task", "linear_probe", "--data_path", str(SHARED_DATA / "hymenoptera"), "--epochs", "10",
+def test_hymenoptera_linear_probe_beats_the_majority_class(tmp_path):
+    """Real photos, real class imbalance: features of a random backbone already separate ants from bees
+    better than always answering the larger class (54.2% of the 153 val images)."""
+    stats = finetune(["--task", "linear_probe", "--data_path", str(SHARED_DATA / "hymenoptera"), "--epochs", "30",
                       "--output_dir", str(tmp_path / "lp")] + FAST)
-    assert 0 <= probe["best_acc1"] <= 100
+    assert stats["best_acc1"] > majority_accuracy(SHARED_DATA / "hymenoptera") + 3
 
 
 def _random_classifier(tmp_path, ffn: str, use_cls: bool = False, layer_scale: float | None = 0.1):
@@ -117,7 +140,7 @@ def _random_classifier(tmp_path, ffn: str, use_cls: bool = False, layer_scale: f
 @pytest.mark.parametrize("ffn", ["shared", "multiway"])
 def test_exports_reproduce_the_classifier(tmp_path, fmt, ffn):
     model, path = _random_classifier(tmp_path, ffn)
-    reloaded, _ = load_for_inference(str(path))
+    reloaded = open_servable(str(path)).model
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), reloaded(x))
@@ -130,7 +153,7 @@ def test_exports_reproduce_the_classifier(tmp_path, fmt, ffn):
         assert not info["missing_keys"] and not info["unexpected_keys"]
     if fmt == "onnx":
         assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["classifier.onnx", "image_encoder.onnx",
-                                                                         "text_encoder.onnx"]
+                                                                         "run_info.json", "text_encoder.onnx"]
 
 
 @pytest.mark.parametrize("fmt", ["timm", "hf"])
@@ -153,6 +176,15 @@ def word_pieces(tmp_path_factory):
                                 str(tmp_path_factory.mktemp("tok") / "tok")]))
 
 
+def LabelledTextsOf(path, fraction):
+    """The held-out examples the run uses (the project's one split)."""
+    from custom_datasets.labelled_text import read_labelled_texts
+    from custom_datasets.split import record_keys, split_held_out
+
+    examples = read_labelled_texts(path)
+    return split_held_out(examples, record_keys(len(examples)), fraction)[1]
+
+
 def test_text_classification_from_csv(tmp_path, word_pieces):
     import csv
 
@@ -166,8 +198,12 @@ def test_text_classification_from_csv(tmp_path, word_pieces):
             writer.writerow([scene.caption, LABELS[scene.label]])
     out = tmp_path / "tc"
     stats = finetune(["--task", "text_classification", "--data_file_path", str(path), "--tokenizer", word_pieces,
-                      "--epochs", "3", "--val_fraction", "0.25", "--output_dir", str(out)] + FAST)
-    assert stats["best_acc1"] >= 0 and len(_log(out)) == 3
+                      "--epochs", "3", "--blr", "5e-2", "--layer_decay", "1.0", "--val_fraction", "0.25",
+                      "--output_dir", str(out)] + FAST)
+    # the label (the first object's colour) is a word of the caption: learnable in a few steps
+    val_labels = [label for _, label in LabelledTextsOf(path, 0.25)]
+    majority = 100 * max(val_labels.count(x) for x in set(val_labels)) / len(val_labels)
+    assert stats["best_acc1"] >= 80 > majority + 20 and len(_log(out)) == 3
     names = read_checkpoint(out / "checkpoint-best.pth").extra["class_names"]
     assert names == sorted(names) and len(names) > 1 and set(names) <= set(LABELS)
     (tmp_path / "bad.csv").write_text("words,category\nhello,x\n")
@@ -176,33 +212,9 @@ def test_text_classification_from_csv(tmp_path, word_pieces):
                   word_pieces, "--output_dir", str(tmp_path / "bad")] + FAST)
 
 
-def test_image_text_retrieval_fine_tunes_and_reports_recall(tmp_path, word_pieces):
-    world = SyntheticWorld("train", 40, seed=3, render_size=40)
-    records = []
-    for i in range(40):
-        sample = world[i]
-        sample["image"].save(tmp_path / f"{i}.png")
-        records.append({"filename": f"{i}.png", "caption": [sample["caption"], f"picture {i}: " + sample["caption"]]})
-    (tmp_path / "pairs.json").write_text(json.dumps(records))
-    report = finetune(["--task", "image_text_retrieval", "--data_file_path", str(tmp_path / "pairs.json"), "--tokenizer",
-                       word_pieces, "--epochs", "1", "--val_fraction", "0.3", "--output_dir", str(tmp_path / "r")] + FAST)
-    assert {"itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10", "itc_t2i_r1", "itc_t2i_r10"} <= set(report)
-    assert all(0 <= report[k] <= 1 for k in report)
-
-
-@requires_shared
-def test_flickr_retrieval_one_epoch(tmp_path):
-    from tests.helpers import SHARED
-
-    report = finetune(["--task", "image_text_retrieval", "--data_file_path", str(SHARED_DATA / "flickr8k_1k" / "captions.json"),
-                       "--tokenizer", str(SHARED / "tokenizers" / "bert-base-uncased"), "--epochs", "1",
-                       "--output_dir", str(tmp_path / "r")] + FAST)
-    assert report["itc_t2i_r10"] >= 0
-
-
 def test_cls_classifier_exports_to_timm_and_hf_refuses_clearly(tmp_path, capsys):
     model, path = _random_classifier(tmp_path, "shared", use_cls=True)
-    from util.checkpoint_io import read_checkpoint as read
+    from common.checkpoint_io import read_checkpoint as read
 
     ckpt = read(path)
     torch.save({"format": "vlmo-backbone/1", "backbone_config": ckpt.backbone_config, "model": ckpt.model,

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import UserError
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.image_folder import ImageFiles
 from custom_datasets.image_io import open_tile_rgb, read_tile, to_hwc
 from tests.helpers import SHARED_DATA, requires_shared
-from util.errors import UserError
 
 
 def _identity(image):

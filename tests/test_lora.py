@@ -5,15 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.checkpoint_io import read_checkpoint, save_weights
+from common.errors import UserError
 from models import create_model
-from models.lora import (TARGET_MODULES, add_lora, delta_weight, load_plain_state, lora_layers, merge_adapters,
-                         plain_names, self_regularization)
-from models.tasks import TaskOptions, TextMLM
+from models.lora import (
+    TARGET_MODULES,
+    add_lora,
+    delta_weight,
+    load_plain_state,
+    lora_layers,
+    merge_adapters,
+    plain_names,
+    self_regularization,
+)
+from models.lora_checkpoints import fold_adapters, save_merged_model
+from models.modes import ModeOptions, TextMLM
 from models.trainability import configure_trainable
 from tests.helpers import max_diff, randomize_
-from util.checkpoint_io import read_checkpoint, save_weights
-from util.errors import UserError
-from util.lora_checkpoints import fold_adapters, save_merged_model
 
 
 def _backbone(ffn: str = "shared"):
@@ -89,7 +97,7 @@ def test_self_regularization_value_and_gradient_match_the_formula():
 
 
 def test_only_trainable_parameters_change_after_training_steps():
-    task = TextMLM(_backbone(), TaskOptions())
+    task = TextMLM(_backbone(), ModeOptions())
     add_lora(task.backbone, 4, 8)
     counts = configure_trainable(task, lora=True, trainable_extra=["blocks.0.norm1.*"])
     assert set(counts) == {"LoRA adapters", "heads", "final norm", "text embeddings", "extra"}

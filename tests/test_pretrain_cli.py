@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from common.checkpoint_io import read_checkpoint
 from main_pretrain_cook import main
 from tests.helpers import SHARED_DATA, requires_shared
-from util.checkpoint_io import read_checkpoint
 
 TINY = ["--model", "vlmo_tiny_patch16", "--image_size", "32", "--patch_size", "8", "--second_image_size", "16",
         "--visual_vocab_size", "16", "--tokenizer_fit_images", "64", "--batch_size", "8", "--num_workers", "0",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from util.stage_eval import knn_leave_one_out, recall_at_k
+from training.stage_eval import knn_leave_one_out, recall_at_k
 
 
 def naive_recall(similarity, owner, k):

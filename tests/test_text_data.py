@@ -8,12 +8,13 @@ import random
 import pytest
 import torch
 
+from common.errors import UserError
+from custom_datasets.batch import IGNORE_INDEX
 from custom_datasets.text_collate import CaptionCollator
 from custom_datasets.text_data import CaptionCorpus, read_pairs
-from custom_datasets.text_masking import IGNORE_INDEX, masker_for
+from custom_datasets.text_masking import masker_for
 from models.text_tokenizer import load_text_tokenizer
 from tests.helpers import SHARED, SHARED_DATA, requires_shared
-from util.errors import UserError
 from util.train_text_tokenizer import main as train_tokenizer
 
 BERT = SHARED / "tokenizers" / "bert-base-uncased"

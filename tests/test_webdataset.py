@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from common.errors import UserError
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.webdataset_pairs import WebDatasetPairs, count_samples, expand_shards, read_shard
 from main_pretrain_cook import main
 from tests.test_pretrain_cli import TINY
-from util.errors import UserError
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -66,13 +66,13 @@ def build_mim(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, c
 
     if impl == "ours":
         from models import create_model
-        from models.tasks import ImageMIM, TaskOptions
+        from models.modes import ImageMIM, ModeOptions
         from models.visual_tokenizers import DalleTokenizer
         from models.visual_tokenizers.dall_e import DalleEncoder
 
         tokenizer = DalleTokenizer(DalleEncoder())
         task = ImageMIM(create_model(f"vlmo_{size}_patch16", img_size=image_size, drop_path_rate=0.0),
-                       TaskOptions(visual_vocab_size=VISUAL_VOCAB))
+                       ModeOptions(visual_vocab_size=VISUAL_VOCAB))
 
         def step(images, token_images, mask):
             ids = tokenizer.get_codebook_indices(token_images)

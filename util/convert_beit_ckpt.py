@@ -15,12 +15,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.checkpoint_io import save_weights  # noqa: E402
+from common.errors import UserError, cli_entry  # noqa: E402
+from conversion.beit import convert, infer_config, read_source, target_config  # noqa: E402
 from models.config import FFN_KINDS  # noqa: E402
 from models.pretrained import describe  # noqa: E402
 from models.registry import list_models  # noqa: E402
-from util.beit_conversion import convert, infer_config, read_source, target_config  # noqa: E402
-from util.checkpoint_io import save_weights  # noqa: E402
-from util.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,9 +5,12 @@
     python util/export.py --checkpoint CKPT --format timm --output exported/beit.safetensors
 
 onnx: `classifier.onnx` (when the checkpoint has a classifier), `image_encoder.onnx` and
-`text_encoder.onnx` (dynamic batch; text also dynamic length), verified with onnxruntime.
+`text_encoder.onnx`, and `image_embedding.onnx` / `text_embedding.onnx` when it has an ITC head
+(dynamic batch; text also dynamic length), verified with onnxruntime.
 hf: `BeitForImageClassification` (with a classifier) or `BeitModel`, reloaded with
 `from_pretrained` and compared. timm: a Beit state dict (+ `timm_kwargs.json` for `create_model`).
+Every export gets a `run_info.json` (preprocessing, class names, text tokenizer), so util/predict.py
+and util/search.py run from the export alone.
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.classifier import ImageClassifier, load_for_inference  # noqa: E402
-from util.errors import UserError, cli_entry  # noqa: E402
+from common.errors import UserError, cli_entry  # noqa: E402
+from models.classifier import ImageClassifier  # noqa: E402
+from models.run_info import write_beside  # noqa: E402
+from serving import open_servable  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -55,7 +60,29 @@ class _ImageEncoder(nn.Module):
         return self.backbone.encode_image(images)
 
 
-def export_onnx(model: nn.Module, output: Path) -> dict[str, float]:
+class _ImageEmbedding(nn.Module):
+    """Normalised ITC embedding of images (what search ranks with)."""
+
+    def __init__(self, backbone, itc_head) -> None:
+        super().__init__()
+        self.backbone, self.itc_head = backbone, itc_head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.itc_head.embed_image(self.backbone.encode_image(images)[:, 0])
+
+
+class _TextEmbedding(nn.Module):
+    def __init__(self, backbone, itc_head) -> None:
+        super().__init__()
+        self.backbone, self.itc_head = backbone, itc_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.itc_head.embed_text(self.backbone.encode_text(input_ids, attention_mask)[:, 0])
+
+
+def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = None) -> dict[str, float]:
+    """Encoders (and classifier, ITC embeddings when the checkpoint has them) as ONNX, each checked
+    with onnxruntime at another batch size (and text length) than the traced one."""
     try:
         import onnx  # noqa: F401 - the exporter needs it
         import onnxruntime as ort
@@ -72,8 +99,12 @@ def export_onnx(model: nn.Module, output: Path) -> dict[str, float]:
     jobs = [("image_encoder", _ImageEncoder(backbone), (images,), ["images"], {"images": {0: "batch"}})]
     if isinstance(model, ImageClassifier):
         jobs.insert(0, ("classifier", model, (images,), ["images"], {"images": {0: "batch"}}))
-    jobs.append(("text_encoder", _TextEncoder(backbone), (ids, mask), ["input_ids", "attention_mask"],
-                 {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}))
+    text_axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
+    jobs.append(("text_encoder", _TextEncoder(backbone), (ids, mask), ["input_ids", "attention_mask"], text_axes))
+    if itc_head is not None:
+        jobs.append(("image_embedding", _ImageEmbedding(backbone, itc_head), (images,), ["images"], {"images": {0: "batch"}}))
+        jobs.append(("text_embedding", _TextEmbedding(backbone, itc_head), (ids, mask), ["input_ids", "attention_mask"],
+                     text_axes))
     diffs = {}
     for name, module, inputs, names, axes in jobs:
         path = output / f"{name}.onnx"
@@ -83,7 +114,7 @@ def export_onnx(model: nn.Module, output: Path) -> dict[str, float]:
                               dynamic_axes={**axes, "output": {0: "batch"}}, opset_version=17, dynamo=False)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         # check at another batch size (and text length) than the traced one
-        if name == "text_encoder":
+        if name.startswith("text_"):
             check = (torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long))
             check[1][0, 7:] = 0
         else:
@@ -95,7 +126,7 @@ def export_onnx(model: nn.Module, output: Path) -> dict[str, float]:
 
 
 def export_timm(model: nn.Module, output: Path) -> dict[str, float]:
-    from util.beit_export import timm_kwargs, to_timm
+    from conversion.beit_export import timm_kwargs, to_timm
 
     classifier = isinstance(model, ImageClassifier)
     backbone = model.backbone if classifier else model
@@ -124,7 +155,7 @@ def export_timm(model: nn.Module, output: Path) -> dict[str, float]:
 def export_hf(model: nn.Module, output: Path, class_names: list[str] | None) -> dict[str, float]:
     from transformers import BeitForImageClassification, BeitModel
 
-    from util.beit_export import to_hf
+    from conversion.beit_export import to_hf
 
     classifier = isinstance(model, ImageClassifier)
     backbone = model.backbone if classifier else model
@@ -157,14 +188,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     output = Path(args.output)
     if output.exists() and not args.overwrite and (output.is_file() or any(output.iterdir())):
         raise UserError(f"--output {output} exists and is not empty; pass --overwrite or choose another path")
-    model, class_names = load_for_inference(args.checkpoint)
+    servable = open_servable(args.checkpoint)
+    model = servable.model
     kind = f"classifier ({model.classifier.out_features} classes)" if isinstance(model, ImageClassifier) else "backbone"
     print(f"exporting the {kind} of {args.checkpoint} as {args.format} to {output}")
     if args.format == "onnx":
-        return export_onnx(model, output)
-    if args.format == "timm":
-        return export_timm(model, output)
-    return export_hf(model, output, class_names)
+        diffs = export_onnx(model, output, servable.heads.get("itc_head"))
+    elif args.format == "timm":
+        diffs = export_timm(model, output)
+        output = output.with_suffix(".safetensors")
+    else:
+        diffs = export_hf(model, output, servable.class_names)
+    info = {**servable.info, "preprocessing": servable.preprocessing,
+            **({"class_names": servable.class_names} if servable.class_names else {}), "exported_from": args.checkpoint}
+    print(f"  wrote {write_beside(output, info)} (preprocessing, class names, text tokenizer)")
+    return diffs
 
 
 if __name__ == "__main__":

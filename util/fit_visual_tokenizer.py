@@ -14,9 +14,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom_datasets.pretrain_data import SYNTHETIC, build_image_datasets  # noqa: E402
-from util.errors import UserError, cli_entry  # noqa: E402
-from util.visual_tokenizer_fitting import fit_kmeans_tokenizer, save_kmeans_tokenizer  # noqa: E402
+from common.errors import UserError, cli_entry  # noqa: E402
+from custom_datasets.pretrain_data import build_image_datasets  # noqa: E402
+from custom_datasets.settings import SYNTHETIC, DataSettings, PretrainDataConfig, TextSettings, ViewSettings  # noqa: E402
+from training.visual_tokenizer_fitting import fit_kmeans_tokenizer, save_kmeans_tokenizer  # noqa: E402
 
 
 @cli_entry
@@ -42,19 +43,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.image_size % args.patch_size:
         raise UserError(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
     grid = args.image_size // args.patch_size
-    args.second_image_size = args.second_image_size or args.image_size // 2
-    # the dataset builder's augmentation flags, at their pretraining defaults
-    data_args = argparse.Namespace(
-        **vars(args), eval_data_path=None, val_fraction=0.0, synthetic_train_size=args.max_images,
-        synthetic_val_size=1, synthetic_render_size=96, mask_strategy="random", mim_probability=0.5,
-        num_mask_patches=None, max_mask_patches_per_block=None, min_mask_patches_per_block=16,
-        min_crop_scale=0.08, color_jitter=0.4, imagenet_default_mean_and_std=False)
-    train_set, _ = build_image_datasets(data_args, (grid, grid))
+    second = args.second_image_size or args.image_size // 2
+    # the training views of a pretraining run at its default augmentation
+    data = DataSettings(data_path=args.data_path, val_fraction=0.0, bands=args.bands, synthetic_train_size=args.max_images,
+                        synthetic_val_size=1)
+    data_cfg = PretrainDataConfig(data, TextSettings(), ViewSettings(mask_strategy="random", mim_probability=0.5),
+                                  args.image_size, second, args.seed)
+    train_set, _ = build_image_datasets(data_cfg, (grid, grid))
     start = time.time()
     tokenizer = fit_kmeans_tokenizer(train_set, grid, args.vocab_size, args.max_images, seed=args.seed,
                                      num_workers=args.num_workers)
-    save_kmeans_tokenizer(tokenizer, output, args.second_image_size)
-    print(f"wrote {output}: {args.vocab_size} tokens, {grid}x{grid} grid at {args.second_image_size}px "
+    save_kmeans_tokenizer(tokenizer, output, second)
+    print(f"wrote {output}: {args.vocab_size} tokens, {grid}x{grid} grid at {second}px "
           f"({time.time() - start:.0f}s)")
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.errors import UserError, cli_entry  # noqa: E402
 from custom_datasets.image_io import BandScaler, open_tile_rgb  # noqa: E402
 from custom_datasets.pretrain_data import parse_bands  # noqa: E402
-from util.errors import UserError, cli_entry  # noqa: E402
 
 
 @cli_entry

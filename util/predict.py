@@ -1,5 +1,7 @@
-"""Classify images with a fine-tuned checkpoint: one JSON object `{path: {"class", "label",
-"score", "topk": [...]}}` and a console line per image; unreadable files are reported, not fatal.
+"""Classify images with a fine-tuned checkpoint (or its ONNX export): one JSON object `{path:
+{"class", "label", "score", "topk": [...]}}` and a console line per image; unreadable files are
+reported, not fatal. Preprocessing and class names come from the checkpoint (or the export's
+run_info.json).
 
     python util/predict.py --checkpoint outputs/finetune_image_classification/checkpoint-best.pth \\
         --input photos/ --output predictions.json --topk 5 [--class_names names.txt]
@@ -16,12 +18,11 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from custom_datasets.classification_data import eval_transform  # noqa: E402
+from common.errors import UserError, cli_entry  # noqa: E402
+from custom_datasets.classification_data import recorded_transform  # noqa: E402
 from custom_datasets.image_folder import list_image_files  # noqa: E402
 from custom_datasets.image_io import is_image_file, open_rgb  # noqa: E402
-from models.classifier import ImageClassifier, load_for_inference  # noqa: E402
-from util.checkpoint_io import read_checkpoint  # noqa: E402
-from util.errors import UserError, cli_entry  # noqa: E402
+from serving import open_servable  # noqa: E402
 
 
 def read_class_names(path: str | None, saved: list[str] | None, num_classes: int) -> list[str]:
@@ -40,7 +41,7 @@ def read_class_names(path: str | None, saved: list[str] | None, num_classes: int
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a fine-tuned checkpoint, or an ONNX export folder of one")
     p.add_argument("--input", required=True, help="an image or a folder (searched recursively)")
     p.add_argument("--output", default="predictions.json")
     p.add_argument("--topk", type=int, default=5)
@@ -55,17 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
         files = [source]
     else:
         files = list_image_files(source)
-    ckpt = read_checkpoint(args.checkpoint)
-    model, saved_names = load_for_inference(args.checkpoint, ckpt)
-    if not isinstance(model, ImageClassifier):
+    servable = open_servable(args.checkpoint)
+    if not servable.has_classifier:
         raise UserError(f"{args.checkpoint} has no classifier; fine-tune one with main_finetune.py --task image_classification")
-    names = read_class_names(args.class_names, saved_names, model.classifier.out_features)
-    device = torch.device(args.device)
-    model.to(device)
-    saved_args = ckpt.extra.get("args") or {}  # evaluate as the run did
-    del ckpt
-    transform = eval_transform(model.backbone.cfg.img_size, saved_args.get("crop_pct", 0.875),
-                               bool(saved_args.get("imagenet_default_mean_and_std")))
+    names = read_class_names(args.class_names, servable.class_names, servable.num_classes)
+    servable.to(torch.device(args.device))
+    transform = recorded_transform(servable.preprocessing)  # the held-out view the run evaluated with
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
     k = min(args.topk, len(names))
@@ -80,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{path}: unreadable ({failed[str(path)]})")
         if not tensors:
             continue
-        with torch.no_grad():
-            probs = model(torch.stack(tensors).to(device)).float().softmax(-1).cpu()
+        probs = servable.classify(torch.stack(tensors)).float().softmax(-1)
         for path, row in zip(chunk, probs):
             scores, ids = row.topk(k)
             top = [{"class": int(i), "label": names[int(i)], "score": round(float(s), 6)} for s, i in zip(scores, ids)]

@@ -12,10 +12,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.checkpoint_io import read_checkpoint  # noqa: E402
+from common.errors import UserError, cli_entry  # noqa: E402
 from models.lora import is_adapter_key, plain_names  # noqa: E402
-from util.checkpoint_io import read_checkpoint  # noqa: E402
-from util.errors import UserError, cli_entry  # noqa: E402
-from util.lora_checkpoints import fold_adapters, lora_settings, save_merged_weights  # noqa: E402
+from models.lora_checkpoints import fold_adapters, lora_settings, save_merged_weights  # noqa: E402
 
 
 @cli_entry
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> Path:
     if not had_adapters:
         raise UserError(f"{args.checkpoint} holds no LoRA adapters; it is already a plain model")
     settings = lora_settings(ckpt)
-    save_merged_weights(output, merged, ckpt.backbone_config, settings, str(args.checkpoint))
+    save_merged_weights(output, merged, ckpt.backbone_config, settings, str(args.checkpoint), ckpt.info)
     n = sum(is_adapter_key(k) for k in plain_names(ckpt.model)) // 2
     print(f"merged {n} adapters (rank {settings['rank']}, alpha {settings['alpha']:g}) into {output}")
     return output

@@ -18,38 +18,28 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from custom_datasets.classification_data import eval_transform  # noqa: E402
+from common.errors import UserError, cli_entry  # noqa: E402
+from custom_datasets.classification_data import recorded_transform  # noqa: E402
 from custom_datasets.image_folder import list_image_files  # noqa: E402
 from custom_datasets.image_io import open_rgb  # noqa: E402
+from custom_datasets.text_collate import tokenize_captions  # noqa: E402
 from custom_datasets.text_data import CaptionCorpus  # noqa: E402
-from models import create_model  # noqa: E402
-from models.heads import ITCHead  # noqa: E402
-from models.pretrained import load_head_weights  # noqa: E402
-from models.text_tokenizer import load_text_tokenizer  # noqa: E402
-from util.checkpoint_io import read_checkpoint  # noqa: E402
-from util.errors import UserError, cli_entry  # noqa: E402
+from serving import open_servable  # noqa: E402
 
 
 class Embedder:
-    """Images and texts -> normalised ITC embeddings of one checkpoint."""
+    """Images and texts -> normalised ITC embeddings of a checkpoint or an ONNX export."""
 
-    def __init__(self, checkpoint: str, tokenizer: str | None, device: torch.device) -> None:
-        ckpt = read_checkpoint(checkpoint)
-        if "itc_head.logit_scale" not in ckpt.model:
-            raise UserError(f"{checkpoint} has no image-text (ITC) head; use a checkpoint of an image_text_itc or "
-                            f"compound_pretrain stage (or its merged_model.safetensors)")
-        args = ckpt.extra.get("args") or {}
-        name = tokenizer or args.get("tokenizer")
-        if not name:
-            raise UserError(f"{checkpoint} does not record its text tokenizer; pass --tokenizer")
-        self.tokenizer, self.max_len = load_text_tokenizer(name), int(args.get("max_text_len", 40))
-        self.backbone = create_model(None, pretrained=checkpoint, checkpoint=ckpt).eval().to(device)
-        self.head = ITCHead(self.backbone.cfg.embed_dim)
-        load_head_weights(self.head, ckpt, "itc_head")
-        self.head.eval().to(device)
-        self.device = device
-        # the whole image, as the pretraining held-out view saw it
-        self.transform = eval_transform(self.backbone.cfg.img_size, 1.0, bool(args.get("imagenet_default_mean_and_std")))
+    def __init__(self, source: str, tokenizer: str | None, device: torch.device) -> None:
+        self.servable = open_servable(source).to(device)
+        if not self.servable.has_itc:
+            raise UserError(f"{source} has no image-text (ITC) head; use a checkpoint of an image_text_itc or "
+                            f"compound_pretrain stage (or its merged_model.safetensors), or its ONNX export")
+        self.tokenizer = self.servable.text_tokenizer(tokenizer)
+        if self.tokenizer is None:
+            raise UserError(f"{source} does not record its text tokenizer; pass --tokenizer")
+        self.max_len = self.servable.max_text_len
+        self.transform = recorded_transform(self.servable.preprocessing)  # the run's held-out view
 
     @torch.no_grad()
     def images(self, paths: list[Path], batch_size: int = 32) -> tuple[torch.Tensor, list[Path], list[Path]]:
@@ -63,8 +53,7 @@ class Embedder:
                 except Exception:  # noqa: BLE001 - unreadable images are reported and left out
                     failed.append(path)
             if tensors:
-                cls = self.backbone.encode_image(torch.stack(tensors).to(self.device))[:, 0]
-                embeddings.append(self.head.embed_image(cls).cpu())
+                embeddings.append(self.servable.embed_images(torch.stack(tensors)))
         if not embeddings:
             raise UserError("none of the images could be read")
         return torch.cat(embeddings), kept, failed
@@ -73,10 +62,8 @@ class Embedder:
     def texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         out = []
         for start in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[start:start + batch_size], padding="longest", truncation=True,
-                                 max_length=self.max_len, return_tensors="pt")
-            cls = self.backbone.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))[:, 0]
-            out.append(self.head.embed_text(cls).cpu())
+            enc = tokenize_captions(self.tokenizer, texts[start:start + batch_size], self.max_len)
+            out.append(self.servable.embed_texts(enc["input_ids"], enc["attention_mask"]))
         return torch.cat(out)
 
 

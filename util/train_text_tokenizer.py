@@ -14,17 +14,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom_datasets.pair_data import SyntheticCaptions  # noqa: E402
-from custom_datasets.text_data import CaptionCorpus  # noqa: E402
+from common.errors import UserError, cli_entry  # noqa: E402
+from custom_datasets.pair_data import caption_texts  # noqa: E402
 from models.text_tokenizer import train_wordpiece  # noqa: E402
-from util.errors import UserError, cli_entry  # noqa: E402
-
-
-def caption_texts(paths: list[str], synthetic_size: int, seed: int):
-    if paths == ["synthetic"]:
-        captions = SyntheticCaptions("train", synthetic_size, seed)
-        return (captions[i]["caption"] for i in range(len(captions)))
-    return CaptionCorpus(paths).texts()
 
 
 @cli_entry

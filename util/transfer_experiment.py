@@ -15,9 +15,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from main_finetune import main as finetune  # noqa: E402
-from util.checkpoint_io import read_checkpoint  # noqa: E402
-from util.errors import cli_entry  # noqa: E402
+from common.checkpoint_io import read_checkpoint  # noqa: E402
+from common.errors import cli_entry  # noqa: E402
+from training.cli import finetune_config_from_argv  # noqa: E402
+from training.finetune import finetune as run_finetune  # noqa: E402
+
+
+def finetune(argv: list[str]) -> dict:
+    return run_finetune(finetune_config_from_argv(argv))
 
 
 @cli_entry

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.checkpoint_io import load_safetensors_file
+from common.errors import UserError
 from models.visual_tokenizers.dall_e import DalleEncoder, map_pixels
 from models.visual_tokenizers.kmeans import KMeansTokenizer
-from util.checkpoint_io import load_safetensors_file
-from util.errors import UserError
 
 KINDS = ("dall-e", "kmeans")
 

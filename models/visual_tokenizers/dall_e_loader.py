@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoint_io import atomic_write, load_safetensors_file
+from common.errors import UserError
 from models.visual_tokenizers.dall_e import DalleEncoder, DalleEncoderConfig
 from models.visual_tokenizers.safe_pickle import UnsafePickleError, load_module_pickle, named_parameters, record_state
-from util.checkpoint_io import atomic_write, load_safetensors_file
-from util.errors import UserError
 
 log = logging.getLogger(__name__)
 

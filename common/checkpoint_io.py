@@ -1,0 +1,161 @@
+"""Reading and writing weight files safely.
+
+Loading never runs pickled code (`torch.load(weights_only=True)` or safetensors). Writing is
+atomic: a temporary file in the same folder, then a rename, so a crash never leaves a
+half-written file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from common.errors import UserError
+
+FORMAT_TAG = "vlmo-backbone/1"
+
+
+@dataclass
+class Checkpoint:
+    """What a weight file holds: flat `model` tensors (prefixed `backbone.`, `mim_head.`, ...),
+    the backbone config when the file is one of ours, and everything else (run state)."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    backbone_config: dict[str, Any] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    # what the file says about itself beyond the weights: head specs, preprocessing, text
+    # tokenizer, max text length, task, class names (see models/run_info.py)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a weight file; pass the checkpoint file inside it "
+                        f"(Hugging Face model folders are read by util/convert_beit_ckpt.py)")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes); it was probably cut off while copying: copy it again")
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """`torch.load` with `weights_only=True`, turning every failure into one clear sentence."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+            culprit = _unsupported_global(text)
+            raise UserError(
+                f"{path} needs to run pickled code to load{culprit}, and this project never unpickles code; "
+                f"re-save it as plain tensors (torch.save(model.state_dict(), ...)) or as .safetensors") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint ({_first_line(text)}); pass a .pth/.pt or .safetensors file") from None
+    except Exception as err:  # the weights-only unpickler raises arbitrary errors on garbage bytes
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(str(err))}); "
+                        f"it may be truncated or another kind of file") from None
+
+
+def load_safetensors_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the string metadata of a `.safetensors` file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _require_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable .safetensors file ({_first_line(str(err))}); it may be truncated") from None
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    return str(path).endswith(".safetensors")
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read any weight file this project writes or accepts: ours (.safetensors or .pth with a
+    backbone config), a run checkpoint, or a raw state dict (`{'model': sd}` or flat)."""
+    path = Path(path)
+    if is_safetensors(path):
+        tensors, meta = load_safetensors_file(path)
+        try:
+            config = json.loads(meta["backbone_config"]) if "backbone_config" in meta else None
+            info = json.loads(meta["run_info"]) if "run_info" in meta else {}
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} has unreadable metadata ({err}); re-create it") from None
+        return Checkpoint(path, tensors, config, {"metadata": meta}, info)
+    obj = load_torch_file(path)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a dict of weights; save a state_dict instead")
+    config = obj.get("backbone_config")
+    for key in ("model", "state_dict", "module", "model_state"):
+        if key in obj and isinstance(obj[key], dict):
+            model = obj[key]
+            extra = {k: v for k, v in obj.items() if k != key}
+            break
+    else:
+        model, extra = obj, {}
+    tensors = {k: v for k, v in model.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"{path} contains no tensors; it is not a model checkpoint")
+    info = extra.pop("run_info", None) or {}
+    return Checkpoint(path, tensors, config, extra, info if isinstance(info, dict) else {})
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp)` on a temporary path beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to a temporary file, then rename over `path`."""
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], backbone_config: dict[str, Any],
+                 extra_metadata: dict[str, str] | None = None, info: dict[str, Any] | None = None) -> None:
+    """Write prefixed model tensors plus the backbone config (and the self-description `info`)
+    as `.safetensors` (by extension) or as a `.pth` of plain tensors and types, atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if is_safetensors(path):
+        from safetensors.torch import save_file
+
+        meta = {"format": FORMAT_TAG, "backbone_config": json.dumps(backbone_config), **(extra_metadata or {})}
+        if info:
+            meta["run_info"] = json.dumps(info)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    else:
+        obj = {"format": FORMAT_TAG, "backbone_config": dict(backbone_config), "model": tensors,
+               **({"metadata": dict(extra_metadata)} if extra_metadata else {}), **({"run_info": info} if info else {})}
+        save_torch_atomic(obj, path)
+
+
+def _unsupported_global(text: str) -> str:
+    for marker in ("Unsupported global: GLOBAL ", "GLOBAL "):
+        if marker in text:
+            name = text.split(marker, 1)[1].split()[0].rstrip(".,")
+            return f" (it references {name})"
+    return ""
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:200] if text.strip() else "unknown error"

@@ -1,0 +1,134 @@
+"""Flags from dataclasses: each field of a settings dataclass is one command-line flag (same name,
+default, help text, choices), so a flag, its default and the typed config field can never drift
+apart. `--config FILE.yaml` supplies defaults that explicit flags override; the effective settings
+are saved as YAML in the output dir."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from common.errors import UserError
+
+_NO_DEFAULT_SHOWN = object()
+
+
+def flag(default: Any, help: str, *aliases: str, default_factory: Callable[[], Any] | None = None,
+         shown_default: Any = _NO_DEFAULT_SHOWN, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that is also a flag. `aliases`: other spellings accepted on the command
+    line (e.g. ContinualTransformer's names); `shown_default`: what the help prints when the real
+    default is computed later (e.g. "the checkpoint's")."""
+    meta = {"help": help, "aliases": aliases, "argparse": argparse_kwargs, "shown_default": shown_default}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int | None` -> int, `tuple[str, ...]` -> str, `bool` -> bool."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (tuple, list):
+        return _base_type(typing.get_args(annotation)[0])
+    return annotation
+
+
+def _help(field: dataclasses.Field, default: Any) -> str:
+    shown = field.metadata["shown_default"]
+    shown = default if shown is _NO_DEFAULT_SHOWN else shown
+    if isinstance(shown, bool):
+        shown = "on" if shown else "off"
+    elif isinstance(shown, (list, tuple)):
+        shown = " ".join(map(str, shown)) or "none"
+    elif shown is None:
+        shown = "none"
+    return f"{field.metadata['help']} (default: {shown})".replace("%", "%%")
+
+
+def add_flags(group: argparse._ActionsContainer, settings: type) -> None:
+    """One flag per field of the dataclass `settings`."""
+    hints = typing.get_type_hints(settings)
+    for field in dataclasses.fields(settings):
+        if "help" not in field.metadata:
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        kwargs = dict(field.metadata["argparse"])
+        kwargs.setdefault("default", list(default) if isinstance(default, tuple) else default)
+        base = _base_type(hints[field.name])
+        if base is bool and "action" not in kwargs:
+            kwargs["action"] = "store_true"
+        elif "action" not in kwargs and "type" not in kwargs:
+            kwargs["type"] = base
+        names = [f"--{field.name}", *field.metadata["aliases"]]
+        group.add_argument(*names, dest=field.name, help=_help(field, default), **kwargs)
+
+
+def settings_from(settings: type, namespace: argparse.Namespace, **overrides: Any) -> Any:
+    """An instance of the dataclass `settings` from the parsed flags (lists become tuples)."""
+    values = {}
+    for field in dataclasses.fields(settings):
+        if field.name in overrides:
+            values[field.name] = overrides[field.name]
+        elif hasattr(namespace, field.name):
+            value = getattr(namespace, field.name)
+            values[field.name] = tuple(value) if isinstance(value, list) else value
+    return settings(**values)
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise UserError(f"--config {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"--config {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"--config {path} must be a mapping of flag names to values")
+        valid = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise UserError(f"--config {path} has unknown keys {unknown}; use the flag names without dashes")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def plain(value: Any) -> Any:
+    """Settings as plain YAML/JSON types (dataclasses become dicts, paths strings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def flat_settings(config: Any) -> dict[str, Any]:
+    """A nested settings dataclass as one flat `{flag name: value}` dict (what `args.yaml` and
+    checkpoints record, so a run can be repeated with the same flags)."""
+    out: dict[str, Any] = {}
+    for key, value in plain(config).items():
+        if isinstance(value, dict):
+            out.update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def save_settings(config: Any, output_dir: str | Path, name: str = "args.yaml") -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / name).write_text(yaml.safe_dump(flat_settings(config), sort_keys=True))

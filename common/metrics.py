@@ -1,0 +1,52 @@
+"""Averaging named scalars over steps and ranks, and a console progress line."""
+from __future__ import annotations
+
+import datetime
+import time
+from collections import defaultdict
+
+import torch
+
+from common import distributed as dist_util
+
+
+class ScalarAverager:
+    """Weighted running sums of named scalars; `global_average` reduces over ranks (every rank
+    must call it, with the same keys)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def update(self, values: dict[str, float], weight: float = 1.0) -> None:
+        for key, value in values.items():
+            self.sums[key] += float(value) * weight
+            self.counts[key] += weight
+
+    def global_average(self, device: torch.device) -> dict[str, float]:
+        keys = sorted(self.sums)
+        packed = torch.tensor([self.sums[k] for k in keys] + [self.counts[k] for k in keys], dtype=torch.float64,
+                              device=device)
+        packed = dist_util.all_reduce_sum(packed)
+        n = len(keys)
+        return {k: (packed[i] / packed[n + i].clamp(min=1e-12)).item() for i, k in enumerate(keys)}
+
+
+class ProgressPrinter:
+    """Prints `header [i/n] eta ... scalars ... img/s` every `every` steps (main process only)."""
+
+    def __init__(self, header: str, total: int, every: int) -> None:
+        self.header, self.total, self.every = header, total, max(every, 1)
+        self.start = time.time()
+        self.samples = 0
+
+    def step(self, index: int, batch_size: int, scalars: dict[str, float]) -> None:
+        self.samples += batch_size
+        if not dist_util.is_main_process() or (index % self.every and index != self.total - 1):
+            return
+        elapsed = time.time() - self.start
+        eta = elapsed / (index + 1) * (self.total - index - 1)
+        rate = self.samples * dist_util.world_size() / max(elapsed, 1e-9)
+        text = "  ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+        print(f"{self.header} [{index + 1}/{self.total}] eta {datetime.timedelta(seconds=int(eta))}  {text}  "
+              f"{rate:.1f} samples/s", flush=True)

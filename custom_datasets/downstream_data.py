@@ -1,0 +1,73 @@
+"""Datasets of every downstream task, by data kind: labelled image folders, labelled texts, and
+image-caption pairs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch.utils.data import Dataset
+
+from common.errors import UserError
+from custom_datasets.classification_data import LabelledSample, build_classification_datasets, build_transform
+from custom_datasets.collate import collate_skipping_bad
+from custom_datasets.labelled_text import LabelledTexts, label_index, read_labelled_texts
+from custom_datasets.pair_data import ImageCaptionPairs
+from custom_datasets.settings import AugmentSettings, FinetuneDataSettings
+from custom_datasets.split import file_key, record_keys, split_held_out
+from custom_datasets.text_collate import CaptionCollator
+from custom_datasets.text_data import read_pairs
+
+KIND_NEEDS = {"image_folder": "data_path", "labelled_text": "data_file_path", "image_text_pairs": "data_file_path"}
+
+
+@dataclass
+class DownstreamData:
+    train: Dataset
+    val: Dataset
+    train_collate: Callable
+    val_collate: Callable
+    class_names: list[str] = field(default_factory=list)
+
+
+def image_folders(data: FinetuneDataSettings, aug: AugmentSettings, input_size: int, train_transform=None,
+                  val_transform=None) -> DownstreamData:
+    train, val = build_classification_datasets(data, train_transform or build_transform(aug, input_size, True),
+                                               val_transform or build_transform(aug, input_size, False))
+    names = sorted(train.class_to_idx, key=train.class_to_idx.get)
+    return DownstreamData(train, val, collate_skipping_bad, collate_skipping_bad, names)
+
+
+def labelled_texts(data: FinetuneDataSettings, tokenizer) -> DownstreamData:
+    examples = read_labelled_texts(data.data_file_path)
+    if data.eval_data_file_path:
+        train, val = examples, read_labelled_texts(data.eval_data_file_path)
+    else:
+        train, val = split_held_out(examples, record_keys(len(examples)), data.val_fraction)
+    labels = label_index(train)
+    collate = CaptionCollator(tokenizer, data.max_text_len, None, train=False)
+    return DownstreamData(LabelledTexts(train, labels), LabelledTexts(val, labels), collate, collate,
+                          sorted(labels, key=labels.get))
+
+
+def image_text_pairs(data: FinetuneDataSettings, aug: AugmentSettings, input_size: int, tokenizer) -> DownstreamData:
+    pairs = read_pairs(data.data_file_path, data.data_path)
+    if data.eval_data_file_path:
+        train, val = pairs, read_pairs(data.eval_data_file_path, data.data_path)
+    else:
+        train, val = split_held_out(pairs, (file_key(p[0]) for p in pairs), data.val_fraction)
+    if len(val) < 2:
+        raise UserError(f"--data_file_path {data.data_file_path}: {len(val)} held-out pair is too few to measure "
+                        f"retrieval; raise --val_fraction or pass --eval_data_file_path")
+    train_set = ImageCaptionPairs(train, LabelledSample(build_transform(aug, input_size, True, image_text=True)))
+    val_set = ImageCaptionPairs(val, LabelledSample(build_transform(aug, input_size, False)))
+    return DownstreamData(train_set, val_set, CaptionCollator(tokenizer, data.max_text_len, None, train=True),
+                          CaptionCollator(tokenizer, data.max_text_len, None, train=False))
+
+
+def build_downstream_data(kind: str, data: FinetuneDataSettings, aug: AugmentSettings, input_size: int,
+                          tokenizer=None) -> DownstreamData:
+    if kind == "image_folder":
+        return image_folders(data, aug, input_size)
+    if kind == "labelled_text":
+        return labelled_texts(data, tokenizer)
+    return image_text_pairs(data, aug, input_size, tokenizer)

@@ -1,0 +1,98 @@
+"""The data settings of pretraining runs (each field is a flag; see `common.config_args`), owned
+by the data layer that reads them, and the bundle the pretraining data builders take."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config_args import flag
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    data_path: str = flag(SYNTHETIC, "image folder (searched recursively), or 'synthetic' for the embedded world")
+    eval_data_path: str | None = flag(None, "held-out images", shown_default="a --val_fraction of --data_path")
+    val_fraction: float = flag(0.05, "fraction of --data_path held out (deterministic by file name)")
+    bands: str | None = flag(None, "for .npy tiles: three band indices as R,G,B, e.g. 3,2,1", shown_default="the first three")
+    synthetic_train_size: int = flag(2000, "scenes in the synthetic training split")
+    synthetic_val_size: int = flag(500, "scenes in the synthetic held-out split")
+    synthetic_render_size: int = flag(96, "pixels of a rendered synthetic scene")
+    max_train_samples: int | None = flag(None, "use only the first N training samples (quick trials)", shown_default="all")
+    max_val_samples: int | None = flag(None, "use only the first N held-out samples", shown_default="all")
+    max_bad_samples: int | None = flag(None, "stop once more unreadable samples than this were skipped",
+                                       shown_default="no limit")
+    num_workers: int = flag(2, "DataLoader worker processes")
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    tokenizer: str | None = flag(None, "BERT WordPiece tokenizer: local folder or hub name",
+                                 shown_default="bert-base-uncased for text modes")
+    data_file_path: tuple[str, ...] | None = flag(
+        None, "captions (.json list / .jsonl / .txt) or image-text pairs (.json/.jsonl with filename)", nargs="+",
+        shown_default="the synthetic world")
+    eval_data_file_path: str | None = flag(None, "held-out captions / pairs", shown_default="a --val_fraction")
+    webdataset: bool = flag(False, "image-text pairs from WebDataset tar shards: --data_path DIR, glob or "
+                                   "shards/{00000..00099}.tar")
+    train_num_samples: int | None = flag(None, "pairs in the --webdataset shards (the epoch length)")
+    max_text_len: int = flag(40, "tokens per caption, [CLS] and [SEP] included")
+    max_text_len_of_initckpt: int = flag(196, "text positions of a model built from scratch")
+    mlm_probability: float = flag(0.15, "fraction of caption tokens masked for MLM (whole words)")
+
+
+@dataclass(frozen=True)
+class ViewSettings:
+    mask_strategy: str = flag("block", "BEiT blockwise masks, or independent per-patch (ContinualTransformer)",
+                              choices=("block", "random"))
+    num_mask_patches: int | None = flag(None, "patches masked per image (block)", shown_default="75/196 of the patches")
+    max_mask_patches_per_block: int | None = flag(None, "largest block (block)", shown_default="--num_mask_patches")
+    min_mask_patches_per_block: int = flag(16, "smallest block (block)")
+    mim_probability: float = flag(0.55, "masking probability per patch (random)")
+    min_crop_scale: float = flag(0.08, "smallest random crop, as a fraction of the image area")
+    color_jitter: float = flag(0.4, "brightness/contrast/saturation jitter (0: off)")
+    imagenet_default_mean_and_std: bool = flag(False, "normalise with ImageNet's mean/std instead of 0.5/0.5")
+
+
+@dataclass(frozen=True)
+class PretrainDataConfig:
+    """Everything the pretraining data builders read."""
+
+    data: DataSettings
+    text: TextSettings
+    views: ViewSettings
+    image_size: int
+    second_image_size: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class FinetuneDataSettings:
+    data_path: str | None = flag(None, "image tasks: folder with train/<class>/ and val/<class>/; retrieval: the "
+                                       "image root")
+    data_file_path: str | None = flag(None, "text_classification: .csv/.json/.jsonl of text,label; retrieval: "
+                                            "image-caption .json/.jsonl")
+    eval_data_file_path: str | None = flag(None, "held-out texts / pairs", shown_default="a --val_fraction")
+    val_fraction: float = flag(0.1, "fraction of --data_file_path held out (deterministic)")
+    tokenizer: str | None = flag(None, "text tasks: BERT tokenizer folder or hub name",
+                                 shown_default="the checkpoint's, else bert-base-uncased")
+    max_text_len: int = flag(40, "tokens per text, [CLS] and [SEP] included")
+    eval_data_path: str | None = flag(None, "held-out image folder", shown_default="DATA_PATH/val")
+    max_bad_samples: int | None = flag(None, "stop once more unreadable samples than this were skipped",
+                                       shown_default="no limit")
+    num_workers: int = flag(2, "DataLoader worker processes")
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    aa: str = flag("rand-m9-mstd0.5-inc1", "timm RandAugment policy ('' for none)")
+    reprob: float = flag(0.25, "random erasing probability")
+    mixup: float = flag(0.8, "Mixup alpha (0: off)")
+    cutmix: float = flag(1.0, "CutMix alpha (0: off)")
+    mixup_prob: float = flag(1.0, "probability of Mixup or CutMix per batch")
+    mixup_switch_prob: float = flag(0.5, "probability of CutMix instead of Mixup")
+    smoothing: float = flag(0.1, "label smoothing")
+    min_crop_scale: float | None = flag(None, "smallest random crop, as a fraction of the image area",
+                                        shown_default="0.08 (BEiT) for images, 0.5 (VLMo) for image-text tasks")
+    crop_pct: float = flag(0.875, "held-out view: centre crop of the resized image")
+    imagenet_default_mean_and_std: bool = flag(False, "normalise with ImageNet's mean/std instead of 0.5/0.5")

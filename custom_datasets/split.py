@@ -1,0 +1,44 @@
+"""The one train / held-out split of the project: a sample is held out when a hash of its key (a
+file name, or `item<i>` for records without one) falls below the fraction. The choice is
+deterministic, independent of file-system order, and does not move when other samples are added,
+so a held-out set stays held out across runs and machines. Linear time: one hash per key."""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterable, Sequence, TypeVar
+
+T = TypeVar("T")
+_SCALE = 2.0 ** 32
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    digest = hashlib.md5(key.encode()).digest()
+    return int.from_bytes(digest[:4], "little") / _SCALE < fraction
+
+
+def file_key(path: str | os.PathLike) -> str:
+    """The file name: what decides a file's split (the folder it sits in does not)."""
+    return os.path.basename(os.fspath(path))
+
+
+def held_out_flags(keys: Iterable[str], fraction: float) -> list[bool]:
+    """One flag per key; when none is held out, the first one is (a held-out set is never empty)."""
+    flags = [is_held_out(k, fraction) for k in keys]
+    if flags and not any(flags):
+        flags[0] = True
+    return flags
+
+
+def split_held_out(items: Sequence[T], keys: Iterable[str], fraction: float) -> tuple[list[T], list[T]]:
+    """(train, held-out) of `items`, keyed by `keys`. A data set too small to spare its held-out
+    samples trains on all of them."""
+    flags = held_out_flags(keys, fraction)
+    train = [item for item, held in zip(items, flags) if not held]
+    val = [item for item, held in zip(items, flags) if held]
+    return train or list(items), val
+
+
+def record_keys(count: int) -> list[str]:
+    """Keys of records that have no file name of their own (captions, labelled texts)."""
+    return [f"item{i}" for i in range(count)]

@@ -1,0 +1,16 @@
+"""The registry of downstream tasks (`main_finetune.py --task`). Adding a task is one file and one
+entry here, as for the pretraining modes."""
+from __future__ import annotations
+
+from models.downstream.base import DownstreamOptions, DownstreamTask
+from models.downstream.image_classification import ImageClassification
+from models.downstream.image_text_retrieval import ImageTextRetrieval
+from models.downstream.linear_probe import LinearProbe
+from models.downstream.text_classification import TextClassification
+
+DOWNSTREAM_TASKS: dict[str, type[DownstreamTask]] = {
+    task.name: task for task in (ImageClassification, LinearProbe, ImageTextRetrieval, TextClassification)
+}
+
+__all__ = ["DOWNSTREAM_TASKS", "DownstreamOptions", "DownstreamTask", "ImageClassification", "ImageTextRetrieval",
+           "LinearProbe", "TextClassification"]

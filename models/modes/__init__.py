@@ -1,0 +1,14 @@
+"""The registry of pretraining modes (`--exp_name`). Adding a mode is one file and one entry here."""
+from __future__ import annotations
+
+from models.modes.base import ModeOptions, PretrainMode
+from models.modes.compound_pretrain import CompoundPretrain
+from models.modes.image_mim import ImageMIM
+from models.modes.image_text_itc import ImageTextITC
+from models.modes.text_mlm import TextMLM
+
+PRETRAIN_MODES: dict[str, type[PretrainMode]] = {
+    mode.name: mode for mode in (ImageMIM, TextMLM, ImageTextITC, CompoundPretrain)
+}
+
+__all__ = ["PRETRAIN_MODES", "PretrainMode", "ModeOptions", "ImageMIM", "TextMLM", "ImageTextITC", "CompoundPretrain"]

@@ -1,0 +1,82 @@
+"""What every pretraining mode shares: a backbone, its own heads, declared batch keys and data
+kind, and a forward that returns `loss` plus named scalars (`loss_*`, `acc_*`, ...)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from models.backbone import BACKBONE_LAYER_GROUPS, VLMoBackbone
+
+# Parameter-name fragments that only one input path uses; a mode that does not take a path leaves
+# its parameters without gradient, so they are frozen when the run is built.
+PATH_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "image": ("backbone.patch_embed.", "backbone.cls_token", "backbone.pos_embed", ".norm2_imag.", ".mlp_imag."),
+    "masked_image": ("backbone.mask_token",),
+    "text": ("backbone.text_embeddings.", ".norm2_text.", ".mlp_text."),
+    "pair": ("backbone.token_type_embeddings", ".norm2_vl.", ".mlp_vl."),
+}
+
+
+def unused_parameter_names(module: nn.Module, paths: frozenset[str] | set[str]) -> list[str]:
+    """Names of `module`'s parameters that only input paths outside `paths` use (no gradient ever)."""
+    unused = [f for path, fragments in PATH_PARAMETERS.items() if path not in paths for f in fragments]
+    used = [f for path in paths for f in PATH_PARAMETERS[path]]
+    return [n for n, _ in module.named_parameters() if any(f in n for f in unused) and not any(f in n for f in used)]
+
+
+@dataclass
+class ModeOptions:
+    """Run settings a mode may need, built once from the run config."""
+
+    visual_vocab_size: int | None = None
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # cross-rank gather for contrastive negatives
+    mim_conduct_prob: float = 0.3
+    mlm_conduct_prob: float = 0.8
+    itc_conduct_prob: float = 1.0
+    seed: int = 0
+
+
+class PretrainMode(nn.Module):
+    """Base class of a mode. Subclasses set `name`, `batch_keys`, `data_kind` ("image", "text" or
+    "pair"), `paths` (subset of PATH_PARAMETERS) and `heads` (attribute names), and implement `forward`."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # one line for --help
+    batch_keys: ClassVar[tuple[str, ...]] = ()
+    data_kind: ClassVar[str] = "image"
+    paths: ClassVar[frozenset[str]] = frozenset()
+    heads: ClassVar[tuple[str, ...]] = ()
+    needs_visual_tokens: ClassVar[bool] = False
+    needs_mlm_masks: ClassVar[bool] = False
+    static_graph: ClassVar[bool] = True  # False: parameters used vary per step (DDP must look for unused ones)
+
+    def __init__(self, backbone: VLMoBackbone, options: ModeOptions | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.options = options or ModeOptions()
+
+    def check_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in self.batch_keys if k not in batch]
+        if missing:
+            raise KeyError(f"{self.name} needs batch keys {missing}; got {sorted(batch)}")
+
+    def frozen_parameter_names(self) -> list[str]:
+        """Parameters of input paths this mode never takes (frozen when the run is built)."""
+        return unused_parameter_names(self, self.paths)
+
+    def head_specs(self) -> dict[str, dict[str, Any]]:
+        """`{head name: spec}` of this mode's heads, recorded in every checkpoint."""
+        return {name: getattr(self, name).spec() for name in self.heads}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Modes with per-step random choices re-seed them here (identical on every rank)."""
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for layer-wise lr decay (a mode fine-tuned downstream, e.g. retrieval)."""
+        return BACKBONE_LAYER_GROUPS

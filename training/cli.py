@@ -1,0 +1,47 @@
+"""The command lines of the two entry scripts, built from the settings dataclasses (one flag per
+field, with its help and default), and the frozen configs they produce. Scripts and tests that want
+a run from flags call `pretrain_config_from_argv` / `finetune_config_from_argv`."""
+from __future__ import annotations
+
+import argparse
+
+from common.config_args import add_flags, parse_with_config
+from models.downstream import DOWNSTREAM_TASKS
+from models.modes import PRETRAIN_MODES
+from training.config import (
+    FINETUNE_GROUPS,
+    PRETRAIN_GROUPS,
+    FinetuneConfig,
+    PretrainConfig,
+    finetune_config,
+    pretrain_config,
+)
+
+
+def pretrain_parser(description: str = "") -> argparse.ArgumentParser:
+    modes = "; ".join(f"{name}: {cls.description}" for name, cls in PRETRAIN_MODES.items())
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of flag values; explicit flags override it (default: none)")
+    p.add_argument("--exp_name", choices=sorted(PRETRAIN_MODES), default="image_mim",
+                   help=f"pretraining mode: {modes} (default: image_mim)")
+    for title, settings in PRETRAIN_GROUPS.values():
+        add_flags(p.add_argument_group(title), settings)
+    return p
+
+
+def finetune_parser(description: str = "") -> argparse.ArgumentParser:
+    tasks = "; ".join(f"{name}: {cls.description}" for name, cls in DOWNSTREAM_TASKS.items())
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of flag values; explicit flags override it (default: none)")
+    p.add_argument("--task", choices=list(DOWNSTREAM_TASKS), required=True, help=f"the downstream task: {tasks}")
+    for title, settings in FINETUNE_GROUPS.values():
+        add_flags(p.add_argument_group(title), settings)
+    return p
+
+
+def pretrain_config_from_argv(argv: list[str] | None, description: str = "") -> PretrainConfig:
+    return pretrain_config(parse_with_config(pretrain_parser(description), argv))
+
+
+def finetune_config_from_argv(argv: list[str] | None, description: str = "") -> FinetuneConfig:
+    return finetune_config(parse_with_config(finetune_parser(description), argv))

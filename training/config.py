@@ -1,0 +1,249 @@
+"""Typed run configurations. Each settings dataclass is one group of flags (`common.config_args`
+makes the flags from the fields), built once from YAML + flags, validated, and frozen: nothing
+changes a config after `pretrain_config` / `finetune_config` return it (later decisions, such as
+the visual tokenizer a run fits, make a new config with `dataclasses.replace`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from common.config_args import flag, settings_from
+from common.errors import UserError
+from custom_datasets.downstream_data import KIND_NEEDS
+from custom_datasets.settings import (
+    AugmentSettings,
+    DataSettings,
+    FinetuneDataSettings,
+    PretrainDataConfig,
+    TextSettings,
+    ViewSettings,
+)
+from models.config import FFN_KINDS
+from models.modes import PRETRAIN_MODES
+from models.registry import list_models
+from models.visual_tokenizers import KINDS as VISUAL_TOKENIZER_KINDS
+from training.flag_checks import check_positive, check_pretrain_flags
+
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+AMP_CHOICES = ("bf16", "fp16", "none")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model: str = flag("vlmo_tiny_patch16", "registered backbone variant", choices=list_models())
+    init_from: str | None = flag(None, "start a new stage from this checkpoint's weights (converted BEiT, merged, or run)")
+    resume: str | None = flag(None, "continue a run checkpoint; a weights-only checkpoint initialises the model")
+    auto_resume: bool = flag(False, "continue from the newest checkpoint in --output_dir")
+    image_size: int = flag(224, "backbone resolution (px)")
+    patch_size: int | None = flag(None, "patch size of a model built from scratch", shown_default="the model's (16)")
+    ffn: str | None = flag(None, "feed-forward layout of a model built from scratch", choices=FFN_KINDS,
+                           shown_default="the checkpoint's, else shared")
+    drop_path: float = flag(0.1, "stochastic depth rate of the last block")
+    layer_scale_init_value: float | None = flag(None, "layer scale of a model built from scratch (0: off)",
+                                                shown_default="the model's")
+    grad_checkpointing: bool = flag(False, "recompute block activations in backward to save memory")
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    aggregate_itc: bool = flag(True, "ITC negatives from every rank (gathered with gradients)",
+                               action=argparse.BooleanOptionalAction)
+    mim_conduct_prob: float = flag(0.3, "compound_pretrain: probability of MIM at a step")
+    mlm_conduct_prob: float = flag(0.8, "compound_pretrain: probability of MLM at a step")
+    itc_conduct_prob: float = flag(1.0, "compound_pretrain: probability of ITC at a step (skipped when MIM ran)")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    lora_rank: int = flag(0, "LoRA rank of the adapters on qkv, proj, fc1, fc2 (0: train the backbone fully)")
+    lora_alpha: float | None = flag(None, "LoRA alpha; scaling = alpha / rank", shown_default="--lora_rank (scaling 1)")
+    lora_dropout: float = flag(0.0, "dropout on the adapter input")
+    trainable_extra: tuple[str, ...] = flag((), "glob patterns of base parameters to train too, e.g. 'blocks.*.norm1.*'",
+                                            nargs="*")
+    self_regularization: bool = flag(False, "add λ·Σ||W ⊙ ΔW||² to the loss (needs --lora_rank)")
+    reg_loss_weight: float = flag(1.0, "λ of --self_regularization")
+    save_merged_lora_model: bool = flag(False, "at the end write merged_model.safetensors (adapters merged, for the "
+                                               "next stage)")
+
+
+@dataclass(frozen=True)
+class VisualTokenizerSettings:
+    d_vae_type: str = flag("kmeans", "MIM target tokenizer", choices=VISUAL_TOKENIZER_KINDS)
+    d_vae_weight_path: str | None = flag(None, "dall-e: folder with encoder.pkl; kmeans: a fitted .safetensors",
+                                         shown_default="kmeans: fit one on the training data")
+    second_image_size: int | None = flag(None, "tokenizer view (px)", shown_default="--image_size // 2")
+    visual_vocab_size: int = flag(256, "clusters when the run fits a k-means tokenizer")
+    tokenizer_fit_images: int = flag(2000, "training images the k-means tokenizer is fitted on")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    batch_size: int = flag(64, "samples per device and step")
+    accum_iter: int = flag(1, "micro-batches accumulated per optimizer step")
+    epochs: int = flag(10, "training epochs")
+    blr: float = flag(1.5e-3, "base lr: lr = blr x effective batch / 256")
+    lr: float | None = flag(None, "absolute lr (overrides --blr)", shown_default="from --blr")
+    min_lr: float = flag(1e-5, "lr at the end of the cosine schedule")
+    warmup_epochs: float = flag(1.0, "linear warmup length in epochs")
+    warmup_steps: int | None = flag(None, "warmup length in optimizer steps (overrides --warmup_epochs)")
+    weight_decay: float = flag(0.05, "AdamW weight decay (not on norms, biases, tokens, position tables)")
+    opt_betas: tuple[float, ...] = flag((0.9, 0.999), "AdamW betas", nargs=2)
+    clip_grad: float | None = flag(3.0, "gradient norm clipping (0 or none: off)")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    seed: int = flag(0, "random seed (data order, masks, init)")
+    device: str = flag(DEFAULT_DEVICE, "cpu or cuda", shown_default="cuda when a GPU is visible, else cpu")
+    amp: str | None = flag(None, "mixed precision", choices=AMP_CHOICES, shown_default="bf16 on GPU, none on CPU")
+    output_dir: str | None = flag(None, "checkpoints, log.txt, TensorBoard events", shown_default="outputs/<name>")
+    log_dir: str | None = flag(None, "TensorBoard folder", shown_default="--output_dir")
+    print_freq: int = flag(20, "console progress line every N steps")
+    eval: bool = flag(False, "only evaluate the given checkpoint")
+
+
+@dataclass(frozen=True)
+class PretrainRunSettings(RunSettings):
+    save_per_epochs: int = flag(5, "write checkpoint-<epoch>.pth every N epochs (and after the last)")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    exp_name: str
+    model: ModelSettings
+    data: DataSettings
+    text: TextSettings
+    objectives: ObjectiveSettings
+    lora: LoraSettings
+    visual_tokenizer: VisualTokenizerSettings
+    views: ViewSettings
+    optim: OptimSettings
+    run: PretrainRunSettings
+
+    @property
+    def mode(self):
+        return PRETRAIN_MODES[self.exp_name]
+
+    @property
+    def data_config(self) -> PretrainDataConfig:
+        """What the data builders read."""
+        return PretrainDataConfig(self.data, self.text, self.views, self.model.image_size,
+                                  self.visual_tokenizer.second_image_size, self.run.seed)
+
+
+PRETRAIN_GROUPS: dict[str, tuple[str, type]] = {
+    "model": ("model", ModelSettings), "data": ("data", DataSettings), "text": ("text", TextSettings),
+    "objectives": ("image-text contrastive and compound", ObjectiveSettings),
+    "lora": ("LoRA and self-regularization", LoraSettings),
+    "visual_tokenizer": ("visual tokenizer (MIM targets)", VisualTokenizerSettings),
+    "views": ("masking and augmentation", ViewSettings), "optim": ("optimisation", OptimSettings),
+    "run": ("run", PretrainRunSettings),
+}
+
+
+def replace(config, **groups):
+    """A new frozen config with some groups (or fields of one group, as `group={field: value}`) changed."""
+    changes = {}
+    for name, value in groups.items():
+        current = getattr(config, name)
+        changes[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
+    return dataclasses.replace(config, **changes)
+
+
+def check_device(run: RunSettings) -> str:
+    """The precision to use, after checking the device exists (bf16 on GPU, none on CPU by default)."""
+    if run.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but no GPU is visible; use --device cpu")
+    if run.device not in ("cpu",) and not run.device.startswith("cuda"):
+        raise UserError(f"--device {run.device} is not a device; use cpu or cuda")
+    return run.amp or ("bf16" if run.device.startswith("cuda") else "none")
+
+
+def pretrain_config(namespace: argparse.Namespace) -> PretrainConfig:
+    """The frozen, validated pretraining config of parsed flags."""
+    groups = {name: settings_from(cls, namespace) for name, (_, cls) in PRETRAIN_GROUPS.items()}
+    cfg = PretrainConfig(exp_name=namespace.exp_name, **groups)
+    check_pretrain_flags(cfg)
+    lora, tok, run = cfg.lora, cfg.visual_tokenizer, cfg.run
+    return replace(cfg, lora={"lora_alpha": lora.lora_alpha or lora.lora_rank},
+                   visual_tokenizer={"second_image_size": tok.second_image_size or cfg.model.image_size // 2},
+                   run={"output_dir": run.output_dir or f"outputs/{cfg.exp_name}",
+                        "log_dir": run.log_dir or run.output_dir or f"outputs/{cfg.exp_name}",
+                        "amp": check_device(run)})
+
+
+# ---- fine-tuning ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FinetuneModelSettings:
+    finetune: str | None = flag(None, "checkpoint of any stage (run, merged or converted BEiT)",
+                                shown_default="random init")
+    model: str | None = flag(None, "variant", choices=list_models(),
+                             shown_default="the checkpoint's architecture, or vlmo_tiny_patch16 from scratch")
+    patch_size: int | None = flag(None, "patch size of a model built from scratch", shown_default="the model's (16)")
+    input_size: int = flag(224, "resolution (px); position tables are interpolated")
+    nb_classes: int | None = flag(None, "number of classes", shown_default="the classes of the training data")
+    use_cls: bool = flag(False, "classify the [CLS] feature instead of mean-pooled patches")
+    drop_path: float = flag(0.1, "stochastic depth rate of the last block")
+    layer_decay: float = flag(0.65, "layer-wise lr decay (1.0: off)")
+    probe_layer: int | None = flag(None, "linear_probe: block whose output is probed", shown_default="the last")
+
+
+@dataclass(frozen=True)
+class FinetuneOptimSettings:
+    batch_size: int = flag(64, "samples per device and step")
+    accum_iter: int = flag(1, "micro-batches accumulated per optimizer step", "--update_freq")
+    epochs: int = flag(30, "training epochs")
+    blr: float | None = flag(None, "base lr: lr = blr x effective batch / 256",
+                             shown_default="5e-4 fine-tuning, 0.1 linear probing")
+    lr: float | None = flag(None, "absolute lr (overrides --blr)", shown_default="from --blr")
+    min_lr: float = flag(1e-6, "lr at the end of the cosine schedule")
+    warmup_epochs: float = flag(5.0, "linear warmup length in epochs")
+    weight_decay: float = flag(0.05, "AdamW weight decay")
+    clip_grad: float | None = flag(None, "gradient norm clipping", shown_default="off")
+    model_ema: bool = flag(False, "keep an exponential moving average of the weights and evaluate it too")
+    model_ema_decay: float = flag(0.9999, "EMA decay per optimizer step")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    task: str
+    model: FinetuneModelSettings
+    data: FinetuneDataSettings
+    augment: AugmentSettings
+    optim: FinetuneOptimSettings
+    run: RunSettings
+
+    @property
+    def task_class(self):
+        from models.downstream import DOWNSTREAM_TASKS
+
+        return DOWNSTREAM_TASKS[self.task]
+
+
+FINETUNE_GROUPS: dict[str, tuple[str, type]] = {
+    "model": ("model", FinetuneModelSettings), "data": ("data", FinetuneDataSettings),
+    "augment": ("augmentation and regularisation", AugmentSettings), "optim": ("optimisation", FinetuneOptimSettings),
+    "run": ("run", RunSettings),
+}
+
+
+def finetune_config(namespace: argparse.Namespace) -> FinetuneConfig:
+    """The frozen, validated fine-tuning config of parsed flags."""
+    groups = {name: settings_from(cls, namespace) for name, (_, cls) in FINETUNE_GROUPS.items()}
+    cfg = FinetuneConfig(task=namespace.task, **groups)
+    if cfg.run.eval and not cfg.model.finetune:
+        raise UserError("--eval needs --finetune CKPT (a fine-tuned checkpoint with its classifier)")
+    check_positive({"batch_size": cfg.optim.batch_size, "accum_iter": cfg.optim.accum_iter, "epochs": cfg.optim.epochs,
+                    "input_size": cfg.model.input_size})
+    if not 0 < cfg.model.layer_decay <= 1:
+        raise UserError("--layer_decay must be in (0, 1]")
+    needs = KIND_NEEDS[cfg.task_class.data_kind]
+    if not getattr(cfg.data, needs):
+        raise UserError(f"--task {cfg.task} needs --{needs}")
+    blr = cfg.optim.blr if cfg.optim.blr is not None else (0.1 if cfg.task_class.cached_features else 5e-4)
+    out = cfg.run.output_dir or f"outputs/finetune_{cfg.task}"
+    return replace(cfg, optim={"blr": blr},
+                   run={"output_dir": out, "log_dir": cfg.run.log_dir or out, "amp": check_device(cfg.run)})

@@ -1,0 +1,230 @@
+"""`finetune(cfg)`: one downstream run (any task of the registry) from a frozen `FinetuneConfig`.
+The entry script, the transfer experiment and the tests call it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common import distributed as dist_util
+from common.checkpoint_io import Checkpoint, read_checkpoint
+from common.config_args import flat_settings, save_settings
+from common.errors import UserError
+from custom_datasets import batch as B
+from custom_datasets.downstream_data import DownstreamData, build_downstream_data
+from engine_finetune import evaluate, train_one_epoch
+from models.downstream import DownstreamTask
+from models.pretrained import describe
+from models.run_info import compact, preprocessing, text_tokenizer_record
+from training.batch import BatchPreparer
+from training.config import FinetuneConfig
+from training.finetune_model import build_task, text_tokenizer_for
+from training.optim import amp_dtype, grad_scaler, learning_rate
+from training.run_checkpoint import save_run_checkpoint
+from training.scaffold import RunContext
+from training.step import StepSettings
+
+TASK_INPUTS = (B.IMAGE, B.INPUT_IDS, B.ATTENTION_MASK, B.LABEL)
+
+
+@dataclass
+class FinetuneRun:
+    cfg: FinetuneConfig
+    ctx: RunContext
+    task: DownstreamTask
+    data: DownstreamData
+    report: list[str]
+    text_tokenizer: Any
+
+    @property
+    def num_classes(self) -> int:
+        classifier = getattr(self.task.model, "classifier", None)
+        return classifier.out_features if classifier is not None else 0
+
+    def info(self) -> dict[str, Any]:
+        """The self-description of this run's checkpoints."""
+        cfg = self.cfg
+        aug = cfg.augment
+        text = (text_tokenizer_record(self.text_tokenizer, cfg.data.tokenizer)
+                if self.text_tokenizer is not None else None)
+        heads = {n: getattr(self.task.model, n).spec() for n in self.task.heads
+                 if hasattr(getattr(self.task.model, n), "spec")}
+        return compact(task=cfg.task, heads=heads or None, use_cls=cfg.model.use_cls,
+                       preprocessing=preprocessing(cfg.model.input_size, aug.crop_pct, aug.imagenet_default_mean_and_std),
+                       text_tokenizer=text, max_text_len=cfg.data.max_text_len if text else None,
+                       class_names=self.data.class_names or None)
+
+
+def refuse_taken_output(cfg: FinetuneConfig, ctx: RunContext) -> None:
+    if not cfg.run.eval and (ctx.output_dir / "log.txt").exists():
+        raise UserError(f"--output_dir {ctx.output_dir} already holds a run (log.txt); choose another --output_dir "
+                        f"(nothing is overwritten)")
+
+
+def freeze_unused(task: DownstreamTask) -> None:
+    """Paths the task never takes get no gradient (DDP needs every trainable parameter used)."""
+    unused = set(task.frozen_parameter_names())
+    for name, param in task.model.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+
+
+def build_run(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> FinetuneRun:
+    task_cls = cfg.task_class
+    text_tokenizer = text_tokenizer_for(cfg, ckpt)
+    data = build_downstream_data(task_cls.data_kind, cfg.data, cfg.augment, cfg.model.input_size, text_tokenizer)
+    num_classes = len(data.class_names)
+    if cfg.model.nb_classes is not None:
+        if cfg.model.nb_classes < num_classes:
+            raise UserError(f"--nb_classes {cfg.model.nb_classes} is fewer than the {num_classes} classes of the "
+                            f"training data")
+        num_classes = cfg.model.nb_classes
+    task, report = build_task(cfg, ckpt, num_classes, text_tokenizer, dist_util.gather_with_grad)
+    freeze_unused(task)
+    task.to(ctx.device)
+    return FinetuneRun(cfg, ctx, task, data, report, text_tokenizer)
+
+
+def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    from timm.optim import param_groups_layer_decay
+
+    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                    layer_decay=layer_decay)
+
+
+def describe_run(run: FinetuneRun) -> None:
+    cfg = run.cfg
+    if not run.ctx.is_main:
+        return
+    classes = f"{run.num_classes} classes " if run.num_classes else ""
+    print(f"{cfg.task}: {describe(run.task.backbone.cfg)}, {classes}({len(run.data.train)} train / "
+          f"{len(run.data.val)} val examples); " + "; ".join(run.report))
+    run.ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    save_settings(cfg, run.ctx.output_dir, "eval_args.yaml" if cfg.run.eval else "args.yaml")
+
+
+@dataclass
+class Training:
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    settings: StepSettings
+    prepare: BatchPreparer
+    model_ema: Any
+    eff_batch: int
+
+
+def build_training(run: FinetuneRun, model: torch.nn.Module) -> Training:
+    cfg, ctx, opt = run.cfg, run.ctx, run.cfg.optim
+    train_loader = ctx.loader(run.data.train, opt.batch_size, cfg.data.num_workers, True, run.data.train_collate,
+                              seeded_shuffle=False)
+    if len(train_loader) == 0:
+        raise UserError(f"{len(run.data.train)} training examples are fewer than one batch of {opt.batch_size}; "
+                        f"lower --batch_size")
+    val_loader = ctx.loader(run.data.val, opt.batch_size, cfg.data.num_workers, False, run.data.val_collate)
+    eff_batch = opt.batch_size * opt.accum_iter * ctx.world
+    lr = learning_rate(opt.lr, opt.blr, eff_batch)
+    optimizer = torch.optim.AdamW(layer_decay_groups(run.task.model, opt.weight_decay, cfg.model.layer_decay), lr=lr)
+    model_ema = None
+    if opt.model_ema:
+        from timm.utils import ModelEmaV3
+
+        model_ema = ModelEmaV3(run.task, decay=opt.model_ema_decay)
+    settings = StepSettings(lr=lr, min_lr=opt.min_lr, warmup_epochs=opt.warmup_epochs, epochs=opt.epochs,
+                            accum_iter=opt.accum_iter, clip_grad=opt.clip_grad, amp_dtype=amp_dtype(cfg.run.amp),
+                            print_freq=cfg.run.print_freq, max_bad_samples=cfg.data.max_bad_samples)
+    prepare = BatchPreparer(ctx.device, TASK_INPUTS)
+    return Training(train_loader, val_loader, optimizer, grad_scaler(cfg.run.amp, ctx.device), settings, prepare,
+                    model_ema, eff_batch)
+
+
+def evaluate_run(run: FinetuneRun, loader, task: DownstreamTask | None = None) -> dict[str, float]:
+    """The task's metrics on the held-out set (of `task`, e.g. the EMA copy, instead of the run's)."""
+    return evaluate(task or run.task, loader, run.ctx.device, BatchPreparer(run.ctx.device, TASK_INPUTS),
+                    amp_dtype(run.cfg.run.amp), run.data.val, run.cfg.optim.batch_size)
+
+
+def format_metrics(stats: dict[str, float], metric: str, best: float | None = None) -> str:
+    if "acc1" in stats:
+        text = f"acc1 {stats['acc1']:.2f}" + (f"  acc5 {stats['acc5']:.2f}" if "acc5" in stats else "")
+        text += f"  loss {stats['loss']:.4f}"
+    else:
+        text = "  ".join(f"{k} {v:.3f}" for k, v in stats.items())
+    return text + (f"  (best {metric} {best:.2f})" if best is not None else "")
+
+
+def save_best(run: FinetuneRun, training: Training, epoch: int, value: float) -> None:
+    cfg, metric = run.cfg, run.task.best_metric
+    save_run_checkpoint(run.ctx.output_dir, epoch, (epoch + 1) * len(training.train_loader), run.task.model,
+                        training.optimizer, training.scaler, run.task.backbone.cfg.to_dict(), flat_settings(cfg),
+                        {"num_classes": run.num_classes, f"test_{metric}": value, "class_names": run.data.class_names,
+                         "task": cfg.task}, name="best", info=run.info())
+
+
+def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -> dict[str, Any]:
+    cfg, ctx, metric = run.cfg, run.ctx, run.task.best_metric
+    log_writer = ctx.tensorboard(cfg.run.log_dir)
+    if ctx.is_main:
+        aug = cfg.augment
+        recipe = (f"mixup {aug.mixup}, cutmix {aug.cutmix}, " if getattr(run.task, "mixup", None) is not None else "")
+        recipe += f"smoothing {aug.smoothing}, " if hasattr(run.task, "criterion") else ""
+        print(f"effective batch {training.eff_batch}, lr {training.settings.lr:.3g}, layer decay {cfg.model.layer_decay}, "
+              f"{recipe}ema {cfg.optim.model_ema}, amp {cfg.run.amp}, device {ctx.device}")
+    best, stats, skipped, start = -1.0, {}, 0, time.time()
+    n_parameters = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
+    for epoch in range(cfg.optim.epochs):
+        ctx.start_epoch(training.train_loader, epoch)
+        train_stats = train_one_epoch(model, run.task, training.train_loader, training.optimizer, ctx.device, epoch,
+                                      training.settings, training.prepare, training.model_ema, training.scaler,
+                                      log_writer, skipped)
+        skipped += int(train_stats["skipped_samples"])
+        test_stats = evaluate_run(run, training.val_loader)
+        stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
+                 "epoch": epoch, "n_parameters": n_parameters}
+        if training.model_ema is not None:
+            ema_stats = evaluate_run(run, training.val_loader, training.model_ema.module)
+            stats.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
+        if ctx.is_main:
+            if test_stats[metric] > best:
+                best = test_stats[metric]
+                save_best(run, training, epoch, best)
+            for key, value in test_stats.items():
+                log_writer.add_scalar(f"test/{key}", value, epoch)
+            ctx.append_log(stats)
+            print(f"epoch {epoch}: test {format_metrics(test_stats, metric, best)}", flush=True)
+    if ctx.is_main:
+        print(f"done in {time.time() - start:.0f}s: best test {metric} {best:.2f}; saved "
+              f"{ctx.output_dir / 'checkpoint-best.pth'}")
+        stats[f"best_{metric}"] = best
+        log_writer.close()
+    return stats
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune (or only evaluate, `--eval`) the task; returns the last epoch's statistics and the
+    best value of the task's metric."""
+    ctx = RunContext.start(cfg.run.device, cfg.run.output_dir, cfg.run.seed)
+    refuse_taken_output(cfg, ctx)
+    ckpt = read_checkpoint(cfg.model.finetune) if cfg.model.finetune else None
+    if cfg.task_class.cached_features:
+        from training.linear_probe import run_linear_probe
+
+        return run_linear_probe(cfg, ctx, ckpt)
+    run = build_run(cfg, ctx, ckpt)
+    del ckpt  # not held in memory for the whole run
+    describe_run(run)
+    if cfg.run.eval:
+        val_loader = ctx.loader(run.data.val, cfg.optim.batch_size, cfg.data.num_workers, False, run.data.val_collate)
+        stats = evaluate_run(run, val_loader)
+        if ctx.is_main:
+            print(f"eval: {format_metrics(stats, run.task.best_metric)}")
+        ctx.finish()
+        return stats
+    model = ctx.wrap(run.task)
+    stats = train_epochs(run, build_training(run, model), model)
+    ctx.finish()
+    return stats
+

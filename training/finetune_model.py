@@ -1,0 +1,80 @@
+"""The model of a downstream run: a backbone (random, or from a checkpoint of any stage) inside the
+task's model, the task's heads loaded when the checkpoint already has them (a fine-tuned checkpoint
+being evaluated or fine-tuned further), and a report of what was loaded, what is new and what the
+checkpoint held that this task does not use."""
+from __future__ import annotations
+
+from common.checkpoint_io import Checkpoint
+from models import create_model
+from models.downstream import DownstreamOptions, DownstreamTask
+from models.head_loading import head_names, load_head_into
+from models.pretrained import check_text_vocab
+from training.config import FinetuneConfig
+
+
+def downstream_options(cfg: FinetuneConfig, num_classes: int) -> DownstreamOptions:
+    aug = cfg.augment
+    return DownstreamOptions(num_classes=num_classes, use_cls=cfg.model.use_cls, smoothing=aug.smoothing,
+                             mixup=aug.mixup, cutmix=aug.cutmix, mixup_prob=aug.mixup_prob,
+                             mixup_switch_prob=aug.mixup_switch_prob, max_text_len=cfg.data.max_text_len)
+
+
+def make_task(cfg: FinetuneConfig, backbone, num_classes: int, text_tokenizer, gather=None) -> DownstreamTask:
+    task_cls = cfg.task_class
+    options = downstream_options(cfg, num_classes)
+    if task_cls.name == "image_text_retrieval":
+        return task_cls(backbone, options, text_tokenizer=text_tokenizer, gather=gather)
+    return task_cls(backbone, options)
+
+
+def load_task_heads(task: DownstreamTask, ckpt: Checkpoint) -> list[str]:
+    """Load the heads `ckpt` already has for this task (same shapes); report the rest."""
+    loaded = [f"backbone ({sum(1 for k in ckpt.model if k.startswith('backbone.'))} tensors)"]
+    new = []
+    for name in task.heads:
+        module = getattr(task.model, name)
+        own = module.state_dict()
+        saved = {k[len(name) + 1:]: v for k, v in ckpt.model.items() if k.startswith(name + ".")}
+        if saved and saved.keys() == own.keys() and all(saved[k].shape == own[k].shape for k in own):
+            load_head_into(module, ckpt, name)
+            loaded.append(name)
+        elif own:
+            note = (f" (checkpoint has {saved['weight'].shape[0]} classes)"
+                    if name == "classifier" and "weight" in saved else "")
+            new.append(name + note)
+    ignored = sorted(set(head_names(ckpt.model)) - set(task.heads))
+    return [f"loaded: {', '.join(loaded)}", f"new: {', '.join(new) or 'none'}", f"ignored: {', '.join(ignored) or 'none'}"]
+
+
+def build_task(cfg: FinetuneConfig, ckpt: Checkpoint | None, num_classes: int, text_tokenizer=None,
+               gather=None) -> tuple[DownstreamTask, list[str]]:
+    """(the task with its model, lines saying where its weights came from); `ckpt`: the --finetune
+    checkpoint, already read."""
+    m = cfg.model
+    reads_text = "text" in cfg.task_class.paths
+    vocab_size = len(text_tokenizer) if reads_text and text_tokenizer is not None else None
+    if ckpt is None:
+        backbone = create_model(m.model or "vlmo_tiny_patch16", img_size=m.input_size, patch_size=m.patch_size,
+                                drop_path_rate=m.drop_path, **({"vocab_size": vocab_size} if vocab_size else {}))
+        return make_task(cfg, backbone, num_classes, text_tokenizer, gather), ["random init (no --finetune)"]
+    check_text_vocab(ckpt, vocab_size, cfg.data.tokenizer)
+    backbone = create_model(m.model, pretrained=m.finetune, checkpoint=ckpt, img_size=m.input_size,
+                            drop_path_rate=m.drop_path)
+    task = make_task(cfg, backbone, num_classes, text_tokenizer, gather)
+    return task, load_task_heads(task, ckpt)
+
+
+def text_tokenizer_for(cfg: FinetuneConfig, ckpt: Checkpoint | None):
+    """Text tasks: --tokenizer, else the one the checkpoint recorded, else bert-base-uncased."""
+    from models.run_info import tokenizer_from_record
+    from models.text_tokenizer import load_text_tokenizer
+
+    if "text" not in cfg.task_class.paths:
+        return None
+    if cfg.data.tokenizer:
+        return load_text_tokenizer(cfg.data.tokenizer)
+    record = ckpt.info.get("text_tokenizer") if ckpt is not None else None
+    if record:
+        print(f"text tokenizer: the one {ckpt.path} recorded ({record.get('name')}, {len(record['vocab'])} tokens)")
+        return tokenizer_from_record(record)
+    return load_text_tokenizer("bert-base-uncased")

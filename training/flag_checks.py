@@ -1,0 +1,61 @@
+"""Flag values and combinations a user can get wrong, checked before any expensive work."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from common.errors import UserError
+
+if TYPE_CHECKING:
+    from training.config import PretrainConfig
+
+
+def check_weight_flags(cfg: "PretrainConfig") -> None:
+    m = cfg.model
+    if m.resume and m.init_from:
+        raise UserError("--resume and --init_from both given; --resume continues a run, --init_from starts a new stage")
+    if cfg.run.eval and not (m.resume or m.init_from):
+        raise UserError("--eval needs a checkpoint: pass --resume or --init_from")
+
+
+def check_lora_flags(cfg: "PretrainConfig") -> None:
+    lora = cfg.lora
+    if cfg.exp_name == "image_mim" and lora.lora_rank:
+        raise UserError("--lora_rank is for the continual stages (text_mlm, image_text_itc, compound_pretrain); "
+                        "image_mim trains the backbone fully; drop --lora_rank")
+    if lora.self_regularization and not lora.lora_rank:
+        raise UserError("--self_regularization regularizes LoRA updates; add --lora_rank R (e.g. 64)")
+    if lora.save_merged_lora_model and not lora.lora_rank:
+        raise UserError("--save_merged_lora_model needs --lora_rank; a full run's checkpoint is already a plain model")
+    if lora.lora_rank < 0 or (lora.lora_alpha is not None and lora.lora_alpha <= 0):
+        raise UserError("--lora_rank must be >= 0 and --lora_alpha > 0")
+
+
+def check_data_flags(cfg: "PretrainConfig") -> None:
+    text, mode = cfg.text, cfg.mode
+    if cfg.visual_tokenizer.d_vae_type == "dall-e" and not cfg.visual_tokenizer.d_vae_weight_path:
+        raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl")
+    if not 1 < text.max_text_len <= text.max_text_len_of_initckpt:
+        raise UserError(f"--max_text_len {text.max_text_len} must be between 2 and --max_text_len_of_initckpt "
+                        f"{text.max_text_len_of_initckpt}")
+    if text.webdataset and mode.data_kind != "pair":
+        raise UserError(f"--webdataset holds image-text pairs; {cfg.exp_name} does not read pairs (use image_text_itc "
+                        f"or compound_pretrain)")
+    if text.webdataset and mode.needs_visual_tokens and cfg.visual_tokenizer.d_vae_weight_path is None:
+        raise UserError("--webdataset streams its data, so a k-means tokenizer cannot be fitted on it here; fit one "
+                        "first with util/fit_visual_tokenizer.py and pass --d_vae_weight_path")
+    if not 0 < text.mlm_probability < 1:
+        raise UserError("--mlm_probability must be between 0 and 1")
+
+
+def check_positive(values: dict[str, float | int | None]) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1")
+
+
+def check_pretrain_flags(cfg: "PretrainConfig") -> None:
+    check_weight_flags(cfg)
+    check_data_flags(cfg)
+    check_lora_flags(cfg)
+    check_positive({"batch_size": cfg.optim.batch_size, "accum_iter": cfg.optim.accum_iter,
+                    "epochs": cfg.optim.epochs, "image_size": cfg.model.image_size})

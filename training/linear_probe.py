@@ -1,0 +1,118 @@
+"""Linear probing (MAE's protocol): the backbone is frozen, features of one block (mean-pooled
+patch tokens) are computed once and cached, and a BatchNorm (no affine) + linear head is trained
+on them, which makes probing a checkpoint take seconds to minutes."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from common.checkpoint_io import Checkpoint, save_weights
+from common.errors import UserError
+from common.lr_sched import lr_at
+from custom_datasets import batch as B
+from custom_datasets.classification_data import build_transform
+from custom_datasets.collate import collate_skipping_bad
+from custom_datasets.downstream_data import image_folders
+from models.downstream.image_classification import topk_accuracy
+from models.downstream.linear_probe import ProbeHead
+from training.batch import BatchPreparer
+from training.config import FinetuneConfig
+from training.finetune_model import build_task
+from training.scaffold import RunContext
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, layer: int, batch_size: int, device: torch.device, num_workers: int = 0):
+    """`[N, D]` mean-pooled output of block `layer` and `[N]` labels; unreadable images skipped."""
+    captured: list[torch.Tensor] = []
+    hook = backbone.blocks[layer].register_forward_hook(lambda m, i, out: captured.append(out))
+    feats, labels = [], []
+    backbone.eval()
+    prepare = BatchPreparer(device, (B.IMAGE, B.LABEL))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_bad)
+    try:
+        for batch in prepare.batches(loader):
+            captured.clear()
+            backbone.encode_image(batch[B.IMAGE])
+            feats.append(captured[0][:, 1:].mean(1).float().cpu())  # [B, D]
+            labels.append(batch[B.LABEL].cpu())
+    finally:
+        hook.remove()
+    if not feats:
+        raise UserError("no readable images to extract features from")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def probe_epoch_stats(head: ProbeHead, val: tuple[torch.Tensor, torch.Tensor], epoch: int, train_loss: float) -> dict:
+    head.eval()
+    with torch.no_grad():
+        logits = head(val[0])
+        acc = {k: float(v) for k, v in topk_accuracy(logits, val[1]).items()}
+        return {"epoch": epoch, "train_loss": train_loss, "test_loss": nn.functional.cross_entropy(logits, val[1]).item(),
+                "test_acc1": acc["acc1"], "test_acc5": acc["acc5"]}
+
+
+def train_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+                epochs: int, lr: float, batch_size: int, seed: int, log_path: Path | None = None) -> tuple[ProbeHead, dict]:
+    """LARS-free variant of MAE's probe: SGD with momentum and cosine lr on cached features."""
+    torch.manual_seed(seed)
+    head = ProbeHead(train[0].shape[1], num_classes)
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    n = len(train[0])
+    steps = max(1, n // batch_size)
+    best: dict = {"test_acc1": -1.0}
+    for epoch in range(epochs):
+        head.train()
+        order = torch.randperm(n)
+        total = 0.0
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch + step / steps, lr, 0.0, min(10, epochs // 10), epochs)
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            loss = nn.functional.cross_entropy(head(train[0][idx]), train[1][idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        stats = probe_epoch_stats(head, val, epoch, total / steps)
+        if log_path is not None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(stats) + "\n")
+        if stats["test_acc1"] > best["test_acc1"]:
+            best = stats
+    return head, best
+
+
+def run_linear_probe(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> dict:
+    # features are cached, so no random augmentation
+    view = build_transform(cfg.augment, cfg.model.input_size, train=False)
+    data = image_folders(cfg.data, cfg.augment, cfg.model.input_size, view, view)
+    num_classes = cfg.model.nb_classes or len(data.class_names)
+    task, report = build_task(cfg, ckpt, num_classes)
+    backbone = task.backbone.to(ctx.device).requires_grad_(False)
+    layer = backbone.cfg.depth - 1 if cfg.model.probe_layer is None else cfg.model.probe_layer
+    if not 0 <= layer < backbone.cfg.depth:
+        raise UserError(f"--probe_layer {layer} is outside the model's blocks 0..{backbone.cfg.depth - 1}")
+    output_dir = ctx.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"linear_probe: block {layer} of {backbone.cfg.depth}, {num_classes} classes "
+          f"({len(data.train)} train / {len(data.val)} val images); " + "; ".join(report))
+    start = time.time()
+    opt = cfg.optim
+    train = extract_features(backbone, data.train, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
+    val = extract_features(backbone, data.val, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
+    print(f"features cached in {time.time() - start:.0f}s")
+    lr = opt.lr or opt.blr * opt.batch_size / 256
+    head, best = train_probe(train, val, num_classes, opt.epochs, lr, opt.batch_size, cfg.run.seed,
+                             output_dir / "log.txt")
+    save_weights(output_dir / "probe_head.safetensors", {f"probe.{k}": v for k, v in head.state_dict().items()},
+                 backbone.cfg.to_dict(), {"probe_layer": str(layer)})
+    print(f"done: best test acc1 {best['test_acc1']:.2f} (epoch {best['epoch']}); saved "
+          f"{output_dir / 'probe_head.safetensors'}")
+    ctx.finish()
+    return {"best_acc1": best["test_acc1"], **best}

@@ -1,0 +1,35 @@
+"""Optimizer pieces both kinds of run share: the learning rate from the base lr, AdamW with no
+decay on norms, biases, tokens and position tables, the precision and the fp16 gradient scaler."""
+from __future__ import annotations
+
+import torch
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def learning_rate(lr: float | None, blr: float, eff_batch: int) -> float:
+    """`--lr`, or `--blr` scaled by the effective batch (the linear rule, per 256 samples)."""
+    return lr or blr * eff_batch / 256
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No decay on norms, biases, tokens, position tables; only trainable parameters."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, ...]) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
+
+
+def amp_dtype(amp: str | None) -> torch.dtype | None:
+    return AMP_DTYPES.get(amp or "none")
+
+
+def grad_scaler(amp: str | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None

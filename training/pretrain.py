@@ -1,0 +1,235 @@
+"""`pretrain(cfg)`: one continual-pretraining stage (image MIM, text MLM, image-text contrastive or
+their compound), from a frozen `PretrainConfig`. The entry script, the demo chain and the tests
+call it."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+from common import distributed as dist_util
+from common.config_args import flat_settings, save_settings
+from common.errors import UserError
+from custom_datasets.pretrain_data import PretrainData, build_pretrain_data
+from engine_pretrain import evaluate, train_one_epoch
+from models.backbone import VLMoBackbone
+from models.lora import add_lora, self_regularization
+from models.modes import ModeOptions, PretrainMode
+from models.pretrained import describe
+from models.run_info import compact, preprocessing, text_tokenizer_record
+from models.trainability import configure_trainable
+from training.batch import BatchPreparer
+from training.config import PretrainConfig
+from training.optim import adamw, amp_dtype, grad_scaler, learning_rate
+from training.pretrain_finish import finish_stage, report_stage
+from training.run_checkpoint import latest_checkpoint, load_run_state, save_run_checkpoint
+from training.scaffold import RunContext, checkpoint_due
+from training.step import StepSettings
+from training.tokenizers import build_text_tokenizer, build_visual_tokenizer
+from training.weights import CarriedHeads, Weights, attach_heads, build_backbone, resolve_weights
+
+
+@dataclass
+class PretrainRun:
+    """Everything a stage is built from, made once by `build_run`."""
+
+    cfg: PretrainConfig
+    ctx: RunContext
+    mode: PretrainMode
+    model: torch.nn.Module  # the mode, DDP-wrapped when there are several processes
+    data: PretrainData
+    grid: tuple[int, int]
+    text_tokenizer: Any
+    visual_tokenizer: Any
+    carried: CarriedHeads
+    weights: Weights
+    trainable: dict[str, int]
+
+    @property
+    def backbone(self) -> VLMoBackbone:
+        return self.mode.backbone
+
+    def info(self) -> dict[str, Any]:
+        """The self-description every checkpoint of this stage carries."""
+        cfg = self.cfg
+        text = (text_tokenizer_record(self.text_tokenizer, cfg.text.tokenizer) if self.text_tokenizer is not None
+                else None)
+        return compact(task=cfg.exp_name, heads={**self.carried.specs, **self.mode.head_specs()},
+                       preprocessing=preprocessing(cfg.model.image_size, 1.0, cfg.views.imagenet_default_mean_and_std),
+                       text_tokenizer=text, max_text_len=cfg.text.max_text_len if text else None)
+
+
+def resolve_resume(cfg: PretrainConfig, ctx: RunContext) -> PretrainConfig:
+    """`--auto_resume` picks the newest checkpoint; a folder holding a run is never overwritten."""
+    from training.config import replace
+
+    if cfg.model.auto_resume and not cfg.model.resume:
+        found = latest_checkpoint(ctx.output_dir)
+        cfg = replace(cfg, model={"resume": str(found) if found else None})
+    if not cfg.model.resume and not cfg.run.eval and latest_checkpoint(ctx.output_dir) is not None:
+        raise UserError(f"--output_dir {ctx.output_dir} already holds checkpoints of a run; pass --auto_resume to "
+                        f"continue it or choose another --output_dir (nothing is overwritten)")
+    return cfg
+
+
+def limit_samples(data: PretrainData, cfg: PretrainConfig) -> None:
+    if cfg.data.max_train_samples and not isinstance(data.train, IterableDataset):
+        data.train = Subset(data.train, range(min(cfg.data.max_train_samples, len(data.train))))
+    if cfg.data.max_val_samples and not isinstance(data.val, IterableDataset):
+        data.val = Subset(data.val, range(min(cfg.data.max_val_samples, len(data.val))))
+
+
+def build_run(cfg: PretrainConfig) -> PretrainRun:
+    mode_cls = cfg.mode
+    ctx = RunContext.start(cfg.run.device, cfg.run.output_dir, cfg.run.seed)
+    cfg = resolve_resume(cfg, ctx)
+    weights, cfg = resolve_weights(cfg)
+    text_tokenizer, cfg = build_text_tokenizer(cfg)
+    backbone = build_backbone(cfg, weights, len(text_tokenizer) if text_tokenizer is not None else None)
+    if cfg.text.max_text_len > backbone.cfg.max_text_len:
+        raise UserError(f"--max_text_len {cfg.text.max_text_len} exceeds the model's {backbone.cfg.max_text_len} "
+                        f"text positions")
+    grid = backbone.cfg.grid_size
+    data = build_pretrain_data(cfg.data_config, mode_cls.data_kind, grid, text_tokenizer, mode_cls.needs_mlm_masks)
+    limit_samples(data, cfg)
+    visual_tokenizer = None
+    if mode_cls.needs_visual_tokens:
+        visual_tokenizer, cfg = build_visual_tokenizer(cfg, data.train, grid[0], ctx.device)
+    mode = mode_cls(backbone, mode_options(cfg, visual_tokenizer))
+    carried = attach_heads(mode, weights.ckpt)
+    if cfg.lora.lora_rank:
+        add_lora(backbone, cfg.lora.lora_rank, cfg.lora.lora_alpha, cfg.lora.lora_dropout)
+    trainable = configure_trainable(mode, bool(cfg.lora.lora_rank), list(cfg.lora.trainable_extra))
+    if cfg.model.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    mode.to(ctx.device)
+    for head in carried.modules.values():
+        head.to(ctx.device)
+    model = ctx.wrap(mode, find_unused_parameters=not mode_cls.static_graph)
+    return PretrainRun(cfg, ctx, mode, model, data, grid, text_tokenizer, visual_tokenizer, carried, weights, trainable)
+
+
+def mode_options(cfg: PretrainConfig, visual_tokenizer) -> ModeOptions:
+    obj = cfg.objectives
+    return ModeOptions(visual_vocab_size=visual_tokenizer.vocab_size if visual_tokenizer is not None else None,
+                       gather=dist_util.gather_with_grad if obj.aggregate_itc else (lambda x: x),
+                       mim_conduct_prob=obj.mim_conduct_prob, mlm_conduct_prob=obj.mlm_conduct_prob,
+                       itc_conduct_prob=obj.itc_conduct_prob, seed=cfg.run.seed)
+
+
+@dataclass
+class Optimization:
+    train_loader: DataLoader
+    val_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    settings: StepSettings
+    prepare: BatchPreparer
+    start_epoch: int
+    eff_batch: int
+
+
+def build_optimization(run: PretrainRun) -> Optimization:
+    cfg, ctx, opt = run.cfg, run.ctx, run.cfg.optim
+    train_loader = ctx.loader(run.data.train, opt.batch_size, cfg.data.num_workers, True, run.data.train_collate)
+    val_loader = ctx.loader(run.data.val, opt.batch_size, cfg.data.num_workers, False, run.data.val_collate)
+    if len(train_loader) == 0:
+        raise UserError(f"{len(run.data.train)} training samples are fewer than one batch of {opt.batch_size} per "
+                        f"device; lower --batch_size")
+    eff_batch = opt.batch_size * opt.accum_iter * ctx.world
+    lr = learning_rate(opt.lr, opt.blr, eff_batch)
+    warmup = opt.warmup_steps / len(train_loader) if opt.warmup_steps is not None else opt.warmup_epochs
+    optimizer = adamw(run.mode, lr, opt.weight_decay, tuple(opt.opt_betas))
+    scaler = grad_scaler(cfg.run.amp, ctx.device)
+    start_epoch = 0
+    if run.weights.continue_run:
+        start_epoch = load_run_state(run.weights.path, run.mode, optimizer, scaler, run.weights.ckpt)
+    run.weights.ckpt = None  # not held in memory for the whole run
+    settings = StepSettings(lr=lr, min_lr=opt.min_lr, warmup_epochs=warmup, epochs=opt.epochs,
+                            accum_iter=opt.accum_iter, clip_grad=opt.clip_grad, amp_dtype=amp_dtype(cfg.run.amp),
+                            print_freq=cfg.run.print_freq, max_bad_samples=cfg.data.max_bad_samples,
+                            reg_loss_weight=cfg.lora.reg_loss_weight)
+    prepare = BatchPreparer(ctx.device, cfg.mode.batch_keys, run.visual_tokenizer)
+    return Optimization(train_loader, val_loader, optimizer, scaler, settings, prepare, start_epoch, eff_batch)
+
+
+def describe_run(run: PretrainRun, optim: Optimization) -> None:
+    cfg, ctx = run.cfg, run.ctx
+    if not ctx.is_main:
+        return
+    n_train = sum(run.trainable.values())
+    print(f"{cfg.exp_name}: {cfg.model.model} ({describe(run.backbone.cfg)}), {n_train / 1e6:.2f}M trainable parameters: "
+          + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sorted(run.trainable.items()))
+          + (f"; LoRA rank {cfg.lora.lora_rank} alpha {cfg.lora.lora_alpha:g}" if cfg.lora.lora_rank else "")
+          + (f", self-regularization weight {cfg.lora.reg_loss_weight:g}" if cfg.lora.self_regularization else ""))
+    sources = " ".join(cfg.text.data_file_path) if cfg.text.data_file_path else cfg.data.data_path
+    vt, tt = run.visual_tokenizer, run.text_tokenizer
+    print(f"data: {sources} ({len(run.data.train)} train / {len(run.data.val)} val)"
+          + (f", visual tokenizer {cfg.visual_tokenizer.d_vae_type} ({vt.vocab_size} tokens)" if vt is not None else "")
+          + (f", text tokenizer {cfg.text.tokenizer} ({len(tt)} tokens)" if tt is not None else "")
+          + f", {ctx.world} process(es), effective batch {optim.eff_batch}, lr {optim.settings.lr:.3g}, "
+            f"amp {cfg.run.amp}, device {ctx.device}")
+    save_settings(cfg, ctx.output_dir, "eval_args.yaml" if cfg.run.eval else "args.yaml")  # an eval never rewrites a run's files
+
+
+def evaluate_checkpoint(run: PretrainRun, optim: Optimization) -> dict[str, float]:
+    run.ctx.reseed_for_evaluation()
+    stats = evaluate(run.model, optim.val_loader, run.ctx.device, optim.prepare, optim.settings.amp_dtype)
+    if run.ctx.is_main:
+        print("eval: " + json.dumps({k: round(v, 4) for k, v in stats.items()}))
+        stats.update(report_stage(run, "eval_report.json"))
+    return stats
+
+
+def train_epochs(run: PretrainRun, optim: Optimization) -> tuple[dict[str, Any], float]:
+    """(the last epoch's statistics, seconds spent in the epochs)."""
+    cfg, ctx = run.cfg, run.ctx
+    log_writer = ctx.tensorboard(cfg.run.log_dir)
+    regularizer = (lambda: self_regularization(run.backbone)) if cfg.lora.self_regularization else None
+    lora_meta = {"lora": {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha}} if cfg.lora.lora_rank else None
+    skipped_total, stats, info, start = 0, {}, run.info(), time.time()
+    for epoch in range(optim.start_epoch, cfg.optim.epochs):
+        ctx.start_epoch(optim.train_loader, epoch)
+        run.mode.set_epoch(epoch)
+        train_stats = train_one_epoch(run.model, optim.train_loader, optim.optimizer, ctx.device, epoch, optim.settings,
+                                      optim.prepare, optim.scaler, log_writer, skipped_total, regularizer=regularizer)
+        skipped_total += int(train_stats.get("skipped_samples", 0))
+        ctx.reseed_for_evaluation()
+        test_stats = evaluate(run.model, optim.val_loader, ctx.device, optim.prepare, optim.settings.amp_dtype)
+        stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
+                 "epoch": epoch, "n_parameters": sum(run.trainable.values())}
+        if ctx.is_main:
+            if checkpoint_due(epoch, cfg.optim.epochs, cfg.run.save_per_epochs):
+                path = save_run_checkpoint(ctx.output_dir, epoch, (epoch + 1) * len(optim.train_loader), run.mode,
+                                           optim.optimizer, optim.scaler, run.backbone.cfg.to_dict(),
+                                           flat_settings(cfg), lora_meta, run.carried.tensors, info=info)
+                print(f"saved {path}")
+            for key, value in test_stats.items():
+                log_writer.add_scalar(f"test/{key}", value, epoch)
+            ctx.append_log(stats)
+            print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in test_stats.items())
+                  + (f"  (skipped {int(train_stats['skipped_samples'])} unreadable samples)"
+                     if train_stats.get("skipped_samples") else ""), flush=True)
+    if log_writer is not None:
+        log_writer.close()
+    return stats, time.time() - start
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Build the stage, then evaluate (`--eval`) or train it; returns the last epoch's statistics
+    (with the stage report)."""
+    run = build_run(cfg)
+    optim = build_optimization(run)
+    describe_run(run, optim)
+    if run.cfg.run.eval:
+        stats = evaluate_checkpoint(run, optim)
+    else:
+        stats, seconds = train_epochs(run, optim)
+        if run.ctx.is_main and stats:
+            finish_stage(run, optim, stats, seconds)
+    run.ctx.finish()
+    return stats

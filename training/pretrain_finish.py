@@ -1,0 +1,77 @@
+"""The end of a pretraining stage: the LoRA handover files, the summary against the majority
+baseline, and the stage report (what the backbone still knows and what it learned)."""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from custom_datasets import batch as B
+from models.lora_checkpoints import save_adapters, save_merged_model
+from models.visual_tokenizers import create_visual_tokenizer
+from training.stage_eval import build_probes, format_report, stage_report
+
+if TYPE_CHECKING:
+    from training.pretrain import Optimization, PretrainRun
+
+
+@torch.no_grad()
+def majority_baseline(loader, prepare) -> float:
+    """Accuracy of always predicting the most frequent visual token of masked patches."""
+    counts: dict[int, int] = {}
+    total = 0
+    for batch in prepare.batches(loader):
+        ids = batch[B.VISUAL_TOKENS][batch[B.MASKED_PATCHES].bool()]
+        for value, n in zip(*torch.unique(ids, return_counts=True)):
+            counts[int(value)] = counts.get(int(value), 0) + int(n)
+        total += ids.numel()
+    return max(counts.values()) / total if total else 0.0
+
+
+def report_visual_tokenizer(run: "PretrainRun"):
+    """The stage's visual tokenizer, or for a stage that does not train MIM the one of the MIM probe."""
+    tok = run.cfg.visual_tokenizer
+    if run.visual_tokenizer is None and tok.d_vae_weight_path:
+        return create_visual_tokenizer(tok.d_vae_type, tok.d_vae_weight_path, tok.second_image_size,
+                                       expected_grid=run.grid[0]).to(run.ctx.device)
+    return run.visual_tokenizer
+
+
+def report_stage(run: "PretrainRun", name: str = "stage_report.json") -> dict[str, Any]:
+    """The forgetting / transfer metrics of this backbone on held-out probes, printed and saved."""
+    cfg = run.cfg
+    heads = {**run.carried.modules, **{n: getattr(run.mode, n) for n in run.mode.heads}}
+    probes = build_probes(cfg.data_config, run.mode.data_kind, run.grid, run.text_tokenizer, run.data.val,
+                          run.data.val_collate, limit=cfg.data.max_val_samples or 500)
+    report = stage_report(run.backbone, heads, probes, run.ctx.device, report_visual_tokenizer(run), run.text_tokenizer,
+                          cfg.text.max_text_len, cfg.optim.batch_size, cfg.run.seed)
+    print(f"stage report ({cfg.exp_name}): {format_report(report)}")
+    (run.ctx.output_dir / name).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def save_lora_handover(run: "PretrainRun") -> None:
+    cfg, out = run.cfg, run.ctx.output_dir
+    lora = {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha}
+    state = {**{k: v.detach().cpu() for k, v in run.mode.state_dict().items()}, **run.carried.tensors}
+    save_adapters(out / "adapters.safetensors", state, run.backbone.cfg.to_dict(), lora, run.info())
+    print(f"saved {out / 'adapters.safetensors'} (adapter weights only)")
+    if cfg.lora.save_merged_lora_model:
+        path = out / "merged_model.safetensors"
+        save_merged_model(path, state, run.backbone.cfg.to_dict(), lora, str(out), run.info())
+        print(f"saved {path} (adapters merged; start the next stage with --init_from {path})")
+
+
+def finish_stage(run: "PretrainRun", optim: "Optimization", stats: dict[str, Any], seconds: float) -> None:
+    """Main process, after the last epoch: handover files, summary line, stage report (into `stats`)."""
+    if run.cfg.lora.lora_rank:
+        save_lora_handover(run)
+    summary = f"done in {seconds:.0f}s"
+    if run.visual_tokenizer is not None and "test_acc_mim" in stats:
+        baseline = majority_baseline(optim.val_loader, optim.prepare)
+        summary += (f": held-out MIM accuracy {stats['test_acc_mim']:.3f} (always predicting the most frequent "
+                    f"token: {baseline:.3f}; uniform chance: {1 / run.visual_tokenizer.vocab_size:.4f})")
+        stats["majority_baseline"] = baseline
+    print(summary)
+    stats["stage_report"] = report_stage(run)

@@ -1,0 +1,64 @@
+"""Run checkpoints (`checkpoint-<epoch>.pth`): model, optimizer, scaler, epoch, step and config,
+plain tensors and types only, written atomically; and resuming from them."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.checkpoint_io import FORMAT_TAG, Checkpoint, read_checkpoint, save_torch_atomic
+from common.errors import UserError
+from models.lora import load_plain_state, plain_names
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def save_run_checkpoint(output_dir: str | Path, epoch: int, step: int, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                        backbone_config: dict[str, Any], args: dict[str, Any], extra: dict[str, Any] | None = None,
+                        carried: dict[str, torch.Tensor] | None = None, name: str | None = None,
+                        info: dict[str, Any] | None = None) -> Path:
+    """`carried`: head weights of earlier stages this mode does not train (kept for later stages);
+    `name`: file suffix instead of the epoch (e.g. "best"); `info`: the self-description (run_info)."""
+    path = Path(output_dir) / f"checkpoint-{name or epoch}.pth"
+    state = {
+        "format": FORMAT_TAG,
+        "model": {**{k: v.detach().cpu() for k, v in plain_names(model.state_dict()).items()}, **(carried or {})},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "backbone_config": backbone_config,
+        "args": args,
+        **(extra or {}),
+        **({"run_info": info} if info else {}),
+    }
+    save_torch_atomic(state, path)
+    return path
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*.pth") if (m := CHECKPOINT_RE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None, ckpt: Checkpoint | None = None) -> int:
+    """Restore a run checkpoint (`ckpt`: the file already read); returns the epoch to start from."""
+    ckpt = ckpt or read_checkpoint(path)
+    own = set(plain_names(model.state_dict()))
+    missing = sorted(own - set(ckpt.model))
+    owned_prefixes = {k.split(".")[0] for k in own}
+    unexpected = sorted(k for k in set(ckpt.model) - own if k.split(".")[0] in owned_prefixes)  # others: carried heads
+    if missing or unexpected:
+        raise UserError(f"--resume {path} does not match this run's model (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); resume with the same --exp_name and model flags")
+    load_plain_state(model, {k: v for k, v in ckpt.model.items() if k in own})
+    if "optimizer" not in ckpt.extra or "epoch" not in ckpt.extra:
+        raise UserError(f"--resume {path} has no optimizer state; it is a weights file, use --init_from or --finetune")
+    optimizer.load_state_dict(ckpt.extra["optimizer"])
+    if scaler is not None and ckpt.extra.get("scaler"):
+        scaler.load_state_dict(ckpt.extra["scaler"])
+    return int(ckpt.extra["epoch"]) + 1

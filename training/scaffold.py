@@ -1,0 +1,104 @@
+"""What every run does around its epochs, in one place: seeding, joining the process group, the
+device, DDP wrapping, data loaders, TensorBoard, `log.txt` and the checkpoint cadence."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
+
+from common import distributed as dist_util
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunContext:
+    """This process's place in the run: rank, world size, device and output folder."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    output_dir: Path
+    seed: int
+
+    @classmethod
+    def start(cls, device: str, output_dir: str, seed: int) -> "RunContext":
+        rank, world, local_rank = dist_util.init_distributed(device)
+        torch_device = torch.device(f"cuda:{local_rank}" if device.startswith("cuda") else device)
+        seed_everything(seed + rank)
+        return cls(rank, world, local_rank, torch_device, Path(output_dir), seed)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+        """DDP around `module` when the run has several processes."""
+        if not dist_util.is_distributed():
+            return module
+        ids = [self.local_rank] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids,
+                                                         find_unused_parameters=find_unused_parameters)
+
+    def loader(self, dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate: Callable,
+               seeded_shuffle: bool = True) -> DataLoader:
+        """A DataLoader that shards across ranks. Training data is shuffled with a generator re-seeded
+        every epoch (`seeded_shuffle`) or by the global RNG, which `start_epoch` seeds."""
+        pin = self.device.type == "cuda"
+        if isinstance(dataset, IterableDataset):  # streams split and shuffle themselves (set_epoch)
+            return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                              drop_last=train, pin_memory=pin)
+        sampler = None
+        if dist_util.is_distributed():
+            sampler = DistributedSampler(dataset, shuffle=train, seed=self.seed)
+        elif train and seeded_shuffle:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and sampler is None,
+                          num_workers=num_workers, collate_fn=collate, drop_last=train, pin_memory=pin,
+                          persistent_workers=num_workers > 0)
+
+    def start_epoch(self, loader: DataLoader, epoch: int) -> None:
+        """Data order, augmentation and masks are functions of (seed, rank, epoch): a resumed run
+        continues exactly where a straight run would be."""
+        seed_everything(self.seed + self.rank + 1000 * epoch)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        elif isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        elif isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is not None:
+            loader.sampler.generator.manual_seed(self.seed + epoch)
+
+    def reseed_for_evaluation(self) -> None:
+        """Held-out masks are the same in every evaluation."""
+        seed_everything(self.seed + self.rank)
+
+    def tensorboard(self, log_dir: str):
+        if not self.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=log_dir)
+
+    def append_log(self, stats: dict) -> None:
+        """One JSON line per epoch in `log.txt` (main process)."""
+        if self.is_main:
+            with open(self.output_dir / "log.txt", "a") as f:
+                f.write(json.dumps(stats) + "\n")
+
+    def finish(self) -> None:
+        dist_util.cleanup()
+
+
+def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs

@@ -1,0 +1,157 @@
+"""The training-step core both engines share: per-iteration lr, gradient accumulation (DDP
+all-reduces only on the micro-batch that ends an optimizer step), autocast, the finiteness check,
+unscale + clip + step (fp16 scaler or not), the unreadable-sample limit, logging and progress.
+The model is called with the prepared batch and returns `{"loss": ..., <name>: scalar, ...}`."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from common import distributed as dist_util
+from common.errors import UserError
+from common.lr_sched import lr_at, set_lr
+from common.metrics import ProgressPrinter, ScalarAverager
+from custom_datasets.batch import NUM_SKIPPED, batch_size
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class StepSettings:
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    epochs: int
+    accum_iter: int = 1
+    clip_grad: float | None = None
+    amp_dtype: torch.dtype | None = None
+    print_freq: int = 20
+    max_bad_samples: int | None = None
+    reg_loss_weight: float = 0.0  # weight of `regularizer()`, added once per optimizer step
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_bad_samples(settings: StepSettings, skipped: int) -> None:
+    if settings.max_bad_samples is not None and skipped > settings.max_bad_samples:
+        raise UserError(f"more than --max_bad_samples {settings.max_bad_samples} unreadable samples; "
+                        f"fix or remove the bad files, or raise the limit")
+
+
+def schedule_lr(optimizer: torch.optim.Optimizer, settings: StepSettings, epoch: int, step: int, total: int) -> None:
+    """Per-iteration warmup + cosine, set at the first micro-batch of each optimizer step."""
+    if step % settings.accum_iter == 0:
+        set_lr(optimizer, lr_at(epoch + step / total, settings.lr, settings.min_lr, settings.warmup_epochs, settings.epochs))
+
+
+def is_last_micro_batch(settings: StepSettings, step: int, total: int) -> bool:
+    return (step + 1) % settings.accum_iter == 0 or step + 1 == total
+
+
+def gradient_sync(model: torch.nn.Module, last_micro: bool):
+    """DDP all-reduces gradients only on the micro-batch that ends an optimizer step."""
+    return contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not math.isfinite(loss.item()):
+        raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --blr or use --amp bf16/none")
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   clip_grad: float | None) -> None:
+    """Unscale (fp16), clip, step and clear the accumulated gradients."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def global_skipped(skipped: int, device: torch.device) -> float:
+    return dist_util.all_reduce_sum(torch.tensor(float(skipped), device=device)).item()
+
+
+def scalars_of(out: dict[str, Any]) -> dict[str, float]:
+    """Every scalar a model returned (the loss, its parts, accuracies, temperatures...)."""
+    return {k: float(v.detach()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
+
+
+@dataclass
+class EpochHooks:
+    """What an engine adds to the shared loop: a regularizer computed from the weights once per
+    optimizer step (weighted by `StepSettings.reg_loss_weight`, logged as `loss_reg`), and a
+    callback after each optimizer step (e.g. an EMA update)."""
+
+    regularizer: Callable[[], torch.Tensor] | None = None
+    after_step: Callable[[], None] | None = None
+
+
+def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch, step, total) -> dict[str, float]:
+    last_micro = is_last_micro_batch(settings, step, total)
+    with gradient_sync(model, last_micro):
+        with autocast(device, settings.amp_dtype):
+            out = model(batch)
+        loss = out["loss"]
+        check_finite(loss, epoch, step)
+        scaled = loss / settings.accum_iter
+        reg = None
+        if hooks.regularizer is not None and last_micro:
+            reg = settings.reg_loss_weight * hooks.regularizer()
+            scaled = scaled + reg
+        (scaler.scale(scaled) if scaler else scaled).backward()
+    if last_micro:
+        optimizer_step(model, optimizer, scaler, settings.clip_grad)
+        if hooks.after_step is not None:
+            hooks.after_step()
+    scalars = scalars_of(out)
+    if reg is not None:
+        scalars["loss_reg"] = float(reg.detach())
+    return scalars
+
+
+def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, settings: StepSettings, prepare: Callable[[Batch], Batch],
+                    scaler: torch.amp.GradScaler | None = None, log_writer=None, skipped_so_far: int = 0,
+                    steps_per_epoch: int | None = None, hooks: EpochHooks | None = None) -> dict[str, float]:
+    """One pass over `loader`; returns sample-weighted averages of every scalar over all ranks, the
+    number of skipped samples and the last lr."""
+    model.train()
+    hooks = hooks or EpochHooks()
+    total = steps_per_epoch or len(loader)  # type: ignore[arg-type]
+    averager, skipped = ScalarAverager(), 0
+    progress = ProgressPrinter(f"Epoch [{epoch}]", total, settings.print_freq)
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(loader):
+        skipped += int(batch.pop(NUM_SKIPPED, 0))
+        check_bad_samples(settings, skipped_so_far + skipped)
+        schedule_lr(optimizer, settings, epoch, step, total)
+        if not batch:  # every sample of this batch was unreadable
+            continue
+        batch = prepare(batch)
+        scalars = _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch, step, total)
+        n = batch_size(batch)
+        averager.update(scalars, n)
+        lr = optimizer.param_groups[0]["lr"]
+        progress.step(step, n, {"lr": lr, **scalars})
+        if log_writer is not None and is_last_micro_batch(settings, step, total):
+            epoch_1000x = int((epoch + step / total) * 1000)  # one axis for runs of different batch sizes
+            for key, value in {**scalars, "lr": lr}.items():
+                log_writer.add_scalar(f"train/{key}", value, epoch_1000x)
+    stats = averager.global_average(device)
+    stats["skipped_samples"] = global_skipped(skipped, device)
+    stats["lr"] = optimizer.param_groups[0]["lr"]
+    return stats

@@ -1,0 +1,111 @@
+"""Where a pretraining run's weights come from (nothing, a checkpoint to start a new stage from, or
+a run to continue), the backbone built from them, and the heads: the mode's own (loaded when the
+checkpoint has them) and those of earlier stages, which travel on unused in this run's checkpoints."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.checkpoint_io import Checkpoint, read_checkpoint
+from common.errors import UserError
+from models import create_model
+from models.backbone import VLMoBackbone
+from models.head_loading import built_for_loading, head_names, head_spec, load_head, load_head_into
+from models.lora import is_adapter_key
+from models.pretrained import check_text_vocab
+from training.config import PretrainConfig, replace
+
+
+@dataclass
+class Weights:
+    """The checkpoint a run starts from (read once) and whether it is a run to continue."""
+
+    path: str | None = None
+    ckpt: Checkpoint | None = None
+    continue_run: bool = False
+
+
+def resolve_weights(cfg: PretrainConfig) -> tuple[Weights, PretrainConfig]:
+    """Says which of init / resume / scratch happens; a LoRA run is continued as a LoRA run."""
+    m = cfg.model
+    if not m.resume:
+        if m.init_from:
+            print(f"starting a new stage from the weights of {m.init_from} (fresh optimizer, epoch 0)")
+            return Weights(m.init_from, read_checkpoint(m.init_from)), cfg
+        return Weights(), cfg
+    ckpt = read_checkpoint(m.resume)
+    if "optimizer" not in ckpt.extra:
+        print(f"--resume {m.resume} holds weights only: initialising the model from it (new run, epoch 0)")
+        return Weights(m.resume, ckpt), cfg
+    print(f"resuming run from {m.resume} (epoch {ckpt.extra.get('epoch')})")
+    saved = ckpt.extra.get("lora") or {}
+    if saved and not cfg.lora.lora_rank:  # a LoRA run continues (or is evaluated) as a LoRA run
+        cfg = replace(cfg, lora={"lora_rank": saved["rank"], "lora_alpha": saved["alpha"]})
+        print(f"{m.resume} trained LoRA adapters: using --lora_rank {saved['rank']} --lora_alpha {saved['alpha']:g}")
+    elif saved.get("rank", 0) != cfg.lora.lora_rank:
+        raise UserError(f"--resume {m.resume} was trained with --lora_rank {saved.get('rank', 0)}, not "
+                        f"{cfg.lora.lora_rank}; resume with the run's own flags, or use --init_from to start a new stage")
+    return Weights(m.resume, ckpt, continue_run=True), cfg
+
+
+def build_backbone(cfg: PretrainConfig, weights: Weights, vocab_size: int | None) -> VLMoBackbone:
+    m = cfg.model
+    overrides = dict(img_size=m.image_size, patch_size=m.patch_size, drop_path_rate=m.drop_path,
+                     layer_scale_init_value=m.layer_scale_init_value, ffn=m.ffn, vocab_size=vocab_size,
+                     max_text_len=cfg.text.max_text_len_of_initckpt)
+    if weights.path is None:
+        return create_model(m.model, **overrides)
+    check_text_vocab(weights.ckpt, vocab_size, cfg.text.tokenizer)
+    return create_model(m.model, pretrained=weights.path, checkpoint=weights.ckpt,
+                        **{k: v for k, v in overrides.items() if k in ("img_size", "drop_path_rate")})
+
+
+@dataclass
+class CarriedHeads:
+    """Heads of earlier stages this mode does not train: their tensors and specs (written into every
+    checkpoint of this run, so later stages and reports find them) and, for the stage report, the
+    modules rebuilt from them."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    specs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def _layout(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k not in ("embed_dim", "vocab_size")}
+
+
+def attach_heads(mode: nn.Module, ckpt: Checkpoint | None) -> CarriedHeads:
+    """Load the mode's heads that `ckpt` has (rebuilt to the checkpoint's spec when it differs from
+    the mode's default); collect the other heads it carries."""
+    if ckpt is None:
+        return CarriedHeads()
+    new = []
+    cfg = mode.backbone.cfg
+    for name in mode.heads:
+        own = getattr(mode, name).spec()
+        spec = head_spec(ckpt, name, cfg)
+        if spec is not None and _layout(spec) != _layout(own):
+            # another layout of the same head (e.g. ContinualTransformer's MIM head with a transform);
+            # the sizes stay the run's, so a head for another vocabulary is still refused when loading
+            shaped = {**spec, **{k: own[k] for k in ("embed_dim", "vocab_size") if k in own}}
+            setattr(mode, name, built_for_loading(shaped))
+        if load_head_into(getattr(mode, name), ckpt, name):
+            print(f"loaded the {name} from {ckpt.path}")
+        else:
+            new.append(name)
+    carried = CarriedHeads()
+    for name in head_names(ckpt.model):
+        if name in mode.heads:
+            continue
+        carried.tensors.update({k: v for k, v in ckpt.model.items() if k.split(".")[0] == name and not is_adapter_key(k)})
+        spec = head_spec(ckpt, name, cfg)
+        if spec is not None:
+            carried.specs[name] = spec
+            carried.modules[name] = load_head(ckpt, name, cfg)
+    print(f"from {ckpt.path}: backbone loaded; new heads: {', '.join(new) or 'none'}; kept unused for later stages: "
+          f"{', '.join(sorted({k.split('.')[0] for k in carried.tensors})) or 'none'}")
+    return carried
