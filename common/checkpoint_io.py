@@ -6,6 +6,7 @@ half-written file under the final name.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -19,6 +20,8 @@ import torch
 from common.errors import UserError
 
 FORMAT_TAG = "vlmo-backbone/1"
+# the only classes a checkpoint's pickle may name besides tensors and builtins
+SAFE_GLOBALS = [argparse.Namespace]
 
 
 @dataclass
@@ -50,7 +53,9 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     path = Path(path)
     _require_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # argparse.Namespace holds plain values only: ContinualTransformer stores its flags as one
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
@@ -108,6 +113,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not tensors:
         raise UserError(f"{path} contains no tensors; it is not a model checkpoint")
     info = extra.pop("run_info", None) or {}
+    if isinstance(extra.get("args"), argparse.Namespace):
+        extra["args"] = vars(extra["args"])
     return Checkpoint(path, tensors, config, extra, info if isinstance(info, dict) else {})
 
 

@@ -55,7 +55,8 @@ def two_view_config(cfg: PretrainDataConfig, train: bool) -> TwoViewConfig:
     views = cfg.views
     return TwoViewConfig(image_size=cfg.image_size, second_image_size=cfg.second_image_size,
                          min_crop_scale=views.min_crop_scale, color_jitter=views.color_jitter,
-                         imagenet_default_mean_and_std=views.imagenet_default_mean_and_std, train=train)
+                         imagenet_default_mean_and_std=views.imagenet_default_mean_and_std, train=train,
+                         interpolation=views.train_interpolation, second_interpolation=views.second_interpolation)
 
 
 def sample_builders(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tuple[MIMSampleBuilder, MIMSampleBuilder]:
@@ -78,7 +79,8 @@ def parse_bands(text: str | None) -> list[int] | None:
 
 
 def is_synthetic(cfg: PretrainDataConfig) -> bool:
-    return cfg.data.data_path in (None, SYNTHETIC)
+    """Asked for by name only: a run never falls back to the synthetic world."""
+    return cfg.data.data_path == SYNTHETIC
 
 
 def build_image_datasets(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tuple[Dataset, Dataset]:
@@ -107,7 +109,7 @@ class PretrainData:
 
 def build_text_datasets(cfg: PretrainDataConfig) -> tuple[Dataset, Dataset]:
     text, data = cfg.text, cfg.data
-    if not text.data_file_path:
+    if not text.data_file_path and is_synthetic(cfg):
         return (SyntheticCaptions("train", data.synthetic_train_size, cfg.seed),
                 SyntheticCaptions("val", data.synthetic_val_size, cfg.seed))
     corpus = CaptionCorpus(list(text.data_file_path))

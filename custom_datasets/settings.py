@@ -2,16 +2,19 @@
 by the data layer that reads them, and the bundle the pretraining data builders take."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from common.config_args import flag
 
 SYNTHETIC = "synthetic"
+INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest", "random")  # random: bilinear or bicubic per image
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    data_path: str = flag(SYNTHETIC, "image folder (searched recursively), or 'synthetic' for the embedded world")
+    data_path: str | None = flag(None, "image folder (searched recursively); text modes: a caption file; "
+                                       "'synthetic' for the embedded world", shown_default="none: required")
     eval_data_path: str | None = flag(None, "held-out images", shown_default="a --val_fraction of --data_path")
     val_fraction: float = flag(0.05, "fraction of --data_path held out (deterministic by file name)")
     bands: str | None = flag(None, "for .npy tiles: three band indices as R,G,B, e.g. 3,2,1", shown_default="the first three")
@@ -23,6 +26,9 @@ class DataSettings:
     max_bad_samples: int | None = flag(None, "stop once more unreadable samples than this were skipped",
                                        shown_default="no limit")
     num_workers: int = flag(2, "DataLoader worker processes")
+    pin_mem: bool | None = flag(None, "pin host memory for faster copies to the GPU",
+                                action=argparse.BooleanOptionalAction, shown_default="on with a GPU")
+    no_pin_mem: bool = flag(False, "ContinualTransformer's spelling of --no-pin_mem")
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,12 @@ class TextSettings:
     webdataset: bool = flag(False, "image-text pairs from WebDataset tar shards: --data_path DIR, glob or "
                                    "shards/{00000..00099}.tar")
     train_num_samples: int | None = flag(None, "pairs in the --webdataset shards (the epoch length)")
+    train_data_upsampling_factors: str | None = flag(None, "not supported: refused with what to do instead")
     max_text_len: int = flag(40, "tokens per caption, [CLS] and [SEP] included")
     max_text_len_of_initckpt: int = flag(196, "text positions of a model built from scratch")
     mlm_probability: float = flag(0.15, "fraction of caption tokens masked for MLM (whole words)")
+    vocab_size: int | None = flag(None, "text vocabulary the model must have (a check: the tokenizer decides it)",
+                                  shown_default="the tokenizer's")
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,10 @@ class ViewSettings:
     min_crop_scale: float = flag(0.08, "smallest random crop, as a fraction of the image area")
     color_jitter: float = flag(0.4, "brightness/contrast/saturation jitter (0: off)")
     imagenet_default_mean_and_std: bool = flag(False, "normalise with ImageNet's mean/std instead of 0.5/0.5")
+    disable_imagenet_default_mean_and_std: bool = flag(False, "normalise with 0.5/0.5 even where a preset asks for "
+                                                              "ImageNet's mean/std (ContinualTransformer's flag)")
+    train_interpolation: str = flag("bicubic", "resampling of the backbone view", choices=INTERPOLATIONS)
+    second_interpolation: str = flag("lanczos", "resampling of the visual-tokenizer view", choices=INTERPOLATIONS)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 lanczos for the visual tokenizer), after colour jitter and flip."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,20 @@ class TwoViewConfig:
     hflip: float = 0.5
     imagenet_default_mean_and_std: bool = False
     train: bool = True
+    interpolation: str = "bicubic"  # backbone view
+    second_interpolation: str = "lanczos"  # tokenizer view
+
+
+MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+         "lanczos": InterpolationMode.LANCZOS, "nearest": InterpolationMode.NEAREST}
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    """`random` picks bilinear or bicubic per image (BEiT's option); the global RNG is seeded per
+    DataLoader worker and epoch."""
+    if name == "random":
+        return random.choice((InterpolationMode.BILINEAR, InterpolationMode.BICUBIC))
+    return MODES[name]
 
 
 class TwoViewTransform:
@@ -52,6 +67,7 @@ class TwoViewTransform:
             image = self.pre(image)
         top, left, h, w = self.crop_params(image)
         size, second = self.cfg.image_size, self.cfg.second_image_size
-        view = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
-        token_view = TF.resized_crop(image, top, left, h, w, [second, second], InterpolationMode.LANCZOS)
+        view = TF.resized_crop(image, top, left, h, w, [size, size], interpolation_mode(self.cfg.interpolation))
+        token_view = TF.resized_crop(image, top, left, h, w, [second, second],
+                                     interpolation_mode(self.cfg.second_interpolation))
         return self.normalize(TF.to_tensor(view)), TF.to_tensor(token_view)

@@ -35,7 +35,8 @@ class VLMoBackbone(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, dim)) if cfg.use_abs_pos_emb else None
-        self.text_embeddings = TextEmbeddings(cfg.vocab_size, cfg.max_text_len, dim, cfg.layer_norm_eps)
+        text_eps = cfg.layer_norm_eps if cfg.text_layer_norm_eps is None else cfg.text_layer_norm_eps
+        self.text_embeddings = TextEmbeddings(cfg.vocab_size, cfg.max_text_len, dim, text_eps)
         self.token_type_embeddings = nn.Embedding(2, dim)  # 0 text, 1 image; used in pairs only
         if cfg.use_rel_pos_bias:
             entries = rp.num_table_entries(cfg.grid_size, cfg.max_text_len)

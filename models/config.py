@@ -31,6 +31,7 @@ class BackboneConfig:
     # text part of the relative-position table (VLMo's max_text_len_of_initckpt).
     vocab_size: int = 30522
     max_text_len: int = 196
+    text_layer_norm_eps: float | None = None  # the text embeddings' norm (None: layer_norm_eps; BERT: 1e-12)
     # Feed-forward experts: "shared" (one FFN for every modality) or "multiway" (VLMo).
     ffn: str = "shared"
     vlffn_start_layer_index: int = 10

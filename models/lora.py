@@ -39,10 +39,14 @@ def delta_weight(layer: nn.Module) -> torch.Tensor:
     return layer.scaling[ADAPTER] * (b @ a)
 
 
-def self_regularization(module: nn.Module) -> torch.Tensor:
+def self_regularization(module: nn.Module, scaled: bool = True) -> torch.Tensor:
     """Σ over adapted layers of ||W ⊙ ΔW||²_F: an adapter may change a weight little where the
-    pretrained weight is large (where the old knowledge lives)."""
-    terms = [(layer.base_layer.weight * delta_weight(layer)).pow(2).sum() for _, layer in lora_layers(module)]
+    pretrained weight is large (where the old knowledge lives). `scaled=False` penalises B·A
+    without the alpha/rank scaling, as ContinualTransformer does (its λ is ours times rank²/alpha²)."""
+    terms = []
+    for _, layer in lora_layers(module):
+        delta = delta_weight(layer) if scaled else delta_weight(layer) / layer.scaling[ADAPTER]
+        terms.append((layer.base_layer.weight * delta).pow(2).sum())
     if not terms:
         raise ValueError("self_regularization needs a model with LoRA adapters")
     return torch.stack(terms).sum()

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint_io import Checkpoint, read_checkpoint
+from common.checkpoint_io import Checkpoint
 from common.errors import UserError
 from models import relative_position as rp
+from models.checkpoints import read_model_checkpoint
 from models.config import ARCHITECTURE_FIELDS, MULTIWAY_FIELDS, BackboneConfig, layer_scale_enabled
 from models.registry import find_variant
 
@@ -91,7 +92,7 @@ def config_from_checkpoint(ckpt: Checkpoint) -> BackboneConfig:
 def load_backbone_weights(model: nn.Module, path: str, ckpt: Checkpoint | None = None) -> Checkpoint:
     """Load a converted / merged / run checkpoint into `model` (a VLMoBackbone), adapting image size
     and text capacity; any other difference is an error naming the checkpoint and the fix."""
-    ckpt = ckpt or read_checkpoint(path)
+    ckpt = ckpt or read_model_checkpoint(path)
     saved = config_from_checkpoint(ckpt)
     wanted: BackboneConfig = model.cfg
     diffs = architecture_mismatches(saved, wanted)
@@ -114,7 +115,7 @@ def load_backbone_weights(model: nn.Module, path: str, ckpt: Checkpoint | None =
 def config_for_pretrained(path: str, overrides: dict[str, Any],
                           ckpt: Checkpoint | None = None) -> tuple[BackboneConfig, Checkpoint]:
     """The saved config with runtime overrides (image size, text capacity, drop path)."""
-    ckpt = ckpt or read_checkpoint(path)
+    ckpt = ckpt or read_model_checkpoint(path)
     saved = config_from_checkpoint(ckpt)
     values = saved.to_dict()
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -138,13 +139,45 @@ def check_variant_fits(saved: BackboneConfig, name: str, wanted: BackboneConfig,
         raise UserError(f"{path} is a checkpoint of another size: {', '.join(diffs)}; {fix}")
 
 
-def check_text_vocab(ckpt: Checkpoint, vocab_size: int | None, tokenizer: str | None) -> None:
-    """A checkpoint's text embeddings must fit the tokenizer the run uses."""
+UNTRAINED = "untrained"  # run_info: groups of weights no run has trained (e.g. a converted BEiT's text path)
+TEXT_EMBEDDINGS = "backbone.text_embeddings"
+
+
+def weight_groups(names) -> set[str]:
+    """`backbone.blocks.3.attn.qkv.weight` -> `backbone.blocks`: the granularity untrained parts are
+    recorded at."""
+    return {".".join(n.split(".")[:2]) if n.startswith(BACKBONE_PREFIX) else n.split(".")[0] for n in names}
+
+
+def _vocab_advice(ckpt: Checkpoint, vocab_size: int) -> str:
+    if ckpt.extra.get("origin") or "source" in (ckpt.extra.get("metadata") or {}):
+        return f"re-convert the weights with --vocab_size {vocab_size}"
+    record = ckpt.info.get("text_tokenizer") or {}
+    used = record.get("name") or (ckpt.extra.get("args") or {}).get("tokenizer")
+    return f"use the tokenizer that checkpoint was trained with{f' (--tokenizer {used})' if used else ''}"
+
+
+def fit_text_vocabulary(ckpt: Checkpoint, vocab_size: int | None, tokenizer: str | None) -> tuple[Checkpoint, str | None]:
+    """(`ckpt` whose text embeddings fit the tokenizer, a note when they had to be re-created).
+    Text embeddings no run has trained (recorded in the checkpoint) are re-created at the tokenizer's
+    size; trained ones that do not fit are refused."""
     saved = (ckpt.backbone_config or {}).get("vocab_size")
-    if vocab_size is not None and saved not in (None, vocab_size):
-        raise UserError(f"{ckpt.path} has a {saved}-token text vocabulary but --tokenizer {tokenizer} has {vocab_size}; "
-                        f"use the tokenizer that checkpoint was trained with, or re-convert the BEiT weights with "
-                        f"--vocab_size {vocab_size}")
+    if vocab_size is None or saved in (None, vocab_size):
+        return ckpt, None
+    if TEXT_EMBEDDINGS not in ckpt.info.get(UNTRAINED, []):
+        raise UserError(f"{ckpt.path} has a trained {saved}-token text vocabulary but --tokenizer {tokenizer} has "
+                        f"{vocab_size}; {_vocab_advice(ckpt, vocab_size)}")
+    key = f"{TEXT_EMBEDDINGS}.word_embeddings.weight"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        words = torch.empty(vocab_size, ckpt.model[key].shape[1], dtype=ckpt.model[key].dtype)
+        nn.init.trunc_normal_(words, std=0.02)
+    tensors = {k: v for k, v in ckpt.model.items() if not k.startswith("mlm_head.")}  # a head over the old vocabulary
+    tensors[key] = words
+    config = {**ckpt.backbone_config, "vocab_size": vocab_size}
+    note = (f"{ckpt.path}: its text embeddings were never trained, so they are created for the {vocab_size} tokens of "
+            f"--tokenizer {tokenizer} (the file had {saved})")
+    return Checkpoint(ckpt.path, tensors, config, ckpt.extra, ckpt.info), note
 
 
 def describe(cfg: BackboneConfig) -> str:

@@ -12,11 +12,17 @@ from common.errors import UserError
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
+LOCAL_FOLDER = Path("checkpoints")  # hub names are looked up here first (checkpoints/bert-base-uncased/)
+
+
 def load_text_tokenizer(name_or_dir: str):
-    """A fast BERT tokenizer (with `word_ids`, which whole-word masking needs)."""
+    """A fast BERT tokenizer (with `word_ids`, which whole-word masking needs): a folder, or a hub
+    name found in checkpoints/<name>/, the hub cache or the hub."""
     from transformers import BertTokenizerFast
 
     path = Path(name_or_dir)
+    if not path.exists() and (LOCAL_FOLDER / name_or_dir / "vocab.txt").is_file():
+        path = LOCAL_FOLDER / name_or_dir
     if path.exists():
         if not (path / "vocab.txt").is_file():
             raise UserError(f"--tokenizer {name_or_dir} has no vocab.txt; pass a BERT tokenizer folder or train one: "
@@ -40,9 +46,9 @@ def load_text_tokenizer(name_or_dir: str):
             reason = "it has no vocabulary"
         except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear sentence
             reason = str(err).splitlines()[0][:120]
-    raise UserError(f"--tokenizer {name_or_dir} is neither a local folder nor reachable on the Hugging Face hub "
-                    f"({reason}); pass a local folder such as ../shared/tokenizers/bert-base-uncased, or train one "
-                    f"with util/train_text_tokenizer.py")
+    raise UserError(f"--tokenizer {name_or_dir} is neither a local folder (nor checkpoints/{name_or_dir}/) nor "
+                    f"reachable on the Hugging Face hub ({reason}); put its vocab.txt in checkpoints/{name_or_dir}/, "
+                    f"pass a local folder, or train one with util/train_text_tokenizer.py")
 
 
 def _has_vocabulary(tokenizer) -> bool:

@@ -25,8 +25,10 @@ def _group(name: str) -> str:
     return "backbone"
 
 
-def configure_trainable(task: PretrainMode, lora: bool, trainable_extra: list[str] | None = None) -> dict[str, int]:
-    """Set `requires_grad` on every parameter of `task`; returns trainable parameter counts per group."""
+def configure_trainable(task: PretrainMode, lora: bool, trainable_extra: list[str] | None = None,
+                        lora_factors: str = "both") -> dict[str, int]:
+    """Set `requires_grad` on every parameter of `task`; returns trainable parameter counts per group.
+    `lora_factors`: "both", or only "A" / "B" (ContinualTransformer trains B alone in image-text stages)."""
     extra = list(trainable_extra or [])
     unused = set(task.frozen_parameter_names())
     matched = {pattern: False for pattern in extra}
@@ -39,6 +41,8 @@ def configure_trainable(task: PretrainMode, lora: bool, trainable_extra: list[st
             group = _group(name)
             trainable = group in ("LoRA adapters", "heads", "final norm") or bool(hits) or (
                 group == "text embeddings" and "text" in task.paths)
+            if group == "LoRA adapters" and lora_factors != "both":
+                trainable = f".lora_{lora_factors}." in name
         else:
             trainable = True
         trainable = trainable and name not in unused

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint_io import Checkpoint, read_checkpoint
+from common.checkpoint_io import Checkpoint
 from models import create_model
+from models.checkpoints import read_model_checkpoint
 from models.classifier import ImageClassifier
 from models.head_loading import load_head, load_head_into
 from models.run_info import preprocessing, tokenizer_from_record
@@ -91,7 +92,7 @@ def recorded_preprocessing(ckpt: Checkpoint, image_size: int, crop_pct: float) -
 def load_checkpoint_servable(path: str, ckpt: Checkpoint | None = None) -> CheckpointServable:
     """`ckpt`: the file already read. Classifiers come with their class names; every head the file
     holds (ITC for search, ...) is loaded too."""
-    ckpt = ckpt or read_checkpoint(path)
+    ckpt = ckpt or read_model_checkpoint(path)
     backbone = create_model(None, pretrained=path, checkpoint=ckpt)
     classifier = "classifier.weight" in ckpt.model
     pre = recorded_preprocessing(ckpt, backbone.cfg.img_size, 0.875 if classifier else 1.0)

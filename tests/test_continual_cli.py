@@ -101,12 +101,18 @@ def test_continual_flag_errors(tmp_path, capsys, word_pieces, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_a_checkpoint_with_another_vocabulary_is_refused(tmp_path, word_pieces, capsys):
-    main(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(tmp_path / "mim")])  # default 30522-token text embeddings
-    with pytest.raises(SystemExit):
-        main(TINY + SYNTH + ["--exp_name", "text_mlm", "--tokenizer", word_pieces, "--init_from",
-                             str(tmp_path / "mim" / "checkpoint-0.pth"), "--output_dir", str(tmp_path / "mlm")])
-    assert "30522-token text vocabulary" in capsys.readouterr().err
+def test_untrained_text_embeddings_follow_the_tokenizer_and_trained_ones_are_kept(tmp_path, word_pieces, capsys):
+    main(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(tmp_path / "mim")])  # text path never trained
+    main(TINY + SYNTH + ["--exp_name", "text_mlm", "--tokenizer", word_pieces, "--epochs", "1", "--init_from",
+                         str(tmp_path / "mim" / "checkpoint-0.pth"), "--output_dir", str(tmp_path / "mlm")])
+    out = capsys.readouterr().out
+    assert "text embeddings were never trained, so they are created for the" in out and "(the file had 30522)" in out
+    other = train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "100", "--output", str(tmp_path / "tok2")])
+    with pytest.raises(SystemExit):  # the MLM stage trained them: refused, naming the tokenizer to use
+        main(TINY + SYNTH + ["--exp_name", "text_mlm", "--tokenizer", str(other), "--init_from",
+                             str(tmp_path / "mlm" / "checkpoint-0.pth"), "--output_dir", str(tmp_path / "mlm2")])
+    err = capsys.readouterr().err
+    assert "has a trained" in err and f"(--tokenizer {word_pieces})" in err
 
 
 @requires_shared

@@ -79,7 +79,7 @@ def test_torchrun_two_processes_runs_the_cli(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "main_pretrain_cook.py"), "--device", "cpu", "--model", "vlmo_tiny_patch16", "--image_size", "32",
            "--patch_size", "8", "--second_image_size", "16", "--visual_vocab_size", "16", "--tokenizer_fit_images", "64",
-           "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "--synthetic_train_size", "32",
+           "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "--data_path", "synthetic", "--synthetic_train_size", "32",
            "--synthetic_val_size", "16", "--synthetic_render_size", "32", "--min_mask_patches_per_block", "4",
            "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -224,3 +224,20 @@ def test_cls_classifier_exports_to_timm_and_hf_refuses_clearly(tmp_path, capsys)
     with pytest.raises(SystemExit):
         export(["--checkpoint", str(tmp_path / "cls.pth"), "--format", "hf", "--output", str(tmp_path / "h")])
     assert "cannot be expressed as HF BeitForImageClassification" in capsys.readouterr().err
+
+
+def test_parameter_efficient_fine_tuning_trains_adapters_and_head_and_loads_merged(tmp_path, shapes, capsys):
+    pretrain(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(tmp_path / "mim")])
+    ckpt = tmp_path / "mim" / "checkpoint-0.pth"
+    out = tmp_path / "peft"
+    finetune(["--task", "image_classification", "--data_path", str(shapes), "--finetune", str(ckpt), "--lora_rank", "4",
+              "--epochs", "2", "--output_dir", str(out)] + FAST)
+    assert "LoRA rank 4 alpha 4" in capsys.readouterr().out
+    before, best = read_checkpoint(ckpt), read_checkpoint(out / "checkpoint-best.pth")
+    assert best.extra["lora"] == {"rank": 4, "alpha": 4}
+    changed = {k for k, v in best.model.items() if k in before.model and not torch.equal(v, before.model[k])}
+    assert not changed  # base weights frozen: only adapters (new keys) and the head moved
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in best.model.items())
+    stats = finetune(["--task", "image_classification", "--data_path", str(shapes), "--eval", "--finetune",
+                      str(out / "checkpoint-best.pth"), "--output_dir", str(out)] + FAST)
+    assert stats["acc1"] == pytest.approx(best.extra["test_acc1"], abs=1e-6)  # adapters merged on load: same model

@@ -14,7 +14,7 @@ from tests.helpers import SHARED_DATA, requires_shared
 TINY = ["--model", "vlmo_tiny_patch16", "--image_size", "32", "--patch_size", "8", "--second_image_size", "16",
         "--visual_vocab_size", "16", "--tokenizer_fit_images", "64", "--batch_size", "8", "--num_workers", "0",
         "--print_freq", "100", "--drop_path", "0", "--warmup_epochs", "0.5", "--min_mask_patches_per_block", "4"]
-SYNTH = ["--synthetic_train_size", "32", "--synthetic_val_size", "16", "--synthetic_render_size", "32"]
+SYNTH = ["--data_path", "synthetic", "--synthetic_train_size", "32", "--synthetic_val_size", "16", "--synthetic_render_size", "32"]
 
 
 def _log(out):

@@ -7,7 +7,7 @@ import argparse
 
 from common.config_args import add_flags, parse_with_config
 from models.downstream import DOWNSTREAM_TASKS
-from models.modes import PRETRAIN_MODES
+from models.modes import MODE_ALIASES, PRETRAIN_MODES
 from training.config import (
     FINETUNE_GROUPS,
     PRETRAIN_GROUPS,
@@ -16,14 +16,16 @@ from training.config import (
     finetune_config,
     pretrain_config,
 )
+from training.presets import PRESETS
 
 
 def pretrain_parser(description: str = "") -> argparse.ArgumentParser:
     modes = "; ".join(f"{name}: {cls.description}" for name, cls in PRETRAIN_MODES.items())
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of flag values; explicit flags override it (default: none)")
-    p.add_argument("--exp_name", choices=sorted(PRETRAIN_MODES), default="image_mim",
-                   help=f"pretraining mode: {modes} (default: image_mim)")
+    aliases = "; ".join(f"{alias}: {text}" for alias, (_, text) in MODE_ALIASES.items())
+    p.add_argument("--exp_name", choices=sorted(PRETRAIN_MODES) + list(MODE_ALIASES), default="image_mim",
+                   help=f"pretraining mode: {modes}; ContinualTransformer's names: {aliases} (default: image_mim)")
     for title, settings in PRETRAIN_GROUPS.values():
         add_flags(p.add_argument_group(title), settings)
     return p
@@ -40,7 +42,7 @@ def finetune_parser(description: str = "") -> argparse.ArgumentParser:
 
 
 def pretrain_config_from_argv(argv: list[str] | None, description: str = "") -> PretrainConfig:
-    return pretrain_config(parse_with_config(pretrain_parser(description), argv))
+    return pretrain_config(parse_with_config(pretrain_parser(description), argv, PRESETS))
 
 
 def finetune_config_from_argv(argv: list[str] | None, description: str = "") -> FinetuneConfig:

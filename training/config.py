@@ -28,12 +28,14 @@ from models.visual_tokenizers import KINDS as VISUAL_TOKENIZER_KINDS
 from training.flag_checks import check_positive, check_pretrain_flags
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DALL_E_FOLDER = "checkpoints/dall_e_tokenizer_weight"  # where ContinualTransformer keeps OpenAI's encoder.pkl
 AMP_CHOICES = ("bf16", "fp16", "none")
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    model: str = flag("vlmo_tiny_patch16", "registered backbone variant", choices=list_models())
+    model: str | None = flag(None, "registered backbone variant", choices=list_models(),
+                             shown_default="the checkpoint's architecture, or vlmo_tiny_patch16 from scratch")
     init_from: str | None = flag(None, "start a new stage from this checkpoint's weights (converted BEiT, merged, or run)")
     resume: str | None = flag(None, "continue a run checkpoint; a weights-only checkpoint initialises the model")
     auto_resume: bool = flag(False, "continue from the newest checkpoint in --output_dir")
@@ -41,7 +43,7 @@ class ModelSettings:
     patch_size: int | None = flag(None, "patch size of a model built from scratch", shown_default="the model's (16)")
     ffn: str | None = flag(None, "feed-forward layout of a model built from scratch", choices=FFN_KINDS,
                            shown_default="the checkpoint's, else shared")
-    drop_path: float = flag(0.1, "stochastic depth rate of the last block")
+    drop_path: float = flag(0.1, "stochastic depth rate of the last block", "--drop_path_rate")
     layer_scale_init_value: float | None = flag(None, "layer scale of a model built from scratch (0: off)",
                                                 shown_default="the model's")
     grad_checkpointing: bool = flag(False, "recompute block activations in backward to save memory")
@@ -54,6 +56,8 @@ class ObjectiveSettings:
     mim_conduct_prob: float = flag(0.3, "compound_pretrain: probability of MIM at a step")
     mlm_conduct_prob: float = flag(0.8, "compound_pretrain: probability of MLM at a step")
     itc_conduct_prob: float = flag(1.0, "compound_pretrain: probability of ITC at a step (skipped when MIM ran)")
+    disable_aggregate_itc: bool = flag(False, "ITC negatives from this rank only (ContinualTransformer's flag; the "
+                                              "same as --no-aggregate_itc)")
 
 
 @dataclass(frozen=True)
@@ -67,15 +71,23 @@ class LoraSettings:
     reg_loss_weight: float = flag(1.0, "λ of --self_regularization")
     save_merged_lora_model: bool = flag(False, "at the end write merged_model.safetensors (adapters merged, for the "
                                                "next stage)")
+    lora_trainable: str | None = flag(None, "which LoRA factors train: both, A only or B only (B starts at zero, A "
+                                            "random)", choices=("both", "A", "B"),
+                                      shown_default="both; B for ITC and compound with --preset continual_transformer")
+    reg_delta: str = flag("scaled", "the update the self-regularization penalises: scaled (alpha/rank x B A, what "
+                                    "the model adds) or unscaled (B A, as ContinualTransformer)",
+                          choices=("scaled", "unscaled"))
 
 
 @dataclass(frozen=True)
 class VisualTokenizerSettings:
-    d_vae_type: str = flag("kmeans", "MIM target tokenizer", choices=VISUAL_TOKENIZER_KINDS)
+    d_vae_type: str | None = flag(None, "MIM target tokenizer", choices=VISUAL_TOKENIZER_KINDS,
+                                  shown_default=f"dall-e when {DALL_E_FOLDER}/ holds encoder.pkl, else kmeans")
     d_vae_weight_path: str | None = flag(None, "dall-e: folder with encoder.pkl; kmeans: a fitted .safetensors",
-                                         shown_default="kmeans: fit one on the training data")
+                                         shown_default=f"dall-e: {DALL_E_FOLDER}; kmeans: fit one on the training data")
     second_image_size: int | None = flag(None, "tokenizer view (px)", shown_default="--image_size // 2")
-    visual_vocab_size: int = flag(256, "clusters when the run fits a k-means tokenizer")
+    visual_vocab_size: int | None = flag(None, "visual tokens: clusters of a k-means tokenizer the run fits; with "
+                                               "dall-e a check (8192)", "--img_vocab_size", shown_default="256 (kmeans)")
     tokenizer_fit_images: int = flag(2000, "training images the k-means tokenizer is fitted on")
 
 
@@ -103,11 +115,22 @@ class RunSettings:
     log_dir: str | None = flag(None, "TensorBoard folder", shown_default="--output_dir")
     print_freq: int = flag(20, "console progress line every N steps")
     eval: bool = flag(False, "only evaluate the given checkpoint")
+    gpu_amp: str = flag("bf16", "the precision --amp means on a GPU when it is not given", choices=("bf16", "fp16"))
+    local_rank: int = flag(-1, "set by torch.distributed.launch; the LOCAL_RANK variable decides", "--local-rank")
+    dist_url: str = flag("env://", "process-group rendezvous: only env:// (what torchrun and torch.distributed.launch "
+                                   "set up)")
+    world_size: int | None = flag(None, "a check: the number of processes the launcher started",
+                                  shown_default="the launcher's")
+    preset: str | None = flag(None, "defaults of another code base; explicit flags and --config still win",
+                              choices=("continual_transformer",), shown_default="this project's")
 
 
 @dataclass(frozen=True)
 class PretrainRunSettings(RunSettings):
     save_per_epochs: int = flag(5, "write checkpoint-<epoch>.pth every N epochs (and after the last)")
+    save_epochs_from_zero: bool = flag(False, "save epochs 0, N, 2N, ... (ContinualTransformer) instead of N-1, 2N-1, ...")
+    start_epoch: int = flag(0, "epoch a new run starts at (the lr schedule is taken from there); a resumed run "
+                               "continues after its checkpoint's epoch")
 
 
 @dataclass(frozen=True)
@@ -159,27 +182,49 @@ def check_device(run: RunSettings) -> str:
         raise UserError("--device cuda but no GPU is visible; use --device cpu")
     if run.device not in ("cpu",) and not run.device.startswith("cuda"):
         raise UserError(f"--device {run.device} is not a device; use cpu or cuda")
-    return run.amp or ("bf16" if run.device.startswith("cuda") else "none")
+    return run.amp or (run.gpu_amp if run.device.startswith("cuda") else "none")
+
+
+def resolve_pretrain_defaults(cfg: PretrainConfig) -> PretrainConfig:
+    """Defaults that depend on other flags or on files, and ContinualTransformer's spellings."""
+    from training import defaults as d
+
+    text, data, views, tok, obj = cfg.text, cfg.data, cfg.views, cfg.visual_tokenizer, cfg.objectives
+    data_path, files = d.caption_file_as_data_path(cfg.exp_name, cfg.mode.data_kind, data.data_path, text.data_file_path)
+    d.require_data(cfg.exp_name, cfg.mode.data_kind, data_path, files, text.webdataset)
+    kind, weights, vocab = d.visual_tokenizer_choice(tok.d_vae_type, tok.d_vae_weight_path, DALL_E_FOLDER,
+                                                     tok.visual_vocab_size, cfg.mode.needs_visual_tokens)
+    return replace(
+        cfg, data={"data_path": data_path, "pin_mem": False if data.no_pin_mem else data.pin_mem},
+        text={"data_file_path": files},
+        views={"imagenet_default_mean_and_std": views.imagenet_default_mean_and_std
+               and not views.disable_imagenet_default_mean_and_std},
+        objectives={"aggregate_itc": obj.aggregate_itc and not obj.disable_aggregate_itc},
+        visual_tokenizer={"d_vae_type": kind, "d_vae_weight_path": weights, "visual_vocab_size": vocab,
+                          "second_image_size": tok.second_image_size or cfg.model.image_size // 2},
+        lora={"lora_alpha": cfg.lora.lora_alpha or cfg.lora.lora_rank or None,
+              "lora_trainable": d.lora_factors(cfg.lora.lora_trainable, cfg.run.preset, cfg.exp_name)})
 
 
 def pretrain_config(namespace: argparse.Namespace) -> PretrainConfig:
     """The frozen, validated pretraining config of parsed flags."""
+    from training.defaults import mode_alias
+
     groups = {name: settings_from(cls, namespace) for name, (_, cls) in PRETRAIN_GROUPS.items()}
-    cfg = PretrainConfig(exp_name=namespace.exp_name, **groups)
+    exp_name, lora_changes = mode_alias(namespace.exp_name, groups["lora"].lora_rank)
+    groups["lora"] = dataclasses.replace(groups["lora"], **lora_changes)
+    cfg = resolve_pretrain_defaults(PretrainConfig(exp_name=exp_name, **groups))
     check_pretrain_flags(cfg)
-    lora, tok, run = cfg.lora, cfg.visual_tokenizer, cfg.run
-    return replace(cfg, lora={"lora_alpha": lora.lora_alpha or lora.lora_rank},
-                   visual_tokenizer={"second_image_size": tok.second_image_size or cfg.model.image_size // 2},
-                   run={"output_dir": run.output_dir or f"outputs/{cfg.exp_name}",
-                        "log_dir": run.log_dir or run.output_dir or f"outputs/{cfg.exp_name}",
-                        "amp": check_device(run)})
+    run = cfg.run
+    out = run.output_dir or f"outputs/{cfg.exp_name}"
+    return replace(cfg, run={"output_dir": out, "log_dir": run.log_dir or out, "amp": check_device(run)})
 
 
 # ---- fine-tuning ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FinetuneModelSettings:
-    finetune: str | None = flag(None, "checkpoint of any stage (run, merged or converted BEiT)",
-                                shown_default="random init")
+    finetune: str | None = flag(None, "checkpoint of any stage (run, merged or converted BEiT, ContinualTransformer's)",
+                                "--resume", shown_default="random init")
     model: str | None = flag(None, "variant", choices=list_models(),
                              shown_default="the checkpoint's architecture, or vlmo_tiny_patch16 from scratch")
     patch_size: int | None = flag(None, "patch size of a model built from scratch", shown_default="the model's (16)")
@@ -189,6 +234,9 @@ class FinetuneModelSettings:
     drop_path: float = flag(0.1, "stochastic depth rate of the last block")
     layer_decay: float = flag(0.65, "layer-wise lr decay (1.0: off)")
     probe_layer: int | None = flag(None, "linear_probe: block whose output is probed", shown_default="the last")
+    lora_rank: int = flag(0, "parameter-efficient fine-tuning: train LoRA adapters (qkv, proj, fc1, fc2) and the "
+                             "task's head only (0: the whole backbone)")
+    lora_alpha: float | None = flag(None, "LoRA alpha; scaling = alpha / rank", shown_default="--lora_rank (scaling 1)")
 
 
 @dataclass(frozen=True)

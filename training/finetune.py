@@ -9,12 +9,14 @@ from typing import Any
 import torch
 
 from common import distributed as dist_util
-from common.checkpoint_io import Checkpoint, read_checkpoint
+from common.checkpoint_io import Checkpoint
 from common.config_args import flat_settings, save_settings
+from common.console import say
 from common.errors import UserError
 from custom_datasets import batch as B
 from custom_datasets.downstream_data import DownstreamData, build_downstream_data
 from engine_finetune import evaluate, train_one_epoch
+from models.checkpoints import read_model_checkpoint
 from models.downstream import DownstreamTask
 from models.pretrained import describe
 from models.run_info import compact, preprocessing, text_tokenizer_record
@@ -83,8 +85,23 @@ def build_run(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> 
         num_classes = cfg.model.nb_classes
     task, report = build_task(cfg, ckpt, num_classes, text_tokenizer, dist_util.gather_with_grad)
     freeze_unused(task)
+    if cfg.model.lora_rank:
+        report.append(adapt_with_lora(task, cfg.model.lora_rank, cfg.model.lora_alpha or cfg.model.lora_rank))
     task.to(ctx.device)
     return FinetuneRun(cfg, ctx, task, data, report, text_tokenizer)
+
+
+def adapt_with_lora(task: DownstreamTask, rank: int, alpha: float) -> str:
+    """Adapters on the backbone; the base weights freeze, the task's heads train."""
+    from models.lora import add_lora, is_adapter_key, plain_names
+
+    add_lora(task.backbone, rank, alpha)
+    for name, param in task.model.named_parameters():
+        plain = next(iter(plain_names({name: param})))
+        if name.startswith("backbone.") and not is_adapter_key(plain):
+            param.requires_grad_(False)
+    trained = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    return f"LoRA rank {rank} alpha {alpha:g}: {trained / 1e6:.2f}M trainable parameters (adapters and heads)"
 
 
 def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -99,7 +116,7 @@ def describe_run(run: FinetuneRun) -> None:
     if not run.ctx.is_main:
         return
     classes = f"{run.num_classes} classes " if run.num_classes else ""
-    print(f"{cfg.task}: {describe(run.task.backbone.cfg)}, {classes}({len(run.data.train)} train / "
+    say(f"{cfg.task}: {describe(run.task.backbone.cfg)}, {classes}({len(run.data.train)} train / "
           f"{len(run.data.val)} val examples); " + "; ".join(run.report))
     run.ctx.output_dir.mkdir(parents=True, exist_ok=True)
     save_settings(cfg, run.ctx.output_dir, "eval_args.yaml" if cfg.run.eval else "args.yaml")
@@ -161,7 +178,13 @@ def save_best(run: FinetuneRun, training: Training, epoch: int, value: float) ->
     save_run_checkpoint(run.ctx.output_dir, epoch, (epoch + 1) * len(training.train_loader), run.task.model,
                         training.optimizer, training.scaler, run.task.backbone.cfg.to_dict(), flat_settings(cfg),
                         {"num_classes": run.num_classes, f"test_{metric}": value, "class_names": run.data.class_names,
-                         "task": cfg.task}, name="best", info=run.info())
+                         "task": cfg.task, **lora_record(cfg)}, name="best", info=run.info())
+
+
+def lora_record(cfg: FinetuneConfig) -> dict:
+    """What loading needs to merge the adapters (export and --eval merge them)."""
+    m = cfg.model
+    return {"lora": {"rank": m.lora_rank, "alpha": m.lora_alpha or m.lora_rank}} if m.lora_rank else {}
 
 
 def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -> dict[str, Any]:
@@ -171,7 +194,7 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
         aug = cfg.augment
         recipe = (f"mixup {aug.mixup}, cutmix {aug.cutmix}, " if getattr(run.task, "mixup", None) is not None else "")
         recipe += f"smoothing {aug.smoothing}, " if hasattr(run.task, "criterion") else ""
-        print(f"effective batch {training.eff_batch}, lr {training.settings.lr:.3g}, layer decay {cfg.model.layer_decay}, "
+        say(f"effective batch {training.eff_batch}, lr {training.settings.lr:.3g}, layer decay {cfg.model.layer_decay}, "
               f"{recipe}ema {cfg.optim.model_ema}, amp {cfg.run.amp}, device {ctx.device}")
     best, stats, skipped, start = -1.0, {}, 0, time.time()
     n_parameters = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
@@ -194,9 +217,9 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
             for key, value in test_stats.items():
                 log_writer.add_scalar(f"test/{key}", value, epoch)
             ctx.append_log(stats)
-            print(f"epoch {epoch}: test {format_metrics(test_stats, metric, best)}", flush=True)
+            say(f"epoch {epoch}: test {format_metrics(test_stats, metric, best)}")
     if ctx.is_main:
-        print(f"done in {time.time() - start:.0f}s: best test {metric} {best:.2f}; saved "
+        say(f"done in {time.time() - start:.0f}s: best test {metric} {best:.2f}; saved "
               f"{ctx.output_dir / 'checkpoint-best.pth'}")
         stats[f"best_{metric}"] = best
         log_writer.close()
@@ -208,7 +231,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     best value of the task's metric."""
     ctx = RunContext.start(cfg.run.device, cfg.run.output_dir, cfg.run.seed)
     refuse_taken_output(cfg, ctx)
-    ckpt = read_checkpoint(cfg.model.finetune) if cfg.model.finetune else None
+    ckpt = read_model_checkpoint(cfg.model.finetune) if cfg.model.finetune else None
     if cfg.task_class.cached_features:
         from training.linear_probe import run_linear_probe
 
@@ -220,7 +243,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         val_loader = ctx.loader(run.data.val, cfg.optim.batch_size, cfg.data.num_workers, False, run.data.val_collate)
         stats = evaluate_run(run, val_loader)
         if ctx.is_main:
-            print(f"eval: {format_metrics(stats, run.task.best_metric)}")
+            say(f"eval: {format_metrics(stats, run.task.best_metric)}")
         ctx.finish()
         return stats
     model = ctx.wrap(run.task)

@@ -5,10 +5,11 @@ checkpoint held that this task does not use."""
 from __future__ import annotations
 
 from common.checkpoint_io import Checkpoint
+from common.console import say
 from models import create_model
 from models.downstream import DownstreamOptions, DownstreamTask
 from models.head_loading import head_names, load_head_into
-from models.pretrained import check_text_vocab
+from models.pretrained import fit_text_vocabulary
 from training.config import FinetuneConfig
 
 
@@ -57,7 +58,9 @@ def build_task(cfg: FinetuneConfig, ckpt: Checkpoint | None, num_classes: int, t
         backbone = create_model(m.model or "vlmo_tiny_patch16", img_size=m.input_size, patch_size=m.patch_size,
                                 drop_path_rate=m.drop_path, **({"vocab_size": vocab_size} if vocab_size else {}))
         return make_task(cfg, backbone, num_classes, text_tokenizer, gather), ["random init (no --finetune)"]
-    check_text_vocab(ckpt, vocab_size, cfg.data.tokenizer)
+    ckpt, note = fit_text_vocabulary(ckpt, vocab_size, cfg.data.tokenizer)
+    if note:
+        say(note)
     backbone = create_model(m.model, pretrained=m.finetune, checkpoint=ckpt, img_size=m.input_size,
                             drop_path_rate=m.drop_path)
     task = make_task(cfg, backbone, num_classes, text_tokenizer, gather)
@@ -75,6 +78,6 @@ def text_tokenizer_for(cfg: FinetuneConfig, ckpt: Checkpoint | None):
         return load_text_tokenizer(cfg.data.tokenizer)
     record = ckpt.info.get("text_tokenizer") if ckpt is not None else None
     if record:
-        print(f"text tokenizer: the one {ckpt.path} recorded ({record.get('name')}, {len(record['vocab'])} tokens)")
+        say(f"text tokenizer: the one {ckpt.path} recorded ({record.get('name')}, {len(record['vocab'])} tokens)")
         return tokenizer_from_record(record)
     return load_text_tokenizer("bert-base-uncased")

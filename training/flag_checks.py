@@ -32,7 +32,9 @@ def check_lora_flags(cfg: "PretrainConfig") -> None:
 
 def check_data_flags(cfg: "PretrainConfig") -> None:
     text, mode = cfg.text, cfg.mode
-    if cfg.visual_tokenizer.d_vae_type == "dall-e" and not cfg.visual_tokenizer.d_vae_weight_path:
+    carries_encoder = cfg.model.resume or cfg.model.init_from  # a ContinualTransformer run carries its DALL-E encoder
+    if mode.needs_visual_tokens and cfg.visual_tokenizer.d_vae_type == "dall-e" \
+            and not cfg.visual_tokenizer.d_vae_weight_path and not carries_encoder:
         raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl")
     if not 1 < text.max_text_len <= text.max_text_len_of_initckpt:
         raise UserError(f"--max_text_len {text.max_text_len} must be between 2 and --max_text_len_of_initckpt "
@@ -45,6 +47,22 @@ def check_data_flags(cfg: "PretrainConfig") -> None:
                         "first with util/fit_visual_tokenizer.py and pass --d_vae_weight_path")
     if not 0 < text.mlm_probability < 1:
         raise UserError("--mlm_probability must be between 0 and 1")
+    if text.train_data_upsampling_factors:
+        raise UserError("--train_data_upsampling_factors is not supported: write the sources' shards into one list "
+                        "for --data_path, repeating a source's shards to sample it more often")
+
+
+def check_launch_flags(run) -> None:
+    """ContinualTransformer's launch flags, where they cannot mean the same here."""
+    import os
+
+    if run.dist_url != "env://":
+        raise UserError(f"--dist_url {run.dist_url}: processes meet through env:// only; start them with torchrun "
+                        f"--nnodes N --node_rank R --master_addr HOST --master_port PORT (or torch.distributed.launch)")
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    if run.world_size is not None and run.world_size != launched:
+        raise UserError(f"--world_size {run.world_size} but {launched} process(es) were started; start "
+                        f"{run.world_size} with torchrun --nproc_per_node (the launcher decides the world size)")
 
 
 def check_positive(values: dict[str, float | int | None]) -> None:
@@ -54,6 +72,7 @@ def check_positive(values: dict[str, float | int | None]) -> None:
 
 
 def check_pretrain_flags(cfg: "PretrainConfig") -> None:
+    check_launch_flags(cfg.run)
     check_weight_flags(cfg)
     check_data_flags(cfg)
     check_lora_flags(cfg)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.checkpoint_io import Checkpoint, save_weights
+from common.console import say
 from common.errors import UserError
 from common.lr_sched import lr_at
 from custom_datasets import batch as B
@@ -100,19 +101,19 @@ def run_linear_probe(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | No
         raise UserError(f"--probe_layer {layer} is outside the model's blocks 0..{backbone.cfg.depth - 1}")
     output_dir = ctx.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"linear_probe: block {layer} of {backbone.cfg.depth}, {num_classes} classes "
+    say(f"linear_probe: block {layer} of {backbone.cfg.depth}, {num_classes} classes "
           f"({len(data.train)} train / {len(data.val)} val images); " + "; ".join(report))
     start = time.time()
     opt = cfg.optim
     train = extract_features(backbone, data.train, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
     val = extract_features(backbone, data.val, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
-    print(f"features cached in {time.time() - start:.0f}s")
+    say(f"features cached in {time.time() - start:.0f}s")
     lr = opt.lr or opt.blr * opt.batch_size / 256
     head, best = train_probe(train, val, num_classes, opt.epochs, lr, opt.batch_size, cfg.run.seed,
                              output_dir / "log.txt")
     save_weights(output_dir / "probe_head.safetensors", {f"probe.{k}": v for k, v in head.state_dict().items()},
                  backbone.cfg.to_dict(), {"probe_layer": str(layer)})
-    print(f"done: best test acc1 {best['test_acc1']:.2f} (epoch {best['epoch']}); saved "
+    say(f"done: best test acc1 {best['test_acc1']:.2f} (epoch {best['epoch']}); saved "
           f"{output_dir / 'probe_head.safetensors'}")
     ctx.finish()
     return {"best_acc1": best["test_acc1"], **best}

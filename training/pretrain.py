@@ -13,13 +13,15 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from common import distributed as dist_util
 from common.config_args import flat_settings, save_settings
+from common.console import say
 from common.errors import UserError
 from custom_datasets.pretrain_data import PretrainData, build_pretrain_data
 from engine_pretrain import evaluate, train_one_epoch
 from models.backbone import VLMoBackbone
 from models.lora import add_lora, self_regularization
 from models.modes import ModeOptions, PretrainMode
-from models.pretrained import describe
+from models.pretrained import UNTRAINED, describe, weight_groups
+from models.registry import find_variant
 from models.run_info import compact, preprocessing, text_tokenizer_record
 from models.trainability import configure_trainable
 from training.batch import BatchPreparer
@@ -48,6 +50,7 @@ class PretrainRun:
     carried: CarriedHeads
     weights: Weights
     trainable: dict[str, int]
+    untrained: list[str]  # weight groups no run has trained yet, after this one (recorded in checkpoints)
 
     @property
     def backbone(self) -> VLMoBackbone:
@@ -60,7 +63,8 @@ class PretrainRun:
                 else None)
         return compact(task=cfg.exp_name, heads={**self.carried.specs, **self.mode.head_specs()},
                        preprocessing=preprocessing(cfg.model.image_size, 1.0, cfg.views.imagenet_default_mean_and_std),
-                       text_tokenizer=text, max_text_len=cfg.text.max_text_len if text else None)
+                       text_tokenizer=text, max_text_len=cfg.text.max_text_len if text else None,
+                       untrained=self.untrained)
 
 
 def resolve_resume(cfg: PretrainConfig, ctx: RunContext) -> PretrainConfig:
@@ -98,19 +102,32 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     limit_samples(data, cfg)
     visual_tokenizer = None
     if mode_cls.needs_visual_tokens:
-        visual_tokenizer, cfg = build_visual_tokenizer(cfg, data.train, grid[0], ctx.device)
+        carried = weights.ckpt.extra.get("dall_e_encoder") if weights.ckpt is not None else None
+        visual_tokenizer, cfg = build_visual_tokenizer(cfg, data.train, grid[0], ctx.device, carried)
     mode = mode_cls(backbone, mode_options(cfg, visual_tokenizer))
     carried = attach_heads(mode, weights.ckpt)
     if cfg.lora.lora_rank:
         add_lora(backbone, cfg.lora.lora_rank, cfg.lora.lora_alpha, cfg.lora.lora_dropout)
-    trainable = configure_trainable(mode, bool(cfg.lora.lora_rank), list(cfg.lora.trainable_extra))
+    trainable = configure_trainable(mode, bool(cfg.lora.lora_rank), list(cfg.lora.trainable_extra),
+                                    cfg.lora.lora_trainable or "both")
+    untrained = still_untrained(mode, weights)
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     mode.to(ctx.device)
     for head in carried.modules.values():
         head.to(ctx.device)
     model = ctx.wrap(mode, find_unused_parameters=not mode_cls.static_graph)
-    return PretrainRun(cfg, ctx, mode, model, data, grid, text_tokenizer, visual_tokenizer, carried, weights, trainable)
+    return PretrainRun(cfg, ctx, mode, model, data, grid, text_tokenizer, visual_tokenizer, carried, weights, trainable,
+                       untrained)
+
+
+def still_untrained(mode: PretrainMode, weights: Weights) -> list[str]:
+    """Weight groups that neither the starting checkpoint's runs nor this one train (a model from
+    scratch starts with all of them untrained)."""
+    names = [n for n, _ in mode.backbone.named_parameters(prefix="backbone")]
+    before = set(weights.ckpt.info.get(UNTRAINED, [])) if weights.ckpt is not None else weight_groups(names)
+    trained = weight_groups(n for n, p in mode.named_parameters() if p.requires_grad)
+    return sorted(before - trained)
 
 
 def mode_options(cfg: PretrainConfig, visual_tokenizer) -> ModeOptions:
@@ -135,8 +152,11 @@ class Optimization:
 
 def build_optimization(run: PretrainRun) -> Optimization:
     cfg, ctx, opt = run.cfg, run.ctx, run.cfg.optim
-    train_loader = ctx.loader(run.data.train, opt.batch_size, cfg.data.num_workers, True, run.data.train_collate)
-    val_loader = ctx.loader(run.data.val, opt.batch_size, cfg.data.num_workers, False, run.data.val_collate)
+    pin = cfg.data.pin_mem
+    train_loader = ctx.loader(run.data.train, opt.batch_size, cfg.data.num_workers, True, run.data.train_collate,
+                              pin_memory=pin)
+    val_loader = ctx.loader(run.data.val, opt.batch_size, cfg.data.num_workers, False, run.data.val_collate,
+                            pin_memory=pin)
     if len(train_loader) == 0:
         raise UserError(f"{len(run.data.train)} training samples are fewer than one batch of {opt.batch_size} per "
                         f"device; lower --batch_size")
@@ -145,7 +165,7 @@ def build_optimization(run: PretrainRun) -> Optimization:
     warmup = opt.warmup_steps / len(train_loader) if opt.warmup_steps is not None else opt.warmup_epochs
     optimizer = adamw(run.mode, lr, opt.weight_decay, tuple(opt.opt_betas))
     scaler = grad_scaler(cfg.run.amp, ctx.device)
-    start_epoch = 0
+    start_epoch = cfg.run.start_epoch
     if run.weights.continue_run:
         start_epoch = load_run_state(run.weights.path, run.mode, optimizer, scaler, run.weights.ckpt)
     run.weights.ckpt = None  # not held in memory for the whole run
@@ -157,18 +177,34 @@ def build_optimization(run: PretrainRun) -> Optimization:
     return Optimization(train_loader, val_loader, optimizer, scaler, settings, prepare, start_epoch, eff_batch)
 
 
+def data_description(cfg: PretrainConfig) -> str:
+    """What the run trains on, in words: never a surprise (the synthetic world only when asked for)."""
+    kind = {"image": "images", "text": "captions", "pair": "image-text pairs"}[cfg.mode.data_kind]
+    if cfg.data.data_path == "synthetic" and not cfg.text.data_file_path:
+        return f"{kind} of the embedded synthetic world"
+    if cfg.text.webdataset:
+        return f"{kind} in the WebDataset shards {cfg.data.data_path}"
+    files = " ".join(cfg.text.data_file_path or ())
+    if cfg.mode.data_kind == "image":
+        return f"{kind} in {cfg.data.data_path}"
+    root = (f" (images under {cfg.data.data_path})" if cfg.mode.data_kind == "pair" and cfg.data.data_path
+            and cfg.data.data_path != "synthetic" else "")
+    return f"{kind} in {files}{root}"
+
+
 def describe_run(run: PretrainRun, optim: Optimization) -> None:
     cfg, ctx = run.cfg, run.ctx
     if not ctx.is_main:
         return
     n_train = sum(run.trainable.values())
-    print(f"{cfg.exp_name}: {cfg.model.model} ({describe(run.backbone.cfg)}), {n_train / 1e6:.2f}M trainable parameters: "
+    factors = "" if (cfg.lora.lora_trainable or "both") == "both" else f", only the {cfg.lora.lora_trainable} factors train"
+    variant = cfg.model.model or find_variant(run.backbone.cfg) or "custom"
+    say(f"{cfg.exp_name}: {variant} ({describe(run.backbone.cfg)}), {n_train / 1e6:.2f}M trainable parameters: "
           + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sorted(run.trainable.items()))
-          + (f"; LoRA rank {cfg.lora.lora_rank} alpha {cfg.lora.lora_alpha:g}" if cfg.lora.lora_rank else "")
+          + (f"; LoRA rank {cfg.lora.lora_rank} alpha {cfg.lora.lora_alpha:g}{factors}" if cfg.lora.lora_rank else "")
           + (f", self-regularization weight {cfg.lora.reg_loss_weight:g}" if cfg.lora.self_regularization else ""))
-    sources = " ".join(cfg.text.data_file_path) if cfg.text.data_file_path else cfg.data.data_path
     vt, tt = run.visual_tokenizer, run.text_tokenizer
-    print(f"data: {sources} ({len(run.data.train)} train / {len(run.data.val)} val)"
+    say(f"data: {data_description(cfg)} ({len(run.data.train)} train / {len(run.data.val)} val samples)"
           + (f", visual tokenizer {cfg.visual_tokenizer.d_vae_type} ({vt.vocab_size} tokens)" if vt is not None else "")
           + (f", text tokenizer {cfg.text.tokenizer} ({len(tt)} tokens)" if tt is not None else "")
           + f", {ctx.world} process(es), effective batch {optim.eff_batch}, lr {optim.settings.lr:.3g}, "
@@ -180,7 +216,7 @@ def evaluate_checkpoint(run: PretrainRun, optim: Optimization) -> dict[str, floa
     run.ctx.reseed_for_evaluation()
     stats = evaluate(run.model, optim.val_loader, run.ctx.device, optim.prepare, optim.settings.amp_dtype)
     if run.ctx.is_main:
-        print("eval: " + json.dumps({k: round(v, 4) for k, v in stats.items()}))
+        say("eval: " + json.dumps({k: round(v, 4) for k, v in stats.items()}))
         stats.update(report_stage(run, "eval_report.json"))
     return stats
 
@@ -189,7 +225,8 @@ def train_epochs(run: PretrainRun, optim: Optimization) -> tuple[dict[str, Any],
     """(the last epoch's statistics, seconds spent in the epochs)."""
     cfg, ctx = run.cfg, run.ctx
     log_writer = ctx.tensorboard(cfg.run.log_dir)
-    regularizer = (lambda: self_regularization(run.backbone)) if cfg.lora.self_regularization else None
+    scaled = cfg.lora.reg_delta == "scaled"
+    regularizer = (lambda: self_regularization(run.backbone, scaled)) if cfg.lora.self_regularization else None
     lora_meta = {"lora": {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha}} if cfg.lora.lora_rank else None
     skipped_total, stats, info, start = 0, {}, run.info(), time.time()
     for epoch in range(optim.start_epoch, cfg.optim.epochs):
@@ -203,17 +240,17 @@ def train_epochs(run: PretrainRun, optim: Optimization) -> tuple[dict[str, Any],
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
                  "epoch": epoch, "n_parameters": sum(run.trainable.values())}
         if ctx.is_main:
-            if checkpoint_due(epoch, cfg.optim.epochs, cfg.run.save_per_epochs):
+            if checkpoint_due(epoch, cfg.optim.epochs, cfg.run.save_per_epochs, cfg.run.save_epochs_from_zero):
                 path = save_run_checkpoint(ctx.output_dir, epoch, (epoch + 1) * len(optim.train_loader), run.mode,
                                            optim.optimizer, optim.scaler, run.backbone.cfg.to_dict(),
                                            flat_settings(cfg), lora_meta, run.carried.tensors, info=info)
-                print(f"saved {path}")
+                say(f"saved {path}")
             for key, value in test_stats.items():
                 log_writer.add_scalar(f"test/{key}", value, epoch)
             ctx.append_log(stats)
-            print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in test_stats.items())
+            say(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in test_stats.items())
                   + (f"  (skipped {int(train_stats['skipped_samples'])} unreadable samples)"
-                     if train_stats.get("skipped_samples") else ""), flush=True)
+                     if train_stats.get("skipped_samples") else ""))
     if log_writer is not None:
         log_writer.close()
     return stats, time.time() - start

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common.console import say
+from common.errors import UserError
 from custom_datasets import batch as B
 from models.lora_checkpoints import save_adapters, save_merged_model
 from models.visual_tokenizers import create_visual_tokenizer
@@ -29,13 +31,18 @@ def majority_baseline(loader, prepare) -> float:
     return max(counts.values()) / total if total else 0.0
 
 
-def report_visual_tokenizer(run: "PretrainRun"):
-    """The stage's visual tokenizer, or for a stage that does not train MIM the one of the MIM probe."""
+def report_visual_tokenizer(run: "PretrainRun", probes) -> object | None:
+    """The stage's visual tokenizer, or for a stage that does not train MIM the one of the MIM probe
+    (when the probes hold images and the tokenizer's weights are there)."""
     tok = run.cfg.visual_tokenizer
-    if run.visual_tokenizer is None and tok.d_vae_weight_path:
+    if run.visual_tokenizer is not None or probes.images is None or not tok.d_vae_weight_path:
+        return run.visual_tokenizer
+    try:
         return create_visual_tokenizer(tok.d_vae_type, tok.d_vae_weight_path, tok.second_image_size,
                                        expected_grid=run.grid[0]).to(run.ctx.device)
-    return run.visual_tokenizer
+    except UserError as err:
+        say(f"stage report: no MIM accuracy ({err})")
+        return None
 
 
 def report_stage(run: "PretrainRun", name: str = "stage_report.json") -> dict[str, Any]:
@@ -44,9 +51,9 @@ def report_stage(run: "PretrainRun", name: str = "stage_report.json") -> dict[st
     heads = {**run.carried.modules, **{n: getattr(run.mode, n) for n in run.mode.heads}}
     probes = build_probes(cfg.data_config, run.mode.data_kind, run.grid, run.text_tokenizer, run.data.val,
                           run.data.val_collate, limit=cfg.data.max_val_samples or 500)
-    report = stage_report(run.backbone, heads, probes, run.ctx.device, report_visual_tokenizer(run), run.text_tokenizer,
-                          cfg.text.max_text_len, cfg.optim.batch_size, cfg.run.seed)
-    print(f"stage report ({cfg.exp_name}): {format_report(report)}")
+    report = stage_report(run.backbone, heads, probes, run.ctx.device, report_visual_tokenizer(run, probes),
+                          run.text_tokenizer, cfg.text.max_text_len, cfg.optim.batch_size, cfg.run.seed)
+    say(f"stage report ({cfg.exp_name}): {format_report(report)}")
     (run.ctx.output_dir / name).write_text(json.dumps(report, indent=1))
     return report
 
@@ -56,11 +63,11 @@ def save_lora_handover(run: "PretrainRun") -> None:
     lora = {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha}
     state = {**{k: v.detach().cpu() for k, v in run.mode.state_dict().items()}, **run.carried.tensors}
     save_adapters(out / "adapters.safetensors", state, run.backbone.cfg.to_dict(), lora, run.info())
-    print(f"saved {out / 'adapters.safetensors'} (adapter weights only)")
+    say(f"saved {out / 'adapters.safetensors'} (adapter weights only)")
     if cfg.lora.save_merged_lora_model:
         path = out / "merged_model.safetensors"
         save_merged_model(path, state, run.backbone.cfg.to_dict(), lora, str(out), run.info())
-        print(f"saved {path} (adapters merged; start the next stage with --init_from {path})")
+        say(f"saved {path} (adapters merged; start the next stage with --init_from {path})")
 
 
 def finish_stage(run: "PretrainRun", optim: "Optimization", stats: dict[str, Any], seconds: float) -> None:
@@ -73,5 +80,5 @@ def finish_stage(run: "PretrainRun", optim: "Optimization", stats: dict[str, Any
         summary += (f": held-out MIM accuracy {stats['test_acc_mim']:.3f} (always predicting the most frequent "
                     f"token: {baseline:.3f}; uniform chance: {1 / run.visual_tokenizer.vocab_size:.4f})")
         stats["majority_baseline"] = baseline
-    print(summary)
+    say(summary)
     stats["stage_report"] = report_stage(run)

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from common.checkpoint_io import FORMAT_TAG, Checkpoint, read_checkpoint, save_torch_atomic
+from common.checkpoint_io import FORMAT_TAG, Checkpoint, save_torch_atomic
 from common.errors import UserError
+from models.checkpoints import read_model_checkpoint
 from models.lora import load_plain_state, plain_names
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
@@ -47,7 +48,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler | None, ckpt: Checkpoint | None = None) -> int:
     """Restore a run checkpoint (`ckpt`: the file already read); returns the epoch to start from."""
-    ckpt = ckpt or read_checkpoint(path)
+    ckpt = ckpt or read_model_checkpoint(path)
     own = set(plain_names(model.state_dict()))
     missing = sorted(own - set(ckpt.model))
     owned_prefixes = {k.split(".")[0] for k in own}
@@ -56,6 +57,8 @@ def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.op
         raise UserError(f"--resume {path} does not match this run's model (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); resume with the same --exp_name and model flags")
     load_plain_state(model, {k: v for k, v in ckpt.model.items() if k in own})
+    if ckpt.extra.get("foreign_run"):  # another code base's optimizer state does not map: a fresh one
+        return int(ckpt.extra["epoch"]) + 1
     if "optimizer" not in ckpt.extra or "epoch" not in ckpt.extra:
         raise UserError(f"--resume {path} has no optimizer state; it is a weights file, use --init_from or --finetune")
     optimizer.load_state_dict(ckpt.extra["optimizer"])

@@ -52,10 +52,10 @@ class RunContext:
                                                          find_unused_parameters=find_unused_parameters)
 
     def loader(self, dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate: Callable,
-               seeded_shuffle: bool = True) -> DataLoader:
+               seeded_shuffle: bool = True, pin_memory: bool | None = None) -> DataLoader:
         """A DataLoader that shards across ranks. Training data is shuffled with a generator re-seeded
         every epoch (`seeded_shuffle`) or by the global RNG, which `start_epoch` seeds."""
-        pin = self.device.type == "cuda"
+        pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         if isinstance(dataset, IterableDataset):  # streams split and shuffle themselves (set_epoch)
             return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                               drop_last=train, pin_memory=pin)
@@ -100,5 +100,7 @@ class RunContext:
         dist_util.cleanup()
 
 
-def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
-    return (epoch + 1) % every == 0 or epoch + 1 == epochs
+def checkpoint_due(epoch: int, epochs: int, every: int, from_zero: bool = False) -> bool:
+    """After every `every` epochs and the last; `from_zero`: at epochs 0, N, 2N, ... instead
+    (ContinualTransformer's numbering)."""
+    return (epoch % every == 0 if from_zero else (epoch + 1) % every == 0) or epoch + 1 == epochs

@@ -9,6 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from common import distributed as dist_util
+from common.console import say
+from common.errors import UserError
 from models.text_tokenizer import load_text_tokenizer
 from models.visual_tokenizers import create_visual_tokenizer
 from training.config import PretrainConfig, replace
@@ -22,7 +24,12 @@ def build_text_tokenizer(cfg: PretrainConfig):
     if cfg.mode.data_kind == "image" and cfg.text.tokenizer is None:
         return None, cfg
     cfg = replace(cfg, text={"tokenizer": cfg.text.tokenizer or DEFAULT_TEXT_TOKENIZER})
-    return load_text_tokenizer(cfg.text.tokenizer), cfg
+    tokenizer = load_text_tokenizer(cfg.text.tokenizer)
+    if cfg.text.vocab_size is not None and cfg.text.vocab_size != len(tokenizer):
+        raise UserError(f"--vocab_size {cfg.text.vocab_size} but --tokenizer {cfg.text.tokenizer} has {len(tokenizer)} "
+                        f"tokens; the tokenizer decides the text vocabulary: drop --vocab_size or pass the tokenizer "
+                        f"with {cfg.text.vocab_size} tokens")
+    return tokenizer, cfg
 
 
 def fitted_tokenizer_path(cfg: PretrainConfig) -> Path:
@@ -33,23 +40,33 @@ def fit_run_tokenizer(cfg: PretrainConfig, train_set: Dataset, grid: int, path: 
     """Fit the k-means tokenizer on the run's training images (main process; others wait)."""
     tok = cfg.visual_tokenizer
     if dist_util.is_main_process() and not path.exists():
-        print(f"fitting a {tok.visual_vocab_size}-token k-means visual tokenizer on up to "
-              f"{tok.tokenizer_fit_images} training images ...", flush=True)
+        say(f"fitting a {tok.visual_vocab_size}-token k-means visual tokenizer on up to "
+              f"{tok.tokenizer_fit_images} training images ...")
         start = time.time()
         tokenizer = fit_kmeans_tokenizer(train_set, grid, tok.visual_vocab_size, tok.tokenizer_fit_images,
                                          seed=cfg.run.seed, num_workers=cfg.data.num_workers)
         save_kmeans_tokenizer(tokenizer, path, tok.second_image_size)
-        print(f"saved {path} ({time.time() - start:.0f}s)", flush=True)
+        say(f"saved {path} ({time.time() - start:.0f}s)")
     dist_util.barrier()
 
 
-def build_visual_tokenizer(cfg: PretrainConfig, train_set: Dataset, grid: int, device: torch.device):
-    """(tokenizer on `device`, config naming its weights). A k-means run without weights fits them."""
+def build_visual_tokenizer(cfg: PretrainConfig, train_set: Dataset, grid: int, device: torch.device,
+                           carried_encoder: dict[str, torch.Tensor] | None = None):
+    """(tokenizer on `device`, config naming its weights). A k-means run without weights fits them;
+    a DALL-E run without weights uses the encoder a ContinualTransformer checkpoint carries."""
     tok = cfg.visual_tokenizer
     if tok.d_vae_type == "kmeans" and tok.d_vae_weight_path is None:
         path = fitted_tokenizer_path(cfg)
         fit_run_tokenizer(cfg, train_set, grid, path)
         cfg = replace(cfg, visual_tokenizer={"d_vae_weight_path": str(path)})
+    if tok.d_vae_type == "dall-e" and tok.d_vae_weight_path is None:
+        if not carried_encoder:
+            raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl (the "
+                            "checkpoint given does not carry one)")
+        say("visual tokenizer: the DALL-E encoder carried by the checkpoint (mim_processor.d_vae)")
     tokenizer = create_visual_tokenizer(tok.d_vae_type, cfg.visual_tokenizer.d_vae_weight_path, tok.second_image_size,
-                                        expected_grid=grid)
+                                        expected_grid=grid, encoder_tensors=carried_encoder)
+    if tok.visual_vocab_size is not None and tok.d_vae_type == "dall-e" and tokenizer.vocab_size != tok.visual_vocab_size:
+        raise UserError(f"--img_vocab_size {tok.visual_vocab_size} but the DALL-E encoder has {tokenizer.vocab_size} "
+                        f"tokens; drop the flag or pass the matching encoder")
     return tokenizer.to(device), cfg

@@ -9,13 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint_io import Checkpoint, read_checkpoint
+from common.checkpoint_io import Checkpoint
+from common.console import say
 from common.errors import UserError
 from models import create_model
 from models.backbone import VLMoBackbone
+from models.checkpoints import read_model_checkpoint
 from models.head_loading import built_for_loading, head_names, head_spec, load_head, load_head_into
 from models.lora import is_adapter_key
-from models.pretrained import check_text_vocab
+from models.pretrained import fit_text_vocabulary
 from training.config import PretrainConfig, replace
 
 
@@ -28,27 +30,46 @@ class Weights:
     continue_run: bool = False
 
 
+def read_weights(path: str):
+    """The checkpoint, read once; what a translation from another layout did is said here."""
+    ckpt = read_model_checkpoint(path)
+    if ckpt.extra.get("origin"):
+        say(f"{path}: a {ckpt.extra['origin']} checkpoint, read in this project's layout: "
+              + "; ".join(ckpt.extra.get("conversion_notes") or ["no changes needed"]))
+    return ckpt
+
+
+def continue_lora(cfg: PretrainConfig, ckpt: Checkpoint, path: str) -> PretrainConfig:
+    """A LoRA run continues (or is evaluated) as a LoRA run, with its own rank and alpha."""
+    saved = ckpt.extra.get("lora") or {}
+    if saved and not cfg.lora.lora_rank:
+        cfg = replace(cfg, lora={"lora_rank": saved["rank"], "lora_alpha": saved["alpha"]})
+        say(f"{path} trained LoRA adapters: using --lora_rank {saved['rank']} --lora_alpha {saved['alpha']:g}")
+    elif saved.get("rank", 0) != cfg.lora.lora_rank:
+        raise UserError(f"--resume {path} was trained with --lora_rank {saved.get('rank', 0)}, not "
+                        f"{cfg.lora.lora_rank}; resume with the run's own flags, or use --init_from to start a new stage")
+    return cfg
+
+
 def resolve_weights(cfg: PretrainConfig) -> tuple[Weights, PretrainConfig]:
     """Says which of init / resume / scratch happens; a LoRA run is continued as a LoRA run."""
     m = cfg.model
     if not m.resume:
         if m.init_from:
-            print(f"starting a new stage from the weights of {m.init_from} (fresh optimizer, epoch 0)")
-            return Weights(m.init_from, read_checkpoint(m.init_from)), cfg
+            say(f"starting a new stage from the weights of {m.init_from} (fresh optimizer, epoch 0)")
+            return Weights(m.init_from, read_weights(m.init_from)), cfg
         return Weights(), cfg
-    ckpt = read_checkpoint(m.resume)
-    if "optimizer" not in ckpt.extra:
-        print(f"--resume {m.resume} holds weights only: initialising the model from it (new run, epoch 0)")
+    ckpt = read_weights(m.resume)
+    if ckpt.extra.get("foreign_run"):
+        say(f"--resume {m.resume} is a {ckpt.extra['origin']} run checkpoint (epoch {ckpt.extra['epoch']}): continuing "
+              f"at epoch {ckpt.extra['epoch'] + 1} with a fresh optimizer (its optimizer state belongs to another "
+              f"parameter layout)")
+    elif "optimizer" not in ckpt.extra:
+        say(f"--resume {m.resume} holds weights only: initialising the model from it (new run, epoch 0)")
         return Weights(m.resume, ckpt), cfg
-    print(f"resuming run from {m.resume} (epoch {ckpt.extra.get('epoch')})")
-    saved = ckpt.extra.get("lora") or {}
-    if saved and not cfg.lora.lora_rank:  # a LoRA run continues (or is evaluated) as a LoRA run
-        cfg = replace(cfg, lora={"lora_rank": saved["rank"], "lora_alpha": saved["alpha"]})
-        print(f"{m.resume} trained LoRA adapters: using --lora_rank {saved['rank']} --lora_alpha {saved['alpha']:g}")
-    elif saved.get("rank", 0) != cfg.lora.lora_rank:
-        raise UserError(f"--resume {m.resume} was trained with --lora_rank {saved.get('rank', 0)}, not "
-                        f"{cfg.lora.lora_rank}; resume with the run's own flags, or use --init_from to start a new stage")
-    return Weights(m.resume, ckpt, continue_run=True), cfg
+    else:
+        say(f"resuming run from {m.resume} (epoch {ckpt.extra.get('epoch')})")
+    return Weights(m.resume, ckpt, continue_run=True), continue_lora(cfg, ckpt, m.resume)
 
 
 def build_backbone(cfg: PretrainConfig, weights: Weights, vocab_size: int | None) -> VLMoBackbone:
@@ -57,8 +78,10 @@ def build_backbone(cfg: PretrainConfig, weights: Weights, vocab_size: int | None
                      layer_scale_init_value=m.layer_scale_init_value, ffn=m.ffn, vocab_size=vocab_size,
                      max_text_len=cfg.text.max_text_len_of_initckpt)
     if weights.path is None:
-        return create_model(m.model, **overrides)
-    check_text_vocab(weights.ckpt, vocab_size, cfg.text.tokenizer)
+        return create_model(m.model or "vlmo_tiny_patch16", **overrides)
+    weights.ckpt, note = fit_text_vocabulary(weights.ckpt, vocab_size, cfg.text.tokenizer)
+    if note:
+        say(note)
     return create_model(m.model, pretrained=weights.path, checkpoint=weights.ckpt,
                         **{k: v for k, v in overrides.items() if k in ("img_size", "drop_path_rate")})
 
@@ -94,7 +117,7 @@ def attach_heads(mode: nn.Module, ckpt: Checkpoint | None) -> CarriedHeads:
             shaped = {**spec, **{k: own[k] for k in ("embed_dim", "vocab_size") if k in own}}
             setattr(mode, name, built_for_loading(shaped))
         if load_head_into(getattr(mode, name), ckpt, name):
-            print(f"loaded the {name} from {ckpt.path}")
+            say(f"loaded the {name} from {ckpt.path}")
         else:
             new.append(name)
     carried = CarriedHeads()
@@ -106,6 +129,6 @@ def attach_heads(mode: nn.Module, ckpt: Checkpoint | None) -> CarriedHeads:
         if spec is not None:
             carried.specs[name] = spec
             carried.modules[name] = load_head(ckpt, name, cfg)
-    print(f"from {ckpt.path}: backbone loaded; new heads: {', '.join(new) or 'none'}; kept unused for later stages: "
+    say(f"from {ckpt.path}: backbone loaded; new heads: {', '.join(new) or 'none'}; kept unused for later stages: "
           f"{', '.join(sorted({k.split('.')[0] for k in carried.tensors})) or 'none'}")
     return carried

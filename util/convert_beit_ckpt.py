@@ -1,10 +1,14 @@
-"""Convert BEiT weights into this project's backbone checkpoint.
+"""Convert BEiT weights (or a ContinualTransformer checkpoint) into this project's checkpoint.
 
+    python util/convert_beit_ckpt.py            # as ContinualTransformer: checkpoints/beit_base_patch16_224_pt22k_ft22kto1k.pth
+                                                # -> checkpoints/beit_base_patch16_224_pt22k_ft22kto1k_transfertovlmo.pth
     python util/convert_beit_ckpt.py --input beit_base_patch16_224_pt22k.pth --output checkpoints/beit_base_pt22k.safetensors
     python util/convert_beit_ckpt.py --input hf/beit-base-patch16-224 --output checkpoints/beit_base.safetensors --image_size 384
+    python util/convert_beit_ckpt.py --input their_run/checkpoint-99.pth --output checkpoints/theirs.safetensors
 
-Reads microsoft/unilm `.pth` (pt22k and fine-tuned), timm state dicts (`.pth`/`.safetensors`) and
-Hugging Face BEiT model folders. Never runs pickled code.
+Reads microsoft/unilm `.pth` (pt22k and fine-tuned), timm state dicts (`.pth`/`.safetensors`),
+Hugging Face BEiT model folders and ContinualTransformer checkpoints of every kind. Never runs
+pickled code.
 """
 from __future__ import annotations
 
@@ -15,18 +19,23 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.checkpoint_io import save_weights  # noqa: E402
+from common.checkpoint_io import Checkpoint, read_checkpoint, save_weights  # noqa: E402
 from common.errors import UserError, cli_entry  # noqa: E402
 from conversion.beit import convert, infer_config, read_source, target_config  # noqa: E402
 from models.config import FFN_KINDS  # noqa: E402
-from models.pretrained import describe  # noqa: E402
+from models.continual_transformer import is_continual_transformer, translate  # noqa: E402
+from models.lora import plain_names  # noqa: E402
+from models.lora_checkpoints import fold_adapters  # noqa: E402
+from models.pretrained import UNTRAINED, describe, weight_groups  # noqa: E402
 from models.registry import list_models  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="BEiT .pth/.safetensors file or Hugging Face model folder")
-    p.add_argument("--output", required=True, help="where to write: .safetensors (recommended) or .pth")
+    p.add_argument("--input", default=None, help=f"BEiT .pth/.safetensors file, Hugging Face model folder or "
+                                                 f"ContinualTransformer checkpoint (default: {DEFAULT_INPUT})")
+    p.add_argument("--output", default=None, help="where to write: .safetensors (recommended) or .pth (default: the "
+                                                  "input's name + _transfertovlmo.pth, as ContinualTransformer names it)")
     p.add_argument("--model", choices=list_models(), default=None,
                    help="registered variant the weights must fit (default: the source's own architecture)")
     p.add_argument("--image_size", type=int, default=None,
@@ -40,23 +49,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEFAULT_INPUT = "checkpoints/beit_base_patch16_224_pt22k_ft22kto1k.pth"  # where ContinualTransformer's README puts it
+
+
+def default_paths(args) -> tuple[str, Path]:
+    source = args.input or DEFAULT_INPUT
+    if args.input is None and not Path(source).exists():
+        raise UserError(f"no --input given and {DEFAULT_INPUT} (ContinualTransformer's default) does not exist; put the "
+                        f"BEiT checkpoint there or pass --input FILE --output FILE")
+    output = Path(args.output) if args.output else Path(source).with_name(Path(source).stem + "_transfertovlmo.pth")
+    return source, output
+
+
+def convert_continual_transformer(raw: Checkpoint, source: str, output: Path) -> None:
+    """Their checkpoints load directly everywhere; converting one writes it in this project's format."""
+    ckpt = translate(raw)
+    print(f"source: {source} (ContinualTransformer, {len(ckpt.model)} tensors)")
+    for line in ckpt.extra.get("conversion_notes") or []:
+        print("  " + line)
+    tensors = plain_names(ckpt.model)
+    if ckpt.extra.get("lora"):
+        tensors = fold_adapters(ckpt)[0]
+        print(f"  merged its LoRA adapters (rank {ckpt.extra['lora']['rank']}, alpha 1)")
+    save_weights(output, tensors, ckpt.backbone_config, {"source": str(source)}, ckpt.info)
+    print(f"wrote {output}")
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    output = Path(args.output)
+    source, output = default_paths(args)
     if output.suffix not in (".safetensors", ".pth", ".pt"):
         raise UserError(f"--output {output} must end in .safetensors, .pth or .pt")
     if output.exists() and not args.overwrite:
         raise UserError(f"--output {output} already exists; pass --overwrite or choose another path")
-    src = read_source(args.input)
+    raw = read_checkpoint(source) if Path(source).is_file() else None
+    if raw is not None and is_continual_transformer(raw):
+        return convert_continual_transformer(raw, source, output)
+    src = read_source(source)
     src_cfg = infer_config(src, args.model)
     dst_cfg = target_config(src_cfg, args.model, args.image_size, args.ffn, args.vocab_size, args.max_text_len_of_initckpt)
     tensors, report = convert(src, src_cfg, dst_cfg, seed=args.seed)
-    print(f"source: {args.input} ({src.kind}, {len(src.tensors)} tensors): {describe(src_cfg)}")
+    print(f"source: {source} ({src.kind}, {len(src.tensors)} tensors): {describe(src_cfg)}")
     print(f"target: {describe(dst_cfg)}")
     for line in report.lines():
         print("  " + line)
-    save_weights(output, tensors, dst_cfg.to_dict(), {"source": str(args.input)})
+    untrained = sorted(weight_groups(report.fresh))  # e.g. the text path, which BEiT does not have
+    save_weights(output, tensors, dst_cfg.to_dict(), {"source": str(source)}, {UNTRAINED: untrained})
     print(f"wrote {output}")
 
 

@@ -32,7 +32,7 @@ COLUMNS = {"image_mim_acc": "MIM acc", "image_knn_acc": "k-NN acc", "text_mlm_ac
 
 def shared_flags(args: argparse.Namespace, tokenizer: Path) -> list[str]:
     return ["--model", "vlmo_tiny_patch16", "--image_size", "64", "--patch_size", "8", "--second_image_size", "32",
-            "--synthetic_train_size", str(args.train_size), "--synthetic_val_size", str(args.val_size),
+            "--data_path", "synthetic", "--synthetic_train_size", str(args.train_size), "--synthetic_val_size", str(args.val_size),
             "--synthetic_render_size", "64", "--min_crop_scale", "0.5", "--drop_path", "0", "--batch_size", "64",
             "--num_workers", str(args.num_workers), "--print_freq", "1000", "--tokenizer", str(tokenizer),
             "--seed", str(args.seed), "--save_per_epochs", "1000"]

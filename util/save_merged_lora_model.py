@@ -12,8 +12,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.checkpoint_io import read_checkpoint  # noqa: E402
 from common.errors import UserError, cli_entry  # noqa: E402
+from models.checkpoints import read_model_checkpoint  # noqa: E402
 from models.lora import is_adapter_key, plain_names  # noqa: E402
 from models.lora_checkpoints import fold_adapters, lora_settings, save_merged_weights  # noqa: E402
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> Path:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise UserError(f"{output} exists; pass --overwrite or choose another output")
-    ckpt = read_checkpoint(args.checkpoint)
+    ckpt = read_model_checkpoint(args.checkpoint)
     if ckpt.backbone_config is None:
         raise UserError(f"{args.checkpoint} has no backbone config; pass a run checkpoint written by main_pretrain_cook.py")
     merged, had_adapters = fold_adapters(ckpt)  # refuses merged-marked, adapter-only and rank-less files

@@ -15,8 +15,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.checkpoint_io import read_checkpoint  # noqa: E402
 from common.errors import cli_entry  # noqa: E402
+from models.checkpoints import read_model_checkpoint  # noqa: E402
 from training.cli import finetune_config_from_argv  # noqa: E402
 from training.finetune import finetune as run_finetune  # noqa: E402
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--probe_epochs", type=int, default=90)
     p.add_argument("--num_workers", type=int, default=2)
     args = p.parse_args(argv)
-    cfg = read_checkpoint(args.pretrained).backbone_config or {}
+    cfg = read_model_checkpoint(args.pretrained).backbone_config or {}
     size = ["--input_size", str(cfg.get("img_size", 224)), "--num_workers", str(args.num_workers), "--print_freq", "1000",
             "--batch_size", "32"]
     scratch = ["--model", "vlmo_tiny_patch16", "--patch_size", str(cfg.get("patch_size", 16))]

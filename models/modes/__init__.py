@@ -11,4 +11,10 @@ PRETRAIN_MODES: dict[str, type[PretrainMode]] = {
     mode.name: mode for mode in (ImageMIM, TextMLM, ImageTextITC, CompoundPretrain)
 }
 
-__all__ = ["PRETRAIN_MODES", "PretrainMode", "ModeOptions", "ImageMIM", "TextMLM", "ImageTextITC", "CompoundPretrain"]
+# ContinualTransformer's mode names: (the mode, what the name adds)
+MODE_ALIASES: dict[str, tuple[str, str]] = {
+    "image_text_itc_fullmodel": ("image_text_itc", "image_text_itc training the whole model (no LoRA)"),
+    "image_text_itc_loraA": ("image_text_itc", "image_text_itc training only the LoRA A factors"),
+}
+
+__all__ = ["MODE_ALIASES", "PRETRAIN_MODES", "PretrainMode", "ModeOptions", "ImageMIM", "TextMLM", "ImageTextITC", "CompoundPretrain"]

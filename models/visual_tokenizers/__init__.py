@@ -55,14 +55,18 @@ def load_kmeans_tokenizer(path: str | Path) -> KMeansTokenizer:
 
 
 def create_visual_tokenizer(kind: str, weight_path: str | Path | None, image_size: int,
-                            expected_grid: int | None = None) -> nn.Module:
-    """Build the tokenizer and check that it yields one id per backbone patch."""
+                            expected_grid: int | None = None, encoder_tensors: dict | None = None) -> nn.Module:
+    """Build the tokenizer and check that it yields one id per backbone patch. `encoder_tensors`:
+    DALL-E encoder weights already read (from a ContinualTransformer checkpoint) when no path is given."""
     if kind == "dall-e":
-        if weight_path is None:
-            raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl")
-        from models.visual_tokenizers.dall_e_loader import load_dalle_encoder
+        from models.visual_tokenizers.dall_e_loader import encoder_from_tensors, load_dalle_encoder
 
-        tokenizer: nn.Module = DalleTokenizer(load_dalle_encoder(weight_path))
+        if weight_path is not None:
+            tokenizer: nn.Module = DalleTokenizer(load_dalle_encoder(weight_path))
+        elif encoder_tensors:
+            tokenizer = DalleTokenizer(encoder_from_tensors(encoder_tensors, None, "the checkpoint's DALL-E encoder"))
+        else:
+            raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl")
         grid = image_size // 8
     elif kind == "kmeans":
         if weight_path is None:

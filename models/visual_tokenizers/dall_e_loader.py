@@ -50,6 +50,49 @@ def read_encoder_pickle(path: Path) -> tuple[dict[str, torch.Tensor], DalleEncod
     return named_parameters(root), cfg
 
 
+# generous bounds around OpenAI's encoder (4 groups, 256 hidden, 2 blocks, 8192 tokens): a file
+# claiming more is crafted or corrupt, and is refused before anything is allocated
+CONFIG_LIMITS = {"group_count": (1, 8), "n_hid": (1, 4096), "n_blk_per_group": (1, 16), "input_channels": (1, 16),
+                 "vocab_size": (2, 65536)}
+
+
+def check_config(cfg: DalleEncoderConfig, source: str) -> None:
+    for name, (low, high) in CONFIG_LIMITS.items():
+        value = getattr(cfg, name)
+        if not low <= value <= high:
+            raise UserError(f"{source} declares a DALL-E encoder with {name}={value} (expected {low}..{high}); the file is "
+                            f"corrupt or not OpenAI's encoder.pkl: download it again")
+
+
+def infer_config(tensors: dict[str, torch.Tensor]) -> DalleEncoderConfig:
+    """The hyper-parameters from tensor shapes (encoder weights stored without them)."""
+    n_hid, channels = tensors["blocks.input.w"].shape[:2]
+    groups = {k.split(".")[1] for k in tensors if k.startswith("blocks.group_")}
+    blocks = {k.split(".")[2] for k in tensors if k.startswith("blocks.group_1.block_")}
+    return DalleEncoderConfig(group_count=len(groups), n_hid=n_hid, n_blk_per_group=len(blocks),
+                              input_channels=channels, vocab_size=tensors["blocks.output.conv.w"].shape[0])
+
+
+def encoder_from_tensors(tensors: dict[str, torch.Tensor], cfg: DalleEncoderConfig | None, source: str) -> DalleEncoder:
+    """An eval-mode encoder; the tensors must match the architecture exactly (checked on the meta
+    device first, so a file with absurd shapes allocates nothing)."""
+    if cfg is None:
+        try:
+            cfg = infer_config(tensors)
+        except KeyError:
+            raise UserError(f"{source} holds no DALL-E encoder weights (blocks.input.w ...)") from None
+    check_config(cfg, source)
+    with torch.device("meta"):
+        expected = DalleEncoder(cfg).state_dict()
+    if set(expected) != set(tensors) or any(expected[k].shape != tensors[k].shape for k in expected):
+        missing = sorted(set(expected) - set(tensors))[:3]
+        raise UserError(f"{source} does not match the DALL-E encoder architecture (e.g. missing {missing}); "
+                        f"it may be a different model")
+    encoder = DalleEncoder(cfg)
+    encoder.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return encoder.eval().requires_grad_(False)
+
+
 def load_dalle_encoder(weight_path: str | Path, cache: bool = True) -> DalleEncoder:
     """An eval-mode `DalleEncoder` from `encoder.pkl` (or its cached `encoder.safetensors`)."""
     path = _locate(weight_path)
@@ -59,13 +102,7 @@ def load_dalle_encoder(weight_path: str | Path, cache: bool = True) -> DalleEnco
         tensors = {k.removeprefix("encoder."): v for k, v in tensors.items()}
     else:
         tensors, cfg = read_encoder_pickle(path)
-    encoder = DalleEncoder(cfg)
-    own = encoder.state_dict()
-    if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
-        missing = sorted(set(own) - set(tensors))[:3]
-        raise UserError(f"{path} does not match the DALL-E encoder architecture (e.g. missing {missing}); "
-                        f"it may be a different model")
-    encoder.load_state_dict({k: v.float() for k, v in tensors.items()})
+    encoder = encoder_from_tensors(tensors, cfg, str(path))
     if cache and path.suffix != ".safetensors":
         target = path.with_name(CACHE_NAME)
         try:
@@ -76,4 +113,4 @@ def load_dalle_encoder(weight_path: str | Path, cache: bool = True) -> DalleEnco
             log.info("cached DALL-E encoder tensors as %s", target)
         except OSError as err:
             log.warning("could not cache %s (%s); encoder.pkl will be parsed again next time", target, err)
-    return encoder.eval().requires_grad_(False)
+    return encoder
