@@ -1,84 +1,101 @@
-"""Unlabelled or class-folder image collections searched recursively, robust to bad files."""
+"""Unlabelled or class-folder image collections searched recursively, robust to bad files. The file
+list is a `FileTable` (custom_datasets/file_index.py): linear to build, shared by workers."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 from common.errors import UserError
-from custom_datasets.image_io import ARRAY_EXTENSIONS, BandScaler, is_image_file, open_rgb, open_tile_rgb
+from custom_datasets.batch import LABEL
+from custom_datasets.file_index import FileTable, index_folder
+from custom_datasets.image_io import ARRAY_EXTENSIONS, BandScaler, band_count, open_rgb, open_tile_rgb
 
 log = logging.getLogger(__name__)
+TILE_SCAN = 10_000  # files looked at for tiles to fit the band statistics on
 
 
 def list_image_files(root: str | Path) -> list[Path]:
+    """Every image file under `root`, sorted (what predict and search read)."""
     root = Path(root)
-    if not root.exists():
-        raise UserError(f"--data_path {root} does not exist")
-    if not root.is_dir():
-        raise UserError(f"--data_path {root} is a file; pass the folder that holds the images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
-    if not files:
-        raise UserError(f"--data_path {root} holds no image files (looked for .jpg/.png/.tif/.npy and more, recursively)")
-    return files
+    return [root / p for p in index_folder(root)]
 
 
-def class_of(path: Path, root: Path) -> str | None:
-    """ImageNet layout: the first folder under root is the class."""
-    parts = path.relative_to(root).parts
-    return parts[0] if len(parts) > 1 else None
+def is_tile(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in ARRAY_EXTENSIONS
 
 
 class ImageFiles(Dataset):
-    """Images from a folder tree. A sample is `build(image) | {"label": int}` or None when the file
-    cannot be read (the collate function drops and counts it)."""
+    """Images of a folder tree (the rows `indices` of its table). A sample is `build(image) |
+    {"label": int}` or None when the file cannot be read (the collate function drops and counts it)."""
 
     def __init__(self, root: str | Path, build: Callable[[Image.Image], dict[str, Any]],
-                 bands: Sequence[int] | None = None, files: list[Path] | None = None,
-                 class_to_idx: dict[str, int] | None = None) -> None:
+                 bands: Sequence[int] | None = None, table: FileTable | None = None,
+                 indices: np.ndarray | None = None, class_to_idx: dict[str, int] | None = None) -> None:
         self.root = Path(root)
-        self.files = files if files is not None else list_image_files(self.root)
-        self.build = build
-        self.bands = bands
-        tiles = [f for f in self.files if f.suffix.lower() in ARRAY_EXTENSIONS]
-        self.scaler = BandScaler.fit(tiles, bands) if tiles else None
-        classes = sorted({c for f in self.files if (c := class_of(f, self.root)) is not None})
-        self.class_to_idx = class_to_idx if class_to_idx is not None else {c: i for i, c in enumerate(classes)}
-        unknown = [c for c in classes if c not in self.class_to_idx]
+        self.table = table if table is not None else index_folder(self.root)
+        self.indices = np.arange(len(self.table)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.build, self.bands = build, bands
+        self.class_to_idx = class_to_idx if class_to_idx is not None else {
+            name: i for i, name in enumerate(self.table.class_names)}
+        unknown = [c for c in self.table.class_names if c not in self.class_to_idx]
         if unknown:
             raise UserError(f"{self.root} has class folders the training set does not have: {', '.join(unknown[:5])}")
+        remap = np.array([self.class_to_idx[c] for c in self.table.class_names] + [-1], dtype=np.int64)
+        self.labels = remap[self.table.classes]  # -1 (the last entry) for files without a class folder
+        self.scaler = self._fit_band_scaler()
         self._check_some_readable()
 
+    def path(self, index: int) -> Path:
+        return self.root / self.table[int(self.indices[index])]
+
+    def _fit_band_scaler(self) -> BandScaler | None:
+        tiles = [p for i in range(min(len(self), TILE_SCAN)) if is_tile(p := self.path(i))]
+        return BandScaler.fit(tiles, self.bands) if tiles else None
+
     def _check_some_readable(self, probe: int = 20) -> None:
-        for path in self.files[:probe]:
+        errors = []
+        for i in range(min(probe, len(self))):
             try:
-                self.load(path)
+                self.load(self.path(i))
                 return
-            except Exception:  # noqa: BLE001 - any reader error means "unreadable"
-                continue
-        raise UserError(f"--data_path {self.root}: none of the first {min(probe, len(self.files))} image files could be "
-                        f"read (e.g. {self.files[0]}); check the files or --bands")
+            except Exception as err:  # noqa: BLE001 - any reader error means "unreadable"
+                errors.append(err)
+        first = self.path(0)
+        hint = self._band_hint(first) or f"e.g. {first}: {str(errors[0]).splitlines()[0][:160] if errors else ''}"
+        raise UserError(f"--data_path {self.root}: none of the first {min(probe, len(self))} image files could be "
+                        f"read ({hint}); check the files")
+
+    def _band_hint(self, path: Path) -> str | None:
+        if self.bands is None or not is_tile(path):
+            return None
+        try:
+            count = band_count(path)
+        except Exception:  # noqa: BLE001 - the file itself is unreadable: the generic message says so
+            return None
+        return f"--bands {','.join(map(str, self.bands))} but {path} has {count} bands (indices 0..{count - 1})"
 
     def load(self, path: Path) -> Image.Image:
-        if path.suffix.lower() in ARRAY_EXTENSIONS:
+        if is_tile(path):
             return open_tile_rgb(path, self.bands, self.scaler)
         return open_rgb(path)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        path = self.files[index]
+        path = self.path(index)
         try:
             image = self.load(path)
         except Exception as err:  # noqa: BLE001 - corrupt/truncated/unsupported files are skipped and counted
             log.debug("skipping unreadable %s: %s", path, err)
             return None
         sample = self.build(image)
-        cls = class_of(path, self.root)
-        if cls is not None:
-            sample["label"] = self.class_to_idx[cls]
+        label = int(self.labels[self.indices[index]])
+        if label >= 0:
+            sample[LABEL] = label
         return sample

@@ -46,6 +46,10 @@ def to_hwc(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def band_count(path: str | Path) -> int:
+    return to_hwc(np.load(path, allow_pickle=False, mmap_mode="r")).shape[2]
+
+
 def read_tile(path: str | Path, bands: Sequence[int] | None) -> np.ndarray:
     """`[H, W, 3]` of the chosen bands (default: the first three; one band is repeated)."""
     arr = to_hwc(np.load(path, allow_pickle=False))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
@@ -15,7 +16,8 @@ from torch.utils.data import Dataset, Subset
 from common.errors import UserError
 from custom_datasets import batch as B
 from custom_datasets.collate import collate_skipping_bad
-from custom_datasets.image_folder import ImageFiles, list_image_files
+from custom_datasets.file_index import index_folder
+from custom_datasets.image_folder import ImageFiles
 from custom_datasets.masking import BlockwiseMaskGenerator, RandomMaskGenerator, default_num_mask_patches
 from custom_datasets.pair_data import ImageCaptionPairs, SyntheticCaptions
 from custom_datasets.settings import SYNTHETIC, PretrainDataConfig
@@ -92,11 +94,15 @@ def build_image_datasets(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tupl
                 SyntheticWorld("val", data.synthetic_val_size, cfg.seed, data.synthetic_render_size, val_build))
     bands = parse_bands(data.bands)
     root = Path(data.data_path)
+    cache = Path(cfg.index_cache) if cfg.index_cache else None
     if data.eval_data_path:
-        return ImageFiles(root, train_build, bands), ImageFiles(data.eval_data_path, val_build, bands)
-    files = list_image_files(root)
-    train, val = split_held_out(files, map(file_key, files), data.val_fraction)
-    return ImageFiles(root, train_build, bands, train), ImageFiles(root, val_build, bands, val)
+        return (ImageFiles(root, train_build, bands, index_folder(root, cache)),
+                ImageFiles(data.eval_data_path, val_build, bands))
+    table = index_folder(root, cache, held_out_fraction=data.val_fraction)
+    train = np.flatnonzero(~table.held_out)
+    train = train if len(train) else np.arange(len(table))  # too small to spare a held-out set: train on all
+    return (ImageFiles(root, train_build, bands, table, train),
+            ImageFiles(root, val_build, bands, table, np.flatnonzero(table.held_out)))
 
 
 @dataclass

@@ -77,6 +77,7 @@ class PretrainDataConfig:
     image_size: int
     second_image_size: int
     seed: int
+    index_cache: str | None = None  # where the training folder's file index is kept (a resumed run reuses it)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,13 @@ def is_held_out(key: str, fraction: float) -> bool:
     return int.from_bytes(digest[:4], "little") / _SCALE < fraction
 
 
+def held_out_names(paths: Iterable[str], fraction: float) -> list[bool]:
+    """`is_held_out(file_key(p))` for many '/'-separated paths, fast (the same decisions: an int
+    compared with fraction x 2^32 is exactly the float comparison above)."""
+    md5, threshold, from_bytes = hashlib.md5, fraction * _SCALE, int.from_bytes
+    return [from_bytes(md5(p[p.rfind("/") + 1:].encode()).digest()[:4], "little") < threshold for p in paths]
+
+
 def file_key(path: str | os.PathLike) -> str:
     """The file name: what decides a file's split (the folder it sits in does not)."""
     return os.path.basename(os.fspath(path))

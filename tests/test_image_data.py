@@ -82,4 +82,4 @@ def test_real_landsat_tiles(folder, bands):
     assert stacked.std() > 20 and 30 < stacked.mean() < 225  # percentile scaling spreads the 16-bit range
     if folder == "rgb_uint16_hwc":
         assert data.scaler is not None and (data.scaler.high > 1000).all()
-        assert open_tile_rgb(data.files[0], None, data.scaler).mode == "RGB"
+        assert open_tile_rgb(data.path(0), None, data.scaler).mode == "RGB"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,7 @@ from models.config import FFN_KINDS
 from models.modes import PRETRAIN_MODES
 from models.registry import list_models
 from models.visual_tokenizers import KINDS as VISUAL_TOKENIZER_KINDS
-from training.flag_checks import check_positive, check_pretrain_flags
+from training.flag_checks import check_paths_exist, check_positive, check_pretrain_flags
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DALL_E_FOLDER = "checkpoints/dall_e_tokenizer_weight"  # where ContinualTransformer keeps OpenAI's encoder.pkl
@@ -154,7 +155,8 @@ class PretrainConfig:
     def data_config(self) -> PretrainDataConfig:
         """What the data builders read."""
         return PretrainDataConfig(self.data, self.text, self.views, self.model.image_size,
-                                  self.visual_tokenizer.second_image_size, self.run.seed)
+                                  self.visual_tokenizer.second_image_size, self.run.seed,
+                                  str(Path(self.run.output_dir) / "file_index.txt") if self.run.output_dir else None)
 
 
 PRETRAIN_GROUPS: dict[str, tuple[str, type]] = {
@@ -291,6 +293,11 @@ def finetune_config(namespace: argparse.Namespace) -> FinetuneConfig:
     needs = KIND_NEEDS[cfg.task_class.data_kind]
     if not getattr(cfg.data, needs):
         raise UserError(f"--task {cfg.task} needs --{needs}")
+    d = cfg.data
+    check_paths_exist({"data_path": d.data_path, "data_file_path": d.data_file_path, "eval_data_path": d.eval_data_path,
+                       "eval_data_file_path": d.eval_data_file_path, "finetune": cfg.model.finetune,
+                       "tokenizer": d.tokenizer if d.tokenizer and ("/" in d.tokenizer or d.tokenizer.startswith("."))
+                       else None})
     blr = cfg.optim.blr if cfg.optim.blr is not None else (0.1 if cfg.task_class.cached_features else 5e-4)
     out = cfg.run.output_dir or f"outputs/finetune_{cfg.task}"
     return replace(cfg, optim={"blr": blr},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,9 +60,10 @@ class FinetuneRun:
                        class_names=self.data.class_names or None)
 
 
-def refuse_taken_output(cfg: FinetuneConfig, ctx: RunContext) -> None:
-    if not cfg.run.eval and (ctx.output_dir / "log.txt").exists():
-        raise UserError(f"--output_dir {ctx.output_dir} already holds a run (log.txt); choose another --output_dir "
+def refuse_taken_output(cfg: FinetuneConfig) -> None:
+    output_dir = Path(cfg.run.output_dir)
+    if not cfg.run.eval and (output_dir / "log.txt").exists():
+        raise UserError(f"--output_dir {output_dir} already holds a run (log.txt); choose another --output_dir "
                         f"(nothing is overwritten)")
 
 
@@ -228,26 +230,25 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (or only evaluate, `--eval`) the task; returns the last epoch's statistics and the
-    best value of the task's metric."""
-    ctx = RunContext.start(cfg.run.device, cfg.run.output_dir, cfg.run.seed)
-    refuse_taken_output(cfg, ctx)
-    ckpt = read_model_checkpoint(cfg.model.finetune) if cfg.model.finetune else None
-    if cfg.task_class.cached_features:
-        from training.linear_probe import run_linear_probe
+    best value of the task's metric. A training run holds its output folder until it ends."""
+    refuse_taken_output(cfg)
+    ctx = RunContext.start(cfg.run.device, cfg.run.output_dir, cfg.run.seed, exclusive=not cfg.run.eval)
+    try:
+        ckpt = read_model_checkpoint(cfg.model.finetune) if cfg.model.finetune else None
+        if cfg.task_class.cached_features:
+            from training.linear_probe import run_linear_probe
 
-        return run_linear_probe(cfg, ctx, ckpt)
-    run = build_run(cfg, ctx, ckpt)
-    del ckpt  # not held in memory for the whole run
-    describe_run(run)
-    if cfg.run.eval:
-        val_loader = ctx.loader(run.data.val, cfg.optim.batch_size, cfg.data.num_workers, False, run.data.val_collate)
-        stats = evaluate_run(run, val_loader)
-        if ctx.is_main:
+            return run_linear_probe(cfg, ctx, ckpt)
+        run = build_run(cfg, ctx, ckpt)
+        del ckpt  # not held in memory for the whole run
+        describe_run(run)
+        if cfg.run.eval:
+            val_loader = ctx.loader(run.data.val, cfg.optim.batch_size, cfg.data.num_workers, False,
+                                    run.data.val_collate)
+            stats = evaluate_run(run, val_loader)
             say(f"eval: {format_metrics(stats, run.task.best_metric)}")
+            return stats
+        model = ctx.wrap(run.task)
+        return train_epochs(run, build_training(run, model), model)
+    finally:
         ctx.finish()
-        return stats
-    model = ctx.wrap(run.task)
-    stats = train_epochs(run, build_training(run, model), model)
-    ctx.finish()
-    return stats
-

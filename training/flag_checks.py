@@ -65,6 +65,17 @@ def check_launch_flags(run) -> None:
                         f"{run.world_size} with torchrun --nproc_per_node (the launcher decides the world size)")
 
 
+def check_paths_exist(paths: dict[str, object]) -> None:
+    """Inputs are checked before the output folder is (a wrong path is reported as such, not as a
+    folder that holds a run). `paths`: flag -> path or paths (None: not given)."""
+    from pathlib import Path
+
+    for flag_name, value in paths.items():
+        for path in ([value] if isinstance(value, str) else list(value or [])):
+            if path and not Path(path).exists():
+                raise UserError(f"--{flag_name} {path} does not exist; check the path")
+
+
 def check_positive(values: dict[str, float | int | None]) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
@@ -74,6 +85,11 @@ def check_positive(values: dict[str, float | int | None]) -> None:
 def check_pretrain_flags(cfg: "PretrainConfig") -> None:
     check_launch_flags(cfg.run)
     check_weight_flags(cfg)
+    data = cfg.data.data_path if cfg.data.data_path != "synthetic" and not cfg.text.webdataset else None
+    check_paths_exist({"data_path": data, "data_file_path": cfg.text.data_file_path, "eval_data_path":
+                       None if cfg.text.webdataset else cfg.data.eval_data_path,
+                       "eval_data_file_path": cfg.text.eval_data_file_path, "init_from": cfg.model.init_from,
+                       "resume": cfg.model.resume})
     check_data_flags(cfg)
     check_lora_flags(cfg)
     check_positive({"batch_size": cfg.optim.batch_size, "accum_iter": cfg.optim.accum_iter,

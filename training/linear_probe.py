@@ -115,5 +115,4 @@ def run_linear_probe(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | No
                  backbone.cfg.to_dict(), {"probe_layer": str(layer)})
     say(f"done: best test acc1 {best['test_acc1']:.2f} (epoch {best['epoch']}); saved "
           f"{output_dir / 'probe_head.safetensors'}")
-    ctx.finish()
     return {"best_acc1": best["test_acc1"], **best}

@@ -87,9 +87,8 @@ def limit_samples(data: PretrainData, cfg: PretrainConfig) -> None:
         data.val = Subset(data.val, range(min(cfg.data.max_val_samples, len(data.val))))
 
 
-def build_run(cfg: PretrainConfig) -> PretrainRun:
+def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
     mode_cls = cfg.mode
-    ctx = RunContext.start(cfg.run.device, cfg.run.output_dir, cfg.run.seed)
     cfg = resolve_resume(cfg, ctx)
     weights, cfg = resolve_weights(cfg)
     text_tokenizer, cfg = build_text_tokenizer(cfg)
@@ -258,15 +257,19 @@ def train_epochs(run: PretrainRun, optim: Optimization) -> tuple[dict[str, Any],
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Build the stage, then evaluate (`--eval`) or train it; returns the last epoch's statistics
-    (with the stage report)."""
-    run = build_run(cfg)
-    optim = build_optimization(run)
-    describe_run(run, optim)
-    if run.cfg.run.eval:
-        stats = evaluate_checkpoint(run, optim)
-    else:
+    (with the stage report). A training run holds its output folder until it ends."""
+    ctx = RunContext.start(cfg.run.device, cfg.run.output_dir, cfg.run.seed, exclusive=not cfg.run.eval)
+    try:
+        run = build_run(cfg, ctx)
+        optim = build_optimization(run)
+        describe_run(run, optim)
+        if run.cfg.run.eval:
+            return evaluate_checkpoint(run, optim)
+        if run.weights.continue_run:
+            ctx.truncate_log(optim.start_epoch - 1)
         stats, seconds = train_epochs(run, optim)
-        if run.ctx.is_main and stats:
+        if ctx.is_main and stats:
             finish_stage(run, optim, stats, seconds)
-    run.ctx.finish()
-    return stats
+        return stats
+    finally:
+        ctx.finish()

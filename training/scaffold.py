@@ -13,6 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
 from common import distributed as dist_util
+from common.checkpoint_io import atomic_write
+from common.console import say
+from common.run_lock import RunLock
 
 
 def seed_everything(seed: int) -> None:
@@ -31,13 +34,22 @@ class RunContext:
     device: torch.device
     output_dir: Path
     seed: int
+    lock: RunLock | None = None
 
     @classmethod
-    def start(cls, device: str, output_dir: str, seed: int) -> "RunContext":
+    def start(cls, device: str, output_dir: str, seed: int, exclusive: bool = True) -> "RunContext":
+        """Join the process group, seed, and (`exclusive`, every run that writes a run's files) hold
+        the output folder for the run's life."""
         rank, world, local_rank = dist_util.init_distributed(device)
         torch_device = torch.device(f"cuda:{local_rank}" if device.startswith("cuda") else device)
         seed_everything(seed + rank)
-        return cls(rank, world, local_rank, torch_device, Path(output_dir), seed)
+        ctx = cls(rank, world, local_rank, torch_device, Path(output_dir), seed)
+        if exclusive:
+            ctx.lock = RunLock(output_dir, rank).acquire()
+            if ctx.lock.stale and ctx.is_main:
+                say(f"{output_dir}: took over the lock of a run that ended without releasing it ({ctx.lock.stale})")
+            ctx.remove_stale_temp_files()
+        return ctx
 
     @property
     def is_main(self) -> bool:
@@ -96,7 +108,29 @@ class RunContext:
             with open(self.output_dir / "log.txt", "a") as f:
                 f.write(json.dumps(stats) + "\n")
 
+    def remove_stale_temp_files(self) -> None:
+        """Half-written files of a run killed mid-write (atomic writes leave `.<name>.<random>.tmp`)."""
+        if not self.is_main or not self.output_dir.is_dir():
+            return
+        stale = [p for p in self.output_dir.glob(".*.tmp") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            say(f"{self.output_dir}: removed {len(stale)} half-written file(s) of an interrupted run")
+
+    def truncate_log(self, last_epoch: int) -> None:
+        """A resumed run replays the epochs after its checkpoint: their old lines go."""
+        log_path = self.output_dir / "log.txt"
+        if not self.is_main or not log_path.is_file():
+            return
+        kept = [line for line in log_path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("epoch", -1) <= last_epoch]
+        atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
     def finish(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         dist_util.cleanup()
 
 
