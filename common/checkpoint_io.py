@@ -7,9 +7,11 @@ half-written file under the final name.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,18 +120,42 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, tensors, config, extra, info if isinstance(info, dict) else {})
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp)` on a temporary path beside `path`, then rename it into place."""
+    """Call `write(tmp)` on a temporary path beside `path`, then rename it into place, with the
+    permissions any other file gets (mkstemp's 0600 would hide checkpoints from a team)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if _disk_full(err, path.parent):
+            raise UserError(f"the disk is full while writing {path}; free space or choose another folder (the previous "
+                            f"file of this name, if any, is intact)") from None
         raise
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """ENOSPC, or a writer (torch's zip writer raises RuntimeError) failing on a full disk."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    if isinstance(err, (OSError, RuntimeError)):
+        try:
+            return shutil.disk_usage(folder).free < 1 << 20
+        except OSError:
+            return False
+    return False
 
 
 def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:

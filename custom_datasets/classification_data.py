@@ -86,5 +86,5 @@ def build_classification_datasets(data: FinetuneDataSettings, train_transform, v
     train = ImageFiles(train_root, LabelledSample(train_transform))
     if len(train.class_to_idx) < 2:
         raise UserError(f"{train_root} must hold one folder per class (found {len(train.class_to_idx)} classes)")
-    val = ImageFiles(val_root, LabelledSample(val_transform), class_to_idx=train.class_to_idx)
+    val = ImageFiles(val_root, LabelledSample(val_transform), class_to_idx=train.class_to_idx, scaler=train.scaler)
     return train, val

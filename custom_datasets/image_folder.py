@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.console import say
 from common.errors import UserError
 from custom_datasets.batch import LABEL
 from custom_datasets.file_index import FileTable, index_folder
@@ -35,7 +36,9 @@ class ImageFiles(Dataset):
 
     def __init__(self, root: str | Path, build: Callable[[Image.Image], dict[str, Any]],
                  bands: Sequence[int] | None = None, table: FileTable | None = None,
-                 indices: np.ndarray | None = None, class_to_idx: dict[str, int] | None = None) -> None:
+                 indices: np.ndarray | None = None, class_to_idx: dict[str, int] | None = None,
+                 scaler: BandScaler | None = None) -> None:
+        """`scaler`: the training set's band statistics, so held-out tiles are scaled the same way."""
         self.root = Path(root)
         self.table = table if table is not None else index_folder(self.root)
         self.indices = np.arange(len(self.table)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -47,7 +50,7 @@ class ImageFiles(Dataset):
             raise UserError(f"{self.root} has class folders the training set does not have: {', '.join(unknown[:5])}")
         remap = np.array([self.class_to_idx[c] for c in self.table.class_names] + [-1], dtype=np.int64)
         self.labels = remap[self.table.classes]  # -1 (the last entry) for files without a class folder
-        self.scaler = self._fit_band_scaler()
+        self.scaler = scaler if scaler is not None else self._fit_band_scaler()
         self._check_some_readable()
 
     def path(self, index: int) -> Path:
@@ -55,7 +58,11 @@ class ImageFiles(Dataset):
 
     def _fit_band_scaler(self) -> BandScaler | None:
         tiles = [p for i in range(min(len(self), TILE_SCAN)) if is_tile(p := self.path(i))]
-        return BandScaler.fit(tiles, self.bands) if tiles else None
+        scaler = BandScaler.fit(tiles, self.bands) if tiles else None
+        if scaler is not None and scaler.non_finite:
+            say(f"{self.root}: {scaler.non_finite} non-finite pixels (NaN/inf) in {scaler.tiles_with_non_finite} of the "
+                f"tiles the band statistics were fitted on; they are left out and read as each band's low value")
+        return scaler
 
     def _check_some_readable(self, probe: int = 20) -> None:
         errors = []

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ARRAY_EXTENSIONS = (".npy",)
@@ -18,9 +18,14 @@ def is_image_file(path: Path) -> bool:
 
 
 def _high_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Per-image 1-99 percentile stretch; non-finite pixels (NaN, inf) read as the low end."""
     arr = arr.astype(np.float64)
-    lo, hi = np.percentile(arr, 1), np.percentile(arr, 99)
-    return (np.clip((arr - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = np.percentile(arr[finite], 1), np.percentile(arr[finite], 99)
+    scaled = np.clip((np.where(finite, arr, lo) - lo) / max(hi - lo, 1e-12), 0, 1)
+    return (scaled * 255).astype(np.uint8)
 
 
 def open_rgb(path: str | Path) -> Image.Image:
@@ -28,6 +33,7 @@ def open_rgb(path: str | Path) -> Image.Image:
     alpha is dropped; palette and grayscale are expanded."""
     with Image.open(path) as img:
         img.load()
+        img = ImageOps.exif_transpose(img)  # photos from cameras and phones are stored sideways with an EXIF note
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             return Image.fromarray(_high_bit_to_uint8(np.asarray(img))).convert("RGB")
         if img.mode == "P" and "transparency" in img.info:
@@ -36,12 +42,14 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 
 def to_hwc(arr: np.ndarray) -> np.ndarray:
-    """`[H, W]`, `[H, W, C]` or `[C, H, W]` -> `[H, W, C]`; channels are the small axis."""
+    """`[H, W]`, `[H, W, C]` or `[C, H, W]` -> `[H, W, C]`. Channels-first only when the first axis
+    is small (<= 32) and smaller than both others (so a 1x1 pixel with 3 bands, `(1, 1, 3)`, stays
+    channels-last, as numpy and PIL store images)."""
     if arr.ndim == 2:
         return arr[:, :, None]
     if arr.ndim != 3:
         raise ValueError(f"expected a 2-D or 3-D array, got shape {arr.shape}")
-    if arr.shape[0] < arr.shape[2] and arr.shape[0] <= 32:
+    if arr.shape[0] <= 32 and arr.shape[0] < arr.shape[1] and arr.shape[0] < arr.shape[2]:
         return np.transpose(arr, (1, 2, 0))
     return arr
 
@@ -69,10 +77,14 @@ def read_tile(path: str | Path, bands: Sequence[int] | None) -> np.ndarray:
 @dataclass
 class BandScaler:
     """Robust per-dataset, per-band scaling of non-8-bit tiles: the `low`/`high` percentiles of
-    a sample of tiles map to 0/255, so one bright tile does not darken the rest."""
+    a sample of tiles map to 0/255, so one bright tile does not darken the rest. Non-finite pixels
+    (NaN, inf: no-data in many satellite products) are left out of the statistics, counted, and
+    read as the band's low value."""
 
     low: np.ndarray
     high: np.ndarray
+    non_finite: int = 0  # pixels left out of the fit
+    tiles_with_non_finite: int = 0
 
     @classmethod
     def fit(cls, paths: Sequence[Path], bands: Sequence[int] | None, percentiles=(2.0, 98.0),
@@ -85,11 +97,19 @@ class BandScaler:
                 continue
         if not samples or all(s.dtype == np.uint8 for s in samples):
             return None
-        values = np.concatenate(samples).astype(np.float64)
-        return cls(np.percentile(values, percentiles[0], axis=0), np.percentile(values, percentiles[1], axis=0))
+        values = np.concatenate(samples).astype(np.float64)  # [pixels, 3]
+        finite = np.isfinite(values)
+        low, high = np.zeros(3), np.ones(3)
+        for band in range(3):
+            column = values[finite[:, band], band]
+            if column.size:
+                low[band], high[band] = np.percentile(column, percentiles[0]), np.percentile(column, percentiles[1])
+        return cls(low, high, int((~finite).sum()), sum(int((~np.isfinite(s.astype(np.float64))).any()) for s in samples))
 
     def __call__(self, arr: np.ndarray) -> np.ndarray:
-        scaled = (arr.astype(np.float64) - self.low) / np.maximum(self.high - self.low, 1e-12)
+        arr = arr.astype(np.float64)
+        arr = np.where(np.isfinite(arr), arr, self.low)
+        scaled = (arr - self.low) / np.maximum(self.high - self.low, 1e-12)
         return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.errors import UserError
 from custom_datasets.image_io import open_rgb
 from custom_datasets.synthetic_world import SPLIT_OFFSET, make_scene
 
@@ -21,6 +22,20 @@ class ImageCaptionPairs(Dataset):
 
     def __init__(self, pairs: list[tuple[Path, list[str]]], build: Callable[[Image.Image], dict[str, Any]]) -> None:
         self.pairs, self.build = pairs, build
+        self._check_some_readable()
+
+    def _check_some_readable(self, probe: int = 20) -> None:
+        """A pairs file whose images cannot be found fails here, in one sentence, not after training
+        on nothing."""
+        first_error = None
+        for path, _ in self.pairs[:probe]:
+            try:
+                open_rgb(path)
+                return
+            except Exception as err:  # noqa: BLE001 - any reader error means "unreadable"
+                first_error = first_error or f"{path}: {type(err).__name__}"
+        raise UserError(f"none of the first {min(probe, len(self.pairs))} images of the image-text pairs could be read "
+                        f"(e.g. {first_error}); check --data_path, the folder their file names are relative to")
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -96,13 +96,13 @@ def build_image_datasets(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tupl
     root = Path(data.data_path)
     cache = Path(cfg.index_cache) if cfg.index_cache else None
     if data.eval_data_path:
-        return (ImageFiles(root, train_build, bands, index_folder(root, cache)),
-                ImageFiles(data.eval_data_path, val_build, bands))
+        train_set = ImageFiles(root, train_build, bands, index_folder(root, cache))
+        return train_set, ImageFiles(data.eval_data_path, val_build, bands, scaler=train_set.scaler)
     table = index_folder(root, cache, held_out_fraction=data.val_fraction)
     train = np.flatnonzero(~table.held_out)
     train = train if len(train) else np.arange(len(table))  # too small to spare a held-out set: train on all
-    return (ImageFiles(root, train_build, bands, table, train),
-            ImageFiles(root, val_build, bands, table, np.flatnonzero(table.held_out)))
+    train_set = ImageFiles(root, train_build, bands, table, train)
+    return train_set, ImageFiles(root, val_build, bands, table, np.flatnonzero(table.held_out), scaler=train_set.scaler)
 
 
 @dataclass

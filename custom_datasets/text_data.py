@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 from torch.utils.data import Dataset
 
+from common.console import say
 from common.errors import UserError
 
 TEXT_FORMATS = (".json", ".jsonl", ".txt")
@@ -24,16 +25,41 @@ def _check_file(path: Path) -> None:
                         f".jsonl or .txt (one caption per line)")
 
 
-def _captions_of(record: Any, where: str) -> list[str]:
+def captions_of(record: Any) -> list[str] | None:
+    """The non-empty captions of a record (a string, or an object whose "caption" is a string or a
+    list of strings); None for a record that has none, which is skipped and counted."""
     if isinstance(record, str):
-        return [record]
-    if not isinstance(record, dict) or "caption" not in record:
-        raise UserError(f"{where} is not an object with a \"caption\" field")
-    caption = record["caption"]
-    captions = [caption] if isinstance(caption, str) else caption
+        captions: Any = [record]
+    elif isinstance(record, dict) and "caption" in record:
+        captions = [record["caption"]] if isinstance(record["caption"], str) else record["caption"]
+    else:
+        return None
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-        raise UserError(f"{where}: \"caption\" must be a string or a list of strings")
-    return captions
+        return None
+    kept = [c for c in captions if c.strip()]  # an empty caption has nothing to predict or match
+    return kept or None
+
+
+def report_skipped(path: Path, skipped: int, total: int, what: str) -> None:
+    if not skipped:
+        return
+    if skipped == total:
+        needs = 'a non-empty "caption" and a "filename"' if what == "pairs" else 'a non-empty "caption"'
+        raise UserError(f"--data_file_path {path}: none of its {total} {what} is usable (each needs {needs}); "
+                        f"check the file")
+    say(f"{path}: skipped {skipped} of {total} {what} (malformed, not UTF-8, or without a usable caption)")
+
+
+def json_lines(path: Path) -> Iterator[Any]:
+    """Each line's JSON value, or None for a line that is not UTF-8 or not JSON."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                yield json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                yield None
 
 
 def load_json_list(path: Path) -> list[Any]:
@@ -63,10 +89,14 @@ class LineIndexedFile:
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> str | None:
+        """The line, or None when it is not UTF-8."""
         with open(self.path, "rb") as f:
             f.seek(self.offsets[index])
-            return f.readline().decode("utf-8", errors="replace").strip()
+            try:
+                return f.readline().decode("utf-8").strip()
+            except UnicodeDecodeError:
+                return None
 
 
 class CaptionCorpus(Dataset):
@@ -79,7 +109,9 @@ class CaptionCorpus(Dataset):
             _check_file(path)
             suffix = path.suffix.lower()
             if suffix == ".json":
-                records = [_captions_of(r, f"{path} item {i}") for i, r in enumerate(load_json_list(path))]
+                loaded = load_json_list(path)
+                records = [c for r in loaded if (c := captions_of(r)) is not None]
+                report_skipped(path, len(loaded) - len(records), len(loaded), "records")
                 self._add(records, "captions", [len(r) for r in records])
             else:
                 lines = LineIndexedFile(path)
@@ -101,12 +133,15 @@ class CaptionCorpus(Dataset):
         if kind == "captions":
             return {"caption": container[record][which]}
         line = container[record]
+        if line is None:  # not UTF-8: skipped and counted, like an unreadable image
+            return None
         if kind == ".txt":
             return {"caption": line}
-        try:  # .jsonl: a bad line is skipped and counted, like an unreadable image
-            return {"caption": _captions_of(json.loads(line), "line")[0]}
-        except (json.JSONDecodeError, UserError):
+        try:  # .jsonl, read lazily: a bad line is skipped and counted
+            captions = captions_of(json.loads(line))
+        except json.JSONDecodeError:
             return None
+        return {"caption": captions[0]} if captions else None
 
     def texts(self) -> Iterator[str]:
         for i in range(len(self)):
@@ -123,15 +158,17 @@ def read_pairs(path: str | Path, image_root: str | Path | None) -> list[tuple[Pa
     if path.suffix.lower() == ".json":
         records = load_json_list(path)
     elif path.suffix.lower() == ".jsonl":
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = list(json_lines(path))
     else:
         raise UserError(f"--data_file_path {path}: image-text pairs need .json or .jsonl with \"filename\" fields")
+    if not records:
+        raise UserError(f"--data_file_path {path} holds no image-text pairs")
     root = Path(image_root) if image_root else path.parent
     pairs = []
-    for i, record in enumerate(records):
-        if not isinstance(record, dict) or "filename" not in record:
-            raise UserError(f"{path} item {i} has no \"filename\"; image-text pairs need {{\"caption\": ..., \"filename\": ...}}")
-        pairs.append((root / record["filename"], _captions_of(record, f"{path} item {i}")))
-    if not pairs:
-        raise UserError(f"--data_file_path {path} holds no image-text pairs")
+    for record in records:
+        captions = captions_of(record)
+        filename = record.get("filename") if isinstance(record, dict) else None
+        if captions and isinstance(filename, str) and filename:
+            pairs.append((root / filename, captions))
+    report_skipped(path, len(records) - len(pairs), len(records), "pairs")
     return pairs

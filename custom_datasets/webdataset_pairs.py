@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from common import distributed as dist_util
 from common.errors import UserError
+from custom_datasets.text_data import captions_of
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -65,7 +66,10 @@ def read_shard(path: Path) -> Iterator[dict[str, Any] | None]:
         if image is None or text is None:
             return None
         try:
-            return {"image": Image.open(io.BytesIO(image)).convert("RGB"), "caption": _caption(*text)}
+            caption = _caption(*text)
+            if not captions_of({"caption": caption}):  # nothing to learn from an empty caption
+                return None
+            return {"image": Image.open(io.BytesIO(image)).convert("RGB"), "caption": caption}
         except Exception as err:  # noqa: BLE001 - a bad member is skipped and counted
             log.debug("skipping a bad sample in %s: %s", path, err)
             return None

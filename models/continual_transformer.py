@@ -216,6 +216,14 @@ def adapters_of(tr: Translation, is_run: bool) -> dict[str, Any] | None:
 def translate(ckpt: Checkpoint) -> Checkpoint:
     """`ckpt` in this project's layout, with its config, head specs, LoRA settings and (when it
     carries one) the DALL-E encoder; a run's optimizer state does not map and is left behind."""
+    try:
+        return _translate(ckpt)
+    except (KeyError, ValueError, IndexError, TypeError, RuntimeError) as err:
+        raise UserError(f"{ckpt.path} looks like a ContinualTransformer checkpoint but its weights do not have their "
+                        f"layout ({type(err).__name__}: {str(err)[:120]}); it may be truncated or of another model") from None
+
+
+def _translate(ckpt: Checkpoint) -> Checkpoint:
     args = dict(ckpt.extra.get("args") or {})
     cfg = infer_config(ckpt.model, args, str(ckpt.path))
     tr = rename_all(ckpt.model, str(ckpt.path))

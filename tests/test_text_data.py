@@ -69,7 +69,7 @@ def test_caption_files_of_every_format(tmp_path):
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(UserError, match=message):
             CaptionCorpus([tmp_path / "bad.json"])
-    with pytest.raises(UserError, match="has no \"filename\""):
+    with pytest.raises(UserError, match="none of its 2 pairs is usable .each needs a non-empty \"caption\" and a "):
         read_pairs(tmp_path / "a.json", None)
     with pytest.raises(UserError, match="unknown format"):
         CaptionCorpus([tmp_path / "pairs.csv"]) if (tmp_path / "pairs.csv").write_text("x") else None

@@ -24,10 +24,11 @@ from models.run_info import compact, preprocessing, text_tokenizer_record
 from training.batch import BatchPreparer
 from training.config import FinetuneConfig
 from training.finetune_model import build_task, text_tokenizer_for
+from training.finite import check_evaluation
 from training.optim import amp_dtype, grad_scaler, learning_rate
 from training.run_checkpoint import save_run_checkpoint
 from training.scaffold import RunContext
-from training.step import StepSettings
+from training.step import StepSettings, cause_of
 
 TASK_INPUTS = (B.IMAGE, B.INPUT_IDS, B.ATTENTION_MASK, B.LABEL)
 
@@ -207,6 +208,7 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
                                       log_writer, skipped)
         skipped += int(train_stats["skipped_samples"])
         test_stats = evaluate_run(run, training.val_loader)
+        check_evaluation(test_stats, epoch, cause_of(training.settings))
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
                  "epoch": epoch, "n_parameters": n_parameters}
         if training.model_ema is not None:

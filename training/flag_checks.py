@@ -82,6 +82,14 @@ def check_positive(values: dict[str, float | int | None]) -> None:
             raise UserError(f"--{name} must be at least 1")
 
 
+def check_rates(lr: float | None, blr: float | None) -> None:
+    import math
+
+    for name, value in (("lr", lr), ("blr", blr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name} {value} is not a learning rate; pass a positive number such as 1e-4")
+
+
 def check_pretrain_flags(cfg: "PretrainConfig") -> None:
     check_launch_flags(cfg.run)
     check_weight_flags(cfg)
@@ -92,5 +100,6 @@ def check_pretrain_flags(cfg: "PretrainConfig") -> None:
                        "resume": cfg.model.resume})
     check_data_flags(cfg)
     check_lora_flags(cfg)
+    check_rates(cfg.optim.lr, cfg.optim.blr)
     check_positive({"batch_size": cfg.optim.batch_size, "accum_iter": cfg.optim.accum_iter,
                     "epochs": cfg.optim.epochs, "image_size": cfg.model.image_size})

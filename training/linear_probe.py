@@ -24,6 +24,7 @@ from models.downstream.linear_probe import ProbeHead
 from training.batch import BatchPreparer
 from training.config import FinetuneConfig
 from training.finetune_model import build_task
+from training.optim import learning_rate
 from training.scaffold import RunContext
 
 
@@ -108,7 +109,7 @@ def run_linear_probe(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | No
     train = extract_features(backbone, data.train, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
     val = extract_features(backbone, data.val, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
     say(f"features cached in {time.time() - start:.0f}s")
-    lr = opt.lr or opt.blr * opt.batch_size / 256
+    lr = learning_rate(opt.lr, opt.blr, opt.batch_size, "sgd")
     head, best = train_probe(train, val, num_classes, opt.epochs, lr, opt.batch_size, cfg.run.seed,
                              output_dir / "log.txt")
     save_weights(output_dir / "probe_head.safetensors", {f"probe.{k}": v for k, v in head.state_dict().items()},

@@ -2,14 +2,27 @@
 decay on norms, biases, tokens and position tables, the precision and the fp16 gradient scaler."""
 from __future__ import annotations
 
+import math
+
 import torch
+
+from common.errors import UserError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def learning_rate(lr: float | None, blr: float, eff_batch: int) -> float:
-    """`--lr`, or `--blr` scaled by the effective batch (the linear rule, per 256 samples)."""
-    return lr or blr * eff_batch / 256
+MAX_LR = {"adamw": 10.0, "sgd": 1000.0}  # far beyond anything that trains: a typo in an exponent
+
+
+def learning_rate(lr: float | None, blr: float, eff_batch: int, optimizer: str = "adamw") -> float:
+    """`--lr`, or `--blr` scaled by the effective batch (the linear rule, per 256 samples); refused
+    when it cannot train (not positive, not finite, or absurdly large)."""
+    value = lr or blr * eff_batch / 256
+    if not math.isfinite(value) or value <= 0 or value > MAX_LR[optimizer]:
+        given = f"--lr {lr:g}" if lr else f"--blr {blr:g} (x effective batch {eff_batch} / 256 = {value:g})"
+        raise UserError(f"{given} is not a learning rate that trains ({optimizer.upper()}: positive and at most "
+                        f"{MAX_LR[optimizer]:g}; typical AdamW values are 1e-5 .. 1e-3); check the exponent")
+    return value
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -26,11 +26,12 @@ from models.run_info import compact, preprocessing, text_tokenizer_record
 from models.trainability import configure_trainable
 from training.batch import BatchPreparer
 from training.config import PretrainConfig
+from training.finite import check_evaluation
 from training.optim import adamw, amp_dtype, grad_scaler, learning_rate
 from training.pretrain_finish import finish_stage, report_stage
 from training.run_checkpoint import latest_checkpoint, load_run_state, save_run_checkpoint
 from training.scaffold import RunContext, checkpoint_due
-from training.step import StepSettings
+from training.step import StepSettings, cause_of
 from training.tokenizers import build_text_tokenizer, build_visual_tokenizer
 from training.weights import CarriedHeads, Weights, attach_heads, build_backbone, resolve_weights
 
@@ -236,6 +237,7 @@ def train_epochs(run: PretrainRun, optim: Optimization) -> tuple[dict[str, Any],
         skipped_total += int(train_stats.get("skipped_samples", 0))
         ctx.reseed_for_evaluation()
         test_stats = evaluate(run.model, optim.val_loader, ctx.device, optim.prepare, optim.settings.amp_dtype)
+        check_evaluation(test_stats, epoch, cause_of(optim.settings))
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
                  "epoch": epoch, "n_parameters": sum(run.trainable.values())}
         if ctx.is_main:

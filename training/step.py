@@ -5,7 +5,6 @@ The model is called with the prepared batch and returns `{"loss": ..., <name>: s
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -16,6 +15,7 @@ from common.errors import UserError
 from common.lr_sched import lr_at, set_lr
 from common.metrics import ProgressPrinter, ScalarAverager
 from custom_datasets.batch import NUM_SKIPPED, batch_size
+from training.finite import check_gradients, check_loss, check_weights, likely_cause
 
 Batch = dict[str, Any]
 
@@ -61,24 +61,28 @@ def gradient_sync(model: torch.nn.Module, last_micro: bool):
     return contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
 
 
-def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
-    if not math.isfinite(loss.item()):
-        raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --blr or use --amp bf16/none")
+def cause_of(settings: StepSettings) -> str:
+    return likely_cause(settings.lr, settings.amp_dtype, settings.clip_grad)
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   clip_grad: float | None) -> None:
-    """Unscale (fp16), clip, step and clear the accumulated gradients."""
+                   settings: StepSettings, epoch: int = 0, step: int = 0) -> bool:
+    """Unscale (fp16), clip, step and clear the accumulated gradients. Returns False when the fp16
+    loss scaler skipped the step (an overflow, which it handles by lowering the scale)."""
     if scaler:
         scaler.unscale_(optimizer)
-    if clip_grad:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad) if settings.clip_grad else None
+    applied = True
     if scaler:
+        before = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        applied = scaler.get_scale() >= before
     else:
+        check_gradients(norm, epoch, step, cause_of(settings))
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return applied
 
 
 def global_skipped(skipped: int, device: torch.device) -> float:
@@ -98,6 +102,7 @@ class EpochHooks:
 
     regularizer: Callable[[], torch.Tensor] | None = None
     after_step: Callable[[], None] | None = None
+    overflow_steps: int = 0  # fp16 steps the loss scaler skipped
 
 
 def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch, step, total) -> dict[str, float]:
@@ -106,18 +111,21 @@ def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch
         with autocast(device, settings.amp_dtype):
             out = model(batch)
         loss = out["loss"]
-        check_finite(loss, epoch, step)
+        check_loss(loss, out, epoch, step, cause_of(settings))
         scaled = loss / settings.accum_iter
         reg = None
         if hooks.regularizer is not None and last_micro:
             reg = settings.reg_loss_weight * hooks.regularizer()
             scaled = scaled + reg
         (scaler.scale(scaled) if scaler else scaled).backward()
+    skipped_step = False
     if last_micro:
-        optimizer_step(model, optimizer, scaler, settings.clip_grad)
+        skipped_step = not optimizer_step(model, optimizer, scaler, settings, epoch, step)
         if hooks.after_step is not None:
             hooks.after_step()
     scalars = scalars_of(out)
+    if skipped_step:
+        hooks.overflow_steps += 1
     if reg is not None:
         scalars["loss_reg"] = float(reg.detach())
     return scalars
@@ -154,4 +162,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
     stats = averager.global_average(device)
     stats["skipped_samples"] = global_skipped(skipped, device)
     stats["lr"] = optimizer.param_groups[0]["lr"]
+    if scaler is not None:
+        stats["amp_skipped_steps"] = float(hooks.overflow_steps)
+    check_weights(model, epoch, cause_of(settings))
     return stats

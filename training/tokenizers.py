@@ -2,9 +2,12 @@
 makes MIM targets (DALL-E, or k-means fitted on the run's own training images when none is given)."""
 from __future__ import annotations
 
+import contextlib
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -32,22 +35,40 @@ def build_text_tokenizer(cfg: PretrainConfig):
     return tokenizer, cfg
 
 
+@contextlib.contextmanager
+def separate_rng():
+    """Run a block on its own random streams: Python's, numpy's and torch's states come back as
+    they were, so what follows (the model's initialisation) does not depend on the block."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 def fitted_tokenizer_path(cfg: PretrainConfig) -> Path:
     return Path(cfg.run.output_dir) / "visual_tokenizer.safetensors"
 
 
 def fit_run_tokenizer(cfg: PretrainConfig, train_set: Dataset, grid: int, path: Path) -> None:
     """Fit the k-means tokenizer on the run's training images (main process; others wait)."""
-    tok = cfg.visual_tokenizer
     if dist_util.is_main_process() and not path.exists():
-        say(f"fitting a {tok.visual_vocab_size}-token k-means visual tokenizer on up to "
-              f"{tok.tokenizer_fit_images} training images ...")
-        start = time.time()
-        tokenizer = fit_kmeans_tokenizer(train_set, grid, tok.visual_vocab_size, tok.tokenizer_fit_images,
-                                         seed=cfg.run.seed, num_workers=cfg.data.num_workers)
-        save_kmeans_tokenizer(tokenizer, path, tok.second_image_size)
-        say(f"saved {path} ({time.time() - start:.0f}s)")
+        with separate_rng():  # the model's initialisation must not depend on whether a fit happened
+            _fit_and_save(cfg, train_set, grid, path)
     dist_util.barrier()
+
+
+def _fit_and_save(cfg: PretrainConfig, train_set: Dataset, grid: int, path: Path) -> None:
+    tok = cfg.visual_tokenizer
+    say(f"fitting a {tok.visual_vocab_size}-token k-means visual tokenizer on up to {tok.tokenizer_fit_images} "
+        f"training images ...")
+    start = time.time()
+    tokenizer = fit_kmeans_tokenizer(train_set, grid, tok.visual_vocab_size, tok.tokenizer_fit_images,
+                                     seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+    save_kmeans_tokenizer(tokenizer, path, tok.second_image_size)
+    say(f"saved {path} ({time.time() - start:.0f}s)")
 
 
 def build_visual_tokenizer(cfg: PretrainConfig, train_set: Dataset, grid: int, device: torch.device,

@@ -127,6 +127,7 @@ def _zip_load(path: Path, prefixes: tuple[str, ...]) -> Any:
 def _legacy_load(path: Path, prefixes: tuple[str, ...]) -> Any:
     """Legacy format: magic, protocol, sys info, the object pickle, storage keys, then each
     storage as an int64 element count followed by raw bytes."""
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
         header = _PlainUnpickler(f)
         if header.load() != _LEGACY_MAGIC:
@@ -138,6 +139,9 @@ def _legacy_load(path: Path, prefixes: tuple[str, ...]) -> Any:
 
         def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
             if key not in placeholders:
+                # a storage cannot hold more bytes than the file: a crafted count allocates nothing
+                if numel < 0 or numel * torch.empty(0, dtype=dtype).element_size() > file_size:
+                    raise ValueError(f"a storage of {numel} elements cannot fit in a {file_size}-byte file")
                 placeholders[key] = torch.empty(numel, dtype=dtype)
                 pending[key] = (dtype, numel)
             return placeholders[key]
@@ -146,8 +150,10 @@ def _legacy_load(path: Path, prefixes: tuple[str, ...]) -> Any:
         keys = _PlainUnpickler(f).load()
         for key in keys:
             (count,) = struct.unpack("<q", f.read(8))
-            dtype, _ = pending[key]
+            dtype, numel = pending[key]
             size = torch.empty(0, dtype=dtype).element_size()
+            if count != numel:
+                raise ValueError(f"storage {key} declares {numel} elements but holds {count}")
             data = bytearray(f.read(count * size))
             placeholders[key].copy_(torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype))
         return obj
