@@ -2,6 +2,8 @@
 runs in its own process so peak memory is its own.
 
 `--mode encode`: forward+backward of `encode_image` vs HF `BeitModel` (sdpa, eager) and timm Beit.
+`--mode index`: indexing and splitting an image folder's file list (1M and 14M generated paths,
+ImageNet-1k and -22k sizes), one core.
 `--mode mim`: one whole BEiT pretraining step: DALL-E tokenization of the second view (ours vs the
 `dall-e` package's Encoder), masked forward, MIM loss, backward and AdamW step, vs HF
 `BeitForMaskedImageModeling`. Random weights: speed does not depend on their values.
@@ -139,9 +141,49 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"impl": args.worker, "step_s": step, "images_per_s": args.batch_size / step, "peak_mb": peak_mb}))
 
 
+def imagenet_like_paths(n: int, classes: int = 21841) -> list[str]:
+    """`n` relative paths laid out as ImageNet-22k's (one folder per WordNet id)."""
+    return [f"n{(i * 7919) % classes:08d}/n{(i * 7919) % classes:08d}_{i}.JPEG" for i in range(n)]
+
+
+def index_benchmark(counts: list[int], scan_files: int) -> None:
+    """Indexing and splitting generated path lists (what a run does before its first step), and the
+    folder walk itself on `scan_files` real (empty) files."""
+    import shutil
+    import tempfile
+
+    from custom_datasets.file_index import FileTable, scan
+
+    print("| paths | index + split (s) | per million (s) | table MiB |\n| --- | --- | --- | --- |")
+    for n in counts:
+        paths = imagenet_like_paths(n)
+        start = time.perf_counter()
+        table = FileTable(paths, held_out_fraction=0.05)
+        took = time.perf_counter() - start
+        print(f"| {n:,} | {took:.1f} | {took / n * 1e6:.2f} | {(table.blob.nbytes + table.offsets.nbytes) / 2**20:.0f} |")
+        del paths, table
+    if scan_files:
+        root = Path(tempfile.mkdtemp())
+        for i, rel in enumerate(imagenet_like_paths(scan_files, classes=100)):
+            (root / rel).parent.mkdir(exist_ok=True)
+            (root / rel).touch()
+        start = time.perf_counter()
+        found = scan(root)
+        took = time.perf_counter() - start
+        start = time.perf_counter()
+        old = sorted(p for p in root.rglob("*") if p.is_file())  # the walk it replaced
+        old_took = time.perf_counter() - start
+        shutil.rmtree(root)
+        print(f"\nwalking {len(found):,} files: scandir {took:.2f}s, Path.rglob + is_file {old_took:.2f}s "
+              f"({len(old):,} found)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["encode", "mim"], default="encode")
+    p.add_argument("--mode", choices=["encode", "mim", "index"], default="encode")
+    p.add_argument("--num_paths", type=int, nargs="+", default=[1_000_000, 14_000_000],
+                   help="index mode: generated path-list sizes")
+    p.add_argument("--scan_files", type=int, default=100_000, help="index mode: real files to walk (0: skip)")
     p.add_argument("--size", choices=sorted(SIZES), default="base")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=8)
@@ -152,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="default: all of the mode's")
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.mode == "index":
+        return index_benchmark(args.num_paths, args.scan_files)
     if args.worker:
         return worker(args)
     args.impls = args.impls or list(MIM_IMPLS if args.mode == "mim" else IMPLS)
