@@ -47,6 +47,6 @@ class ProgressPrinter:
         elapsed = time.time() - self.start
         eta = elapsed / (index + 1) * (self.total - index - 1)
         rate = self.samples * dist_util.world_size() / max(elapsed, 1e-9)
-        text = "  ".join(f"{k} {v:.4g}" for k, v in scalars.items())
-        print(f"{self.header} [{index + 1}/{self.total}] eta {datetime.timedelta(seconds=int(eta))}  {text}  "
-              f"{rate:.1f} samples/s", flush=True)
+        text = "".join(f"  {k} {v:.4g}" for k, v in scalars.items())
+        speed = f"  {rate:.1f} samples/s" if self.samples else ""
+        print(f"{self.header} [{index + 1}/{self.total}] eta {datetime.timedelta(seconds=int(eta))}{text}{speed}", flush=True)

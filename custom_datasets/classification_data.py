@@ -18,7 +18,7 @@ class LabelledSample:
     def __init__(self, transform) -> None:
         self.transform = transform
 
-    def __call__(self, image) -> dict[str, Any]:
+    def __call__(self, image, key: int | None = None) -> dict[str, Any]:
         return {IMAGE: self.transform(image)}
 
 

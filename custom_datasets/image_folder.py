@@ -101,8 +101,9 @@ class ImageFiles(Dataset):
         except Exception as err:  # noqa: BLE001 - corrupt/truncated/unsupported files are skipped and counted
             log.debug("skipping unreadable %s: %s", path, err)
             return None
-        sample = self.build(image)
-        label = int(self.labels[self.indices[index]])
+        row = int(self.indices[index])
+        sample = self.build(image, row)  # the row of the table: a key that does not move with subsets
+        label = int(self.labels[row])
         if label >= 0:
             sample[LABEL] = label
         return sample

@@ -50,7 +50,7 @@ class ImageCaptionPairs(Dataset):
         except Exception as err:  # noqa: BLE001 - missing/corrupt images are skipped and counted
             log.debug("skipping unreadable %s: %s", path, err)
             return None
-        return {**self.build(image), "caption": captions}
+        return {**self.build(image, index), "caption": captions}
 
 
 class SyntheticCaptions(Dataset):

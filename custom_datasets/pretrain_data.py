@@ -4,6 +4,7 @@ Image samples carry the backbone view, the tokenizer view and the MIM mask (made
 captions are tokenized and MLM-masked by the collate."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,14 +31,18 @@ from custom_datasets.transforms import TwoViewConfig, TwoViewTransform
 
 
 class MIMSampleBuilder:
-    """PIL image -> {"image", "tokenizer_image", "bool_masked_pos"} (a class, so workers can pickle it)."""
+    """PIL image -> {"image", "tokenizer_image", "bool_masked_pos"} (a class, so workers can pickle it).
+    Training masks come from the global RNG (seeded per worker and epoch); with `fixed_masks` (held-out
+    data) a sample's mask is a function of its key alone, so every evaluation, stage report and
+    worker count sees the same masks."""
 
-    def __init__(self, transform: TwoViewTransform, masker) -> None:
-        self.transform, self.masker = transform, masker
+    def __init__(self, transform: TwoViewTransform, masker, fixed_masks: bool = False, seed: int = 0) -> None:
+        self.transform, self.masker, self.fixed_masks, self.seed = transform, masker, fixed_masks, seed
 
-    def __call__(self, image: Image.Image) -> dict[str, Any]:
+    def __call__(self, image: Image.Image, key: int | None = None) -> dict[str, Any]:
         view, token_view = self.transform(image)
-        mask = torch.from_numpy(self.masker().reshape(-1))
+        rng = random.Random(f"{self.seed}:mask:{key}") if self.fixed_masks and key is not None else None
+        mask = torch.from_numpy(self.masker(rng).reshape(-1))
         return {B.IMAGE: view, B.TOKENIZER_IMAGE: token_view, B.MASKED_PATCHES: mask}
 
 
@@ -65,7 +70,7 @@ def sample_builders(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tuple[MIM
     """(training, held-out) image -> sample functions."""
     masker = build_masker(cfg, grid)
     return (MIMSampleBuilder(TwoViewTransform(two_view_config(cfg, True)), masker),
-            MIMSampleBuilder(TwoViewTransform(two_view_config(cfg, False)), masker))
+            MIMSampleBuilder(TwoViewTransform(two_view_config(cfg, False)), masker, fixed_masks=True, seed=cfg.seed))
 
 
 def parse_bands(text: str | None) -> list[int] | None:

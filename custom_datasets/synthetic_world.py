@@ -105,6 +105,6 @@ class SyntheticWorld(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene = self.scene(index)
         image = render(scene, self.render_size)
-        sample = self.build(image) if self.build else {"image": image}
+        sample = self.build(image, index) if self.build else {"image": image}
         sample.update(caption=scene.caption, label=scene.label)
         return sample

@@ -128,7 +128,7 @@ class WebDatasetPairs(IterableDataset):
                         seen += 1
                         continue
                     seen += 1
-                    yield None if sample is None else {**self.build(sample["image"]), "caption": sample["caption"]}
+                    yield None if sample is None else {**self.build(sample["image"], seen), "caption": sample["caption"]}
                     produced += 1
                     if produced >= quota:
                         return

@@ -173,7 +173,7 @@ def test_a_nan_pixel_is_counted_and_does_not_spread(tmp_path, capsys):
     assert "1 non-finite pixels (NaN/inf) in 1 of the tiles" in capsys.readouterr().out
     from custom_datasets.image_folder import ImageFiles
 
-    data = ImageFiles(folder, lambda im: {"array": np.asarray(im)})
+    data = ImageFiles(folder, lambda im, key=None: {"array": np.asarray(im)})
     assert np.isfinite(data.scaler.low).all() and np.isfinite(data.scaler.high).all()
     means = np.stack([data[i]["array"].reshape(-1, 3).mean(0) for i in range(len(data))])
     assert (means > 20).all()  # every band of every tile keeps its values

@@ -12,7 +12,7 @@ from custom_datasets.image_io import open_tile_rgb, read_tile, to_hwc
 from tests.helpers import SHARED_DATA, requires_shared
 
 
-def _identity(image):
+def _identity(image, key=None):
     return {"size": image.size, "mode": image.mode}
 
 
@@ -75,7 +75,7 @@ def test_tile_layouts_and_bands(tmp_path):
 @requires_shared
 @pytest.mark.parametrize("folder, bands", [("rgb_uint16_hwc", None), ("rgbn_uint8_chw", [0, 1, 2])])
 def test_real_landsat_tiles(folder, bands):
-    data = ImageFiles(SHARED_DATA / "landsat_tiles" / folder, lambda im: {"array": np.asarray(im)}, bands)
+    data = ImageFiles(SHARED_DATA / "landsat_tiles" / folder, lambda im, key=None: {"array": np.asarray(im)}, bands)
     arrays = [data[i]["array"] for i in range(8)]
     assert all(a.shape == (128, 128, 3) and a.dtype == np.uint8 for a in arrays)
     stacked = np.stack(arrays)

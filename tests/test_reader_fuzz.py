@@ -62,7 +62,7 @@ def test_images(tmp_path_factory, data):
     folder = tmp_path_factory.mktemp("img")
     Image.new("RGB", (24, 16)).save(folder / "good.png")
     (folder / "fuzz.jpg").write_bytes(data)
-    dataset = ImageFiles(folder, lambda image: {"size": image.size})
+    dataset = ImageFiles(folder, lambda image, key=None: {"size": image.size})
     for i in range(len(dataset)):
         sample = dataset[i]
         assert sample is None or sample["size"][0] > 0
@@ -87,7 +87,7 @@ def test_tiles(tmp_path_factory, spec, bands):
     if values.size and np.issubdtype(values.dtype, np.floating):
         values.flat[0] = special
     np.save(folder / "fuzz.npy", values)
-    dataset = only_user_errors(lambda: ImageFiles(folder, lambda image: {"mode": image.mode},
+    dataset = only_user_errors(lambda: ImageFiles(folder, lambda image, key=None: {"mode": image.mode},
                                                   [int(b) for b in bands] if bands else None))
     if dataset != "refused":
         for i in range(len(dataset)):
@@ -133,7 +133,7 @@ def test_pair_files(tmp_path_factory, suffix, values, junk):
     pairs = only_user_errors(lambda: read_pairs(path, folder))
     if pairs != "refused":
         assert all(isinstance(c, str) and c.strip() for _, captions in pairs for c in captions)
-        assert only_user_errors(lambda: ImageCaptionPairs(pairs, lambda image: {})) == "refused"  # no image exists
+        assert only_user_errors(lambda: ImageCaptionPairs(pairs, lambda image, key=None: {})) == "refused"  # no image exists
     count("pair files")
 
 

@@ -53,7 +53,7 @@ def test_shards_are_read_by_key_and_bad_members_skipped(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_epoch_has_exactly_the_requested_number_of_samples(tmp_path, workers):
     shards = expand_shards(str(make_shards(tmp_path / "wds")))
-    data = WebDatasetPairs(shards, 25, lambda image: {"size": image.size[0]})  # more than the shards hold: cycles
+    data = WebDatasetPairs(shards, 25, lambda image, key=None: {"size": image.size[0]})  # more than the shards hold: cycles
     loader = DataLoader(data, batch_size=5, num_workers=workers, collate_fn=collate_skipping_bad)
     batches = list(loader)
     assert sum(len(b.get("size", [])) + int(b["num_skipped"]) for b in batches) == 25

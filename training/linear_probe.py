@@ -56,7 +56,7 @@ def probe_epoch_stats(head: ProbeHead, val: tuple[torch.Tensor, torch.Tensor], e
         logits = head(val[0])
         acc = {k: float(v) for k, v in topk_accuracy(logits, val[1]).items()}
         return {"epoch": epoch, "train_loss": train_loss, "test_loss": nn.functional.cross_entropy(logits, val[1]).item(),
-                "test_acc1": acc["acc1"], "test_acc5": acc["acc5"]}
+                **{f"test_{k}": v for k, v in acc.items()}}
 
 
 def train_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,

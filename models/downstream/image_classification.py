@@ -13,8 +13,10 @@ from models.downstream.base import DownstreamOptions, DownstreamTask
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, torch.Tensor]:
-    """Top-k accuracy in percent; top-5 only means something with more than 5 classes."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [B, k]
+    """Top-k accuracy in percent, for the k below the number of classes (top-5 of 2 classes would
+    always be 100)."""
+    ks = [k for k in ks if k == 1 or k < logits.shape[1]]
+    top = logits.topk(max(ks), dim=1).indices  # [B, k]
     hits = top == labels[:, None]
     # float32 mean, then percent in float64 (the values logs have always shown)
     return {f"acc{k}": hits[:, :k].any(1).float().mean().double() * 100 for k in ks}

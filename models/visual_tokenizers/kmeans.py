@@ -23,7 +23,7 @@ def nearest_centroid(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Te
     return dist.argmin(1).reshape(vectors.shape[:-1])
 
 
-def fit_kmeans(vectors: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
+def fit_kmeans(vectors: torch.Tensor, k: int, iters: int = 25, seed: int = 0, on_iteration=None) -> torch.Tensor:
     """Lloyd's k-means with k-means++ seeding on `[M, D]` vectors; empty clusters are re-seeded
     from the points farthest from their centroid."""
     gen = torch.Generator().manual_seed(seed)
@@ -36,7 +36,9 @@ def fit_kmeans(vectors: torch.Tensor, k: int, iters: int = 25, seed: int = 0) ->
         pick = torch.multinomial(closest + 1e-12, 1, generator=gen)
         centroids = torch.cat([centroids, x[pick]])
         closest = torch.minimum(closest, (x - x[pick]).pow(2).sum(1))
-    for _ in range(iters):
+    for iteration in range(iters):
+        if on_iteration is not None:
+            on_iteration(iteration)
         assign = nearest_centroid(x, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).float()
