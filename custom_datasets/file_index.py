@@ -96,7 +96,7 @@ def index_folder(root: str | Path, cache: Path | None = None, held_out_fraction:
     paths = read_index(cache, root) if cache is not None else None
     if paths is None:
         paths = scan(root)
-        if cache is not None and paths:
+        if cache is not None and paths and not cache.exists():  # another run's index is never overwritten
             write_index(cache, root, sorted(paths))
     if not paths:
         raise UserError(f"--data_path {root} holds no image files (looked for .jpg/.png/.tif/.npy and more, recursively)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from training.finetune_model import build_task, text_tokenizer_for
 from training.finite import check_evaluation
 from training.optim import amp_dtype, grad_scaler, learning_rate
 from training.run_checkpoint import save_run_checkpoint
-from training.scaffold import RunContext
+from training.scaffold import RunContext, refuse_taken_output
 from training.step import StepSettings, cause_of
 
 TASK_INPUTS = (B.IMAGE, B.INPUT_IDS, B.ATTENTION_MASK, B.LABEL)
@@ -61,13 +60,6 @@ class FinetuneRun:
                        class_names=self.data.class_names or None)
 
 
-def refuse_taken_output(cfg: FinetuneConfig) -> None:
-    output_dir = Path(cfg.run.output_dir)
-    if not cfg.run.eval and (output_dir / "log.txt").exists():
-        raise UserError(f"--output_dir {output_dir} already holds a run (log.txt); choose another --output_dir "
-                        f"(nothing is overwritten)")
-
-
 def freeze_unused(task: DownstreamTask) -> None:
     """Paths the task never takes get no gradient (DDP needs every trainable parameter used)."""
     unused = set(task.frozen_parameter_names())
@@ -80,6 +72,7 @@ def build_run(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> 
     task_cls = cfg.task_class
     text_tokenizer = text_tokenizer_for(cfg, ckpt)
     data = build_downstream_data(task_cls.data_kind, cfg.data, cfg.augment, cfg.model.input_size, text_tokenizer)
+    refuse_taken_output(cfg.run.output_dir, cfg.run.eval)
     num_classes = len(data.class_names)
     if cfg.model.nb_classes is not None:
         if cfg.model.nb_classes < num_classes:
@@ -233,7 +226,6 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (or only evaluate, `--eval`) the task; returns the last epoch's statistics and the
     best value of the task's metric. A training run holds its output folder until it ends."""
-    refuse_taken_output(cfg)
     ctx = RunContext.start(cfg.run.device, cfg.run.output_dir, cfg.run.seed, exclusive=not cfg.run.eval)
     try:
         ckpt = read_model_checkpoint(cfg.model.finetune) if cfg.model.finetune else None

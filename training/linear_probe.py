@@ -25,7 +25,7 @@ from training.batch import BatchPreparer
 from training.config import FinetuneConfig
 from training.finetune_model import build_task
 from training.optim import learning_rate
-from training.scaffold import RunContext
+from training.scaffold import RunContext, refuse_taken_output
 
 
 @torch.no_grad()
@@ -94,6 +94,7 @@ def run_linear_probe(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | No
     # features are cached, so no random augmentation
     view = build_transform(cfg.augment, cfg.model.input_size, train=False)
     data = image_folders(cfg.data, cfg.augment, cfg.model.input_size, view, view)
+    refuse_taken_output(cfg.run.output_dir, cfg.run.eval)
     num_classes = cfg.model.nb_classes or len(data.class_names)
     task, report = build_task(cfg, ckpt, num_classes)
     backbone = task.backbone.to(ctx.device).requires_grad_(False)

@@ -69,16 +69,21 @@ class PretrainRun:
 
 
 def resolve_resume(cfg: PretrainConfig, ctx: RunContext) -> PretrainConfig:
-    """`--auto_resume` picks the newest checkpoint; a folder holding a run is never overwritten."""
+    """`--auto_resume` picks the newest checkpoint."""
     from training.config import replace
 
     if cfg.model.auto_resume and not cfg.model.resume:
         found = latest_checkpoint(ctx.output_dir)
         cfg = replace(cfg, model={"resume": str(found) if found else None})
+    return cfg
+
+
+def refuse_taken_output(cfg: PretrainConfig, ctx: RunContext) -> None:
+    """A folder holding a run is never overwritten. Checked after the data is (a wrong --data_path is
+    reported as such, even into a taken folder) and before anything is written there."""
     if not cfg.model.resume and not cfg.run.eval and latest_checkpoint(ctx.output_dir) is not None:
         raise UserError(f"--output_dir {ctx.output_dir} already holds checkpoints of a run; pass --auto_resume to "
                         f"continue it or choose another --output_dir (nothing is overwritten)")
-    return cfg
 
 
 def limit_samples(data: PretrainData, cfg: PretrainConfig) -> None:
@@ -100,6 +105,7 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
     grid = backbone.cfg.grid_size
     data = build_pretrain_data(cfg.data_config, mode_cls.data_kind, grid, text_tokenizer, mode_cls.needs_mlm_masks)
     limit_samples(data, cfg)
+    refuse_taken_output(cfg, ctx)
     visual_tokenizer = None
     if mode_cls.needs_visual_tokens:
         carried = weights.ckpt.extra.get("dall_e_encoder") if weights.ckpt is not None else None

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from common import distributed as dist_util
 from common.checkpoint_io import atomic_write
 from common.console import say
+from common.errors import UserError
 from common.run_lock import RunLock
 
 
@@ -132,6 +133,15 @@ class RunContext:
             self.lock.release()
             self.lock = None
         dist_util.cleanup()
+
+
+def refuse_taken_output(output_dir: str | Path, evaluating: bool) -> None:
+    """A fine-tuning folder holding a run (its log.txt) is never overwritten. Called once the data is
+    read (a wrong --data_path is reported as such, even into a taken folder) and before anything is
+    written."""
+    if not evaluating and (Path(output_dir) / "log.txt").exists():
+        raise UserError(f"--output_dir {output_dir} already holds a run (log.txt); choose another --output_dir "
+                        f"(nothing is overwritten)")
 
 
 def checkpoint_due(epoch: int, epochs: int, every: int, from_zero: bool = False) -> bool:
