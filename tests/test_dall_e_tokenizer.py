@@ -88,3 +88,47 @@ def test_wrong_files_for_the_dall_e_tokenizer(tmp_path, encoder_and_images):
     (tmp_path / "encoder.pkl").write_bytes(b"garbage" * 10)
     with pytest.raises(UserError, match="not a readable DALL-E encoder.pkl"):
         create_visual_tokenizer("dall-e", tmp_path, 32)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_decoder_pickle_renders_what_the_package_renders(tmp_path, legacy):
+    """decoder.pkl beside encoder.pkl (as OpenAI ships them) loads without running pickled code,
+    and its token -> pixel rendering equals the package's one-hot forward, unmap_pixels(sigmoid(mu))."""
+    from models.visual_tokenizers.dall_e_loader import load_dalle_decoder
+
+    torch.manual_seed(0)
+    decoder = dall_e.decoder.Decoder(n_init=32, n_hid=64, vocab_size=512, n_blk_per_group=1).eval()
+    with torch.no_grad():  # an untrained decoder paints flat grey; spread its output over (0, 1)
+        decoder.blocks.output.conv.w.mul_(20)
+    ids = torch.randint(0, 512, (2, 16))
+    one_hot = torch.nn.functional.one_hot(ids.reshape(2, 4, 4), 512).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        expected = dall_e.unmap_pixels(torch.sigmoid(decoder(one_hot)[:, :3].float()))
+    assert 0.05 < expected.std() and expected.min() < 0.5 < expected.max()  # a picture, not a flat field
+    assert load_dalle_decoder(tmp_path) is None  # no decoder: pictures fall back, nothing fails
+    torch.save(decoder, tmp_path / "decoder.pkl", _use_new_zipfile_serialization=not legacy)
+    got = load_dalle_decoder(tmp_path).decode(ids, grid=4)
+    assert got.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    (tmp_path / "decoder.pkl").unlink()  # the safetensors cache renders the same
+    torch.testing.assert_close(load_dalle_decoder(tmp_path).decode(ids, grid=4), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_encoder_passed_as_the_decoder_is_refused(tmp_path, encoder_and_images):
+    from models.visual_tokenizers.dall_e_loader import load_dalle_decoder
+
+    torch.save(encoder_and_images[0], tmp_path / "decoder.pkl")
+    with pytest.raises(UserError, match="not dall_e.decoder.Decoder"):
+        load_dalle_decoder(tmp_path)
+
+
+def test_dall_e_tokens_are_drawn_only_with_a_decoder(tmp_path, encoder_and_images):
+    from models.visual_tokenizers import token_renderer
+
+    encoder, images, expected = encoder_and_images
+    torch.save(encoder, tmp_path / "encoder.pkl")
+    tokenizer = create_visual_tokenizer("dall-e", tmp_path, 32)
+    assert token_renderer(tokenizer, tmp_path, 32) is None  # the picture is skipped with a note, nothing fails
+    torch.save(dall_e.decoder.Decoder(n_init=32, n_hid=64, vocab_size=512, n_blk_per_group=1), tmp_path / "decoder.pkl")
+    drawn = token_renderer(tokenizer, tmp_path, 32)(expected)
+    assert drawn.shape == (3, 3, 32, 32) and 0 <= drawn.min() and drawn.max() <= 1

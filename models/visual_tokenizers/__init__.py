@@ -84,3 +84,19 @@ def create_visual_tokenizer(kind: str, weight_path: str | Path | None, image_siz
 
 def kmeans_metadata(grid: int, image_size: int, extra: dict | None = None) -> dict[str, str]:
     return {"kind": "kmeans", "grid": str(grid), "image_size": str(image_size), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+
+
+def token_renderer(tokenizer: nn.Module, weight_path: str | Path | None, image_size: int):
+    """A function drawing `[B, h*w]` visual token ids as `[B, C, S, S]` pixels in [0, 1]: k-means
+    tokens as their centroid patches, DALL-E tokens through OpenAI's decoder when `decoder.pkl` lies
+    beside `encoder.pkl`; None when the tokens cannot be drawn."""
+    if isinstance(tokenizer, KMeansTokenizer):
+        return lambda ids: tokenizer.decode(ids, image_size)
+    if isinstance(tokenizer, DalleTokenizer) and weight_path:
+        from models.visual_tokenizers.dall_e_loader import load_dalle_decoder
+
+        decoder = load_dalle_decoder(weight_path)
+        if decoder is not None:
+            grid = image_size // 8
+            return lambda ids: decoder.to(ids.device).decode(ids, grid)
+    return None

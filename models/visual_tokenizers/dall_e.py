@@ -40,18 +40,20 @@ class Conv2d(nn.Module):
         return F.conv2d(x, self.w.to(x.dtype), self.b.to(x.dtype), padding=(self.w.shape[-1] - 1) // 2)
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
+class ResidualBlock(nn.Module):
+    """DALL-E's residual block: identity (or 1x1) path plus a gained 4-conv path; the encoder's
+    convolutions are 3-3-3-1 wide, the decoder's 1-3-3-3."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int] = (3, 3, 3, 1)) -> None:
         super().__init__()
         hid = n_out // 4
         self.post_gain = 1 / (n_layers**2)
         self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", Conv2d(n_in, hid, 3)),
-            ("relu_2", nn.ReLU()), ("conv_2", Conv2d(hid, hid, 3)),
-            ("relu_3", nn.ReLU()), ("conv_3", Conv2d(hid, hid, 3)),
-            ("relu_4", nn.ReLU()), ("conv_4", Conv2d(hid, n_out, 1)),
-        ]))
+        widths = [(n_in, hid), (hid, hid), (hid, hid), (hid, n_out)]
+        layers: list[tuple[str, nn.Module]] = []
+        for i, ((a, b), kw) in enumerate(zip(widths, kernels), start=1):
+            layers += [(f"relu_{i}", nn.ReLU()), (f"conv_{i}", Conv2d(a, b, kw))]
+        self.res_path = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.id_path(x) + self.post_gain * self.res_path(x)
@@ -68,7 +70,7 @@ class DalleEncoder(nn.Module):
             layers: list[tuple[str, nn.Module]] = []
             for i in range(cfg.n_blk_per_group):
                 n_in = widths[g - 1] if i == 0 else widths[g]
-                layers.append((f"block_{i + 1}", EncoderBlock(n_in * cfg.n_hid, widths[g] * cfg.n_hid, n_layers)))
+                layers.append((f"block_{i + 1}", ResidualBlock(n_in * cfg.n_hid, widths[g] * cfg.n_hid, n_layers)))
             if g < cfg.group_count:
                 layers.append(("pool", nn.MaxPool2d(kernel_size=2)))
             groups.append((f"group_{g}", nn.Sequential(OrderedDict(layers))))

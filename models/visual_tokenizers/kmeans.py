@@ -65,3 +65,11 @@ class KMeansTokenizer(nn.Module):
     @torch.no_grad()
     def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
         return nearest_centroid(patch_vectors(images.float(), self.grid), self.centroids)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, image_size: int) -> torch.Tensor:
+        """`[B, grid*grid]` ids -> `[B, C, S, S]` pixels: each token drawn as its centroid patch (the
+        tokenizer's own reconstruction, exact up to the clustering error)."""
+        p = image_size // self.grid
+        patches = self.centroids[ids]  # [B, grid*grid, C*p*p]
+        return F.fold(patches.transpose(1, 2), (image_size, image_size), kernel_size=p, stride=p).clamp(0, 1)
