@@ -10,7 +10,7 @@ import pytest
 from tests.helpers import ROOT
 
 # bottom to top; a module may import its own layer or lower ones only
-LAYERS = {"common": 0, "custom_datasets": 1, "models": 2, "conversion": 3, "serving": 3, "training": 4,
+LAYERS = {"common": 0, "custom_datasets": 1, "models": 2, "conversion": 3, "serving": 3, "visualization": 3, "training": 4,
           "engine_pretrain": 4, "engine_finetune": 4, "main_pretrain_cook": 5, "main_finetune": 5, "util": 5}
 ENTRY_SCRIPTS = {"main_pretrain_cook", "main_finetune", "util"}
 

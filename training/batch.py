@@ -11,15 +11,18 @@ from custom_datasets import batch as B
 
 
 class BatchPreparer:
-    def __init__(self, device: torch.device, keys: Iterable[str], visual_tokenizer=None) -> None:
-        self.device, self.visual_tokenizer = device, visual_tokenizer
+    def __init__(self, device: torch.device, keys: Iterable[str], visual_tokenizer=None,
+                 keep_tokenizer_image: bool = False) -> None:
+        """`keep_tokenizer_image`: leave the tokenizer view in the batch (pictures draw it)."""
+        self.device, self.visual_tokenizer, self.keep_tokenizer_image = device, visual_tokenizer, keep_tokenizer_image
         self.keys = set(keys) | {B.LABEL} | ({B.TOKENIZER_IMAGE} if visual_tokenizer is not None else set())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                if isinstance(v, torch.Tensor) and k in self.keys}
         if self.visual_tokenizer is not None and B.TOKENIZER_IMAGE in out:
-            out[B.VISUAL_TOKENS] = self.visual_tokenizer.get_codebook_indices(out.pop(B.TOKENIZER_IMAGE))
+            view = out[B.TOKENIZER_IMAGE] if self.keep_tokenizer_image else out.pop(B.TOKENIZER_IMAGE)
+            out[B.VISUAL_TOKENS] = self.visual_tokenizer.get_codebook_indices(view)
         return out
 
     def batches(self, loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:

@@ -130,6 +130,8 @@ class RunSettings:
 class PretrainRunSettings(RunSettings):
     save_per_epochs: int = flag(5, "write checkpoint-<epoch>.pth every N epochs (and after the last)")
     save_epochs_from_zero: bool = flag(False, "save epochs 0, N, 2N, ... (ContinualTransformer) instead of N-1, 2N-1, ...")
+    no_pictures: bool = flag(False, "do not draw pictures/ at the end of the stage (MIM reconstructions, retrieval "
+                                    "examples; also written to TensorBoard)")
     start_epoch: int = flag(0, "epoch a new run starts at (the lr schedule is taken from there); a resumed run "
                                "continues after its checkpoint's epoch")
 

@@ -12,7 +12,9 @@ from common.errors import UserError
 from custom_datasets import batch as B
 from models.lora_checkpoints import save_adapters, save_merged_model
 from models.visual_tokenizers import create_visual_tokenizer
+from training.scaffold import last_step
 from training.stage_eval import build_probes, format_report, stage_report
+from training.stage_pictures import write_stage_pictures
 
 if TYPE_CHECKING:
     from training.pretrain import Optimization, PretrainRun
@@ -45,16 +47,21 @@ def report_visual_tokenizer(run: "PretrainRun", probes) -> object | None:
         return None
 
 
-def report_stage(run: "PretrainRun", name: str = "stage_report.json") -> dict[str, Any]:
-    """The forgetting / transfer metrics of this backbone on held-out probes, printed and saved."""
+def report_stage(run: "PretrainRun", name: str = "stage_report.json", pictures: bool = True,
+                 writer=None) -> dict[str, Any]:
+    """The forgetting / transfer metrics of this backbone on held-out probes, printed and saved; with
+    `pictures`, what the heads see and predict on the same probes, drawn (also to TensorBoard)."""
     cfg = run.cfg
     heads = {**run.carried.modules, **{n: getattr(run.mode, n) for n in run.mode.heads}}
     probes = build_probes(cfg.data_config, run.mode.data_kind, run.grid, run.text_tokenizer, run.data.val,
                           run.data.val_collate, limit=cfg.data.max_val_samples or 500)
-    report = stage_report(run.backbone, heads, probes, run.ctx.device, report_visual_tokenizer(run, probes),
+    visual_tokenizer = report_visual_tokenizer(run, probes)
+    report = stage_report(run.backbone, heads, probes, run.ctx.device, visual_tokenizer,
                           run.text_tokenizer, cfg.text.max_text_len, cfg.optim.batch_size, cfg.run.seed)
     say(f"stage report ({cfg.exp_name}): {format_report(report)}")
     (run.ctx.output_dir / name).write_text(json.dumps(report, indent=1))
+    if pictures and not cfg.run.no_pictures:
+        write_stage_pictures(run, heads, probes, visual_tokenizer, writer, last_step(cfg.optim.epochs))
     return report
 
 
@@ -70,8 +77,9 @@ def save_lora_handover(run: "PretrainRun") -> None:
         say(f"saved {path} (adapters merged; start the next stage with --init_from {path})")
 
 
-def finish_stage(run: "PretrainRun", optim: "Optimization", stats: dict[str, Any], seconds: float) -> None:
-    """Main process, after the last epoch: handover files, summary line, stage report (into `stats`)."""
+def finish_stage(run: "PretrainRun", optim: "Optimization", stats: dict[str, Any], seconds: float, writer=None) -> None:
+    """Main process, after the last epoch: handover files, summary line, stage report (into `stats`)
+    and pictures."""
     if run.cfg.lora.lora_rank:
         save_lora_handover(run)
     summary = f"done in {seconds:.0f}s"
@@ -81,4 +89,4 @@ def finish_stage(run: "PretrainRun", optim: "Optimization", stats: dict[str, Any
                     f"token: {baseline:.3f}; uniform chance: {1 / run.visual_tokenizer.vocab_size:.4f})")
         stats["majority_baseline"] = baseline
     say(summary)
-    stats["stage_report"] = report_stage(run)
+    stats["stage_report"] = report_stage(run, writer=writer)

@@ -25,7 +25,12 @@ from custom_datasets.pair_data import caption_texts  # noqa: E402
 from models.text_tokenizer import train_wordpiece  # noqa: E402
 from training.cli import pretrain_config_from_argv  # noqa: E402
 from training.pretrain import pretrain  # noqa: E402
+from visualization.canvas import save_picture  # noqa: E402
+from visualization.stage_chart import stage_chart  # noqa: E402
 
+CHART = {"image_mim_acc": "image MIM accuracy", "image_knn_acc": "image k-NN accuracy", "text_mlm_acc": "text MLM accuracy",
+         "itc_t2i_r5": "text-to-image R@5"}
+STAGES = ["image MIM", "text MLM", "image-text ITC"]
 COLUMNS = {"image_mim_acc": "MIM acc", "image_knn_acc": "k-NN acc", "text_mlm_acc": "MLM acc",
            "itc_i2t_r1": "i2t R@1", "itc_i2t_r5": "i2t R@5", "itc_t2i_r1": "t2i R@1", "itc_t2i_r5": "t2i R@5"}
 
@@ -34,7 +39,7 @@ def shared_flags(args: argparse.Namespace, tokenizer: Path) -> list[str]:
     return ["--model", "vlmo_tiny_patch16", "--image_size", "64", "--patch_size", "8", "--second_image_size", "32",
             "--data_path", "synthetic", "--synthetic_train_size", str(args.train_size), "--synthetic_val_size", str(args.val_size),
             "--synthetic_render_size", "64", "--min_crop_scale", "0.5", "--drop_path", "0", "--batch_size", "64",
-            "--num_workers", str(args.num_workers), "--print_freq", "1000", "--tokenizer", str(tokenizer),
+            "--num_workers", str(args.num_workers), "--print_freq", "25", "--tokenizer", str(tokenizer),
             "--seed", str(args.seed), "--save_per_epochs", "1000"]
 
 
@@ -54,20 +59,50 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def write_forgetting_chart(rows: list[tuple[str, dict]], weights: list[float], out: Path) -> Path:
+    """The chart of every metric across the stages, one line per λ, as a PNG and in TensorBoard
+    (scalars `chain/<metric>/<λ>` with the stage as step, and the picture)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs = {f"lambda = {w:g}": [rows[0][1], rows[1 + 2 * i][1], rows[2 + 2 * i][1]] for i, w in enumerate(weights)}
+    writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=0)  # a re-run replaces, not doubles
+    for run, reports in runs.items():
+        for step, report in enumerate(reports):
+            for key in CHART:
+                if key in report:
+                    writer.add_scalar(f"chain/{key}/{run.replace(' = ', '_')}", report[key], step)
+    path = save_picture(stage_chart(STAGES, runs, CHART), out / "forgetting_chart.png", writer, "chain/forgetting_chart")
+    writer.close()
+    return path
+
+
+def mim_checkpoint(out: Path, mim_epochs: int) -> Path:
+    """The image MIM stage's only checkpoint (`--save_per_epochs 1000`: the last epoch's)."""
+    return out / "1_image_mim" / f"checkpoint-{mim_epochs - 1}.pth"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="outputs/demo_chain", help="one folder per stage, the table, the chart "
+                   "(default: %(default)s); finished stages found there are reused")
+    p.add_argument("--reg_loss_weight", type=float, default=1e4, help="λ of the self-regularized run; the other "
+                   "run has λ = 0 (default: %(default)g)")
+    p.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of the text and image-text stages "
+                   "(default: %(default)s)")
+    p.add_argument("--train_size", type=int, default=2000, help="synthetic training images (default: %(default)s)")
+    p.add_argument("--val_size", type=int, default=300, help="held-out images every metric is measured on "
+                   "(default: %(default)s)")
+    p.add_argument("--mim_epochs", type=int, default=10, help="epochs of the image MIM stage (default: %(default)s)")
+    p.add_argument("--mlm_epochs", type=int, default=6, help="epochs of each text MLM stage (default: %(default)s)")
+    p.add_argument("--itc_epochs", type=int, default=8, help="epochs of each image-text stage (default: %(default)s)")
+    p.add_argument("--num_workers", type=int, default=2, help="data loader processes (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, masks and initialization (default: %(default)s)")
+    return p
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="outputs/demo_chain")
-    p.add_argument("--reg_loss_weight", type=float, default=1e4, help="the λ > 0 run (the other has λ = 0)")
-    p.add_argument("--lora_rank", type=int, default=16)
-    p.add_argument("--train_size", type=int, default=2000)
-    p.add_argument("--val_size", type=int, default=300)
-    p.add_argument("--mim_epochs", type=int, default=10)
-    p.add_argument("--mlm_epochs", type=int, default=6)
-    p.add_argument("--itc_epochs", type=int, default=8)
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.reg_loss_weight <= 0:
         raise UserError("--reg_loss_weight must be > 0 (the λ = 0 run is always made too)")
     out = Path(args.output_dir)
@@ -80,8 +115,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
     rows = [("image_mim", run_stage(common + ["--exp_name", "image_mim", "--epochs", str(args.mim_epochs),
                                               "--visual_vocab_size", "128"], out / "1_image_mim"))]
     visual = ["--d_vae_weight_path", str(out / "1_image_mim" / "visual_tokenizer.safetensors")]
-    mim_ckpt = out / "1_image_mim" / f"checkpoint-{args.mim_epochs - 1}.pth"
-    for weight in (0.0, args.reg_loss_weight):
+    mim_ckpt = mim_checkpoint(out, args.mim_epochs)
+    weights = [0.0, args.reg_loss_weight]
+    for weight in weights:
         tag = f"lambda_{weight:g}"
         lora = ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model"]
         if weight > 0:
@@ -98,6 +134,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
     print(f"\nchain done in {time.time() - start:.0f}s; chance: MIM 1/128, k-NN 1/8 (colour of the first object), "
           f"R@1 1/{args.val_size}")
     (out / "chain_report.json").write_text(json.dumps(rows, indent=1))
+    print(f"forgetting chart: {write_forgetting_chart(rows, weights, out)}")
     return rows
 
 

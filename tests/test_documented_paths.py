@@ -1,0 +1,45 @@
+"""Checkpoint paths that help texts and the README tell users to pass are the ones the demos write."""
+import re
+from pathlib import Path
+
+import yaml
+
+from training.config import PretrainRunSettings
+from training.scaffold import checkpoint_due
+from util.demo_chain import mim_checkpoint, parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTED = re.compile(r"outputs/demo_(?:image_mim|chain)/[\w/.-]*checkpoint-\d+\.pth")
+
+
+def documented_paths() -> dict[str, set[str]]:
+    """Each documented demo checkpoint path -> the files that mention it."""
+    found: dict[str, set[str]] = {}
+    files = [ROOT / "README.md", *ROOT.glob("*.py"), *(ROOT / "util").glob("*.py"), *(ROOT / "training").glob("*.py")]
+    for path in files:
+        for match in DOCUMENTED.findall(path.read_text()):
+            found.setdefault(match, set()).add(path.name)
+    return found
+
+
+def demo_checkpoints() -> set[str]:
+    """What `main_pretrain_cook.py --config configs/demo_image_mim.yaml` and `util/demo_chain.py` (defaults) write."""
+    demo = yaml.safe_load((ROOT / "configs" / "demo_image_mim.yaml").read_text())
+    epochs = demo["epochs"]
+    every = demo.get("save_per_epochs", PretrainRunSettings.save_per_epochs)
+    written = {f"{demo['output_dir']}/checkpoint-{e}.pth" for e in range(epochs) if checkpoint_due(e, epochs, every)}
+    chain = parser().parse_args([])
+    written.add(mim_checkpoint(Path(chain.output_dir), chain.mim_epochs).as_posix())
+    return written
+
+
+def test_documented_demo_checkpoints_are_written_by_the_demos():
+    documented = documented_paths()
+    assert documented, "the README no longer names a demo checkpoint; update this test's pattern"
+    missing = {p: sorted(f) for p, f in documented.items() if p not in demo_checkpoints()}
+    assert not missing, f"named in help/README but never written by the demos: {missing}"
+
+
+def test_the_pattern_catches_a_wrong_example():
+    assert "outputs/demo_image_mim/checkpoint-11.pth" not in demo_checkpoints()
+    assert "outputs/demo_image_mim/checkpoint-9.pth" in demo_checkpoints()

@@ -1,0 +1,76 @@
+"""The pictures at the end of a stage, from the same held-out probes as the stage report:
+`pictures/mim_reconstructions.png` (what MIM sees and predicts) and `pictures/retrieval_examples.png`
+(captions and the images the model finds for them), each also written to TensorBoard."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from common.console import say
+from custom_datasets import batch as B
+from custom_datasets.transforms import mean_std
+from models.retrieval import pair_embeddings
+from models.visual_tokenizers import token_renderer
+from training.batch import ALL_TENSOR_KEYS, BatchPreparer
+from visualization.canvas import save_picture
+from visualization.mim_pictures import mim_reconstruction, reconstruction_picture
+from visualization.retrieval_pictures import captions_and_images, retrieval_picture, top_images
+
+ROWS = 8
+QUERIES, TOP_K = 4, 5
+
+
+def mim_picture(backbone, head, probe, tokenizer, tok_settings, grid: tuple[int, int], device) -> Any | None:
+    render = token_renderer(tokenizer, tok_settings.d_vae_weight_path, tok_settings.second_image_size)
+    if render is None:
+        say("pictures: no MIM reconstructions (visual tokens are drawn through k-means centroids, or through the "
+            "DALL-E decoder when decoder.pkl lies beside encoder.pkl in --d_vae_weight_path)")
+        return None
+    dataset, collate = probe
+    prepare = BatchPreparer(device, ALL_TENSOR_KEYS, tokenizer, keep_tokenizer_image=True)
+    batch = next(prepare.batches(DataLoader(dataset, batch_size=ROWS, collate_fn=collate)), None)
+    if batch is None or B.VISUAL_TOKENS not in batch:
+        return None
+    return reconstruction_picture(mim_reconstruction(backbone, head, batch, render, grid), ROWS)
+
+
+def first_caption_of_each_image(owner: torch.Tensor, count: int) -> list[int]:
+    firsts: dict[int, int] = {}
+    for j, image in enumerate(owner.tolist()):
+        firsts.setdefault(image, j)
+    return [firsts[i] for i in sorted(firsts)[:count]]
+
+
+def retrieval_examples(backbone, head, dataset, text_tokenizer, max_text_len: int, batch_size: int, imagenet_norm: bool,
+                       device) -> Any:
+    images, texts, owner = pair_embeddings(backbone, head, dataset, text_tokenizer, max_text_len, batch_size, device)
+    similarity = images @ texts.t()
+    queries = first_caption_of_each_image(owner.cpu(), QUERIES)
+    wanted = set(top_images(similarity, queries, TOP_K).flatten().tolist())
+    captions, pixels = captions_and_images(dataset, wanted, *mean_std(imagenet_norm))
+    return retrieval_picture(similarity, owner, captions, pixels, queries, TOP_K)
+
+
+@torch.no_grad()
+def write_stage_pictures(run, heads: dict, probes, visual_tokenizer, writer=None, step: int = 0) -> list[Path]:
+    """Draw what this stage's heads and probes allow; returns the files written."""
+    cfg, folder = run.cfg, run.ctx.output_dir / "pictures"
+    was_training = run.backbone.training
+    run.backbone.eval()
+    pictures = {}
+    if "mim_head" in heads and probes.images is not None and visual_tokenizer is not None:
+        pictures["mim_reconstructions"] = mim_picture(run.backbone, heads["mim_head"], probes.images, visual_tokenizer,
+                                                      cfg.visual_tokenizer, run.grid, run.ctx.device)
+    if "itc_head" in heads and probes.pairs is not None and run.text_tokenizer is not None:
+        pictures["retrieval_examples"] = retrieval_examples(
+            run.backbone, heads["itc_head"], probes.pairs[0], run.text_tokenizer, cfg.text.max_text_len,
+            cfg.optim.batch_size, cfg.views.imagenet_default_mean_and_std, run.ctx.device)
+    run.backbone.train(was_training)
+    written = [save_picture(image, folder / f"{name}.png", writer, f"pictures/{name}", step)
+               for name, image in pictures.items() if image is not None]
+    if written:
+        say("pictures: " + ", ".join(str(p) for p in written))
+    return written
