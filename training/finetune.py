@@ -26,7 +26,7 @@ from training.finetune_model import build_task, text_tokenizer_for
 from training.finite import check_evaluation
 from training.optim import amp_dtype, grad_scaler, learning_rate
 from training.run_checkpoint import save_run_checkpoint
-from training.scaffold import RunContext, refuse_taken_output
+from training.scaffold import RunContext, last_step, refuse_taken_output, run_eta
 from training.step import StepSettings, cause_of
 
 TASK_INPUTS = (B.IMAGE, B.INPUT_IDS, B.ATTENTION_MASK, B.LABEL)
@@ -212,9 +212,10 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
                 best = test_stats[metric]
                 save_best(run, training, epoch, best)
             for key, value in test_stats.items():
-                log_writer.add_scalar(f"test/{key}", value, epoch)
+                log_writer.add_scalar(f"test/{key}", value, last_step(epoch + 1))
             ctx.append_log(stats)
-            say(f"epoch {epoch}: test {format_metrics(test_stats, metric, best)}")
+            say(f"epoch {epoch}: test {format_metrics(test_stats, metric, best)}  "
+                f"{run_eta(start, epoch + 1, cfg.optim.epochs - epoch - 1)}")
     if ctx.is_main:
         say(f"done in {time.time() - start:.0f}s: best test {metric} {best:.2f}; saved "
               f"{ctx.output_dir / 'checkpoint-best.pth'}")

@@ -30,7 +30,7 @@ from training.finite import check_evaluation
 from training.optim import adamw, amp_dtype, grad_scaler, learning_rate
 from training.pretrain_finish import finish_stage, report_stage
 from training.run_checkpoint import latest_checkpoint, load_run_state, save_run_checkpoint
-from training.scaffold import RunContext, checkpoint_due
+from training.scaffold import RunContext, checkpoint_due, last_step, run_eta
 from training.step import StepSettings, cause_of
 from training.tokenizers import build_text_tokenizer, build_visual_tokenizer
 from training.weights import CarriedHeads, Weights, attach_heads, build_backbone, resolve_weights
@@ -223,14 +223,13 @@ def evaluate_checkpoint(run: PretrainRun, optim: Optimization) -> dict[str, floa
     stats = evaluate(run.model, optim.val_loader, run.ctx.device, optim.prepare, optim.settings.amp_dtype)
     if run.ctx.is_main:
         say("eval: " + json.dumps({k: round(v, 4) for k, v in stats.items()}))
-        stats.update(report_stage(run, "eval_report.json"))
+        stats.update(report_stage(run, "eval_report.json", pictures=False))
     return stats
 
 
-def train_epochs(run: PretrainRun, optim: Optimization) -> tuple[dict[str, Any], float]:
+def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dict[str, Any], float]:
     """(the last epoch's statistics, seconds spent in the epochs)."""
     cfg, ctx = run.cfg, run.ctx
-    log_writer = ctx.tensorboard(cfg.run.log_dir)
     scaled = cfg.lora.reg_delta == "scaled"
     regularizer = (lambda: self_regularization(run.backbone, scaled)) if cfg.lora.self_regularization else None
     lora_meta = {"lora": {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha}} if cfg.lora.lora_rank else None
@@ -253,13 +252,12 @@ def train_epochs(run: PretrainRun, optim: Optimization) -> tuple[dict[str, Any],
                                            flat_settings(cfg), lora_meta, run.carried.tensors, info=info)
                 say(f"saved {path}")
             for key, value in test_stats.items():
-                log_writer.add_scalar(f"test/{key}", value, epoch)
+                log_writer.add_scalar(f"test/{key}", value, last_step(epoch + 1))
             ctx.append_log(stats)
             say(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in test_stats.items())
                   + (f"  (skipped {int(train_stats['skipped_samples'])} unreadable samples)"
-                     if train_stats.get("skipped_samples") else ""))
-    if log_writer is not None:
-        log_writer.close()
+                     if train_stats.get("skipped_samples") else "")
+                  + f"  {run_eta(start, epoch + 1 - optim.start_epoch, cfg.optim.epochs - epoch - 1)}")
     return stats, time.time() - start
 
 
@@ -275,9 +273,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             return evaluate_checkpoint(run, optim)
         if run.weights.continue_run:
             ctx.truncate_log(optim.start_epoch - 1)
-        stats, seconds = train_epochs(run, optim)
-        if ctx.is_main and stats:
-            finish_stage(run, optim, stats, seconds)
+        log_writer = ctx.tensorboard(run.cfg.run.log_dir, optim.start_epoch)
+        try:
+            stats, seconds = train_epochs(run, optim, log_writer)
+            if ctx.is_main and stats:
+                finish_stage(run, optim, stats, seconds, log_writer)
+        finally:
+            if log_writer is not None:
+                log_writer.close()
         return stats
     finally:
         ctx.finish()

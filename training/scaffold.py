@@ -2,8 +2,10 @@
 device, DDP wrapping, data loaders, TensorBoard, `log.txt` and the checkpoint cadence."""
 from __future__ import annotations
 
+import datetime
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -96,12 +98,14 @@ class RunContext:
         """Held-out masks are the same in every evaluation."""
         seed_everything(self.seed + self.rank)
 
-    def tensorboard(self, log_dir: str):
+    def tensorboard(self, log_dir: str, start_epoch: int = 0):
+        """The main process's TensorBoard writer. A run resumed at `start_epoch` purges what the
+        interrupted run logged from there on, so re-run epochs are not drawn twice."""
         if not self.is_main:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(log_dir=log_dir)
+        return SummaryWriter(log_dir=log_dir, purge_step=first_step(start_epoch) if start_epoch else None)
 
     def append_log(self, stats: dict) -> None:
         """One JSON line per epoch in `log.txt` (main process)."""
@@ -142,6 +146,25 @@ def refuse_taken_output(output_dir: str | Path, evaluating: bool) -> None:
     if not evaluating and (Path(output_dir) / "log.txt").exists():
         raise UserError(f"--output_dir {output_dir} already holds a run (log.txt); choose another --output_dir "
                         f"(nothing is overwritten)")
+
+
+# TensorBoard's one x axis for every run: epoch x 1000 (training scalars at their fraction of the
+# epoch, held-out ones at its last step), comparable across batch sizes and purgeable per epoch
+def first_step(epoch: int) -> int:
+    return epoch * 1000
+
+
+def last_step(epochs_done: int) -> int:
+    """The step of the end of epoch `epochs_done - 1`."""
+    return epochs_done * 1000 - 1
+
+
+def run_eta(start: float, epochs_done: int, epochs_left: int) -> str:
+    """`run eta H:MM:SS` from the mean time of the epochs this process ran."""
+    if epochs_done <= 0:
+        return ""
+    seconds = (time.time() - start) / epochs_done * epochs_left
+    return f"run eta {datetime.timedelta(seconds=int(seconds))}"
 
 
 def checkpoint_due(epoch: int, epochs: int, every: int, from_zero: bool = False) -> bool:

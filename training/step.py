@@ -16,6 +16,7 @@ from common.lr_sched import lr_at, set_lr
 from common.metrics import ProgressPrinter, ScalarAverager
 from custom_datasets.batch import NUM_SKIPPED, batch_size
 from training.finite import check_gradients, check_loss, check_weights, likely_cause
+from training.scaffold import first_step
 
 Batch = dict[str, Any]
 
@@ -156,7 +157,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
         lr = optimizer.param_groups[0]["lr"]
         progress.step(step, n, {"lr": lr, **scalars})
         if log_writer is not None and is_last_micro_batch(settings, step, total):
-            epoch_1000x = int((epoch + step / total) * 1000)  # one axis for runs of different batch sizes
+            epoch_1000x = first_step(epoch) + int(step / total * 1000)  # one axis for runs of different batch sizes
             for key, value in {**scalars, "lr": lr}.items():
                 log_writer.add_scalar(f"train/{key}", value, epoch_1000x)
     stats = averager.global_average(device)
