@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from common.metrics import ScalarAverager
+from common.metrics import ScalarAverager, with_progress
 from custom_datasets.batch import NUM_SKIPPED, batch_size
 from training.step import EpochHooks, StepSettings, autocast, scalars_of
 from training.step import train_one_epoch as train_epoch
@@ -33,7 +33,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Batch], device: torch.devi
     """Sample-weighted averages of every scalar the mode returns, over the whole loader and all ranks."""
     model.eval()
     averager = ScalarAverager()
-    for batch in loader:
+    for batch in with_progress(loader, "evaluation"):
         batch.pop(NUM_SKIPPED, None)
         if not batch:
             continue

@@ -4,10 +4,13 @@ from __future__ import annotations
 import datetime
 import time
 from collections import defaultdict
+from typing import Iterable, Iterator, TypeVar
 
 import torch
 
 from common import distributed as dist_util
+
+T = TypeVar("T")
 
 
 class ScalarAverager:
@@ -50,3 +53,20 @@ class ProgressPrinter:
         text = "".join(f"  {k} {v:.4g}" for k, v in scalars.items())
         speed = f"  {rate:.1f} samples/s" if self.samples else ""
         print(f"{self.header} [{index + 1}/{self.total}] eta {datetime.timedelta(seconds=int(eta))}{text}{speed}", flush=True)
+
+
+def with_progress(items: Iterable[T], header: str, every_seconds: float = 10.0) -> Iterator[T]:
+    """`items`, printing `header [i/n] eta ...` every `every_seconds` on the main process, so a pass
+    that turns out long (evaluation, feature caching) shows where it is; a short one prints nothing."""
+    total = len(items) if hasattr(items, "__len__") else None
+    start = last = time.time()
+    for index, item in enumerate(items):
+        yield item
+        now = time.time()
+        if now - last < every_seconds or not dist_util.is_main_process():
+            continue
+        last = now
+        done = index + 1
+        where = f"[{done}/{total}] eta {datetime.timedelta(seconds=int((now - start) / done * (total - done)))}" \
+            if total else f"[{done}] {datetime.timedelta(seconds=int(now - start))} so far"
+        print(f"{header} {where}", flush=True)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from common.metrics import with_progress
 from custom_datasets import batch as B
 from custom_datasets.text_collate import tokenize_captions
 
@@ -30,7 +31,7 @@ def pair_embeddings(backbone, head: nn.Module, dataset: Dataset, text_tokenizer,
     """(image embeddings `[I, D]`, embeddings of every caption `[T, D]`, image index of each caption `[T]`)."""
     image_emb, text_emb, owner, n_images = [], [], [], 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda s: [x for x in s if x is not None])
-    for samples in loader:
+    for samples in with_progress(loader, "retrieval: embedding images and captions"):
         if not samples:
             continue
         images = torch.stack([s[B.IMAGE] for s in samples]).to(device)

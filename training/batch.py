@@ -7,6 +7,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from common.metrics import with_progress
 from custom_datasets import batch as B
 
 
@@ -25,9 +26,9 @@ class BatchPreparer:
             out[B.VISUAL_TOKENS] = self.visual_tokenizer.get_codebook_indices(view)
         return out
 
-    def batches(self, loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
-        """Prepared non-empty batches of a loader (evaluation passes)."""
-        for batch in loader:
+    def batches(self, loader: Iterable[dict[str, Any]], header: str = "evaluation") -> Iterator[dict[str, torch.Tensor]]:
+        """Prepared non-empty batches of a loader (evaluation passes, with progress when long)."""
+        for batch in with_progress(loader, header):
             batch.pop(B.NUM_SKIPPED, None)
             if batch:
                 yield self(batch)

@@ -38,7 +38,7 @@ def extract_features(backbone, dataset, layer: int, batch_size: int, device: tor
     prepare = BatchPreparer(device, (B.IMAGE, B.LABEL))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_bad)
     try:
-        for batch in prepare.batches(loader):
+        for batch in prepare.batches(loader, "linear probe: caching features"):
             captured.clear()
             backbone.encode_image(batch[B.IMAGE])
             feats.append(captured[0][:, 1:].mean(1).float().cpu())  # [B, D]

@@ -25,7 +25,7 @@ def majority_baseline(loader, prepare) -> float:
     """Accuracy of always predicting the most frequent visual token of masked patches."""
     counts: dict[int, int] = {}
     total = 0
-    for batch in prepare.batches(loader):
+    for batch in prepare.batches(loader, "majority baseline"):
         ids = batch[B.VISUAL_TOKENS][batch[B.MASKED_PATCHES].bool()]
         for value, n in zip(*torch.unique(ids, return_counts=True)):
             counts[int(value)] = counts.get(int(value), 0) + int(n)

@@ -40,7 +40,7 @@ class ProbeData:
 
 def _batches(data: tuple[Dataset, Callable], batch_size: int, prepare: BatchPreparer):
     dataset, collate = data
-    return prepare.batches(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+    return prepare.batches(DataLoader(dataset, batch_size=batch_size, collate_fn=collate), "stage report")
 
 
 @torch.no_grad()
