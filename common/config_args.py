@@ -83,12 +83,16 @@ def settings_from(settings: type, namespace: argparse.Namespace, **overrides: An
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
-                      presets: dict[str, dict[str, Any]] | None = None) -> argparse.Namespace:
-    """Flags over `--config` YAML over the `--preset`'s defaults over the parser's own."""
+                      presets: dict[str, dict[str, Any]] | None = None,
+                      defaults: dict[str, Any] | None = None) -> argparse.Namespace:
+    """Flags over `--config` YAML over the `--preset`'s defaults over `defaults` (e.g. a recipe's)
+    over the parser's own."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(argv)
+    if defaults:
+        parser.set_defaults(**defaults)
     if known.preset and presets and known.preset in presets:
         parser.set_defaults(**presets[known.preset])
     if known.config:

@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.errors import UserError
 from custom_datasets.batch import IMAGE
+from custom_datasets.file_index import scan
 from custom_datasets.image_folder import ImageFiles
 from custom_datasets.settings import AugmentSettings, FinetuneDataSettings
+from custom_datasets.split import file_key, held_out_flags
 from custom_datasets.transforms import mean_std
 
 
@@ -82,9 +86,28 @@ def split_roots(data: FinetuneDataSettings) -> tuple[Path, Path]:
 
 
 def build_classification_datasets(data: FinetuneDataSettings, train_transform, val_transform):
+    """(train, val, model-selection split or None); the selection split is a `--model_selection_fraction`
+    of the training folder, seen with the held-out view."""
     train_root, val_root = split_roots(data)
     train = ImageFiles(train_root, LabelledSample(train_transform))
     if len(train.class_to_idx) < 2:
         raise UserError(f"{train_root} must hold one folder per class (found {len(train.class_to_idx)} classes)")
     val = ImageFiles(val_root, LabelledSample(val_transform), class_to_idx=train.class_to_idx, scaler=train.scaler)
-    return train, val
+    if not data.model_selection_fraction:
+        return train, val, None
+    held = np.array(held_out_flags((file_key(p) for p in train.table), data.model_selection_fraction))
+    if held.all() or not held.any():
+        raise UserError(f"--model_selection_fraction {data.model_selection_fraction} leaves no training or no "
+                        f"selection images of the {len(held)} in {train_root}; use a value in (0, 1)")
+
+    def part(rows: np.ndarray, transform) -> ImageFiles:
+        return ImageFiles(train_root, LabelledSample(transform), table=train.table, indices=rows,
+                          class_to_idx=train.class_to_idx, scaler=train.scaler)
+
+    return part(np.flatnonzero(~held), train_transform), val, part(np.flatnonzero(held), val_transform)
+
+
+def count_training_images(data_path: str, limit: int) -> int:
+    """Image files under `--data_path`'s training folder, counted up to `limit` (cheap on any size)."""
+    root = Path(data_path)
+    return len(scan(root / "train" if (root / "train").is_dir() else root, limit)) if root.is_dir() else 0

@@ -27,14 +27,16 @@ class DownstreamData:
     train_collate: Callable
     val_collate: Callable
     class_names: list[str] = field(default_factory=list)
+    selection: Dataset | None = None  # where checkpoint-best is chosen, when not on `val`
 
 
 def image_folders(data: FinetuneDataSettings, aug: AugmentSettings, input_size: int, train_transform=None,
                   val_transform=None) -> DownstreamData:
-    train, val = build_classification_datasets(data, train_transform or build_transform(aug, input_size, True),
-                                               val_transform or build_transform(aug, input_size, False))
+    train, val, selection = build_classification_datasets(
+        data, train_transform or build_transform(aug, input_size, True),
+        val_transform or build_transform(aug, input_size, False))
     names = sorted(train.class_to_idx, key=train.class_to_idx.get)
-    return DownstreamData(train, val, collate_skipping_bad, collate_skipping_bad, names)
+    return DownstreamData(train, val, collate_skipping_bad, collate_skipping_bad, names, selection)
 
 
 def labelled_texts(data: FinetuneDataSettings, tokenizer) -> DownstreamData:

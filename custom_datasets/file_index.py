@@ -21,11 +21,12 @@ EXTENSIONS = frozenset(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS)
 INDEX_HEADER = "# image index of "
 
 
-def scan(root: Path) -> list[str]:
-    """Relative paths (with '/') of every image file under `root`, in no particular order. One
-    `scandir` per folder: the file type comes from the directory entry, no stat per file."""
+def scan(root: Path, limit: int | None = None) -> list[str]:
+    """Relative paths (with '/') of every image file under `root` (the first `limit` found), in no
+    particular order. One `scandir` per folder: the file type comes from the directory entry, no
+    stat per file."""
     found, stack = [], [""]
-    while stack:
+    while stack and (limit is None or len(found) < limit):
         rel = stack.pop()
         with os.scandir(root / rel if rel else root) as entries:
             for entry in entries:

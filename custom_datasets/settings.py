@@ -92,6 +92,10 @@ class FinetuneDataSettings:
                                  shown_default="the checkpoint's, else bert-base-uncased")
     max_text_len: int = flag(40, "tokens per text, [CLS] and [SEP] included")
     eval_data_path: str | None = flag(None, "held-out image folder", shown_default="DATA_PATH/val")
+    model_selection_fraction: float | None = flag(
+        None, "image classification: fraction of the training images held out (by file name) to choose "
+              "checkpoint-best on, so the reported val accuracy is not the one the best epoch was picked on; 0: pick "
+              "on the val set (BEiT)", shown_default="0.2 with --recipe small_data, else 0")
     max_bad_samples: int | None = flag(None, "stop once more unreadable samples than this were skipped",
                                        shown_default="no limit")
     num_workers: int = flag(2, "DataLoader worker processes")
@@ -99,6 +103,10 @@ class FinetuneDataSettings:
 
 @dataclass(frozen=True)
 class AugmentSettings:
+    recipe: str = flag("auto", "fine-tuning recipe: beit (ImageNet: the defaults below), small_data (no Mixup/CutMix, "
+                               "RandAugment, random erasing, smoothing or drop path; batch 16, blr 3e-3, layer decay 0.75, a "
+                               "model-selection split), auto: small_data below 5000 training images",
+                       choices=("auto", "beit", "small_data"))
     aa: str = flag("rand-m9-mstd0.5-inc1", "timm RandAugment policy ('' for none)")
     reprob: float = flag(0.25, "random erasing probability")
     mixup: float = flag(0.8, "Mixup alpha (0: off)")

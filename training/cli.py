@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 
 from common.config_args import add_flags, parse_with_config
+from common.console import say
+from common.errors import UserError
 from models.downstream import DOWNSTREAM_TASKS
 from models.modes import MODE_ALIASES, PRETRAIN_MODES
 from training.config import (
@@ -17,6 +19,7 @@ from training.config import (
     pretrain_config,
 )
 from training.presets import PRESETS
+from training.recipes import RECIPE_TASKS, RECIPES, chosen_recipe
 
 
 def pretrain_parser(description: str = "") -> argparse.ArgumentParser:
@@ -46,4 +49,15 @@ def pretrain_config_from_argv(argv: list[str] | None, description: str = "") -> 
 
 
 def finetune_config_from_argv(argv: list[str] | None, description: str = "") -> FinetuneConfig:
-    return finetune_config(parse_with_config(finetune_parser(description), argv))
+    """Flags over `--config` over the recipe's defaults (`auto`: chosen by the training set's size)."""
+    namespace = parse_with_config(finetune_parser(description), argv)
+    if namespace.recipe != "auto" and namespace.task not in RECIPE_TASKS:
+        raise UserError(f"--recipe applies to --task {' / '.join(RECIPE_TASKS)}; leave it out for --task "
+                        f"{namespace.task}")
+    recipe, why = chosen_recipe(namespace)
+    if RECIPES[recipe]:
+        namespace = parse_with_config(finetune_parser(description), argv, defaults=RECIPES[recipe])
+        say(f"recipe {recipe} ({why}): " + ", ".join(f"{k} {v!r}" for k, v in RECIPES[recipe].items())
+            + "; explicit flags win, --recipe beit for BEiT's ImageNet recipe")
+    namespace.recipe = recipe
+    return finetune_config(namespace)

@@ -128,6 +128,7 @@ class Training:
     prepare: BatchPreparer
     model_ema: Any
     eff_batch: int
+    selection_loader: torch.utils.data.DataLoader | None = None  # where the best epoch is chosen (else val)
 
 
 def build_training(run: FinetuneRun, model: torch.nn.Module) -> Training:
@@ -150,8 +151,12 @@ def build_training(run: FinetuneRun, model: torch.nn.Module) -> Training:
                             accum_iter=opt.accum_iter, clip_grad=opt.clip_grad, amp_dtype=amp_dtype(cfg.run.amp),
                             print_freq=cfg.run.print_freq, max_bad_samples=cfg.data.max_bad_samples)
     prepare = BatchPreparer(ctx.device, TASK_INPUTS)
+    selection_loader = None
+    if run.data.selection is not None:
+        selection_loader = ctx.loader(run.data.selection, opt.batch_size, cfg.data.num_workers, False,
+                                      run.data.val_collate)
     return Training(train_loader, val_loader, optimizer, grad_scaler(cfg.run.amp, ctx.device), settings, prepare,
-                    model_ema, eff_batch)
+                    model_ema, eff_batch, selection_loader)
 
 
 def evaluate_run(run: FinetuneRun, loader, task: DownstreamTask | None = None) -> dict[str, float]:
@@ -160,20 +165,22 @@ def evaluate_run(run: FinetuneRun, loader, task: DownstreamTask | None = None) -
                     amp_dtype(run.cfg.run.amp), run.data.val, run.cfg.optim.batch_size)
 
 
-def format_metrics(stats: dict[str, float], metric: str, best: float | None = None) -> str:
+def format_metrics(stats: dict[str, float], metric: str) -> str:
     if "acc1" in stats:
         text = f"acc1 {stats['acc1']:.2f}" + (f"  acc5 {stats['acc5']:.2f}" if "acc5" in stats else "")
         text += f"  loss {stats['loss']:.4f}"
     else:
         text = "  ".join(f"{k} {v:.3f}" for k, v in stats.items())
-    return text + (f"  (best {metric} {best:.2f})" if best is not None else "")
+    return text
 
 
-def save_best(run: FinetuneRun, training: Training, epoch: int, value: float) -> None:
+def save_best(run: FinetuneRun, training: Training, epoch: int, best: "BestEpoch") -> None:
     cfg, metric = run.cfg, run.task.best_metric
+    chosen_by = {f"selection_{metric}": best.chosen} if best.on_selection else {}
     save_run_checkpoint(run.ctx.output_dir, epoch, (epoch + 1) * len(training.train_loader), run.task.model,
                         training.optimizer, training.scaler, run.task.backbone.cfg.to_dict(), flat_settings(cfg),
-                        {"num_classes": run.num_classes, f"test_{metric}": value, "class_names": run.data.class_names,
+                        {"num_classes": run.num_classes, f"test_{metric}": best.test, **chosen_by,
+                         "class_names": run.data.class_names,
                          "task": cfg.task, **lora_record(cfg)}, name="best", info=run.info())
 
 
@@ -183,16 +190,55 @@ def lora_record(cfg: FinetuneConfig) -> dict:
     return {"lora": {"rank": m.lora_rank, "alpha": m.lora_alpha or m.lora_rank}} if m.lora_rank else {}
 
 
+@dataclass
+class BestEpoch:
+    """The epoch checkpoint-best holds: chosen on the selection split when there is one, else on val."""
+    metric: str
+    on_selection: bool
+    chosen: float = -1.0  # the value it was chosen by
+    test: float = -1.0  # its val-set value (what is reported)
+    epoch: int = -1
+
+    def offer(self, epoch: int, test_stats: dict, selection_stats: dict | None) -> bool:
+        value = (selection_stats if self.on_selection else test_stats)[self.metric]
+        if value <= self.chosen:
+            return False
+        self.chosen, self.test, self.epoch = value, test_stats[self.metric], epoch
+        return True
+
+    def describe(self) -> str:
+        if not self.on_selection:
+            return f"best {self.metric} {self.test:.2f}"
+        return f"best epoch {self.epoch} (selection {self.metric} {self.chosen:.2f}): test {self.metric} {self.test:.2f}"
+
+
+def describe_recipe(run: FinetuneRun, training: Training) -> str:
+    cfg, aug = run.cfg, run.cfg.augment
+    recipe = (f"mixup {aug.mixup}, cutmix {aug.cutmix}, " if getattr(run.task, "mixup", None) is not None else "")
+    recipe += f"smoothing {aug.smoothing}, " if hasattr(run.task, "criterion") else ""
+    where = (f"best epoch chosen on {len(run.data.selection)} training images held out"
+             if run.data.selection is not None else "best epoch chosen on val")
+    return (f"recipe {aug.recipe}: effective batch {training.eff_batch}, lr {training.settings.lr:.3g}, layer decay "
+            f"{cfg.model.layer_decay}, {recipe}ema {cfg.optim.model_ema}, amp {cfg.run.amp}, device "
+            f"{run.ctx.device}; {where}")
+
+
+def evaluate_epoch(run: FinetuneRun, training: Training, epoch: int) -> tuple[dict, dict | None]:
+    """(val metrics, selection-split metrics or None), checked finite."""
+    test_stats = evaluate_run(run, training.val_loader)
+    check_evaluation(test_stats, epoch, cause_of(training.settings))
+    if training.selection_loader is None:
+        return test_stats, None
+    return test_stats, evaluate_run(run, training.selection_loader)
+
+
 def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -> dict[str, Any]:
     cfg, ctx, metric = run.cfg, run.ctx, run.task.best_metric
     log_writer = ctx.tensorboard(cfg.run.log_dir)
     if ctx.is_main:
-        aug = cfg.augment
-        recipe = (f"mixup {aug.mixup}, cutmix {aug.cutmix}, " if getattr(run.task, "mixup", None) is not None else "")
-        recipe += f"smoothing {aug.smoothing}, " if hasattr(run.task, "criterion") else ""
-        say(f"effective batch {training.eff_batch}, lr {training.settings.lr:.3g}, layer decay {cfg.model.layer_decay}, "
-              f"{recipe}ema {cfg.optim.model_ema}, amp {cfg.run.amp}, device {ctx.device}")
-    best, stats, skipped, start = -1.0, {}, 0, time.time()
+        say(describe_recipe(run, training))
+    best = BestEpoch(metric, training.selection_loader is not None)
+    stats, skipped, start = {}, 0, time.time()
     n_parameters = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
     for epoch in range(cfg.optim.epochs):
         ctx.start_epoch(training.train_loader, epoch)
@@ -200,26 +246,27 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
                                       training.settings, training.prepare, training.model_ema, training.scaler,
                                       log_writer, skipped)
         skipped += int(train_stats["skipped_samples"])
-        test_stats = evaluate_run(run, training.val_loader)
-        check_evaluation(test_stats, epoch, cause_of(training.settings))
+        test_stats, selection_stats = evaluate_epoch(run, training, epoch)
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
+                 **{f"selection_{k}": v for k, v in (selection_stats or {}).items()},
                  "epoch": epoch, "n_parameters": n_parameters}
         if training.model_ema is not None:
             ema_stats = evaluate_run(run, training.val_loader, training.model_ema.module)
             stats.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
         if ctx.is_main:
-            if test_stats[metric] > best:
-                best = test_stats[metric]
+            if best.offer(epoch, test_stats, selection_stats):
                 save_best(run, training, epoch, best)
-            for key, value in test_stats.items():
-                log_writer.add_scalar(f"test/{key}", value, last_step(epoch + 1))
+            for key, value in stats.items():
+                if key.startswith(("test_", "selection_")):
+                    log_writer.add_scalar(key.replace("_", "/", 1), value, last_step(epoch + 1))
             ctx.append_log(stats)
-            say(f"epoch {epoch}: test {format_metrics(test_stats, metric, best)}  "
+            chosen = f"  selection {format_metrics(selection_stats, metric)}" if selection_stats else ""
+            say(f"epoch {epoch}: test {format_metrics(test_stats, metric)}{chosen}  ({best.describe()})  "
                 f"{run_eta(start, epoch + 1, cfg.optim.epochs - epoch - 1)}")
     if ctx.is_main:
-        say(f"done in {time.time() - start:.0f}s: best test {metric} {best:.2f}; saved "
-              f"{ctx.output_dir / 'checkpoint-best.pth'}")
-        stats[f"best_{metric}"] = best
+        say(f"done in {time.time() - start:.0f}s: {best.describe()}; last epoch test {metric} {stats[f'test_{metric}']:.2f}; "
+            f"saved {ctx.output_dir / 'checkpoint-best.pth'}")
+        stats.update({f"best_{metric}": best.test, "best_epoch": best.epoch})
         log_writer.close()
     return stats
 

@@ -1,0 +1,34 @@
+"""Fine-tuning recipes. `beit` is the flags' own defaults (BEiT's ImageNet recipe). `small_data` is
+for a few hundred to a few thousand images, where that recipe's regularisers (Mixup/CutMix,
+RandAugment, random erasing, smoothing, stochastic depth) keep the training loss at ln(classes):
+they are off, batches are small enough for several steps per epoch, and checkpoint-best is chosen on
+a split of the training images rather than on the reported val set. `auto` picks by the size of the
+training folder. Explicit flags and `--config` still win over a recipe."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from custom_datasets.classification_data import count_training_images
+
+SMALL_DATA_IMAGES = 5000  # below this many training images `auto` means small_data
+
+SMALL_DATA: dict[str, Any] = {
+    "mixup": 0.0, "cutmix": 0.0, "aa": "", "reprob": 0.0, "smoothing": 0.0, "drop_path": 0.0,
+    "batch_size": 16, "blr": 3e-3, "warmup_epochs": 2.0, "layer_decay": 0.75, "model_selection_fraction": 0.2,
+}
+
+RECIPES: dict[str, dict[str, Any]] = {"beit": {}, "small_data": SMALL_DATA}
+RECIPE_TASKS = ("image_classification",)  # the tasks whose recipe is chosen
+
+
+def chosen_recipe(namespace: argparse.Namespace) -> tuple[str, str]:
+    """(recipe name, why) for parsed fine-tuning flags."""
+    if namespace.task not in RECIPE_TASKS:
+        return "beit", f"--task {namespace.task}"
+    if namespace.recipe != "auto":
+        return namespace.recipe, f"--recipe {namespace.recipe}"
+    images = count_training_images(namespace.data_path, SMALL_DATA_IMAGES) if namespace.data_path else 0
+    if images and images < SMALL_DATA_IMAGES:
+        return "small_data", f"{images} training images (fewer than {SMALL_DATA_IMAGES})"
+    return "beit", f"at least {SMALL_DATA_IMAGES} training images"
