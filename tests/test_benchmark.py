@@ -1,4 +1,5 @@
-"""The benchmark script runs every implementation of both modes and prints a complete table."""
+"""The benchmark script runs every implementation of both modes in interleaved rounds and prints a
+complete table with each row's speed relative to the reference."""
 from __future__ import annotations
 
 import pytest
@@ -6,11 +7,45 @@ import pytest
 from util import benchmark
 
 
-@pytest.mark.parametrize("mode, impls", [("encode", ["ours", "hf_sdpa", "timm"]), ("mim", ["ours", "hf_sdpa"])])
+def table_rows(out: str) -> list[list[str]]:
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+@pytest.mark.parametrize("mode, impls", [("encode", ["ours", "ours_bf16", "hf_sdpa", "timm"]),
+                                         ("mim", ["ours", "hf_sdpa"])])
 def test_benchmark_prints_a_row_per_implementation(capsys, mode, impls):
     benchmark.main(["--mode", mode, "--size", "tiny", "--image_size", "32", "--batch_size", "2", "--steps", "1",
-                    "--warmup", "0", "--device", "cpu", "--impls", *impls])
+                    "--warmup", "0", "--rounds", "1", "--device", "cpu", "--impls", *impls])
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split("|")[1].strip() for r in rows] == impls
-    assert "error" not in out
+    rows = table_rows(out)
+    assert [r[0] for r in rows] == impls and "error" not in out
+    assert next(r for r in rows if r[0] == "hf_sdpa")[-1] == "1.00x"
+    assert all(r[-1].endswith("x") and float(r[-1][:-1]) > 0 for r in rows)
+
+
+def test_rounds_interleave_the_implementations(monkeypatch):
+    calls = []
+
+    def fake_worker(impl, argv):
+        calls.append(impl)
+        return {"impl": impl, "step_s": 1.0 + len(calls), "images_per_s": 1.0, "peak_mb": 10.0 * len(calls)}
+
+    monkeypatch.setattr(benchmark, "run_worker", fake_worker)
+    rows = benchmark.interleaved_rounds(["ours", "hf_sdpa"], 3, [])
+    assert calls == ["ours", "hf_sdpa"] * 3
+    ours = rows[0]  # steps 2, 4, 6: median 4, spread 2-6, worst peak of its runs
+    assert (ours["step_s"], ours["min_s"], ours["max_s"], ours["peak_mb"]) == (4.0, 2.0, 6.0, 50.0)
+
+
+def test_a_failing_implementation_is_not_retried_and_keeps_its_row(monkeypatch):
+    calls = []
+
+    def fake_worker(impl, argv):
+        calls.append(impl)
+        return {"impl": impl, "error": "boom"} if impl == "timm" else \
+            {"impl": impl, "step_s": 1.0, "images_per_s": 1.0, "peak_mb": 1.0}
+
+    monkeypatch.setattr(benchmark, "run_worker", fake_worker)
+    rows = benchmark.interleaved_rounds(["ours", "timm"], 3, [])
+    assert calls.count("timm") == 1 and rows[1] == {"impl": "timm", "error": "boom"}

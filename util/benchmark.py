@@ -1,6 +1,11 @@
 """Speed and peak memory against HF and timm BEiT at the same configuration. Each implementation
 runs in its own process so peak memory is its own.
 
+Implementations run in interleaved rounds (A, B, C, A, B, C, ...), one fresh process each, so a
+neighbour's load hits all of them alike; each row is the median over rounds of each process's median
+step, with the spread, and its speed relative to the reference (HF sdpa). `ours_bf16` is ours under
+bf16 autocast (CPU or GPU), `ours_compiled` ours under `torch.compile`.
+
 `--mode encode`: forward+backward of `encode_image` vs HF `BeitModel` (sdpa, eager) and timm Beit.
 `--mode index`: indexing and splitting an image folder's file list (1M and 14M generated paths,
 ImageNet-1k and -22k sizes), one core.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -26,8 +32,10 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-IMPLS = ("ours", "hf_sdpa", "hf_eager", "timm")
-MIM_IMPLS = ("ours", "hf_sdpa", "hf_eager")
+IMPLS = ("ours", "ours_bf16", "ours_compiled", "hf_sdpa", "hf_eager", "timm")
+MIM_IMPLS = ("ours", "ours_bf16", "ours_compiled", "hf_sdpa", "hf_eager")
+DEFAULT_IMPLS = ("ours", "hf_sdpa", "hf_eager", "timm")  # ours_* on request: compiling takes minutes
+REFERENCE = "hf_sdpa"
 VISUAL_VOCAB = 8192
 SIZES = {"tiny": (192, 4, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
@@ -45,7 +53,7 @@ def hf_config(impl: str, size: str, image_size: int):
 def build(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, callable]:
     """encode mode: (model, images -> features)."""
     dim, depth, heads = SIZES[size]
-    if impl == "ours":
+    if impl.startswith("ours"):
         from models import create_model
 
         model = create_model(f"vlmo_{size}_patch16", img_size=image_size)
@@ -66,7 +74,7 @@ def build_mim(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, c
     """mim mode: (trainable model, (images, tokenizer_images, mask) -> loss), tokenizer included."""
     import torch.nn.functional as F
 
-    if impl == "ours":
+    if impl.startswith("ours"):
         from models import create_model
         from models.modes import ImageMIM, ModeOptions
         from models.visual_tokenizers import DalleTokenizer
@@ -100,7 +108,7 @@ def build_mim(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, c
 def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if args.worker == "ours_bf16" else args.amp)
     b, size = args.batch_size, args.image_size
     images = torch.randn(b, 3, size, size, device=device)
     if args.mode == "mim":
@@ -115,6 +123,8 @@ def worker(args: argparse.Namespace) -> None:
         model, features = build(args.worker, args.size, size)
         forward = lambda: features(images).float().pow(2).mean()  # noqa: E731
     model.to(device).train()
+    if args.worker == "ours_compiled":
+        forward = torch.compile(forward)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6) if args.mode == "mim" else None
     times = []
     if device.type == "cuda":
@@ -188,39 +198,69 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, one process per implementation each")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="default: all of the mode's")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
+                   help="default: ours, hf_sdpa, hf_eager and (encode) timm; ours_bf16 and ours_compiled on request")
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.mode == "index":
         return index_benchmark(args.num_paths, args.scan_files)
     if args.worker:
         return worker(args)
-    args.impls = args.impls or list(MIM_IMPLS if args.mode == "mim" else IMPLS)
+    args.impls = args.impls or [i for i in DEFAULT_IMPLS if i in (MIM_IMPLS if args.mode == "mim" else IMPLS)]
     if args.mode == "mim" and "timm" in args.impls:
         p.error("--mode mim compares with HF BeitForMaskedImageModeling; timm has no MIM head")
-    rows = []
-    for impl in args.impls:
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", impl, "--impls", impl]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            rows.append({"impl": impl, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"})
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = interleaved_rounds(args.impls, args.rounds, argv if argv is not None else sys.argv[1:])
     hw = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     what = "MIM training step (DALL-E tokenize + forward + backward + AdamW)" if args.mode == "mim" else \
         "encode_image forward+backward"
-    print(f"\n{what}, {args.size} {args.image_size}px, batch {args.batch_size}, "
-          f"amp={args.amp}, {hw}, median of {args.steps} steps")
-    peak = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
-    print(f"| implementation | step (s) | images/s | {peak} |\n| --- | --- | --- | --- |")
+    print(f"\n{what}, {args.size} {args.image_size}px, batch {args.batch_size}, amp={args.amp}, {hw}; "
+          f"{args.rounds} interleaved rounds of {args.steps} steps")
+    print_rows(rows, "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB")
+
+
+def run_worker(impl: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--worker", impl, "--impls", impl]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        return {"impl": impl, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def interleaved_rounds(impls: list[str], rounds: int, argv: list[str]) -> list[dict]:
+    """Each implementation once per round, in turn; per implementation the median over rounds (of each
+    process's median step), the spread and the worst peak memory; the first error ends its row."""
+    runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for _ in range(rounds):
+        for impl in impls:
+            if not (runs[impl] and "error" in runs[impl][-1]):
+                runs[impl].append(run_worker(impl, argv))
+    rows = []
+    for impl, results in runs.items():
+        if "error" in results[-1]:
+            rows.append(results[-1])
+            continue
+        steps = sorted(r["step_s"] for r in results)
+        rows.append({"impl": impl, "step_s": statistics.median(steps), "min_s": steps[0], "max_s": steps[-1],
+                     "images_per_s": statistics.median(r["images_per_s"] for r in results),
+                     "peak_mb": max(r["peak_mb"] for r in results)})
+    return rows
+
+
+def print_rows(rows: list[dict], peak: str) -> None:
+    reference = next((r for r in rows if r["impl"] == REFERENCE and "error" not in r), None)
+    print(f"| implementation | step (s) | spread (s) | images/s | {peak} | speed vs {REFERENCE} |\n"
+          f"| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
-            print(f"| {r['impl']} | error: {r['error']} | | |")
-        else:
-            print(f"| {r['impl']} | {r['step_s']:.3f} | {r['images_per_s']:.1f} | {r['peak_mb']:.0f} |")
+            print(f"| {r['impl']} | error: {r['error']} | | | | |")
+            continue
+        ratio = f"{reference['step_s'] / r['step_s']:.2f}x" if reference else "n/a"
+        print(f"| {r['impl']} | {r['step_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | {r['images_per_s']:.1f} | "
+              f"{r['peak_mb']:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":
