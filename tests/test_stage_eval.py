@@ -42,3 +42,24 @@ def test_knn_leave_one_out_matches_a_loop():
             votes[int(labels[j])] += torch.tensor(s / t).exp().item()
         correct += max(range(3), key=lambda c: votes[c]) == int(labels[i])
     assert knn_leave_one_out(features, labels, k, t) == pytest.approx(correct / 40)
+
+
+def test_mim_loss_and_accuracy_are_means_over_every_masked_patch(monkeypatch):
+    """Batches of different sizes: both are per-patch means over the whole set, not means of batch means."""
+    from custom_datasets import batch as B
+    from training import stage_eval
+
+    gen = torch.Generator().manual_seed(2)
+    logits = [torch.randn(n, 6, generator=gen) for n in (5, 9)]
+    targets = [torch.randint(0, 6, (n,), generator=gen) for n in (5, 9)]
+    calls = iter(zip(logits, targets))
+    monkeypatch.setattr(stage_eval, "mim_logits", lambda backbone, head, batch: next(calls))
+
+    class TwoBatches:
+        def batches(self, loader, header=""):
+            yield from ({B.VISUAL_TOKENS: torch.zeros(1)} for _ in range(2))
+
+    out = stage_eval.mim_and_knn(None, torch.nn.Identity(), ([0], None), TwoBatches(), 1)
+    all_logits, all_targets = torch.cat(logits), torch.cat(targets)
+    assert out["image_mim_acc"] == pytest.approx((all_logits.argmax(1) == all_targets).float().mean().item())
+    assert out["image_mim_loss"] == pytest.approx(torch.nn.functional.cross_entropy(all_logits, all_targets).item())

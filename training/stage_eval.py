@@ -25,7 +25,7 @@ from models.modes.text_mlm import mlm_logits
 from models.retrieval import pair_embeddings, recall_at_k
 from training.batch import ALL_TENSOR_KEYS, BatchPreparer
 
-METRICS = ("image_mim_acc", "image_knn_acc", "text_mlm_acc", "itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10",
+METRICS = ("image_mim_acc", "image_mim_loss", "image_knn_acc", "text_mlm_acc", "itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10",
            "itc_t2i_r1", "itc_t2i_r5", "itc_t2i_r10")
 
 
@@ -48,18 +48,21 @@ def mim_and_knn(backbone, head: nn.Module | None, data, prepare: BatchPreparer, 
                 k: int = 20) -> dict[str, float]:
     out: dict[str, float] = {}
     correct = total = 0
+    loss_sum = 0.0
     features, labels = [], []
     for batch in _batches(data, batch_size, prepare):
         if head is not None and B.VISUAL_TOKENS in batch:
             logits, target = mim_logits(backbone, head, batch)
             correct += (logits.argmax(-1) == target).sum().item()
+            loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").item()
             total += len(target)
         if B.LABEL in batch:
             pooled = backbone.encode_image(batch[B.IMAGE])[:, 1:].mean(1)  # mean of patch features (BEiT's probe)
             features.append(F.normalize(pooled.float(), dim=-1))
             labels.append(batch[B.LABEL])
-    if total:
+    if total:  # the loss moves with every logit; the accuracy only when an argmax flips
         out["image_mim_acc"] = correct / total
+        out["image_mim_loss"] = loss_sum / total
     if features and len(torch.cat(labels).unique()) > 1:
         out["image_knn_acc"] = knn_leave_one_out(torch.cat(features), torch.cat(labels), k)
     return out
