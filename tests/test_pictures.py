@@ -121,3 +121,12 @@ def test_a_stage_writes_its_pictures_and_tensorboard_images(tmp_path, capsys):
     assert (image.width, image.height) == picture.size and image.step == 1999
     pretrain(TINY + SYNTH + ["--epochs", "1", "--no_pictures", "--output_dir", str(tmp_path / "quiet")])
     assert not (tmp_path / "quiet" / "pictures").exists()
+
+
+def test_a_loss_chart_panel_scales_its_axis_to_the_largest_value():
+    runs = {"a": [{"loss": 4.0}, {"loss": 2.0}]}  # axis 0..4: 4.0 at the top, 2.0 half-way
+    chart = np.asarray(stage_chart(["one", "two"], runs, {"loss": "loss"}, panel_size=(200, 200)))
+    rows = np.unique(np.nonzero((chart == COLOURS[0]).all(-1))[0])
+    rows = rows[rows > 24]
+    top, bottom = 24 + 26, 24 + 200 - 40
+    assert rows.min() <= top + 4 and abs(rows.max() - (top + bottom) / 2) <= 4

@@ -28,10 +28,11 @@ from training.pretrain import pretrain  # noqa: E402
 from visualization.canvas import save_picture  # noqa: E402
 from visualization.stage_chart import stage_chart  # noqa: E402
 
-CHART = {"image_mim_acc": "image MIM accuracy", "image_knn_acc": "image k-NN accuracy", "text_mlm_acc": "text MLM accuracy",
-         "itc_t2i_r5": "text-to-image R@5"}
+CHART = {"image_mim_acc": "image MIM accuracy", "image_mim_loss": "image MIM loss", "image_knn_acc": "image k-NN accuracy",
+         "text_mlm_acc": "text MLM accuracy", "itc_t2i_r5": "text-to-image R@5"}
 STAGES = ["image MIM", "text MLM", "image-text ITC"]
-COLUMNS = {"image_mim_acc": "MIM acc", "image_mim_loss": "MIM loss", "image_knn_acc": "k-NN acc", "text_mlm_acc": "MLM acc",
+COLUMNS = {"image_mim_acc": "MIM acc", "image_mim_loss": "MIM loss", "image_knn_acc": "k-NN acc",
+           "text_mlm_acc": "MLM acc",
            "itc_i2t_r1": "i2t R@1", "itc_i2t_r5": "i2t R@5", "itc_t2i_r1": "t2i R@1", "itc_t2i_r5": "t2i R@5"}
 
 

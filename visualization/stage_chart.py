@@ -2,6 +2,8 @@
 run (e.g. λ = 0 against λ > 0), one panel per metric, drawn with PIL."""
 from __future__ import annotations
 
+import math
+
 from PIL import Image, ImageDraw
 
 from visualization.canvas import BACKGROUND, INK, font
@@ -10,7 +12,8 @@ COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 
 GRID_GREY = (225, 225, 225)
 
 
-def _panel(title: str, stages: list[str], series: dict[str, list[float | None]], size: tuple[int, int]) -> Image.Image:
+def _panel(title: str, stages: list[str], series: dict[str, list[float | None]], size: tuple[int, int],
+           top_value: float = 1.0) -> Image.Image:
     w, h = size
     left, right, top, bottom = 44, 44, 26, 40
     panel = Image.new("RGB", size, BACKGROUND)
@@ -19,9 +22,9 @@ def _panel(title: str, stages: list[str], series: dict[str, list[float | None]],
 
     def xy(stage: int, value: float) -> tuple[float, float]:
         x = left + (w - left - right) * (stage / max(1, len(stages) - 1))
-        return x, top + (h - top - bottom) * (1 - value)
+        return x, top + (h - top - bottom) * (1 - value / top_value)
 
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+    for tick in (top_value * i / 4 for i in range(5)):
         y = xy(0, tick)[1]
         draw.line([(left, y), (w - right, y)], fill=GRID_GREY)
         draw.text((4, y - 7), f"{tick:.2f}", fill=INK, font=font(10))
@@ -40,10 +43,14 @@ def _panel(title: str, stages: list[str], series: dict[str, list[float | None]],
 
 def stage_chart(stages: list[str], runs: dict[str, list[dict]], metrics: dict[str, str],
                 panel_size: tuple[int, int] = (260, 220)) -> Image.Image:
-    """`runs[name]` holds one report (metric -> value in [0, 1]) per stage; a metric a stage did
-    not measure is left out of its line."""
-    panels = [_panel(label, stages, {run: [r.get(key) for r in reports] for run, reports in runs.items()}, panel_size)
-              for key, label in metrics.items()]
+    """`runs[name]` holds one report (metric -> value) per stage; a metric a stage did not measure is
+    left out of its line. Axes run from 0 to 1, or to the next whole number above a larger value
+    (losses)."""
+    panels = []
+    for key, label in metrics.items():
+        series = {run: [r.get(key) for r in reports] for run, reports in runs.items()}
+        largest = max((v for values in series.values() for v in values if v is not None), default=1.0)
+        panels.append(_panel(label, stages, series, panel_size, max(1.0, float(math.ceil(largest)))))
     legend_height = 24
     canvas = Image.new("RGB", (panel_size[0] * len(panels), panel_size[1] + legend_height), BACKGROUND)
     for i, panel in enumerate(panels):
