@@ -130,7 +130,7 @@ def capture_pretraining(monkeypatch) -> dict:
 
     seen = {}
 
-    def stop(run, optim):
+    def stop(run, optim, writer=None):
         seen.update(run=run, optim=optim)
         return {}, 0.0
 
