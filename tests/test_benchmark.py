@@ -49,3 +49,10 @@ def test_a_failing_implementation_is_not_retried_and_keeps_its_row(monkeypatch):
     monkeypatch.setattr(benchmark, "run_worker", fake_worker)
     rows = benchmark.interleaved_rounds(["ours", "timm"], 3, [])
     assert calls.count("timm") == 1 and rows[1] == {"impl": "timm", "error": "boom"}
+
+
+def test_adamw_mode_compares_the_three_implementations(capsys):
+    benchmark.main(["--mode", "adamw", "--size", "tiny", "--rounds", "1", "--steps", "2"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["for_loop", "foreach", "fused"] and rows[0][2] == "1.00x"
+    assert all(float(r[3]) < 1e-5 for r in rows)  # the same update

@@ -24,7 +24,7 @@ from training.batch import BatchPreparer
 from training.config import FinetuneConfig
 from training.finetune_model import build_task, text_tokenizer_for
 from training.finite import check_evaluation
-from training.optim import amp_dtype, grad_scaler, learning_rate
+from training.optim import adamw_options, amp_dtype, grad_scaler, learning_rate
 from training.run_checkpoint import save_run_checkpoint
 from training.scaffold import RunContext, last_step, refuse_taken_output, run_eta
 from training.step import StepSettings, cause_of
@@ -141,7 +141,8 @@ def build_training(run: FinetuneRun, model: torch.nn.Module) -> Training:
     val_loader = ctx.loader(run.data.val, opt.batch_size, cfg.data.num_workers, False, run.data.val_collate)
     eff_batch = opt.batch_size * opt.accum_iter * ctx.world
     lr = learning_rate(opt.lr, opt.blr, eff_batch)
-    optimizer = torch.optim.AdamW(layer_decay_groups(run.task.model, opt.weight_decay, cfg.model.layer_decay), lr=lr)
+    optimizer = torch.optim.AdamW(layer_decay_groups(run.task.model, opt.weight_decay, cfg.model.layer_decay), lr=lr,
+                                  **adamw_options(opt.adamw_impl))
     model_ema = None
     if opt.model_ema:
         from timm.utils import ModelEmaV3

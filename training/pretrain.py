@@ -169,7 +169,7 @@ def build_optimization(run: PretrainRun) -> Optimization:
     eff_batch = opt.batch_size * opt.accum_iter * ctx.world
     lr = learning_rate(opt.lr, opt.blr, eff_batch)
     warmup = opt.warmup_steps / len(train_loader) if opt.warmup_steps is not None else opt.warmup_epochs
-    optimizer = adamw(run.mode, lr, opt.weight_decay, tuple(opt.opt_betas))
+    optimizer = adamw(run.mode, lr, opt.weight_decay, tuple(opt.opt_betas), opt.adamw_impl)
     scaler = grad_scaler(cfg.run.amp, ctx.device)
     start_epoch = cfg.run.start_epoch
     if run.weights.continue_run:

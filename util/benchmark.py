@@ -7,6 +7,7 @@ step, with the spread, and its speed relative to the reference (HF sdpa). `ours_
 bf16 autocast (CPU or GPU), `ours_compiled` ours under `torch.compile`.
 
 `--mode encode`: forward+backward of `encode_image` vs HF `BeitModel` (sdpa, eager) and timm Beit.
+`--mode adamw`: one AdamW step over the backbone's parameters, for-loop vs foreach vs fused.
 `--mode index`: indexing and splitting an image folder's file list (1M and 14M generated paths,
 ImageNet-1k and -22k sizes), one core.
 `--mode mim`: one whole BEiT pretraining step: DALL-E tokenization of the second view (ours vs the
@@ -188,9 +189,41 @@ def index_benchmark(counts: list[int], scan_files: int) -> None:
               f"({len(old):,} found)")
 
 
+def adamw_benchmark(size: str, rounds: int, steps: int) -> None:
+    """One AdamW step over a backbone's parameters, per implementation (for-loop, foreach, fused),
+    interleaved in rounds, and the largest weight difference to the for-loop after the same steps."""
+    from models import create_model
+    from training.optim import ADAMW_IMPLS, adamw_options
+
+    models = {impl: create_model(f"vlmo_{size}_patch16") for impl in ADAMW_IMPLS}
+    for model in models.values():
+        model.load_state_dict(models["for_loop"].state_dict())
+        for i, param in enumerate(model.parameters()):
+            param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(i)) * 1e-3
+    optims = {impl: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05, **adamw_options(impl))
+              for impl, m in models.items()}
+    times: dict[str, list[float]] = {impl: [] for impl in ADAMW_IMPLS}
+    for _ in range(rounds):
+        for impl, optim in optims.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                optim.step()
+                times[impl].append(time.perf_counter() - start)
+    n = sum(p.numel() for p in models["for_loop"].parameters())
+    reference = dict(models["for_loop"].named_parameters())
+    print(f"AdamW step over {size} ({n / 1e6:.1f}M parameters), {rounds} rounds of {steps} steps, "
+          f"CPU x{torch.get_num_threads()} threads")
+    print("| implementation | step (ms) | speed vs for_loop | max weight diff to for_loop |\n| --- | --- | --- | --- |")
+    base = statistics.median(times["for_loop"])
+    for impl in ADAMW_IMPLS:
+        diff = max((p - reference[name]).abs().max().item() for name, p in models[impl].named_parameters())
+        median = statistics.median(times[impl])
+        print(f"| {impl} | {median * 1e3:.1f} | {base / median:.2f}x | {diff:.1e} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["encode", "mim", "index"], default="encode")
+    p.add_argument("--mode", choices=["encode", "mim", "index", "adamw"], default="encode")
     p.add_argument("--num_paths", type=int, nargs="+", default=[1_000_000, 14_000_000],
                    help="index mode: generated path-list sizes")
     p.add_argument("--scan_files", type=int, default=100_000, help="index mode: real files to walk (0: skip)")
@@ -208,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.mode == "index":
         return index_benchmark(args.num_paths, args.scan_files)
+    if args.mode == "adamw":
+        return adamw_benchmark(args.size, args.rounds, args.steps)
     if args.worker:
         return worker(args)
     args.impls = args.impls or [i for i in DEFAULT_IMPLS if i in (MIM_IMPLS if args.mode == "mim" else IMPLS)]
