@@ -32,9 +32,9 @@ def tokenizer_from_record(record: dict[str, Any]):
     """Rebuild the text tokenizer a checkpoint recorded (offline: from its embedded vocabulary)."""
     from models.text_tokenizer import load_text_tokenizer, write_tokenizer_folder
 
-    folder = Path(tempfile.mkdtemp(prefix="cook-tokenizer-"))
-    write_tokenizer_folder(folder, record["vocab"], record.get("lowercase", True))
-    return load_text_tokenizer(str(folder))
+    with tempfile.TemporaryDirectory(prefix="cook-tokenizer-") as folder:  # read into memory, then removed
+        write_tokenizer_folder(Path(folder), record["vocab"], record.get("lowercase", True))
+        return load_text_tokenizer(folder)
 
 
 def compact(**fields: Any) -> dict[str, Any]:
