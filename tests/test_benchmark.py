@@ -56,3 +56,13 @@ def test_adamw_mode_compares_the_three_implementations(capsys):
     rows = table_rows(capsys.readouterr().out)
     assert [r[0] for r in rows] == ["for_loop", "foreach", "fused"] and rows[0][2] == "1.00x"
     assert all(float(r[3]) < 1e-5 for r in rows)  # the same update
+
+
+def test_loader_mode_times_every_stage_and_sums_them(capsys):
+    benchmark.main(["--mode", "loader", "--num_images", "4", "--batch_size", "2", "--image_size", "64"])
+    out = capsys.readouterr().out
+    rows = {r[0]: float(r[1]) for r in table_rows(out)}
+    stages = [k for k in rows if "whole" not in k and "draft" not in k and "of which" not in k]
+    assert len(stages) == 4 and all(v > 0 for v in rows.values())
+    assert abs(rows["**whole sample (full-size decode)**"] - sum(rows[k] for k in stages)) < 0.02
+    assert "needs" in out and "workers" in out

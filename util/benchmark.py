@@ -8,6 +8,8 @@ bf16 autocast (CPU or GPU), `ours_compiled` ours under `torch.compile`.
 
 `--mode encode`: forward+backward of `encode_image` vs HF `BeitModel` (sdpa, eager) and timm Beit.
 `--mode adamw`: one AdamW step over the backbone's parameters, for-loop vs foreach vs fused.
+`--mode loader`: what one DataLoader worker spends per image on decode, the two views, the mask
+and collate (generated 500x375 JPEGs), and the workers a device at `--target_rate` images/s needs.
 `--mode index`: indexing and splitting an image folder's file list (1M and 14M generated paths,
 ImageNet-1k and -22k sizes), one core.
 `--mode mim`: one whole BEiT pretraining step: DALL-E tokenization of the second view (ours vs the
@@ -221,9 +223,83 @@ def adamw_benchmark(size: str, rounds: int, steps: int) -> None:
         print(f"| {impl} | {median * 1e3:.1f} | {base / median:.2f}x | {diff:.1e} |")
 
 
+def imagenet_like_jpegs(folder: Path, count: int, size: tuple[int, int] = (500, 375)) -> list[Path]:
+    """JPEGs of ImageNet's typical size and quality with photo-like content (smooth gradients, edges
+    and noise, which is what makes a JPEG slow or fast to decode)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    paths = []
+    for i in range(count):
+        base = np.stack([np.sin(xx / rng.uniform(20, 80) + c) * np.cos(yy / rng.uniform(20, 80) - c) for c in range(3)], -1)
+        pixels = np.clip(127 + 90 * base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        paths.append(folder / f"{i:05d}.JPEG")
+        Image.fromarray(pixels).save(paths[-1], quality=90)
+    return paths
+
+
+def per_image_seconds(paths: list[Path], work) -> float:
+    start = time.perf_counter()
+    for path in paths:
+        work(path)
+    return (time.perf_counter() - start) / len(paths)
+
+
+def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: float) -> None:
+    """What one DataLoader worker spends per image on each stage of the image-MIM pipeline, and how
+    many workers a device consuming `target_rate` images/s needs."""
+    import math
+    import tempfile
+
+    from PIL import Image
+
+    from custom_datasets.image_io import open_rgb
+    from custom_datasets.masking import BlockwiseMaskGenerator, default_num_mask_patches
+    from custom_datasets.transforms import TwoViewConfig, TwoViewTransform
+
+    torch.set_num_threads(1)  # a DataLoader worker runs on one thread
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = imagenet_like_jpegs(Path(tmp), count)
+        images = [open_rgb(p) for p in paths]
+        transform = TwoViewTransform(TwoViewConfig(image_size=image_size, second_image_size=image_size // 2))
+        grid = image_size // 16
+        masks = BlockwiseMaskGenerator((grid, grid), default_num_mask_patches(grid * grid))
+
+        def draft_decode(path):  # PIL decodes the JPEG at 1/2 scale (DCT scaling)
+            with Image.open(path) as img:
+                img.draft("RGB", (img.width // 2, img.height // 2))
+                return img.convert("RGB")
+
+        views = [transform(img) for img in images[:batch_size]]
+        samples = [{"image": v, "tokenizer_image": t, "mask": torch.from_numpy(masks())} for v, t in views]
+        stages = {
+            "decode (PIL, full size)": per_image_seconds(paths, open_rgb),
+            "decode at 1/2 scale (PIL draft)": per_image_seconds(paths, draft_decode),
+            f"two views ({image_size} + {image_size // 2} px crop, jitter, flip)": per_image_seconds(
+                images, transform),
+            "  of which colour jitter + flip of the whole image": per_image_seconds(images, transform.pre),
+            "block mask": per_image_seconds(range(count), lambda _: masks()),
+            f"collate (batch {batch_size}, per image)": per_image_seconds(
+                range(8), lambda _: torch.utils.data.default_collate(samples)) / batch_size,
+        }
+    full = sum(v for k, v in stages.items() if "draft" not in k and "of which" not in k)
+    print(f"image-MIM input pipeline, {count} generated 500x375 JPEGs (quality 90), one worker (1 thread)")
+    print("| stage | ms per image | images/s |\n| --- | --- | --- |")
+    for name, seconds in stages.items():
+        print(f"| {name} | {seconds * 1e3:.2f} | {1 / seconds:.0f} |")
+    print(f"| **whole sample (full-size decode)** | {full * 1e3:.2f} | {1 / full:.0f} |")
+    print(f"\na device consuming {target_rate:,.0f} images/s needs {math.ceil(target_rate * full):d} such workers "
+          f"(one core each)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["encode", "mim", "index", "adamw"], default="encode")
+    p.add_argument("--mode", choices=["encode", "mim", "index", "adamw", "loader"], default="encode")
+    p.add_argument("--num_images", type=int, default=200, help="loader mode: generated JPEGs")
+    p.add_argument("--target_rate", type=float, default=2500.0, help="loader mode: images/s one device consumes")
     p.add_argument("--num_paths", type=int, nargs="+", default=[1_000_000, 14_000_000],
                    help="index mode: generated path-list sizes")
     p.add_argument("--scan_files", type=int, default=100_000, help="index mode: real files to walk (0: skip)")
@@ -243,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
         return index_benchmark(args.num_paths, args.scan_files)
     if args.mode == "adamw":
         return adamw_benchmark(args.size, args.rounds, args.steps)
+    if args.mode == "loader":
+        return loader_benchmark(args.num_images, args.image_size, args.batch_size, args.target_rate)
     if args.worker:
         return worker(args)
     args.impls = args.impls or [i for i in DEFAULT_IMPLS if i in (MIM_IMPLS if args.mode == "mim" else IMPLS)]
