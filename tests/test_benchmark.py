@@ -66,3 +66,11 @@ def test_loader_mode_times_every_stage_and_sums_them(capsys):
     assert len(stages) == 4 and all(v > 0 for v in rows.values())
     assert abs(rows["**whole sample (full-size decode)**"] - sum(rows[k] for k in stages)) < 0.02
     assert "needs" in out and "workers" in out
+
+
+def test_tokenizer_mode_reports_speed_and_agreement_with_fp32(capsys):
+    benchmark.main(["--mode", "tokenizer", "--batch_size", "2", "--image_size", "64", "--rounds", "1", "--steps", "1"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["fp32", "fp32 channels-last", "bf16 autocast", "bf16 channels-last"]
+    assert rows[0][2:] == ["1.00x", "100.00%"] and rows[1][3] == "100.00%"  # layout alone changes no id
+    assert all(0 < float(r[3].rstrip("%")) <= 100 for r in rows)

@@ -8,6 +8,7 @@ bf16 autocast (CPU or GPU), `ours_compiled` ours under `torch.compile`.
 
 `--mode encode`: forward+backward of `encode_image` vs HF `BeitModel` (sdpa, eager) and timm Beit.
 `--mode adamw`: one AdamW step over the backbone's parameters, for-loop vs foreach vs fused.
+`--mode tokenizer`: the DALL-E encoder in fp32, channels-last and bf16: speed and id agreement.
 `--mode loader`: what one DataLoader worker spends per image on decode, the two views, the mask
 and collate (generated 500x375 JPEGs), and the workers a device at `--target_rate` images/s needs.
 `--mode index`: indexing and splitting an image folder's file list (1M and 14M generated paths,
@@ -295,9 +296,52 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
           f"(one core each)")
 
 
+def tokenizer_benchmark(batch_size: int, image_size: int, rounds: int, steps: int) -> None:
+    """The DALL-E encoder (random weights) in fp32, channels-last and bf16 autocast: time per batch
+    and how many token ids agree with fp32 on photo-like inputs."""
+    import tempfile
+
+    from custom_datasets.image_io import open_rgb
+    from custom_datasets.transforms import TwoViewConfig, TwoViewTransform
+    from models.visual_tokenizers.dall_e import DalleEncoder, map_pixels
+
+    torch.manual_seed(0)
+    encoder = DalleEncoder().eval().requires_grad_(False)
+    transform = TwoViewTransform(TwoViewConfig(image_size=image_size, second_image_size=image_size // 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        views = [transform(open_rgb(p))[1] for p in imagenet_like_jpegs(Path(tmp), batch_size)]
+    pixels = map_pixels(torch.stack(views))
+    variants = {"fp32": (torch.contiguous_format, None), "fp32 channels-last": (torch.channels_last, None),
+                "bf16 autocast": (torch.contiguous_format, torch.bfloat16),
+                "bf16 channels-last": (torch.channels_last, torch.bfloat16)}
+
+    @torch.no_grad()
+    def ids(fmt, dtype):
+        model = encoder.to(memory_format=fmt)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return model(pixels.to(memory_format=fmt)).float().argmax(1)
+
+    reference = ids(*variants["fp32"])
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (fmt, dtype) in variants.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                ids(fmt, dtype)
+                times[name].append(time.perf_counter() - start)
+    print(f"DALL-E encoder (random weights), batch {batch_size} at {image_size // 2} px, {rounds} rounds of {steps}, "
+          f"CPU x{torch.get_num_threads()} threads")
+    print("| variant | s per batch | speed vs fp32 | ids equal to fp32 |\n| --- | --- | --- | --- |")
+    base = statistics.median(times["fp32"])
+    for name, (fmt, dtype) in variants.items():
+        agree = (ids(fmt, dtype) == reference).float().mean().item()
+        median = statistics.median(times[name])
+        print(f"| {name} | {median:.3f} | {base / median:.2f}x | {100 * agree:.2f}% |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["encode", "mim", "index", "adamw", "loader"], default="encode")
+    p.add_argument("--mode", choices=["encode", "mim", "index", "adamw", "loader", "tokenizer"], default="encode")
     p.add_argument("--num_images", type=int, default=200, help="loader mode: generated JPEGs")
     p.add_argument("--target_rate", type=float, default=2500.0, help="loader mode: images/s one device consumes")
     p.add_argument("--num_paths", type=int, nargs="+", default=[1_000_000, 14_000_000],
@@ -319,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         return index_benchmark(args.num_paths, args.scan_files)
     if args.mode == "adamw":
         return adamw_benchmark(args.size, args.rounds, args.steps)
+    if args.mode == "tokenizer":
+        return tokenizer_benchmark(args.batch_size, args.image_size, args.rounds, args.steps)
     if args.mode == "loader":
         return loader_benchmark(args.num_images, args.image_size, args.batch_size, args.target_rate)
     if args.worker:
