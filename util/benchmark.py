@@ -249,9 +249,11 @@ def per_image_seconds(paths: list[Path], work) -> float:
     return (time.perf_counter() - start) / len(paths)
 
 
-def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: float) -> None:
+def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: float,
+                     jpeg_folder: str | None = None) -> None:
     """What one DataLoader worker spends per image on each stage of the image-MIM pipeline, and how
-    many workers a device consuming `target_rate` images/s needs."""
+    many workers a device consuming `target_rate` images/s needs (on generated JPEGs, or on the
+    first `count` JPEGs under `jpeg_folder`)."""
     import math
     import tempfile
 
@@ -263,8 +265,14 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
 
     torch.set_num_threads(1)  # a DataLoader worker runs on one thread
     with tempfile.TemporaryDirectory() as tmp:
-        paths = imagenet_like_jpegs(Path(tmp), count)
+        if jpeg_folder:
+            paths = sorted(p for p in Path(jpeg_folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:count]
+            if not paths:
+                raise SystemExit(f"--jpeg_folder {jpeg_folder} holds no .jpg/.jpeg files")
+        else:
+            paths = imagenet_like_jpegs(Path(tmp), count)
         images = [open_rgb(p) for p in paths]
+        count = len(paths)
         transform = TwoViewTransform(TwoViewConfig(image_size=image_size, second_image_size=image_size // 2))
         grid = image_size // 16
         masks = BlockwiseMaskGenerator((grid, grid), default_num_mask_patches(grid * grid))
@@ -287,7 +295,10 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
                 range(8), lambda _: torch.utils.data.default_collate(samples)) / batch_size,
         }
     full = sum(v for k, v in stages.items() if "draft" not in k and "of which" not in k)
-    print(f"image-MIM input pipeline, {count} generated 500x375 JPEGs (quality 90), one worker (1 thread)")
+    source = (f"{count} JPEGs from {jpeg_folder} (mean {sum(i.width for i in images) / count:.0f}x"
+              f"{sum(i.height for i in images) / count:.0f})" if jpeg_folder
+              else f"{count} generated 500x375 JPEGs (quality 90)")
+    print(f"image-MIM input pipeline, {source}, one worker (1 thread)")
     print("| stage | ms per image | images/s |\n| --- | --- | --- |")
     for name, seconds in stages.items():
         print(f"| {name} | {seconds * 1e3:.2f} | {1 / seconds:.0f} |")
@@ -344,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", choices=["encode", "mim", "index", "adamw", "loader", "tokenizer"], default="encode")
     p.add_argument("--num_images", type=int, default=200, help="loader mode: generated JPEGs")
     p.add_argument("--target_rate", type=float, default=2500.0, help="loader mode: images/s one device consumes")
+    p.add_argument("--jpeg_folder", help="loader mode: time these JPEGs instead of generated ones")
     p.add_argument("--num_paths", type=int, nargs="+", default=[1_000_000, 14_000_000],
                    help="index mode: generated path-list sizes")
     p.add_argument("--scan_files", type=int, default=100_000, help="index mode: real files to walk (0: skip)")
@@ -366,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "tokenizer":
         return tokenizer_benchmark(args.batch_size, args.image_size, args.rounds, args.steps)
     if args.mode == "loader":
-        return loader_benchmark(args.num_images, args.image_size, args.batch_size, args.target_rate)
+        return loader_benchmark(args.num_images, args.image_size, args.batch_size, args.target_rate, args.jpeg_folder)
     if args.worker:
         return worker(args)
     args.impls = args.impls or [i for i in DEFAULT_IMPLS if i in (MIM_IMPLS if args.mode == "mim" else IMPLS)]
