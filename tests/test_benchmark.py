@@ -59,7 +59,11 @@ def test_adamw_mode_compares_the_three_implementations(capsys):
 
 
 def test_loader_mode_times_every_stage_and_sums_them(capsys):
+    import torch
+
+    threads = torch.get_num_threads()
     benchmark.main(["--mode", "loader", "--num_images", "4", "--batch_size", "2", "--image_size", "64"])
+    assert torch.get_num_threads() == threads  # later work in this process keeps its threads (and numbers)
     out = capsys.readouterr().out
     rows = {r[0]: float(r[1]) for r in table_rows(out)}
     stages = [k for k in rows if "whole" not in k and "draft" not in k and "of which" not in k]

@@ -249,12 +249,8 @@ def per_image_seconds(paths: list[Path], work) -> float:
     return (time.perf_counter() - start) / len(paths)
 
 
-def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: float,
-                     jpeg_folder: str | None = None) -> None:
-    """What one DataLoader worker spends per image on each stage of the image-MIM pipeline, and how
-    many workers a device consuming `target_rate` images/s needs (on generated JPEGs, or on the
-    first `count` JPEGs under `jpeg_folder`)."""
-    import math
+def loader_stages(count: int, image_size: int, batch_size: int, jpeg_folder: str | None) -> dict:
+    """Seconds per image of each stage, and a `source` line saying what was timed."""
     import tempfile
 
     from PIL import Image
@@ -263,7 +259,6 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
     from custom_datasets.masking import BlockwiseMaskGenerator, default_num_mask_patches
     from custom_datasets.transforms import TwoViewConfig, TwoViewTransform
 
-    torch.set_num_threads(1)  # a DataLoader worker runs on one thread
     with tempfile.TemporaryDirectory() as tmp:
         if jpeg_folder:
             paths = sorted(p for p in Path(jpeg_folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:count]
@@ -272,7 +267,6 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
         else:
             paths = imagenet_like_jpegs(Path(tmp), count)
         images = [open_rgb(p) for p in paths]
-        count = len(paths)
         transform = TwoViewTransform(TwoViewConfig(image_size=image_size, second_image_size=image_size // 2))
         grid = image_size // 16
         masks = BlockwiseMaskGenerator((grid, grid), default_num_mask_patches(grid * grid))
@@ -290,15 +284,32 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
             f"two views ({image_size} + {image_size // 2} px crop, jitter, flip)": per_image_seconds(
                 images, transform),
             "  of which colour jitter + flip of the whole image": per_image_seconds(images, transform.pre),
-            "block mask": per_image_seconds(range(count), lambda _: masks()),
+            "block mask": per_image_seconds(range(len(paths)), lambda _: masks()),
             f"collate (batch {batch_size}, per image)": per_image_seconds(
                 range(8), lambda _: torch.utils.data.default_collate(samples)) / batch_size,
         }
+    n = len(images)
+    stages["source"] = (f"{n} JPEGs from {jpeg_folder} (mean {sum(i.width for i in images) / n:.0f}x"
+                        f"{sum(i.height for i in images) / n:.0f})" if jpeg_folder
+                        else f"{n} generated 500x375 JPEGs (quality 90)")
+    return stages
+
+
+def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: float,
+                     jpeg_folder: str | None = None) -> None:
+    """What one DataLoader worker spends per image on each stage of the image-MIM pipeline, and how
+    many workers a device consuming `target_rate` images/s needs (on generated JPEGs, or on the
+    first `count` JPEGs under `jpeg_folder`)."""
+    import math
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a DataLoader worker runs on one thread
+    try:
+        stages = loader_stages(count, image_size, batch_size, jpeg_folder)
+    finally:
+        torch.set_num_threads(threads)  # this process's other work keeps its threads (and its numbers)
+    print(f"image-MIM input pipeline, {stages.pop('source')}, one worker (1 thread)")
     full = sum(v for k, v in stages.items() if "draft" not in k and "of which" not in k)
-    source = (f"{count} JPEGs from {jpeg_folder} (mean {sum(i.width for i in images) / count:.0f}x"
-              f"{sum(i.height for i in images) / count:.0f})" if jpeg_folder
-              else f"{count} generated 500x375 JPEGs (quality 90)")
-    print(f"image-MIM input pipeline, {source}, one worker (1 thread)")
     print("| stage | ms per image | images/s |\n| --- | --- | --- |")
     for name, seconds in stages.items():
         print(f"| {name} | {seconds * 1e3:.2f} | {1 / seconds:.0f} |")
