@@ -51,13 +51,13 @@ def test_explicit_flags_and_config_win_over_the_recipe(folders, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--task", "linear_probe", "--recipe", "small_data"], "--recipe applies to --task image_classification"),
-    (["--task", "linear_probe", "--model_selection_fraction", "0.2"], "--model_selection_fraction applies to"),
+    (["--task", "text_classification", "--recipe", "small_data"], "--recipe applies to --task image_classification"),
+    (["--task", "text_classification", "--model_selection_fraction", "0.2"], "--model_selection_fraction applies to"),
     (["--task", "image_classification", "--model_selection_fraction", "1.5"], "must be in [0, 1)"),
 ])
 def test_recipe_flags_outside_their_task_are_refused(folders, argv, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace(")", r"\)")):
-        finetune_config_from_argv(argv + ["--data_path", str(folders)])
+        finetune_config_from_argv(argv + ["--data_path", str(folders), "--data_file_path", __file__])
 
 
 def test_the_selection_split_is_disjoint_deterministic_and_seen_with_the_held_out_view(folders):
@@ -103,3 +103,15 @@ def test_transfer_experiment_prints_seeds_majority_and_loss(folders, tmp_path, c
     assert f"| majority class | {100 * max(counts) / sum(counts):.1f} |" in table and " ± " in table
     saved = json.loads((tmp_path / "t" / "results.json").read_text())
     assert saved["pretrained"][1] == results["pretrained"][1] and {"loss_first", "probe_last"} <= set(saved["pretrained"][0])
+
+
+def test_the_linear_probe_takes_only_the_selection_split_and_chooses_its_best_epoch_there(folders, tmp_path):
+    cfg = config(folders, "--task", "linear_probe")
+    assert cfg.data.model_selection_fraction == 0.2 and cfg.optim.batch_size == 64 and cfg.optim.blr == 0.1
+    out = tmp_path / "lp"
+    stats = finetune(["--task", "linear_probe", "--data_path", str(folders), "--epochs", "6", "--output_dir",
+                      str(out)] + FAST)
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    chosen = max(range(6), key=lambda e: (log[e]["selection_acc1"], -e))
+    assert stats["epoch"] == chosen and stats["best_acc1"] == pytest.approx(log[chosen]["test_acc1"])
+    assert stats["last_acc1"] == pytest.approx(log[-1]["test_acc1"])

@@ -55,9 +55,10 @@ def finetune_config_from_argv(argv: list[str] | None, description: str = "") -> 
         raise UserError(f"--recipe applies to --task {' / '.join(RECIPE_TASKS)}; leave it out for --task "
                         f"{namespace.task}")
     recipe, why = chosen_recipe(namespace)
-    if RECIPES[recipe]:
-        namespace = parse_with_config(finetune_parser(description), argv, defaults=RECIPES[recipe])
-        say(f"recipe {recipe} ({why}): " + ", ".join(f"{k} {v!r}" for k, v in RECIPES[recipe].items())
+    defaults = RECIPES.get(namespace.task, {}).get(recipe, {})
+    if defaults:
+        namespace = parse_with_config(finetune_parser(description), argv, defaults=defaults)
+        say(f"recipe {recipe} ({why}): " + ", ".join(f"{k} {v!r}" for k, v in defaults.items())
             + "; explicit flags win, --recipe beit for BEiT's ImageNet recipe")
     namespace.recipe = recipe
     return finetune_config(namespace)

@@ -310,9 +310,9 @@ def finetune_config(namespace: argparse.Namespace) -> FinetuneConfig:
     selection = d.model_selection_fraction or 0.0
     if not 0 <= selection < 1:
         raise UserError("--model_selection_fraction must be in [0, 1)")
-    if selection and cfg.task != "image_classification":
-        raise UserError(f"--model_selection_fraction applies to --task image_classification; --task {cfg.task} "
-                        f"chooses its best epoch on the val set")
+    if selection and cfg.task not in ("image_classification", "linear_probe"):
+        raise UserError(f"--model_selection_fraction applies to --task image_classification and linear_probe; "
+                        f"--task {cfg.task} chooses its best epoch on the val set")
     blr = cfg.optim.blr if cfg.optim.blr is not None else (0.1 if cfg.task_class.cached_features else 5e-4)
     out = cfg.run.output_dir or f"outputs/finetune_{cfg.task}"
     return replace(cfg, optim={"blr": blr}, data={"model_selection_fraction": selection},

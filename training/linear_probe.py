@@ -60,16 +60,17 @@ def probe_epoch_stats(head: ProbeHead, val: tuple[torch.Tensor, torch.Tensor], e
 
 
 def train_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
-                epochs: int, lr: float, batch_size: int, seed: int, log_path: Path | None = None
-                ) -> tuple[ProbeHead, dict, dict]:
+                epochs: int, lr: float, batch_size: int, seed: int, log_path: Path | None = None,
+                selection: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[ProbeHead, dict, dict]:
     """LARS-free variant of MAE's probe: SGD with momentum and cosine lr on cached features. Returns
-    the last head, the best epoch's statistics (chosen on `val`) and the last epoch's."""
+    the last head, the best epoch's statistics (chosen on `selection` when given, else on `val`) and
+    the last epoch's."""
     torch.manual_seed(seed)
     head = ProbeHead(train[0].shape[1], num_classes)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     n = len(train[0])
     steps = max(1, n // batch_size)
-    best: dict = {"test_acc1": -1.0}
+    best: dict = {}
     for epoch in range(epochs):
         head.train()
         order = torch.randperm(n)
@@ -84,10 +85,14 @@ def train_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tenso
             optimizer.step()
             total += loss.item()
         stats = probe_epoch_stats(head, val, epoch, total / steps)
+        if selection is not None:
+            chosen = probe_epoch_stats(head, selection, epoch, total / steps)
+            stats["selection_acc1"] = chosen["test_acc1"]
         if log_path is not None:
             with open(log_path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
-        if stats["test_acc1"] > best["test_acc1"]:
+        key = "selection_acc1" if selection is not None else "test_acc1"
+        if stats[key] > best.get(key, -1.0):
             best = stats
     return head, best, stats
 
@@ -111,12 +116,16 @@ def run_linear_probe(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | No
     opt = cfg.optim
     train = extract_features(backbone, data.train, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
     val = extract_features(backbone, data.val, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
+    selection = None if data.selection is None else extract_features(
+        backbone, data.selection, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
     say(f"features cached in {time.time() - start:.0f}s")
     lr = learning_rate(opt.lr, opt.blr, opt.batch_size, "sgd")
     head, best, last = train_probe(train, val, num_classes, opt.epochs, lr, opt.batch_size, cfg.run.seed,
-                                   output_dir / "log.txt")
+                                   output_dir / "log.txt", selection)
     save_weights(output_dir / "probe_head.safetensors", {f"probe.{k}": v for k, v in head.state_dict().items()},
                  backbone.cfg.to_dict(), {"probe_layer": str(layer)})
+    chosen_on = (f"chosen on {len(selection[1])} training images held out" if selection is not None
+                 else "chosen on the same val set")
     say(f"done: last epoch test acc1 {last['test_acc1']:.2f} (the saved head); best {best['test_acc1']:.2f} at epoch "
-        f"{best['epoch']} (chosen on the same val set); saved {output_dir / 'probe_head.safetensors'}")
+        f"{best['epoch']} ({chosen_on}); saved {output_dir / 'probe_head.safetensors'}")
     return {"best_acc1": best["test_acc1"], **best, "last_acc1": last["test_acc1"]}

@@ -3,7 +3,8 @@ for a few hundred to a few thousand images, where that recipe's regularisers (Mi
 RandAugment, random erasing, smoothing, stochastic depth) keep the training loss at ln(classes):
 they are off, batches are small enough for several steps per epoch, and checkpoint-best is chosen on
 a split of the training images rather than on the reported val set. `auto` picks by the size of the
-training folder. Explicit flags and `--config` still win over a recipe."""
+training folder (for the linear probe only the model-selection split applies). Explicit flags and
+`--config` still win over a recipe."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,13 @@ SMALL_DATA: dict[str, Any] = {
     "batch_size": 16, "blr": 3e-3, "warmup_epochs": 2.0, "layer_decay": 0.75, "model_selection_fraction": 0.2,
 }
 
-RECIPES: dict[str, dict[str, Any]] = {"beit": {}, "small_data": SMALL_DATA}
-RECIPE_TASKS = ("image_classification",)  # the tasks whose recipe is chosen
+# the linear probe trains on cached features without augmentation: of the recipe it takes the
+# model-selection split only
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "image_classification": {"beit": {}, "small_data": SMALL_DATA},
+    "linear_probe": {"beit": {}, "small_data": {"model_selection_fraction": 0.2}},
+}
+RECIPE_TASKS = tuple(RECIPES)  # the tasks whose recipe is chosen
 
 
 def chosen_recipe(namespace: argparse.Namespace) -> tuple[str, str]:
