@@ -93,8 +93,8 @@ class FinetuneDataSettings:
     max_text_len: int = flag(40, "tokens per text, [CLS] and [SEP] included")
     eval_data_path: str | None = flag(None, "held-out image folder", shown_default="DATA_PATH/val")
     model_selection_fraction: float | None = flag(
-        None, "image classification: fraction of the training images held out (by file name) to choose "
-              "checkpoint-best on, so the reported val accuracy is not the one the best epoch was picked on; 0: pick "
+        None, "image classification and linear probe: fraction of the training images held out (by file name) "
+              "to choose the best epoch on, so the reported val accuracy is not the one it was picked on; 0: pick "
               "on the val set (BEiT)", shown_default="0.2 with --recipe small_data, else 0")
     max_bad_samples: int | None = flag(None, "stop once more unreadable samples than this were skipped",
                                        shown_default="no limit")
