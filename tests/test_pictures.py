@@ -130,3 +130,27 @@ def test_a_loss_chart_panel_scales_its_axis_to_the_largest_value():
     rows = rows[rows > 24]
     top, bottom = 24 + 26, 24 + 200 - 40
     assert rows.min() <= top + 4 and abs(rows.max() - (top + bottom) / 2) <= 4
+
+
+def test_an_image_text_stage_draws_retrieval_from_the_reports_own_scores(tmp_path, monkeypatch, capsys):
+    """The held-out pairs are embedded once: the stage report's scores also draw the picture."""
+    import json
+
+    from models import retrieval
+    from training import stage_eval, stage_pictures
+    from util.train_text_tokenizer import main as train_tokenizer
+
+    tokenizer = str(train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "200", "--output",
+                                     str(tmp_path / "tok")]))
+    calls = []
+    real = retrieval.pair_embeddings
+    counting = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(stage_eval, "pair_embeddings", counting)
+    monkeypatch.setattr(stage_pictures, "pair_embeddings", counting, raising=False)  # were it embedding again
+    out = tmp_path / "itc"
+    pretrain(TINY + SYNTH + ["--exp_name", "image_text_itc", "--tokenizer", tokenizer, "--epochs", "1",
+                             "--output_dir", str(out)])
+    assert len(calls) == 1
+    assert {"itc_i2t_r1", "itc_t2i_r5"} <= set(json.loads((out / "stage_report.json").read_text()))
+    path = out / "pictures" / "retrieval_examples.png"
+    assert f"{path}" in capsys.readouterr().out and Image.open(path).size[0] > 0

@@ -56,12 +56,12 @@ def report_stage(run: "PretrainRun", name: str = "stage_report.json", pictures: 
     probes = build_probes(cfg.data_config, run.mode.data_kind, run.grid, run.text_tokenizer, run.data.val,
                           run.data.val_collate, limit=cfg.data.max_val_samples or 500)
     visual_tokenizer = report_visual_tokenizer(run, probes)
-    report = stage_report(run.backbone, heads, probes, run.ctx.device, visual_tokenizer,
-                          run.text_tokenizer, cfg.text.max_text_len, cfg.optim.batch_size, cfg.run.seed)
+    report, pair_scores = stage_report(run.backbone, heads, probes, run.ctx.device, visual_tokenizer,
+                                       run.text_tokenizer, cfg.text.max_text_len, cfg.optim.batch_size, cfg.run.seed)
     say(f"stage report ({cfg.exp_name}): {format_report(report)}")
     (run.ctx.output_dir / name).write_text(json.dumps(report, indent=1))
     if pictures and not cfg.run.no_pictures:
-        write_stage_pictures(run, heads, probes, visual_tokenizer, writer, last_step(cfg.optim.epochs))
+        write_stage_pictures(run, heads, probes, visual_tokenizer, pair_scores, writer, last_step(cfg.optim.epochs))
     return report
 
 

@@ -89,17 +89,19 @@ def mlm_accuracy(backbone, head: nn.Module, data, prepare: BatchPreparer, batch_
     return {"text_mlm_acc": correct / total} if total else {}
 
 
-def retrieval(backbone, head: nn.Module, data, text_tokenizer, max_text_len: int, batch_size: int,
-              device: torch.device) -> dict[str, float]:
+def score_pairs(backbone, head: nn.Module, data, text_tokenizer, max_text_len: int, batch_size: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarity `[images, captions]`, image index of each caption) of the held-out pairs."""
     images, texts, owner = pair_embeddings(backbone, head, data[0], text_tokenizer, max_text_len, batch_size, device)
-    return recall_at_k(images @ texts.t(), owner)
+    return images @ texts.t(), owner
 
 
 def stage_report(backbone, heads: dict[str, nn.Module], probes: ProbeData, device: torch.device,
                  visual_tokenizer=None, text_tokenizer=None, max_text_len: int = 40, batch_size: int = 64,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
     """Every metric this backbone and these heads (`mim_head`, `mlm_head`, `itc_head`) allow on the
-    held-out probes."""
+    held-out probes, and the pairs' scores behind the retrieval metrics (None without retrieval),
+    which the retrieval pictures reuse."""
     was_training = backbone.training
     backbone.eval()
     random.seed(seed)  # the same masks in every report
@@ -111,10 +113,12 @@ def stage_report(backbone, heads: dict[str, nn.Module], probes: ProbeData, devic
         report.update(mim_and_knn(backbone, mim_head, probes.images, prepare, batch_size))
     if probes.texts is not None and "mlm_head" in heads:
         report.update(mlm_accuracy(backbone, heads["mlm_head"], probes.texts, prepare, batch_size))
+    scores = None
     if probes.pairs is not None and text_tokenizer is not None and "itc_head" in heads:
-        report.update(retrieval(backbone, heads["itc_head"], probes.pairs, text_tokenizer, max_text_len, batch_size, device))
+        scores = score_pairs(backbone, heads["itc_head"], probes.pairs, text_tokenizer, max_text_len, batch_size, device)
+        report.update(recall_at_k(*scores))
     backbone.train(was_training)
-    return report
+    return report, scores
 
 
 def build_probes(cfg: PretrainDataConfig, kind: str, grid: tuple[int, int], text_tokenizer, val_set: Dataset,

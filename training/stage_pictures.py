@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader
 from common.console import say
 from custom_datasets import batch as B
 from custom_datasets.transforms import mean_std
-from models.retrieval import pair_embeddings
 from models.visual_tokenizers import token_renderer
 from training.batch import ALL_TENSOR_KEYS, BatchPreparer
 from visualization.canvas import save_picture
@@ -44,10 +43,9 @@ def first_caption_of_each_image(owner: torch.Tensor, count: int) -> list[int]:
     return [firsts[i] for i in sorted(firsts)[:count]]
 
 
-def retrieval_examples(backbone, head, dataset, text_tokenizer, max_text_len: int, batch_size: int, imagenet_norm: bool,
-                       device) -> Any:
-    images, texts, owner = pair_embeddings(backbone, head, dataset, text_tokenizer, max_text_len, batch_size, device)
-    similarity = images @ texts.t()
+def retrieval_examples(pair_scores: tuple[torch.Tensor, torch.Tensor], dataset, imagenet_norm: bool) -> Any:
+    """`pair_scores`: the stage report's (similarity, owner) of the same held-out pairs."""
+    similarity, owner = pair_scores
     queries = first_caption_of_each_image(owner.cpu(), QUERIES)
     wanted = set(top_images(similarity, queries, TOP_K).flatten().tolist())
     captions, pixels = captions_and_images(dataset, wanted, *mean_std(imagenet_norm))
@@ -55,8 +53,10 @@ def retrieval_examples(backbone, head, dataset, text_tokenizer, max_text_len: in
 
 
 @torch.no_grad()
-def write_stage_pictures(run, heads: dict, probes, visual_tokenizer, writer=None, step: int = 0) -> list[Path]:
-    """Draw what this stage's heads and probes allow; returns the files written."""
+def write_stage_pictures(run, heads: dict, probes, visual_tokenizer, pair_scores=None, writer=None,
+                         step: int = 0) -> list[Path]:
+    """Draw what this stage's heads and probes allow (retrieval from the stage report's `pair_scores`);
+    returns the files written."""
     cfg, folder = run.cfg, run.ctx.output_dir / "pictures"
     was_training = run.backbone.training
     run.backbone.eval()
@@ -64,10 +64,9 @@ def write_stage_pictures(run, heads: dict, probes, visual_tokenizer, writer=None
     if "mim_head" in heads and probes.images is not None and visual_tokenizer is not None:
         pictures["mim_reconstructions"] = mim_picture(run.backbone, heads["mim_head"], probes.images, visual_tokenizer,
                                                       cfg.visual_tokenizer, run.grid, run.ctx.device)
-    if "itc_head" in heads and probes.pairs is not None and run.text_tokenizer is not None:
-        pictures["retrieval_examples"] = retrieval_examples(
-            run.backbone, heads["itc_head"], probes.pairs[0], run.text_tokenizer, cfg.text.max_text_len,
-            cfg.optim.batch_size, cfg.views.imagenet_default_mean_and_std, run.ctx.device)
+    if pair_scores is not None:
+        pictures["retrieval_examples"] = retrieval_examples(pair_scores, probes.pairs[0],
+                                                            cfg.views.imagenet_default_mean_and_std)
     run.backbone.train(was_training)
     written = [save_picture(image, folder / f"{name}.png", writer, f"pictures/{name}", step)
                for name, image in pictures.items() if image is not None]
