@@ -28,6 +28,7 @@ from models.registry import list_models
 from models.visual_tokenizers import KINDS as VISUAL_TOKENIZER_KINDS
 from training.flag_checks import check_paths_exist, check_positive, check_pretrain_flags
 from training.optim import ADAMW_DEFAULT, ADAMW_IMPLS
+from training.recipes import RECIPE_TASKS
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DALL_E_FOLDER = "checkpoints/dall_e_tokenizer_weight"  # where ContinualTransformer keeps OpenAI's encoder.pkl
@@ -93,6 +94,13 @@ class VisualTokenizerSettings:
     tokenizer_fit_images: int = flag(2000, "training images the k-means tokenizer is fitted on")
 
 
+def adamw_impl_flag():
+    """`--adamw_impl`, the same in pretraining and fine-tuning."""
+    return flag(ADAMW_DEFAULT, "AdamW kernels, the same update: auto (torch's choice: foreach on GPU, a loop on "
+                               "CPU), for_loop, foreach, or fused (7.5x faster steps on CPU)",
+                choices=("auto",) + ADAMW_IMPLS)
+
+
 @dataclass(frozen=True)
 class OptimSettings:
     batch_size: int = flag(64, "samples per device and step")
@@ -106,9 +114,7 @@ class OptimSettings:
     weight_decay: float = flag(0.05, "AdamW weight decay (not on norms, biases, tokens, position tables)")
     opt_betas: tuple[float, ...] = flag((0.9, 0.999), "AdamW betas", nargs=2)
     clip_grad: float | None = flag(3.0, "gradient norm clipping (0 or none: off)")
-    adamw_impl: str = flag(ADAMW_DEFAULT, "AdamW kernels, the same update: auto (torch's choice: foreach on GPU, "
-                                          "a loop on CPU), for_loop, foreach, or fused (7.5x faster steps on CPU)",
-                           choices=("auto",) + ADAMW_IMPLS)
+    adamw_impl: str = adamw_impl_flag()
 
 
 @dataclass(frozen=True)
@@ -259,9 +265,7 @@ class FinetuneOptimSettings:
     warmup_epochs: float = flag(5.0, "linear warmup length in epochs")
     weight_decay: float = flag(0.05, "AdamW weight decay")
     clip_grad: float | None = flag(None, "gradient norm clipping", shown_default="off")
-    adamw_impl: str = flag(ADAMW_DEFAULT, "AdamW kernels, the same update: auto (torch's choice: foreach on GPU, "
-                                          "a loop on CPU), for_loop, foreach, or fused (7.5x faster steps on CPU)",
-                           choices=("auto",) + ADAMW_IMPLS)
+    adamw_impl: str = adamw_impl_flag()
     model_ema: bool = flag(False, "keep an exponential moving average of the weights and evaluate it too")
     model_ema_decay: float = flag(0.9999, "EMA decay per optimizer step")
 
@@ -310,8 +314,8 @@ def finetune_config(namespace: argparse.Namespace) -> FinetuneConfig:
     selection = d.model_selection_fraction or 0.0
     if not 0 <= selection < 1:
         raise UserError("--model_selection_fraction must be in [0, 1)")
-    if selection and cfg.task not in ("image_classification", "linear_probe"):
-        raise UserError(f"--model_selection_fraction applies to --task image_classification and linear_probe; "
+    if selection and cfg.task not in RECIPE_TASKS:  # the image-folder tasks, whose recipe holds the split
+        raise UserError(f"--model_selection_fraction applies to --task {' and '.join(RECIPE_TASKS)}; "
                         f"--task {cfg.task} chooses its best epoch on the val set")
     blr = cfg.optim.blr if cfg.optim.blr is not None else (0.1 if cfg.task_class.cached_features else 5e-4)
     out = cfg.run.output_dir or f"outputs/finetune_{cfg.task}"

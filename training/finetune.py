@@ -166,7 +166,7 @@ def evaluate_run(run: FinetuneRun, loader, task: DownstreamTask | None = None) -
                     amp_dtype(run.cfg.run.amp), run.data.val, run.cfg.optim.batch_size)
 
 
-def format_metrics(stats: dict[str, float], metric: str) -> str:
+def format_metrics(stats: dict[str, float]) -> str:
     if "acc1" in stats:
         text = f"acc1 {stats['acc1']:.2f}" + (f"  acc5 {stats['acc5']:.2f}" if "acc5" in stats else "")
         text += f"  loss {stats['loss']:.4f}"
@@ -261,8 +261,8 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
                 if key.startswith(("test_", "selection_")):
                     log_writer.add_scalar(key.replace("_", "/", 1), value, last_step(epoch + 1))
             ctx.append_log(stats)
-            chosen = f"  selection {format_metrics(selection_stats, metric)}" if selection_stats else ""
-            say(f"epoch {epoch}: test {format_metrics(test_stats, metric)}{chosen}  ({best.describe()})  "
+            chosen = f"  selection {format_metrics(selection_stats)}" if selection_stats else ""
+            say(f"epoch {epoch}: test {format_metrics(test_stats)}{chosen}  ({best.describe()})  "
                 f"{run_eta(start, epoch + 1, cfg.optim.epochs - epoch - 1)}")
     if ctx.is_main:
         say(f"done in {time.time() - start:.0f}s: {best.describe()}; last epoch test {metric} {stats[f'test_{metric}']:.2f}; "
@@ -289,7 +289,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             val_loader = ctx.loader(run.data.val, cfg.optim.batch_size, cfg.data.num_workers, False,
                                     run.data.val_collate)
             stats = evaluate_run(run, val_loader)
-            say(f"eval: {format_metrics(stats, run.task.best_metric)}")
+            say(f"eval: {format_metrics(stats)}")
             return stats
         model = ctx.wrap(run.task)
         return train_epochs(run, build_training(run, model), model)
