@@ -29,7 +29,9 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -192,6 +194,19 @@ def index_benchmark(counts: list[int], scan_files: int) -> None:
               f"({len(old):,} found)")
 
 
+def interleaved_timings(calls: dict[str, Callable[[], object]], rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds of each call, `steps` in a row per call and round, the calls taking turns each round
+    (in this process: for kernels of the same work, where a shared load must hit all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def adamw_benchmark(size: str, rounds: int, steps: int) -> None:
     """One AdamW step over a backbone's parameters, per implementation (for-loop, foreach, fused),
     interleaved in rounds, and the largest weight difference to the for-loop after the same steps."""
@@ -205,13 +220,7 @@ def adamw_benchmark(size: str, rounds: int, steps: int) -> None:
             param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(i)) * 1e-3
     optims = {impl: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05, **adamw_options(impl))
               for impl, m in models.items()}
-    times: dict[str, list[float]] = {impl: [] for impl in ADAMW_IMPLS}
-    for _ in range(rounds):
-        for impl, optim in optims.items():
-            for _ in range(steps):
-                start = time.perf_counter()
-                optim.step()
-                times[impl].append(time.perf_counter() - start)
+    times = interleaved_timings({impl: optim.step for impl, optim in optims.items()}, rounds, steps)
     n = sum(p.numel() for p in models["for_loop"].parameters())
     reference = dict(models["for_loop"].named_parameters())
     print(f"AdamW step over {size} ({n / 1e6:.1f}M parameters), {rounds} rounds of {steps} steps, "
@@ -344,13 +353,7 @@ def tokenizer_benchmark(batch_size: int, image_size: int, rounds: int, steps: in
             return model(pixels.to(memory_format=fmt)).float().argmax(1)
 
     reference = ids(*variants["fp32"])
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, (fmt, dtype) in variants.items():
-            for _ in range(steps):
-                start = time.perf_counter()
-                ids(fmt, dtype)
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_timings({name: partial(ids, *variant) for name, variant in variants.items()}, rounds, steps)
     print(f"DALL-E encoder (random weights), batch {batch_size} at {image_size // 2} px, {rounds} rounds of {steps}, "
           f"CPU x{torch.get_num_threads()} threads")
     print("| variant | s per batch | speed vs fp32 | ids equal to fp32 |\n| --- | --- | --- | --- |")
