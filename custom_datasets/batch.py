@@ -16,6 +16,7 @@ ATTENTION_MASK = "attention_mask"  # [B, L] 1 for real tokens, 0 for padding
 MLM_INPUT_IDS = "mlm_input_ids"  # [B, L] INPUT_IDS with whole words masked
 MLM_LABELS = "mlm_labels"  # [B, L] original ids where masked, IGNORE_INDEX elsewhere
 LABEL = "label"  # [B] class index
+SEG_MASK = "seg_mask"  # [B, H, W] class index per pixel, 255 where unlabelled (semantic segmentation)
 CAPTION = "caption"  # per sample: str or list[str]; replaced by INPUT_IDS in the collate
 NUM_SKIPPED = "num_skipped"  # scalar tensor: unreadable samples dropped from this batch
 
@@ -32,6 +33,7 @@ class Batch(TypedDict, total=False):
     mlm_input_ids: torch.Tensor
     mlm_labels: torch.Tensor
     label: torch.Tensor
+    seg_mask: torch.Tensor
     num_skipped: torch.Tensor
 
 

@@ -1,5 +1,5 @@
-"""Datasets of every downstream task, by data kind: labelled image folders, labelled texts, and
-image-caption pairs."""
+"""Datasets of every downstream task, by data kind: labelled image folders, labelled texts,
+image-caption pairs, and image + mask pairs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,12 +12,15 @@ from custom_datasets.classification_data import LabelledSample, build_classifica
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.labelled_text import LabelledTexts, label_index, read_labelled_texts
 from custom_datasets.pair_data import ImageCaptionPairs
-from custom_datasets.settings import AugmentSettings, FinetuneDataSettings
+from custom_datasets.segmentation_data import SegmentationPairs, find_segmentation_data
+from custom_datasets.segmentation_transforms import SegmentationView
+from custom_datasets.settings import AugmentSettings, FinetuneDataSettings, SegmentationDataSettings
 from custom_datasets.split import file_key, record_keys, split_held_out
 from custom_datasets.text_collate import CaptionCollator
 from custom_datasets.text_data import read_pairs
 
-KIND_NEEDS = {"image_folder": "data_path", "labelled_text": "data_file_path", "image_text_pairs": "data_file_path"}
+KIND_NEEDS = {"image_folder": "data_path", "labelled_text": "data_file_path", "image_text_pairs": "data_file_path",
+              "segmentation": "data_path"}
 
 
 @dataclass
@@ -66,10 +69,29 @@ def image_text_pairs(data: FinetuneDataSettings, aug: AugmentSettings, input_siz
                           CaptionCollator(tokenizer, data.max_text_len, None, train=False))
 
 
+def segmentation_pairs(data: FinetuneDataSettings, seg: SegmentationDataSettings, aug: AugmentSettings, crop: int,
+                       nb_classes: int | None) -> DownstreamData:
+    bands = [int(b) for b in seg.bands.split(",")] if seg.bands else None
+    source = find_segmentation_data(data.data_path, seg.class_names, nb_classes, seg.reduce_zero_label, bands)
+
+    def pairs(rows, train: bool) -> SegmentationPairs:
+        view = SegmentationView(crop, train, tuple(seg.scale_ratio_range), photometric=seg.photometric_distortion,
+                                imagenet_mean_std=aug.imagenet_default_mean_and_std)
+        dataset = SegmentationPairs(rows, view, seg.reduce_zero_label, bands, source.scaler)
+        dataset.class_names = source.class_names
+        return dataset
+
+    return DownstreamData(pairs(source.train_pairs, True), pairs(source.val_pairs, False), collate_skipping_bad,
+                          collate_skipping_bad, source.class_names)
+
+
 def build_downstream_data(kind: str, data: FinetuneDataSettings, aug: AugmentSettings, input_size: int,
-                          tokenizer=None) -> DownstreamData:
+                          tokenizer=None, segmentation: SegmentationDataSettings | None = None,
+                          nb_classes: int | None = None) -> DownstreamData:
     if kind == "image_folder":
         return image_folders(data, aug, input_size)
+    if kind == "segmentation":
+        return segmentation_pairs(data, segmentation or SegmentationDataSettings(), aug, input_size, nb_classes)
     if kind == "labelled_text":
         return labelled_texts(data, tokenizer)
     return image_text_pairs(data, aug, input_size, tokenizer)

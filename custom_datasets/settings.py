@@ -118,3 +118,18 @@ class AugmentSettings:
                                         shown_default="0.08 (BEiT) for images, 0.5 (VLMo) for image-text tasks")
     crop_pct: float = flag(0.875, "held-out view: centre crop of the resized image")
     imagenet_default_mean_and_std: bool = flag(False, "normalise with ImageNet's mean/std instead of 0.5/0.5")
+
+
+@dataclass(frozen=True)
+class SegmentationDataSettings:
+    class_names: str | None = flag(None, "semantic_segmentation: class names, one per line (index order)",
+                                   shown_default="DATA_PATH/class_names.txt, else ADE20K's objectInfo150.txt")
+    reduce_zero_label: bool = flag(False, "semantic_segmentation: masks use 0 for unlabelled and classes from 1 "
+                                          "(ADE20K); read 0 as ignored and shift the rest down, as mmseg")
+    bands: str | None = flag(None, "semantic_segmentation on .npy tiles: three band indices as R,G,B, e.g. 3,2,1",
+                             shown_default="the first three")
+    scale_ratio_range: tuple[float, ...] = flag((0.5, 2.0), "semantic_segmentation: random rescale of the base "
+                                                            "scale in training (BEiT/mmseg: 0.5 2.0)", nargs=2)
+    photometric_distortion: bool = flag(True, "semantic_segmentation: brightness/contrast/saturation/hue jitter of "
+                                              "training images (never the masks)",
+                                        action=argparse.BooleanOptionalAction)

@@ -25,6 +25,7 @@ POSITIONS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0,
 SIZES = {"small": 0.16, "large": 0.3}
 SPLIT_OFFSET = {"train": 0, "val": 10_000_000}
 LABELS = tuple(sorted(COLORS))  # class names of `Scene.label`
+SEGMENTATION_CLASSES = ("background",) + SHAPES  # the values of `render_mask`
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,14 @@ def make_scene(rng: random.Random) -> Scene:
     return Scene(background, objects)
 
 
-def render(scene: Scene, size: int) -> Image.Image:
-    image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
-    draw = ImageDraw.Draw(image)
+def draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, size: int, fill_of: Callable[[SceneObject], Any]) -> None:
+    """Every object of the scene, in order, filled with `fill_of(object)`: the same pixels for the
+    picture and for its mask."""
     cell = size / 3
     for obj in scene.objects:
         cx, cy = (POSITIONS[obj.position][0] + 0.5) * cell, (POSITIONS[obj.position][1] + 0.5) * cell
         r = SIZES[obj.size] * size / 2 * 1.4
-        fill = COLORS[obj.color]
+        fill = fill_of(obj)
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif obj.shape == "square":
@@ -82,7 +83,20 @@ def render(scene: Scene, size: int) -> Image.Image:
             w = r / 3
             draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
             draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+
+
+def render(scene: Scene, size: int) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
+    draw_objects(ImageDraw.Draw(image), scene, size, lambda obj: COLORS[obj.color])
     return image
+
+
+def render_mask(scene: Scene, size: int) -> Image.Image:
+    """The scene's ground truth for segmentation: 0 where the background shows, else 1 + the index
+    of the shape kind (SEGMENTATION_CLASSES), pixel for pixel where `render` paints it."""
+    mask = Image.new("L", (size, size), 0)
+    draw_objects(ImageDraw.Draw(mask), scene, size, lambda obj: 1 + SHAPES.index(obj.shape))
+    return mask
 
 
 class SyntheticWorld(Dataset):

@@ -107,8 +107,12 @@ class VLMoBackbone(nn.Module):
 
     # ---- the shared stack ---------------------------------------------------------------------
     def _run_blocks(self, x: torch.Tensor, bias: torch.Tensor | None, padding: torch.Tensor | None,
-                    modality: Modality, text_len: int = 0, apply_norm: bool = True) -> torch.Tensor:
-        for i, block in enumerate(self.blocks):
+                    modality: Modality, text_len: int = 0, apply_norm: bool = True,
+                    collect: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """`collect`: block indices to keep the (un-normed) outputs of, filled in place; blocks after
+        the last one asked for are skipped."""
+        blocks = self.blocks if collect is None else self.blocks[:max(collect) + 1]
+        for i, block in enumerate(blocks):
             mask = None if bias is None else bias[i].unsqueeze(0)  # [1, H, n, n]
             if padding is not None:
                 mask = padding if mask is None else mask + padding  # [B, H, n, n]
@@ -116,6 +120,8 @@ class VLMoBackbone(nn.Module):
                 x = checkpoint(block, x, mask, modality, text_len, use_reentrant=False)
             else:
                 x = block(x, mask, modality, text_len)
+            if collect is not None and i in collect:
+                collect[i] = x
         return self.norm(x) if apply_norm else x
 
     # ---- public API ---------------------------------------------------------------------------
@@ -126,6 +132,17 @@ class VLMoBackbone(nn.Module):
         x = self._embed_image(images, bool_masked_pos)
         index = getattr(self, "image_position_index", None)
         return self._run_blocks(x, self._bias(index), None, Modality.IMAGE, apply_norm=apply_norm)
+
+    def image_block_outputs(self, images: torch.Tensor, indices: tuple[int, ...]) -> list[torch.Tensor]:
+        """The `[B, 1+N, D]` outputs of the given blocks (0-based, before the final norm), the
+        multi-level features dense prediction reads (BEiT segmentation: blocks 3, 5, 7, 11 of 12)."""
+        if not indices or min(indices) < 0 or max(indices) >= len(self.blocks):
+            raise ValueError(f"block indices {indices} must lie in 0..{len(self.blocks) - 1}")
+        x = self._embed_image(images, None)
+        collect: dict[int, torch.Tensor] = dict.fromkeys(indices)
+        index = getattr(self, "image_position_index", None)
+        self._run_blocks(x, self._bias(index), None, Modality.IMAGE, apply_norm=False, collect=collect)
+        return [collect[i] for i in indices]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, L]` token ids (+ `[B, L]` 1/0 mask, 0 = padding) -> `[B, L, D]`."""

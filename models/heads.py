@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.segmentation_head import SegmentationHead
+
 
 class MIMHead(nn.Module):
     """BEiT's `lm_head`: token features -> logits over the visual vocabulary. `transform=True`
@@ -106,7 +108,8 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(tokens[:, 0]))
 
 
-HEAD_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (MIMHead, MLMHead, ITCHead, Pooler)}
+HEAD_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (MIMHead, MLMHead, ITCHead, Pooler,
+                                                                     SegmentationHead)}
 
 
 def build_head(spec: dict[str, Any]) -> nn.Module:

@@ -19,6 +19,7 @@ from custom_datasets.settings import (
     DataSettings,
     FinetuneDataSettings,
     PretrainDataConfig,
+    SegmentationDataSettings,
     TextSettings,
     ViewSettings,
 )
@@ -259,7 +260,8 @@ class FinetuneOptimSettings:
     accum_iter: int = flag(1, "micro-batches accumulated per optimizer step", "--update_freq")
     epochs: int = flag(30, "training epochs")
     blr: float | None = flag(None, "base lr: lr = blr x effective batch / 256",
-                             shown_default="5e-4 fine-tuning, 0.1 linear probing")
+                             shown_default="5e-4 fine-tuning, 0.1 linear probing, 6.4e-3 segmentation (BEiT's 4e-4 "
+                                           "at batch 16)")
     lr: float | None = flag(None, "absolute lr (overrides --blr)", shown_default="from --blr")
     min_lr: float = flag(1e-6, "lr at the end of the cosine schedule")
     warmup_epochs: float = flag(5.0, "linear warmup length in epochs")
@@ -271,6 +273,23 @@ class FinetuneOptimSettings:
 
 
 @dataclass(frozen=True)
+class SegmentationSettings:
+    decoder_channels: int | None = flag(None, "semantic_segmentation: UPerNet width", shown_default="the backbone's "
+                                        "width (BEiT: 768 for base); a fine-tuned checkpoint's own")
+    aux_channels: int | None = flag(None, "semantic_segmentation: width of the auxiliary FCN head",
+                                    shown_default="256 (BEiT)")
+    aux_loss_weight: float = flag(0.4, "semantic_segmentation: weight of the auxiliary head's loss")
+    out_indices: tuple[int, ...] | None = flag(None, "semantic_segmentation: the four blocks (0-based) the feature "
+                                               "pyramid reads", nargs=4, type=int,
+                                               shown_default="3 5 7 11 for 12 blocks, the same fractions of others")
+    seg_inference: str = flag("slide", "semantic_segmentation held-out inference: overlapping crops of --input_size "
+                                       "(BEiT) or the whole image resized to it", choices=("slide", "whole"))
+    seg_stride: int | None = flag(None, "semantic_segmentation: sliding-window stride (px)",
+                                  shown_default="2/3 of --input_size (BEiT: 341 for 512)")
+    aug_test: bool = flag(False, "semantic_segmentation: multi-scale (0.5-1.75) + flip inference")
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     task: str
     model: FinetuneModelSettings
@@ -278,6 +297,8 @@ class FinetuneConfig:
     augment: AugmentSettings
     optim: FinetuneOptimSettings
     run: RunSettings
+    segmentation_data: SegmentationDataSettings = SegmentationDataSettings()
+    segmentation: SegmentationSettings = SegmentationSettings()
 
     @property
     def task_class(self):
@@ -289,8 +310,18 @@ class FinetuneConfig:
 FINETUNE_GROUPS: dict[str, tuple[str, type]] = {
     "model": ("model", FinetuneModelSettings), "data": ("data", FinetuneDataSettings),
     "augment": ("augmentation and regularisation", AugmentSettings), "optim": ("optimisation", FinetuneOptimSettings),
-    "run": ("run", RunSettings),
+    "run": ("run", RunSettings), "segmentation_data": ("semantic segmentation data", SegmentationDataSettings),
+    "segmentation": ("semantic segmentation model and inference", SegmentationSettings),
 }
+
+
+SEGMENTATION_BLR = 4e-4 * 256 / 16  # BEiT's ADE20K lr 4e-4 at batch 16
+
+
+def default_blr(task_class) -> float:
+    if task_class.cached_features:
+        return 0.1
+    return SEGMENTATION_BLR if task_class.data_kind == "segmentation" else 5e-4
 
 
 def finetune_config(namespace: argparse.Namespace) -> FinetuneConfig:
@@ -301,6 +332,9 @@ def finetune_config(namespace: argparse.Namespace) -> FinetuneConfig:
         raise UserError("--eval needs --finetune CKPT (a fine-tuned checkpoint with its classifier)")
     check_positive({"batch_size": cfg.optim.batch_size, "accum_iter": cfg.optim.accum_iter, "epochs": cfg.optim.epochs,
                     "input_size": cfg.model.input_size})
+    if cfg.task_class.data_kind == "segmentation" and cfg.optim.batch_size < 2 and not cfg.run.eval:
+        raise UserError("--task semantic_segmentation trains BatchNorm layers, which need --batch_size 2 or more "
+                        "(BEiT: 2 per GPU, 16 in all)")
     if not 0 < cfg.model.layer_decay <= 1:
         raise UserError("--layer_decay must be in (0, 1]")
     needs = KIND_NEEDS[cfg.task_class.data_kind]
@@ -317,7 +351,7 @@ def finetune_config(namespace: argparse.Namespace) -> FinetuneConfig:
     if selection and cfg.task not in RECIPE_TASKS:  # the image-folder tasks, whose recipe holds the split
         raise UserError(f"--model_selection_fraction applies to --task {' and '.join(RECIPE_TASKS)}; "
                         f"--task {cfg.task} chooses its best epoch on the val set")
-    blr = cfg.optim.blr if cfg.optim.blr is not None else (0.1 if cfg.task_class.cached_features else 5e-4)
+    blr = cfg.optim.blr if cfg.optim.blr is not None else default_blr(cfg.task_class)
     out = cfg.run.output_dir or f"outputs/finetune_{cfg.task}"
     return replace(cfg, optim={"blr": blr}, data={"model_selection_fraction": selection},
                    run={"output_dir": out, "log_dir": cfg.run.log_dir or out, "amp": check_device(cfg.run)})

@@ -29,7 +29,7 @@ from training.run_checkpoint import save_run_checkpoint
 from training.scaffold import RunContext, last_step, refuse_taken_output, run_eta
 from training.step import StepSettings, cause_of
 
-TASK_INPUTS = (B.IMAGE, B.INPUT_IDS, B.ATTENTION_MASK, B.LABEL)
+TASK_INPUTS = (B.IMAGE, B.INPUT_IDS, B.ATTENTION_MASK, B.LABEL, B.SEG_MASK)
 
 
 @dataclass
@@ -43,6 +43,8 @@ class FinetuneRun:
 
     @property
     def num_classes(self) -> int:
+        if hasattr(self.task.model, "num_classes"):  # a segmenter
+            return self.task.model.num_classes
         classifier = getattr(self.task.model, "classifier", None)
         return classifier.out_features if classifier is not None else 0
 
@@ -57,7 +59,14 @@ class FinetuneRun:
         return compact(task=cfg.task, heads=heads or None, use_cls=cfg.model.use_cls,
                        preprocessing=preprocessing(cfg.model.input_size, aug.crop_pct, aug.imagenet_default_mean_and_std),
                        text_tokenizer=text, max_text_len=cfg.data.max_text_len if text else None,
-                       class_names=self.data.class_names or None)
+                       class_names=self.data.class_names or None, segmentation_inference=self.segmentation_inference())
+
+    def segmentation_inference(self) -> dict | None:
+        """How held-out images were predicted (predict and exports repeat it)."""
+        if self.cfg.task_class.data_kind != "segmentation":
+            return None
+        seg = self.cfg.segmentation
+        return {"mode": seg.seg_inference, "stride": seg.seg_stride or max(1, self.cfg.model.input_size * 2 // 3)}
 
 
 def freeze_unused(task: DownstreamTask) -> None:
@@ -71,7 +80,8 @@ def freeze_unused(task: DownstreamTask) -> None:
 def build_run(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> FinetuneRun:
     task_cls = cfg.task_class
     text_tokenizer = text_tokenizer_for(cfg, ckpt)
-    data = build_downstream_data(task_cls.data_kind, cfg.data, cfg.augment, cfg.model.input_size, text_tokenizer)
+    data = build_downstream_data(task_cls.data_kind, cfg.data, cfg.augment, cfg.model.input_size, text_tokenizer,
+                                 cfg.segmentation_data, cfg.model.nb_classes)
     refuse_taken_output(cfg.run.output_dir, cfg.run.eval)
     num_classes = len(data.class_names)
     if cfg.model.nb_classes is not None:
@@ -83,6 +93,8 @@ def build_run(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> 
     freeze_unused(task)
     if cfg.model.lora_rank:
         report.append(adapt_with_lora(task, cfg.model.lora_rank, cfg.model.lora_alpha or cfg.model.lora_rank))
+    if dist_util.is_distributed() and ctx.device.type == "cuda":  # BatchNorm over the global batch (mmseg's SyncBN);
+        task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)  # torch has no CPU SyncBatchNorm
     task.to(ctx.device)
     return FinetuneRun(cfg, ctx, task, data, report, text_tokenizer)
 
@@ -170,9 +182,30 @@ def format_metrics(stats: dict[str, float]) -> str:
     if "acc1" in stats:
         text = f"acc1 {stats['acc1']:.2f}" + (f"  acc5 {stats['acc5']:.2f}" if "acc5" in stats else "")
         text += f"  loss {stats['loss']:.4f}"
-    else:
-        text = "  ".join(f"{k} {v:.3f}" for k, v in stats.items())
+    else:  # per-class entries ("IoU.<class>") are left to per_class_table
+        text = "  ".join(f"{k} {v:.3f}" for k, v in stats.items() if "." not in k)
     return text
+
+
+def per_class_table(stats: dict[str, float]) -> str:
+    """One line per class of the per-class metrics ("IoU.<class>"), NaN for classes absent from
+    both the masks and the predictions; empty when the task has none."""
+    rows = [(k.split(".", 1)[1], v) for k, v in stats.items() if k.startswith("IoU.")]
+    width = max((len(name) for name, _ in rows), default=0)
+    return "\n".join(f"  {name:<{width}}  IoU {value:6.2f}" for name, value in rows)
+
+
+def save_example_pictures(run: FinetuneRun, log_writer, step: int) -> None:
+    """The task's picture of held-out predictions (segmentation: input | truth | prediction), in
+    TensorBoard at this step and as pictures/<task>_examples.png (the latest)."""
+    examples = run.task.example_predictions(run.data.val, run.ctx.device)
+    if examples is not None:
+        from visualization.canvas import save_picture
+        from visualization.segmentation_pictures import segmentation_panel
+
+        picture = segmentation_panel(**examples, num_classes=run.num_classes)
+        save_picture(picture, run.ctx.output_dir / "pictures" / f"{run.cfg.task}_examples.png", log_writer,
+                     f"{run.cfg.task}/examples", step)
 
 
 def save_best(run: FinetuneRun, training: Training, epoch: int, best: "BestEpoch") -> None:
@@ -261,12 +294,16 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
                 if key.startswith(("test_", "selection_")):
                     log_writer.add_scalar(key.replace("_", "/", 1), value, last_step(epoch + 1))
             ctx.append_log(stats)
+            save_example_pictures(run, log_writer, last_step(epoch + 1))
             chosen = f"  selection {format_metrics(selection_stats)}" if selection_stats else ""
             say(f"epoch {epoch}: test {format_metrics(test_stats)}{chosen}  ({best.describe()})  "
                 f"{run_eta(start, epoch + 1, cfg.optim.epochs - epoch - 1)}")
     if ctx.is_main:
         say(f"done in {time.time() - start:.0f}s: {best.describe()}; last epoch test {metric} {stats[f'test_{metric}']:.2f}; "
             f"saved {ctx.output_dir / 'checkpoint-best.pth'}")
+        table = per_class_table({k[len("test_"):]: v for k, v in stats.items() if k.startswith("test_")})
+        if table:
+            say("last epoch, per class:\n" + table)
         stats.update({f"best_{metric}": best.test, "best_epoch": best.epoch})
         log_writer.close()
     return stats
@@ -289,7 +326,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             val_loader = ctx.loader(run.data.val, cfg.optim.batch_size, cfg.data.num_workers, False,
                                     run.data.val_collate)
             stats = evaluate_run(run, val_loader)
-            say(f"eval: {format_metrics(stats)}")
+            table = per_class_table(stats)
+            say(f"eval: {format_metrics(stats)}" + (f"\n{table}" if table else ""))
             return stats
         model = ctx.wrap(run.task)
         return train_epochs(run, build_training(run, model), model)

@@ -7,22 +7,35 @@ from __future__ import annotations
 from common.checkpoint_io import Checkpoint
 from common.console import say
 from models import create_model
-from models.downstream import DownstreamOptions, DownstreamTask
+from models.downstream import DownstreamOptions, DownstreamTask, SegmentationOptions
 from models.head_loading import head_names, load_head_into
 from models.pretrained import fit_text_vocabulary
 from training.config import FinetuneConfig
 
 
-def downstream_options(cfg: FinetuneConfig, num_classes: int) -> DownstreamOptions:
+def segmentation_options(cfg: FinetuneConfig, recorded: dict | None) -> SegmentationOptions:
+    """From the flags; the decoder's shape, when not given, from the segmentation head the
+    checkpoint holds (so --eval and further fine-tuning rebuild the head that was trained)."""
+    seg, recorded = cfg.segmentation, recorded or {}
+    indices = seg.out_indices or recorded.get("block_indices")
+    return SegmentationOptions(decoder_channels=seg.decoder_channels or recorded.get("channels"),
+                               aux_channels=seg.aux_channels or recorded.get("aux_channels") or 256,
+                               aux_loss_weight=seg.aux_loss_weight, block_indices=tuple(indices) if indices else None,
+                               inference=seg.seg_inference, stride=seg.seg_stride, aug_test=seg.aug_test)
+
+
+def downstream_options(cfg: FinetuneConfig, num_classes: int, recorded_heads: dict | None = None) -> DownstreamOptions:
     aug = cfg.augment
     return DownstreamOptions(num_classes=num_classes, use_cls=cfg.model.use_cls, smoothing=aug.smoothing,
                              mixup=aug.mixup, cutmix=aug.cutmix, mixup_prob=aug.mixup_prob,
-                             mixup_switch_prob=aug.mixup_switch_prob, max_text_len=cfg.data.max_text_len)
+                             mixup_switch_prob=aug.mixup_switch_prob, max_text_len=cfg.data.max_text_len,
+                             segmentation=segmentation_options(cfg, (recorded_heads or {}).get("seg_head")))
 
 
-def make_task(cfg: FinetuneConfig, backbone, num_classes: int, text_tokenizer, gather=None) -> DownstreamTask:
+def make_task(cfg: FinetuneConfig, backbone, num_classes: int, text_tokenizer, gather=None,
+              recorded_heads: dict | None = None) -> DownstreamTask:
     task_cls = cfg.task_class
-    options = downstream_options(cfg, num_classes)
+    options = downstream_options(cfg, num_classes, recorded_heads)
     if task_cls.name == "image_text_retrieval":
         return task_cls(backbone, options, text_tokenizer=text_tokenizer, gather=gather)
     return task_cls(backbone, options)
@@ -63,7 +76,7 @@ def build_task(cfg: FinetuneConfig, ckpt: Checkpoint | None, num_classes: int, t
         say(note)
     backbone = create_model(m.model, pretrained=m.finetune, checkpoint=ckpt, img_size=m.input_size,
                             drop_path_rate=m.drop_path)
-    task = make_task(cfg, backbone, num_classes, text_tokenizer, gather)
+    task = make_task(cfg, backbone, num_classes, text_tokenizer, gather, ckpt.info.get("heads"))
     return task, load_task_heads(task, ckpt)
 
 

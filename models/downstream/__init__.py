@@ -2,15 +2,17 @@
 entry here, as for the pretraining modes."""
 from __future__ import annotations
 
-from models.downstream.base import DownstreamOptions, DownstreamTask
+from models.downstream.base import DownstreamOptions, DownstreamTask, SegmentationOptions
 from models.downstream.image_classification import ImageClassification
 from models.downstream.image_text_retrieval import ImageTextRetrieval
 from models.downstream.linear_probe import LinearProbe
+from models.downstream.semantic_segmentation import SemanticSegmentation
 from models.downstream.text_classification import TextClassification
 
 DOWNSTREAM_TASKS: dict[str, type[DownstreamTask]] = {
-    task.name: task for task in (ImageClassification, LinearProbe, ImageTextRetrieval, TextClassification)
+    task.name: task for task in (ImageClassification, LinearProbe, ImageTextRetrieval, TextClassification,
+                                 SemanticSegmentation)
 }
 
 __all__ = ["DOWNSTREAM_TASKS", "DownstreamOptions", "DownstreamTask", "ImageClassification", "ImageTextRetrieval",
-           "LinearProbe", "TextClassification"]
+           "LinearProbe", "SegmentationOptions", "SemanticSegmentation", "TextClassification"]

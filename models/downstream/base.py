@@ -6,13 +6,26 @@ metric needs the whole held-out set at once (retrieval) set `set_level_metrics` 
 `evaluate_set`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from models.modes.base import unused_parameter_names
+
+
+@dataclass
+class SegmentationOptions:
+    """The decoder and the held-out inference of semantic segmentation."""
+
+    decoder_channels: int | None = None  # None: the backbone's width (BEiT)
+    aux_channels: int = 256
+    aux_loss_weight: float = 0.4
+    block_indices: tuple[int, ...] | None = None  # None: BEiT's 4, 6, 8, 12 of 12, scaled to the depth
+    inference: str = "slide"
+    stride: int | None = None  # None: 2/3 of the crop
+    aug_test: bool = False
 
 
 @dataclass
@@ -27,11 +40,12 @@ class DownstreamOptions:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     max_text_len: int = 40
+    segmentation: SegmentationOptions = field(default_factory=SegmentationOptions)
 
 
 class DownstreamTask(nn.Module):
     name: ClassVar[str] = ""
-    data_kind: ClassVar[str] = ""  # "image_folder" | "labelled_text" | "image_text_pairs"
+    data_kind: ClassVar[str] = ""  # "image_folder" | "labelled_text" | "image_text_pairs" | "segmentation"
     paths: ClassVar[frozenset[str]] = frozenset()
     heads: ClassVar[tuple[str, ...]] = ()  # attribute names of `model` a checkpoint may already hold
     best_metric: ClassVar[str] = "acc1"
@@ -57,3 +71,8 @@ class DownstreamTask(nn.Module):
 
     def evaluate_set(self, dataset: Any, batch_size: int, device: torch.device) -> dict[str, float]:
         raise NotImplementedError(f"{self.name} has per-batch metrics")
+
+    def example_predictions(self, dataset: Any, device: torch.device) -> dict[str, Any] | None:
+        """Held-out inputs, truths and predictions to draw after each evaluation (TensorBoard and
+        pictures/), or None for tasks that show none."""
+        return None
