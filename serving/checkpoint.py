@@ -16,11 +16,12 @@ from models.checkpoints import read_model_checkpoint
 from models.classifier import ImageClassifier
 from models.head_loading import load_head, load_head_into
 from models.run_info import preprocessing, tokenizer_from_record
+from models.segmenter import Segmenter
 
 
 @dataclass
 class CheckpointServable:
-    model: nn.Module  # ImageClassifier, or the backbone
+    model: nn.Module  # ImageClassifier, Segmenter, or the backbone
     class_names: list[str] | None
     preprocessing: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
@@ -29,11 +30,15 @@ class CheckpointServable:
 
     @property
     def backbone(self):
-        return self.model.backbone if isinstance(self.model, ImageClassifier) else self.model
+        return self.model.backbone if isinstance(self.model, (ImageClassifier, Segmenter)) else self.model
 
     @property
     def has_classifier(self) -> bool:
         return isinstance(self.model, ImageClassifier)
+
+    @property
+    def has_segmenter(self) -> bool:
+        return isinstance(self.model, Segmenter)
 
     @property
     def has_itc(self) -> bool:
@@ -41,6 +46,8 @@ class CheckpointServable:
 
     @property
     def num_classes(self) -> int:
+        if self.has_segmenter:
+            return self.model.num_classes
         return self.model.classifier.out_features if self.has_classifier else 0
 
     @property
@@ -65,6 +72,11 @@ class CheckpointServable:
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.to(self._device())).float().cpu()
+
+    @torch.no_grad()
+    def segment_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, crop, crop]` -> `[B, classes, crop, crop]` (the call sliding-window inference repeats)."""
         return self.model(images.to(self._device())).float().cpu()
 
     @torch.no_grad()
@@ -96,8 +108,12 @@ def load_checkpoint_servable(path: str, ckpt: Checkpoint | None = None) -> Check
     backbone = create_model(None, pretrained=path, checkpoint=ckpt)
     classifier = "classifier.weight" in ckpt.model
     pre = recorded_preprocessing(ckpt, backbone.cfg.img_size, 0.875 if classifier else 1.0)
-    heads = {name: head.eval() for name in ("itc_head", "mim_head", "mlm_head", "pooler")
+    heads = {name: head.eval() for name in ("itc_head", "mim_head", "mlm_head", "pooler", "seg_head")
              if (head := load_head(ckpt, name, backbone.cfg)) is not None}
+    names = ckpt.info.get("class_names") or ckpt.extra.get("class_names")
+    if "seg_head" in heads:
+        segmenter = Segmenter(backbone, heads.pop("seg_head"))
+        return CheckpointServable(segmenter.eval(), list(names) if names else None, pre, ckpt.info, heads, str(path))
     if not classifier:
         return CheckpointServable(backbone.eval(), None, pre, ckpt.info, heads, str(path))
     args = ckpt.extra.get("args") or {}
@@ -105,5 +121,4 @@ def load_checkpoint_servable(path: str, ckpt: Checkpoint | None = None) -> Check
     model = ImageClassifier(backbone, ckpt.model["classifier.weight"].shape[0], use_cls)
     for head in ("pooler_norm", "classifier"):
         load_head_into(getattr(model, head), ckpt, head)
-    names = ckpt.info.get("class_names") or ckpt.extra.get("class_names")
     return CheckpointServable(model.eval(), list(names) if names else None, pre, ckpt.info, heads, str(path))

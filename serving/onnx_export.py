@@ -1,5 +1,5 @@
-"""An ONNX export folder (util/export.py --format onnx) served with onnxruntime: classification and
-ITC embeddings, with the preprocessing, class names and text tokenizer of its run_info.json."""
+"""An ONNX export folder (util/export.py --format onnx) served with onnxruntime: classification,
+segmentation and ITC embeddings, with the preprocessing, class names and text tokenizer of its run_info.json."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +33,13 @@ class OnnxServable:
 
     @property
     def num_classes(self) -> int:
+        if self.has_segmenter:  # its output's class axis is symbolic after the dynamic-size resize
+            return int(self.info["heads"]["seg_head"]["num_classes"])
         return int(self.sessions["classifier"].get_outputs()[0].shape[1]) if self.has_classifier else 0
+
+    @property
+    def has_segmenter(self) -> bool:
+        return "segmenter" in self.sessions
 
     @property
     def has_itc(self) -> bool:
@@ -63,6 +69,9 @@ class OnnxServable:
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         return self._run("image_embedding", images=images)
+
+    def segment_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run("segmenter", images=images)
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._run("text_embedding", input_ids=input_ids, attention_mask=attention_mask)

@@ -4,7 +4,8 @@
     python util/export.py --checkpoint CKPT --format hf --output exported/hf_beit      # save_pretrained folder
     python util/export.py --checkpoint CKPT --format timm --output exported/beit.safetensors
 
-onnx: `classifier.onnx` (when the checkpoint has a classifier), `image_encoder.onnx` and
+onnx: `classifier.onnx` (when the checkpoint has a classifier), `segmenter.onnx` (a segmentation
+checkpoint: images of any size in, per-pixel logits at that size out), `image_encoder.onnx` and
 `text_encoder.onnx`, and `image_embedding.onnx` / `text_embedding.onnx` when it has an ITC head
 (dynamic batch; text also dynamic length), verified with onnxruntime.
 hf: `BeitForImageClassification` (with a classifier) or `BeitModel`, reloaded with
@@ -29,6 +30,7 @@ from torch import nn  # noqa: E402
 from common.errors import UserError, cli_entry  # noqa: E402
 from models.classifier import ImageClassifier  # noqa: E402
 from models.run_info import write_beside  # noqa: E402
+from models.segmenter import Segmenter  # noqa: E402
 from serving import open_servable  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -80,6 +82,22 @@ class _TextEmbedding(nn.Module):
         return self.itc_head.embed_text(self.backbone.encode_text(input_ids, attention_mask)[:, 0])
 
 
+class _Segmenter(nn.Module):
+    """Per-pixel logits `[B, classes, H, W]` of images of any size: resized to the crop size the
+    backbone was built for and back (whole-image inference; on crop-size windows the resizes are
+    identities, so serving slides windows through this same graph)."""
+
+    def __init__(self, segmenter) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+        self.crop = segmenter.backbone.cfg.img_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = images.shape[-2:]
+        scaled = nn.functional.interpolate(images, size=(self.crop, self.crop), mode="bilinear", align_corners=False)
+        return nn.functional.interpolate(self.segmenter(scaled), size=size, mode="bilinear", align_corners=False)
+
+
 def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = None) -> dict[str, float]:
     """Encoders (and classifier, ITC embeddings when the checkpoint has them) as ONNX, each checked
     with onnxruntime at another batch size (and text length) than the traced one."""
@@ -89,7 +107,7 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
     except ImportError:
         raise UserError("--format onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime") from None
 
-    backbone = model.backbone if isinstance(model, ImageClassifier) else model
+    backbone = model.backbone if isinstance(model, (ImageClassifier, Segmenter)) else model
     cfg = backbone.cfg
     output.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -99,6 +117,9 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
     jobs = [("image_encoder", _ImageEncoder(backbone), (images,), ["images"], {"images": {0: "batch"}})]
     if isinstance(model, ImageClassifier):
         jobs.insert(0, ("classifier", model, (images,), ["images"], {"images": {0: "batch"}}))
+    if isinstance(model, Segmenter):
+        spatial = {0: "batch", 2: "height", 3: "width"}
+        jobs.insert(0, ("segmenter", _Segmenter(model), (images,), ["images"], {"images": spatial, "output": spatial}))
     text_axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
     jobs.append(("text_encoder", _TextEncoder(backbone), (ids, mask), ["input_ids", "attention_mask"], text_axes))
     if itc_head is not None:
@@ -111,12 +132,14 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about shape checks that hold for the traced shapes
             torch.onnx.export(module.eval(), inputs, str(path), input_names=names, output_names=["output"],
-                              dynamic_axes={**axes, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+                              dynamic_axes={"output": {0: "batch"}, **axes}, opset_version=17, dynamo=False)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         # check at another batch size (and text length) than the traced one
         if name.startswith("text_"):
             check = (torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long))
             check[1][0, 7:] = 0
+        elif name == "segmenter":  # another size than the traced one, not square
+            check = (torch.randn(3, cfg.in_chans, cfg.img_size + 24, cfg.img_size - 8, generator=gen),)
         else:
             check = (torch.randn(3, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen),)
         got = session.run(None, {n: t.numpy() for n, t in zip(names, check)})[0]
@@ -190,15 +213,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise UserError(f"--output {output} exists and is not empty; pass --overwrite or choose another path")
     servable = open_servable(args.checkpoint)
     model = servable.model
-    kind = f"classifier ({model.classifier.out_features} classes)" if isinstance(model, ImageClassifier) else "backbone"
+    kind = (f"classifier ({model.classifier.out_features} classes)" if isinstance(model, ImageClassifier) else
+            f"segmenter ({model.num_classes} classes)" if isinstance(model, Segmenter) else "backbone")
     print(f"exporting the {kind} of {args.checkpoint} as {args.format} to {output}")
+    if args.format != "onnx" and isinstance(model, Segmenter):  # HF and timm BEiT have no UPerNet head
+        print(f"  {args.format} has no UPerNet head: exporting the backbone only (--format onnx keeps the segmenter)")
+        model = model.backbone
     if args.format == "onnx":
         diffs = export_onnx(model, output, servable.heads.get("itc_head"))
     elif args.format == "timm":
         diffs = export_timm(model, output)
         output = output.with_suffix(".safetensors")
     else:
-        diffs = export_hf(model, output, servable.class_names)
+        diffs = export_hf(model, output, servable.class_names if isinstance(model, ImageClassifier) else None)
     info = {**servable.info, "preprocessing": servable.preprocessing,
             **({"class_names": servable.class_names} if servable.class_names else {}), "exported_from": args.checkpoint}
     print(f"  wrote {write_beside(output, info)} (preprocessing, class names, text tokenizer)")

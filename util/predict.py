@@ -1,7 +1,8 @@
-"""Classify images with a fine-tuned checkpoint (or its ONNX export): one JSON object `{path:
-{"class", "label", "score", "topk": [...]}}` and a console line per image; unreadable files are
-reported, not fatal. Preprocessing and class names come from the checkpoint (or the export's
-run_info.json).
+"""Classify or segment images with a fine-tuned checkpoint (or its ONNX export): one JSON object
+`{path: {"class", "label", "score", "topk": [...]}}` (segmentation: `{path: {"mask", "overlay",
+"classes"}}` with a class-index PNG and an overlay per image) and a console line per image;
+unreadable files are reported, not fatal. Preprocessing and class names come from the checkpoint
+(or the export's run_info.json).
 
     python util/predict.py --checkpoint outputs/finetune_image_classification/checkpoint-best.pth \\
         --input photos/ --output predictions.json --topk 5 [--class_names names.txt]
@@ -38,6 +39,26 @@ def read_class_names(path: str | None, saved: list[str] | None, num_classes: int
     return saved if saved and len(saved) == num_classes else [str(i) for i in range(num_classes)]
 
 
+def segment_files(servable, files: list[Path], args) -> dict:
+    """Segmentation checkpoints: a mask PNG and an overlay per image in --mask_dir, and the JSON."""
+    from serving.segmentation import predict_masks
+
+    names = read_class_names(args.class_names, servable.class_names, servable.num_classes)
+    output = Path(args.output)
+    mask_dir = Path(args.mask_dir) if args.mask_dir else output.with_name(output.stem + "_masks")
+    results, failed = predict_masks(servable.to(torch.device(args.device)), files, names, mask_dir, open_rgb)
+    write_results(output, results, failed)
+    print(f"{len(results)} images segmented, {len(failed)} unreadable; masks and overlays in {mask_dir}; wrote {output}")
+    return {"predictions": results, "errors": failed}
+
+
+def write_results(output: Path, results: dict, failed: dict) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=1))
+    if failed:
+        (output.with_suffix(".errors.json")).write_text(json.dumps(failed, indent=1))
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--class_names", default=None, help=".txt (one per line) or .json list; default: the checkpoint's")
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--mask_dir", default=None, help="segmentation checkpoints: where <name>_mask.png (class indices, "
+                   "colour palette) and <name>_overlay.png go (default: next to --output, <output>_masks/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     source = Path(args.input)
@@ -57,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         files = list_image_files(source)
     servable = open_servable(args.checkpoint)
+    if getattr(servable, "has_segmenter", False):
+        return segment_files(servable, files, args)
     if not servable.has_classifier:
         raise UserError(f"{args.checkpoint} has no classifier; fine-tune one with main_finetune.py --task image_classification")
     names = read_class_names(args.class_names, servable.class_names, servable.num_classes)
@@ -83,10 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[str(path)] = {**top[0], "topk": top}
             print(f"{path}: {top[0]['label']} ({top[0]['score']:.3f})")
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=1))
-    if failed:
-        (output.with_suffix(".errors.json")).write_text(json.dumps(failed, indent=1))
+    write_results(output, results, failed)
     print(f"{len(results)} images classified, {len(failed)} unreadable; wrote {output}"
           + (f" and {output.with_suffix('.errors.json')}" if failed else ""))
     return {"predictions": results, "errors": failed}
