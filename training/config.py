@@ -51,6 +51,9 @@ class ModelSettings:
     layer_scale_init_value: float | None = flag(None, "layer scale of a model built from scratch (0: off)",
                                                 shown_default="the model's")
     grad_checkpointing: bool = flag(False, "recompute block activations in backward to save memory")
+    fsdp: bool = flag(False, "shard parameters, gradients and optimizer state across the processes (torch FSDP2: each "
+                             "block, then the whole model) instead of replicating them (DDP); for backbones that do "
+                             "not fit one device. Checkpoints are gathered into one ordinary file")
 
 
 @dataclass(frozen=True)

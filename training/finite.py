@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
+from common import distributed as dist_util
 from common.errors import UserError
+from training.fsdp import is_sharded, local_part
 
 
 def likely_cause(lr: float, amp_dtype: torch.dtype | None, clip_grad: float | None) -> str:
@@ -38,7 +40,10 @@ def check_gradients(norm: torch.Tensor | None, epoch: int, step: int, cause: str
 
 def check_weights(model: torch.nn.Module, epoch: int, cause: str) -> None:
     """After an epoch, before evaluating and saving it."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(local_part(p)).all()]
+    if is_sharded(model):  # each rank sees its shards: all stop together, or none does
+        bad_anywhere = dist_util.all_reduce_sum(torch.tensor(len(bad), device=next(model.parameters()).device)).item()
+        bad = bad or (["a shard on another rank"] * int(bad_anywhere))
     if bad:
         raise UserError(f"the weights became non-finite during epoch {epoch} (e.g. {bad[0]}, {len(bad)} tensors); this "
                         f"epoch was not saved, the last checkpoint is intact; likely cause: {cause}")

@@ -100,6 +100,9 @@ def check_pretrain_flags(cfg: "PretrainConfig") -> None:
                        "resume": cfg.model.resume})
     check_data_flags(cfg)
     check_lora_flags(cfg)
+    if cfg.model.fsdp and cfg.lora.self_regularization:
+        raise UserError("--fsdp with --self_regularization is not supported yet: the penalty reads every block's "
+                        "weights outside its forward, where FSDP keeps them sharded; drop --fsdp (DDP) for this stage")
     check_rates(cfg.optim.lr, cfg.optim.blr)
     check_positive({"batch_size": cfg.optim.batch_size, "accum_iter": cfg.optim.accum_iter,
                     "epochs": cfg.optim.epochs, "image_size": cfg.model.image_size})

@@ -27,9 +27,10 @@ from models.trainability import configure_trainable
 from training.batch import BatchPreparer
 from training.config import PretrainConfig
 from training.finite import check_evaluation
+from training.fsdp import gathered_state, is_sharded, shard, unsharded_root
 from training.optim import adamw, amp_dtype, grad_scaler, learning_rate
 from training.pretrain_finish import finish_stage, report_stage
-from training.run_checkpoint import latest_checkpoint, load_run_state, save_run_checkpoint
+from training.run_checkpoint import latest_checkpoint, load_run_state, load_run_weights, save_run_checkpoint
 from training.scaffold import RunContext, checkpoint_due, last_step, run_eta
 from training.step import StepSettings, cause_of
 from training.tokenizers import build_text_tokenizer, build_visual_tokenizer
@@ -122,7 +123,13 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
     mode.to(ctx.device)
     for head in carried.modules.values():
         head.to(ctx.device)
-    model = ctx.wrap(mode, find_unused_parameters=not mode_cls.static_graph)
+    if cfg.model.fsdp:
+        if weights.continue_run:  # sharded parameters load no plain state: the run's weights go in first
+            load_run_weights(weights.path, mode, weights.ckpt)
+        shard(mode, backbone.blocks)
+        model = mode
+    else:
+        model = ctx.wrap(mode, find_unused_parameters=not mode_cls.static_graph)
     return PretrainRun(cfg, ctx, mode, model, data, grid, text_tokenizer, visual_tokenizer, carried, weights, trainable,
                        untrained)
 
@@ -221,9 +228,10 @@ def describe_run(run: PretrainRun, optim: Optimization) -> None:
 def evaluate_checkpoint(run: PretrainRun, optim: Optimization) -> dict[str, float]:
     run.ctx.reseed_for_evaluation()
     stats = evaluate(run.model, optim.val_loader, run.ctx.device, optim.prepare, optim.settings.amp_dtype)
-    if run.ctx.is_main:
-        say("eval: " + json.dumps({k: round(v, 4) for k, v in stats.items()}))
-        stats.update(report_stage(run, "eval_report.json", pictures=False))
+    say("eval: " + json.dumps({k: round(v, 4) for k, v in stats.items()}))
+    if run.ctx.is_main or is_sharded(run.mode):  # a sharded model needs every rank for each forward
+        with unsharded_root(run.mode):
+            stats.update(report_stage(run, "eval_report.json", pictures=False))
     return stats
 
 
@@ -245,11 +253,14 @@ def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dic
         check_evaluation(test_stats, epoch, cause_of(optim.settings))
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
                  "epoch": epoch, "n_parameters": sum(run.trainable.values())}
+        due = checkpoint_due(epoch, cfg.optim.epochs, cfg.run.save_per_epochs, cfg.run.save_epochs_from_zero)
+        gathered = gathered_state(run.mode, optim.optimizer) if due and is_sharded(run.mode) else None  # every rank
         if ctx.is_main:
-            if checkpoint_due(epoch, cfg.optim.epochs, cfg.run.save_per_epochs, cfg.run.save_epochs_from_zero):
+            if due:
                 path = save_run_checkpoint(ctx.output_dir, epoch, (epoch + 1) * len(optim.train_loader), run.mode,
                                            optim.optimizer, optim.scaler, run.backbone.cfg.to_dict(),
-                                           flat_settings(cfg), lora_meta, run.carried.tensors, info=info)
+                                           flat_settings(cfg), lora_meta, run.carried.tensors, info=info,
+                                           gathered=gathered)
                 say(f"saved {path}")
             for key, value in test_stats.items():
                 log_writer.add_scalar(f"test/{key}", value, last_step(epoch + 1))
@@ -276,8 +287,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         log_writer = ctx.tensorboard(run.cfg.run.log_dir, optim.start_epoch)
         try:
             stats, seconds = train_epochs(run, optim, log_writer)
-            if ctx.is_main and stats:
-                finish_stage(run, optim, stats, seconds, log_writer)
+            if stats and (ctx.is_main or is_sharded(run.mode)):  # sharded: every rank takes part, rank 0 writes
+                gathered = gathered_state(run.mode)[0] if is_sharded(run.mode) and run.cfg.lora.lora_rank else None
+                with unsharded_root(run.mode):
+                    finish_stage(run, optim, stats, seconds, log_writer, gathered)
         finally:
             if log_writer is not None:
                 log_writer.close()

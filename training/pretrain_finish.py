@@ -59,16 +59,21 @@ def report_stage(run: "PretrainRun", name: str = "stage_report.json", pictures: 
     report, pair_scores = stage_report(run.backbone, heads, probes, run.ctx.device, visual_tokenizer,
                                        run.text_tokenizer, cfg.text.max_text_len, cfg.optim.batch_size, cfg.run.seed)
     say(f"stage report ({cfg.exp_name}): {format_report(report)}")
-    (run.ctx.output_dir / name).write_text(json.dumps(report, indent=1))
+    if run.ctx.is_main:
+        (run.ctx.output_dir / name).write_text(json.dumps(report, indent=1))
     if pictures and not cfg.run.no_pictures:
         write_stage_pictures(run, heads, probes, visual_tokenizer, pair_scores, writer, last_step(cfg.optim.epochs))
     return report
 
 
-def save_lora_handover(run: "PretrainRun") -> None:
+def save_lora_handover(run: "PretrainRun", gathered: dict | None = None) -> None:
+    """`gathered`: a sharded run's full model state (rank 0), gathered before the report."""
     cfg, out = run.cfg, run.ctx.output_dir
     lora = {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha}
-    state = {**{k: v.detach().cpu() for k, v in run.mode.state_dict().items()}, **run.carried.tensors}
+    if not run.ctx.is_main:
+        return
+    own = gathered if gathered is not None else run.mode.state_dict()
+    state = {**{k: v.detach().cpu() for k, v in own.items()}, **run.carried.tensors}
     save_adapters(out / "adapters.safetensors", state, run.backbone.cfg.to_dict(), lora, run.info())
     say(f"saved {out / 'adapters.safetensors'} (adapter weights only)")
     if cfg.lora.save_merged_lora_model:
@@ -77,11 +82,12 @@ def save_lora_handover(run: "PretrainRun") -> None:
         say(f"saved {path} (adapters merged; start the next stage with --init_from {path})")
 
 
-def finish_stage(run: "PretrainRun", optim: "Optimization", stats: dict[str, Any], seconds: float, writer=None) -> None:
-    """Main process, after the last epoch: handover files, summary line, stage report (into `stats`)
-    and pictures."""
+def finish_stage(run: "PretrainRun", optim: "Optimization", stats: dict[str, Any], seconds: float, writer=None,
+                 gathered: dict | None = None) -> None:
+    """After the last epoch (main process; a sharded run: every rank, rank 0 writes): handover files,
+    summary line, stage report (into `stats`) and pictures."""
     if run.cfg.lora.lora_rank:
-        save_lora_handover(run)
+        save_lora_handover(run, gathered)
     summary = f"done in {seconds:.0f}s"
     if run.visual_tokenizer is not None and "test_acc_mim" in stats:
         baseline = majority_baseline(optim.val_loader, optim.prepare)

@@ -20,14 +20,16 @@ def save_run_checkpoint(output_dir: str | Path, epoch: int, step: int, model: to
                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                         backbone_config: dict[str, Any], args: dict[str, Any], extra: dict[str, Any] | None = None,
                         carried: dict[str, torch.Tensor] | None = None, name: str | None = None,
-                        info: dict[str, Any] | None = None) -> Path:
+                        info: dict[str, Any] | None = None, gathered: tuple[dict, dict] | None = None) -> Path:
     """`carried`: head weights of earlier stages this mode does not train (kept for later stages);
-    `name`: file suffix instead of the epoch (e.g. "best"); `info`: the self-description (run_info)."""
+    `name`: file suffix instead of the epoch (e.g. "best"); `info`: the self-description (run_info);
+    `gathered`: (model, optimizer) state of a sharded run, gathered (training/fsdp.py)."""
     path = Path(output_dir) / f"checkpoint-{name or epoch}.pth"
+    model_state, optimizer_state = gathered or (model.state_dict(), optimizer.state_dict())
     state = {
         "format": FORMAT_TAG,
-        "model": {**{k: v.detach().cpu() for k, v in plain_names(model.state_dict()).items()}, **(carried or {})},
-        "optimizer": optimizer.state_dict(),
+        "model": {**{k: v.detach().cpu() for k, v in plain_names(model_state).items()}, **(carried or {})},
+        "optimizer": optimizer_state,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
         "step": step,
@@ -45,10 +47,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None, ckpt: Checkpoint | None = None) -> int:
-    """Restore a run checkpoint (`ckpt`: the file already read); returns the epoch to start from."""
-    ckpt = ckpt or read_model_checkpoint(path)
+def load_run_weights(path: str | Path, model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """The model part of a run checkpoint (a sharded run loads it before sharding)."""
     own = set(plain_names(model.state_dict()))
     missing = sorted(own - set(ckpt.model))
     owned_prefixes = {k.split(".")[0] for k in own}
@@ -57,11 +57,27 @@ def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.op
         raise UserError(f"--resume {path} does not match this run's model (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); resume with the same --exp_name and model flags")
     load_plain_state(model, {k: v for k, v in ckpt.model.items() if k in own})
+
+
+def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None, ckpt: Checkpoint | None = None) -> int:
+    """Restore a run checkpoint (`ckpt`: the file already read); returns the epoch to start from.
+    A sharded model already holds the weights (loaded before sharding): only the optimizer state
+    is restored into it."""
+    from training.fsdp import is_sharded, load_optimizer_state
+
+    ckpt = ckpt or read_model_checkpoint(path)
+    sharded = is_sharded(model)
+    if not sharded:
+        load_run_weights(path, model, ckpt)
     if ckpt.extra.get("foreign_run"):  # another code base's optimizer state does not map: a fresh one
         return int(ckpt.extra["epoch"]) + 1
     if "optimizer" not in ckpt.extra or "epoch" not in ckpt.extra:
         raise UserError(f"--resume {path} has no optimizer state; it is a weights file, use --init_from or --finetune")
-    optimizer.load_state_dict(ckpt.extra["optimizer"])
+    if sharded:
+        load_optimizer_state(model, optimizer, ckpt.extra["optimizer"])
+    else:
+        optimizer.load_state_dict(ckpt.extra["optimizer"])
     if scaler is not None and ckpt.extra.get("scaler"):
         scaler.load_state_dict(ckpt.extra["scaler"])
     return int(ckpt.extra["epoch"]) + 1

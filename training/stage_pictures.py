@@ -68,6 +68,8 @@ def write_stage_pictures(run, heads: dict, probes, visual_tokenizer, pair_scores
         pictures["retrieval_examples"] = retrieval_examples(pair_scores, probes.pairs[0],
                                                             cfg.views.imagenet_default_mean_and_std)
     run.backbone.train(was_training)
+    if not run.ctx.is_main:  # a sharded run draws on every rank (each forward needs all); rank 0 writes
+        return []
     written = [save_picture(image, folder / f"{name}.png", writer, f"pictures/{name}", step)
                for name, image in pictures.items() if image is not None]
     if written:

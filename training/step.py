@@ -16,6 +16,7 @@ from common.lr_sched import lr_at, set_lr
 from common.metrics import ProgressPrinter, ScalarAverager
 from custom_datasets.batch import NUM_SKIPPED, batch_size
 from training.finite import check_gradients, check_loss, check_weights, likely_cause
+from training.fsdp import full_tensor
 from training.scaffold import first_step
 
 Batch = dict[str, Any]
@@ -73,6 +74,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     if scaler:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad) if settings.clip_grad else None
+    norm = full_tensor(norm) if norm is not None else None  # a sharded model's norm is a DTensor
     applied = True
     if scaler:
         before = scaler.get_scale()

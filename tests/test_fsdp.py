@@ -1,0 +1,101 @@
+"""FSDP (torch's fully_shard) on CPU with 2 gloo processes: the same weights as DDP after 3 steps
+(1e-5), with activation checkpointing too; its checkpoint is one ordinary file that
+`create_model` loads in one process and that resumes under DDP; and torchrun runs the CLI with
+--fsdp end to end (stage report and pictures included)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.distributed_harness import free_port, run_in_processes
+from tests.helpers import ROOT
+from tests.test_distributed_pretrain import BATCH, STEPS, _batches, _task, _train
+
+
+def _fsdp_worker(rank: int, world: int, out_path: str, checkpointing: bool) -> None:
+    from training.fsdp import gathered_state, shard
+
+    task = _task()
+    task.backbone.set_grad_checkpointing(checkpointing)
+    shard(task, task.backbone.blocks)
+    per_rank = BATCH // world
+    _train(task, task, [{k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in b.items()} for b in _batches()])
+    state, _ = gathered_state(task)
+    if rank == 0:
+        torch.save(state, out_path)
+
+
+def _ddp_worker(rank: int, world: int, out_path: str) -> None:
+    task = _task()
+    model = torch.nn.parallel.DistributedDataParallel(task)
+    per_rank = BATCH // world
+    _train(model, task, [{k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in b.items()} for b in _batches()])
+    if rank == 0:
+        torch.save(task.state_dict(), out_path)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fsdp_and_ddp_reach_the_same_weights(tmp_path, checkpointing):
+    run_in_processes(_fsdp_worker, 2, str(tmp_path / "fsdp.pt"), checkpointing)
+    run_in_processes(_ddp_worker, 2, str(tmp_path / "ddp.pt"))
+    fsdp, ddp = torch.load(tmp_path / "fsdp.pt"), torch.load(tmp_path / "ddp.pt")
+    initial = _task().state_dict()
+    assert fsdp.keys() == ddp.keys()
+    moved = 0
+    for key in ddp:
+        assert torch.allclose(fsdp[key], ddp[key], atol=1e-5, rtol=0), key
+        moved += not torch.equal(ddp[key], initial[key])
+    assert moved > 10 and STEPS == 3
+
+
+def _cli(out, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            str(ROOT / "main_pretrain_cook.py"), "--device", "cpu", "--model", "vlmo_tiny_patch16", "--image_size", "32",
+            "--patch_size", "8", "--second_image_size", "16", "--visual_vocab_size", "16", "--tokenizer_fit_images",
+            "64", "--batch_size", "4", "--num_workers", "0", "--data_path", "synthetic", "--synthetic_train_size", "32",
+            "--synthetic_val_size", "16", "--synthetic_render_size", "32", "--min_mask_patches_per_block", "4",
+            "--save_per_epochs", "1", "--output_dir", str(out), *extra]
+
+
+def _run(cmd):
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_torchrun_fsdp_writes_one_checkpoint_that_loads_and_resumes_anywhere(tmp_path):
+    from models import create_model
+    from models.checkpoints import read_model_checkpoint
+
+    out = tmp_path / "fsdp"
+    result = _run(_cli(out, "--epochs", "1", "--fsdp", "--grad_checkpointing"))
+    assert "stage report (image_mim)" in result.stdout and (out / "pictures" / "mim_reconstructions.png").is_file()
+    ckpt = read_model_checkpoint(str(out / "checkpoint-0.pth"))
+    backbone = create_model(None, pretrained=str(out / "checkpoint-0.pth"), checkpoint=ckpt)  # one process, no sharding
+    assert torch.equal(backbone.patch_embed.proj.weight, ckpt.model["backbone.patch_embed.proj.weight"])
+    assert not any(type(v).__name__ == "DTensor" for v in ckpt.model.values())
+    saved = ckpt.extra["optimizer"]  # keyed by position, as optimizer.state_dict() is, every parameter stepped
+    assert sorted(saved["state"]) == sorted(i for group in saved["param_groups"] for i in group["params"])
+    # the sharded run's checkpoint resumes under FSDP and, as an ordinary file, under DDP
+    for name, flags in (("fsdp", ["--fsdp"]), ("ddp", [])):
+        resumed = tmp_path / f"resumed_{name}"
+        result = _run(_cli(resumed, "--epochs", "2", "--resume", str(out / "checkpoint-0.pth"), *flags))
+        assert "resuming run from" in result.stdout
+        log = [json.loads(line) for line in (resumed / "log.txt").read_text().splitlines()]
+        assert [entry["epoch"] for entry in log] == [1]
+
+
+def test_fsdp_refuses_self_regularization_with_the_reason(tmp_path):
+    from common.errors import UserError
+    from training.cli import pretrain_config_from_argv
+
+    with pytest.raises(UserError, match="--fsdp with --self_regularization is not supported yet"):
+        pretrain_config_from_argv(["--exp_name", "text_mlm", "--data_path", "synthetic", "--lora_rank", "4",
+                                   "--self_regularization", "--fsdp",
+                                   "--output_dir", str(tmp_path / "o")])

@@ -1,0 +1,99 @@
+"""Fully sharded data parallel (torch's FSDP2, `fully_shard`): each block and then the whole model
+is sharded across the processes, so parameters, gradients and optimizer state take 1/world of the
+memory each, for backbones that do not fit one device. What leaves the run is never sharded:
+checkpoints are gathered into one ordinary file on rank 0 (model and optimizer state in the same
+layout as a DDP or single-process run writes), so they load into one process for fine-tuning and
+export, and resume under FSDP, DDP or one process alike."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+
+
+def shard(model: nn.Module, blocks: nn.ModuleList) -> None:
+    """Every block its own unit (its parameters are gathered just for its forward and backward),
+    the rest (embeddings, heads) the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered (every rank must call this), a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def local_part(value: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (no communication), a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def parameter_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters in its own order: the ids `optimizer.state_dict()`
+    uses are positions in this list."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def gathered_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
+    """(model state, optimizer state) as full CPU tensors on rank 0 (empty elsewhere); every rank
+    must call it. The optimizer state is keyed by position, as `optimizer.state_dict()` is."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return model_state, {}
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    if not by_name:
+        return model_state, {}
+    position = {name: i for i, name in enumerate(parameter_order(model, optimizer))}
+    return model_state, {
+        "state": {position[name]: value for name, value in by_name["state"].items()},
+        "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """A position-keyed optimizer state (any run's checkpoint) into the sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = parameter_order(model, optimizer)
+    if len(saved["state"]) > len(names) or any(len(g["params"]) != len(o["params"])
+                                               for g, o in zip(saved["param_groups"], optimizer.param_groups)):
+        raise UserError("the checkpoint's optimizer state does not match this run's parameters; resume with the same "
+                        "--exp_name, LoRA and model flags")
+    by_name = {"state": {names[int(i)]: value for i, value in saved["state"].items()},
+               "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def unsharded_root(model: nn.Module) -> Iterator[None]:
+    """The root unit's parameters (embeddings, heads) gathered while code other than the model's
+    forward uses them (stage reports call the backbone and heads directly); blocks gather their own
+    in their forward. Every rank must enter it and make the same calls inside."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
