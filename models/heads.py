@@ -108,7 +108,27 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(tokens[:, 0]))
 
 
-HEAD_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (MIMHead, MLMHead, ITCHead, Pooler,
+class ITMHead(nn.Module):
+    """VLMo's image-text matching classifier (`itm_score`): match / no match from the pooled fused
+    [CLS] feature."""
+
+    kind = "itm"
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.fc = nn.Linear(embed_dim, 2)
+        nn.init.trunc_normal_(self.fc.weight, std=0.02)
+        nn.init.zeros_(self.fc.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "embed_dim": self.embed_dim}
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(pooled)  # [B, 2]: logit of "no match", of "match"
+
+
+HEAD_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (MIMHead, MLMHead, ITCHead, Pooler, ITMHead,
                                                                      SegmentationHead)}
 
 

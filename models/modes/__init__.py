@@ -5,10 +5,11 @@ from models.modes.base import ModeOptions, PretrainMode
 from models.modes.compound_pretrain import CompoundPretrain
 from models.modes.image_mim import ImageMIM
 from models.modes.image_text_itc import ImageTextITC
+from models.modes.image_text_itm import ImageTextITM
 from models.modes.text_mlm import TextMLM
 
 PRETRAIN_MODES: dict[str, type[PretrainMode]] = {
-    mode.name: mode for mode in (ImageMIM, TextMLM, ImageTextITC, CompoundPretrain)
+    mode.name: mode for mode in (ImageMIM, TextMLM, ImageTextITC, ImageTextITM, CompoundPretrain)
 }
 
 # ContinualTransformer's mode names: (the mode, what the name adds)
@@ -17,4 +18,5 @@ MODE_ALIASES: dict[str, tuple[str, str]] = {
     "image_text_itc_loraA": ("image_text_itc", "image_text_itc training only the LoRA A factors"),
 }
 
-__all__ = ["MODE_ALIASES", "PRETRAIN_MODES", "PretrainMode", "ModeOptions", "ImageMIM", "TextMLM", "ImageTextITC", "CompoundPretrain"]
+__all__ = ["MODE_ALIASES", "PRETRAIN_MODES", "PretrainMode", "ModeOptions", "ImageMIM", "TextMLM", "ImageTextITC", "ImageTextITM",
+           "CompoundPretrain"]

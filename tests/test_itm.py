@@ -1,0 +1,85 @@
+"""Image-text matching (VLMo ITM): hard negatives are never the pair itself (nor a word-for-word
+copy of its caption), follow the ITC similarities, and are the same global draw on every rank (2
+gloo processes); the mode trains the fusion path and its heads, not the ITC head that ranks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import create_model
+from models.modes import ImageTextITM, ModeOptions
+from models.modes.image_text_itm import hard_negatives, same_captions
+from tests.distributed_harness import run_in_processes
+
+GRID, BATCH, LENGTH = 2, 4, 6
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_negatives_are_never_the_pair_itself_even_when_the_pair_dominates(seed):
+    n = 16
+    similarity = torch.randn(n, n, generator=torch.Generator().manual_seed(seed)) + 60 * torch.eye(n)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        for drawn in hard_negatives(similarity, gen):
+            assert not (drawn == torch.arange(n)).any()
+
+
+def test_negatives_follow_the_similarities_and_skip_identical_captions():
+    n = 6
+    similarity = torch.zeros(n, n)
+    similarity[torch.arange(n), (torch.arange(n) + 1) % n] = 8.0  # caption i+1 looks most like image i
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([hard_negatives(similarity, gen)[0] for _ in range(200)])
+    assert (draws == (torch.arange(n) + 1) % n).float().mean() > 0.9
+    ids = torch.tensor([[5, 6], [5, 6], [7, 8], [9, 9], [5, 6], [1, 2]])  # rows 0, 1 and 4 say the same
+    same = same_captions(ids)
+    for _ in range(50):
+        text_for_image, _ = hard_negatives(torch.zeros(n, n), gen, same)
+        for i in (0, 1, 4):
+            assert text_for_image[i].item() not in (0, 1, 4)
+    everything_same = torch.ones(n, n, dtype=torch.bool)  # nothing but copies left: any other pair
+    drawn, _ = hard_negatives(torch.zeros(n, n), gen, everything_same)
+    assert not (drawn == torch.arange(n)).any()
+
+
+def _mode(seed: int = 0) -> ImageTextITM:
+    torch.manual_seed(seed)
+    backbone = create_model("vlmo_tiny_patch16", img_size=GRID * 8, patch_size=8, ffn="multiway", vocab_size=32,
+                            max_text_len=LENGTH, vlffn_start_layer_index=2, drop_path_rate=0.0)
+    return ImageTextITM(backbone, ModeOptions(seed=3))
+
+
+def _batch(offset: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + offset)
+    return {"image": torch.randn(BATCH, 3, GRID * 8, GRID * 8, generator=gen),
+            "input_ids": torch.randint(1, 32, (BATCH, LENGTH), generator=gen),
+            "attention_mask": torch.ones(BATCH, LENGTH, dtype=torch.long)}
+
+
+def test_the_mode_trains_the_fusion_path_and_its_heads_but_not_the_ranking_itc_head():
+    mode = _mode().train()
+    frozen = set(mode.frozen_parameter_names())
+    assert {n for n, _ in mode.named_parameters() if n.startswith("itc_head.")} <= frozen
+    out = mode(_batch(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and 0 <= out["acc_itm"] <= 1
+    for name in ("pooler.dense.weight", "itm_head.fc.weight", "backbone.blocks.3.mlp_vl.fc1.weight",
+                 "backbone.token_type_embeddings.weight", "backbone.blocks.0.mlp_text.fc1.weight"):
+        assert mode.get_parameter(name).grad is not None, name
+    assert mode.itc_head.logit_scale.grad is None
+
+
+def _rank_worker(rank: int, world: int, out_path: str) -> None:
+    from common import distributed as dist_util
+
+    mode = _mode()
+    mode.options.gather = dist_util.gather_with_grad
+    mode.train()(_batch(rank))["loss"].backward()  # every rank its own pairs
+    torch.save([t.clone() for t in mode.last_negatives], f"{out_path}.{rank}")
+
+
+def test_two_ranks_draw_the_same_global_negatives(tmp_path):
+    run_in_processes(_rank_worker, 2, str(tmp_path / "negatives"))
+    first, second = (torch.load(tmp_path / f"negatives.{r}") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert len(first[0]) == 2 * BATCH and not (first[0] == torch.arange(2 * BATCH)).any()
