@@ -6,10 +6,12 @@ from models.modes.compound_pretrain import CompoundPretrain
 from models.modes.image_mim import ImageMIM
 from models.modes.image_text_itc import ImageTextITC
 from models.modes.image_text_itm import ImageTextITM
+from models.modes.image_text_mlm import ImageTextMLM
 from models.modes.text_mlm import TextMLM
 
 PRETRAIN_MODES: dict[str, type[PretrainMode]] = {
-    mode.name: mode for mode in (ImageMIM, TextMLM, ImageTextITC, ImageTextITM, CompoundPretrain)
+    mode.name: mode for mode in (ImageMIM, TextMLM, ImageTextITC, ImageTextITM, ImageTextMLM,
+                                 CompoundPretrain)
 }
 
 # ContinualTransformer's mode names: (the mode, what the name adds)
@@ -19,4 +21,4 @@ MODE_ALIASES: dict[str, tuple[str, str]] = {
 }
 
 __all__ = ["MODE_ALIASES", "PRETRAIN_MODES", "PretrainMode", "ModeOptions", "ImageMIM", "TextMLM", "ImageTextITC", "ImageTextITM",
-           "CompoundPretrain"]
+           "ImageTextMLM", "CompoundPretrain"]

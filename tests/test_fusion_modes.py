@@ -1,13 +1,15 @@
-"""Image-text matching (VLMo ITM): hard negatives are never the pair itself (nor a word-for-word
-copy of its caption), follow the ITC similarities, and are the same global draw on every rank (2
-gloo processes); the mode trains the fusion path and its heads, not the ITC head that ranks."""
+"""VLMo's fusion pretraining modes. Image-text matching: hard negatives are never the pair itself
+(nor a word-for-word copy of its caption), follow the ITC similarities, and are the same global draw
+on every rank (2 gloo processes); the mode trains the fusion path and its heads, not the ITC head
+that ranks. Image-conditioned MLM: the masked words are read from the fused sequence, so the
+picture changes the prediction and the image path gets gradients."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from models import create_model
-from models.modes import ImageTextITM, ModeOptions
+from models.modes import ImageTextITM, ImageTextMLM, ModeOptions
 from models.modes.image_text_itm import hard_negatives, same_captions
 from tests.distributed_harness import run_in_processes
 
@@ -83,3 +85,25 @@ def test_two_ranks_draw_the_same_global_negatives(tmp_path):
     first, second = (torch.load(tmp_path / f"negatives.{r}") for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert len(first[0]) == 2 * BATCH and not (first[0] == torch.arange(2 * BATCH)).any()
+
+
+def test_image_conditioned_mlm_reads_the_picture():
+    torch.manual_seed(0)
+    backbone = create_model("vlmo_tiny_patch16", img_size=GRID * 8, patch_size=8, ffn="multiway", vocab_size=32,
+                            max_text_len=LENGTH, vlffn_start_layer_index=2, drop_path_rate=0.0)
+    mode = ImageTextMLM(backbone).train()
+    batch = _batch(0)
+    labels = torch.full((BATCH, LENGTH), -100)
+    labels[:, 2] = batch["input_ids"][:, 2]
+    masked_ids = batch["input_ids"].clone()
+    masked_ids[:, 2] = 3  # the [MASK] id of this toy vocabulary
+    batch.update(mlm_input_ids=masked_ids, mlm_labels=labels)
+    out = mode(batch)
+    out["loss"].backward()
+    assert mode.backbone.patch_embed.proj.weight.grad is not None  # the image path is trained through the words
+    with torch.no_grad():
+        other = {**batch, "image": torch.randn_like(batch["image"])}
+        from models.modes.image_text_mlm import fused_mlm_logits
+
+        assert (fused_mlm_logits(backbone, mode.mlm_head, batch)[0]
+                - fused_mlm_logits(backbone, mode.mlm_head, other)[0]).abs().max() > 1e-4
