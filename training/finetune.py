@@ -21,6 +21,7 @@ from models.downstream import DownstreamTask
 from models.pretrained import describe
 from models.run_info import compact, preprocessing, text_tokenizer_record
 from training.batch import BatchPreparer
+from training.compilation import compile_modules
 from training.config import FinetuneConfig
 from training.finetune_model import build_task, text_tokenizer_for
 from training.finite import check_evaluation
@@ -96,6 +97,8 @@ def build_run(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> 
     if dist_util.is_distributed() and ctx.device.type == "cuda":  # BatchNorm over the global batch (mmseg's SyncBN);
         task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)  # torch has no CPU SyncBatchNorm
     task.to(ctx.device)
+    if cfg.model.compile:
+        compile_modules(task.backbone.blocks)
     return FinetuneRun(cfg, ctx, task, data, report, text_tokenizer)
 
 

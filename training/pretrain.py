@@ -25,6 +25,7 @@ from models.registry import find_variant
 from models.run_info import compact, preprocessing, text_tokenizer_record
 from models.trainability import configure_trainable
 from training.batch import BatchPreparer
+from training.compilation import compile_modules
 from training.config import PretrainConfig
 from training.finite import check_evaluation
 from training.fsdp import gathered_state, is_sharded, shard, unsharded_root
@@ -130,6 +131,8 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
         model = mode
     else:
         model = ctx.wrap(mode, find_unused_parameters=not mode_cls.static_graph)
+    if cfg.model.compile:  # after sharding: each compiled block keeps its FSDP hooks outside the graph
+        compile_modules(backbone.blocks, visual_tokenizer)
     return PretrainRun(cfg, ctx, mode, model, data, grid, text_tokenizer, visual_tokenizer, carried, weights, trainable,
                        untrained)
 

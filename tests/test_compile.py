@@ -1,0 +1,39 @@
+"""`--compile`: the compiled blocks give the eager losses (1e-4) over optimizer steps, and keep
+their parameter names (checkpoints do not change). Slow: compilation takes tens of seconds on a CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import create_model
+from models.modes import ImageMIM, ModeOptions
+from training.compilation import compile_modules
+
+
+def _losses(compiled: bool) -> tuple[list[float], list[str]]:
+    torch.manual_seed(0)
+    backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8, drop_path_rate=0.0)
+    mode = ImageMIM(backbone, ModeOptions(visual_vocab_size=16)).train()
+    if compiled:
+        compile_modules(backbone.blocks)
+    optimizer = torch.optim.AdamW(mode.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(3):
+        batch = {"image": torch.randn(4, 3, 32, 32, generator=gen),
+                 "bool_masked_pos": torch.rand(4, 16, generator=gen) < 0.4,
+                 "visual_token_ids": torch.randint(0, 16, (4, 16), generator=gen)}
+        loss = mode(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, list(mode.state_dict())
+
+
+@pytest.mark.slow
+def test_compiled_steps_give_the_eager_losses_and_names():
+    eager, eager_names = _losses(False)
+    compiled, compiled_names = _losses(True)
+    assert compiled == pytest.approx(eager, abs=1e-4)
+    assert compiled_names == eager_names  # no _orig_mod: checkpoints are the same files
