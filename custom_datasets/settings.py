@@ -91,6 +91,9 @@ class FinetuneDataSettings:
     tokenizer: str | None = flag(None, "text tasks: BERT tokenizer folder or hub name",
                                  shown_default="the checkpoint's, else bert-base-uncased")
     max_text_len: int = flag(40, "tokens per text, [CLS] and [SEP] included")
+    rerank_k: int = flag(0, "image_text_retrieval: also train the matching head (ITM, hard negatives) and re-rank "
+                            "each image's and caption's contrastive top k with it on the fused pair (VLMo); both "
+                            "rankings are reported (0: contrastive only)")
     eval_data_path: str | None = flag(None, "held-out image folder", shown_default="DATA_PATH/val")
     model_selection_fraction: float | None = flag(
         None, "image classification and linear probe: fraction of the training images held out (by file name) "

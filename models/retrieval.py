@@ -2,6 +2,8 @@
 all their captions, and recall@k in both directions (the COCO / Flickr30k protocol)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -46,3 +48,48 @@ def pair_embeddings(backbone, head: nn.Module, dataset: Dataset, text_tokenizer,
     return torch.cat(image_emb), torch.cat(text_emb), torch.tensor(owner, device=device)
 
 
+
+
+def reranked(similarity: torch.Tensor, k: int, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-ranking of the contrastive shortlist (VLMo): each image's top `k` captions and each
+    caption's top `k` images by `similarity` [I, T] are re-ordered by `score(image_idx, text_idx)`
+    (the matching head) and stay ahead of everything outside the shortlist, which keeps its order.
+    Returns (the image-to-text matrix, the text-to-image matrix), each ready for `recall_at_k`."""
+    lift = similarity.abs().max() * 2 + 1  # above any contrastive similarity
+    out = []
+    for matrix in (similarity, similarity.t()):  # rows: the queries of one direction
+        top = matrix.topk(min(k, matrix.shape[1]), dim=1).indices  # [Q, k]
+        queries = torch.arange(matrix.shape[0], device=matrix.device)[:, None].expand_as(top)
+        pairs = (queries.reshape(-1), top.reshape(-1))
+        if matrix is not similarity:  # text queries: (image, text) = (candidate, query)
+            pairs = pairs[::-1]
+        scores = torch.cat([score(i, t) for i, t in zip(pairs[0].split(batch_size), pairs[1].split(batch_size))])
+        result = matrix.clone()
+        result.scatter_(1, top, lift + torch.sigmoid(scores.view(top.shape).to(matrix.dtype)))
+        out.append(result)
+    return out[0], out[1].t()
+
+
+def reranked_recalls(similarity: torch.Tensor, text_to_image: torch.Tensor, k: int,
+                     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Recall@1/5/10 both ways after re-ranking each shortlist of `k` (`rerank_*` keys)."""
+    i2t, t2i = reranked(similarity, k, score)
+    forward, backward = recall_at_k(i2t, text_to_image), recall_at_k(t2i, text_to_image)
+    return {**{f"rerank_{key[4:]}": v for key, v in forward.items() if "_i2t_" in key},
+            **{f"rerank_{key[4:]}": v for key, v in backward.items() if "_t2i_" in key}}
+
+
+@torch.no_grad()
+def pair_inputs(dataset: Dataset, text_tokenizer, max_text_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(every held-out image `[I, 3, H, W]` on the CPU, every caption's ids and mask `[T, L]`), in the
+    order of `pair_embeddings`: what re-ranking feeds the fused forward."""
+    images, ids, masks = [], [], []
+    for sample in (s for s in (dataset[i] for i in range(len(dataset))) if s is not None):
+        images.append(sample[B.IMAGE])
+        captions = [sample[B.CAPTION]] if isinstance(sample[B.CAPTION], str) else list(sample[B.CAPTION])
+        enc = text_tokenizer(captions, padding="max_length", truncation=True, max_length=max_text_len,
+                             return_tensors="pt")  # one length for all, so they stack
+        ids.append(enc["input_ids"])
+        masks.append(enc["attention_mask"])
+    return torch.stack(images), torch.cat(ids), torch.cat(masks)

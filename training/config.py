@@ -359,6 +359,10 @@ def finetune_config(namespace: argparse.Namespace) -> FinetuneConfig:
     selection = d.model_selection_fraction or 0.0
     if not 0 <= selection < 1:
         raise UserError("--model_selection_fraction must be in [0, 1)")
+    if d.rerank_k and cfg.task != "image_text_retrieval":
+        raise UserError(f"--rerank_k applies to --task image_text_retrieval, not {cfg.task}")
+    if d.rerank_k < 0:
+        raise UserError("--rerank_k must be 0 (off) or a shortlist size such as 16")
     if selection and cfg.task not in RECIPE_TASKS:  # the image-folder tasks, whose recipe holds the split
         raise UserError(f"--model_selection_fraction applies to --task {' and '.join(RECIPE_TASKS)}; "
                         f"--task {cfg.task} chooses its best epoch on the val set")

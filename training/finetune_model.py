@@ -29,6 +29,7 @@ def downstream_options(cfg: FinetuneConfig, num_classes: int, recorded_heads: di
     return DownstreamOptions(num_classes=num_classes, use_cls=cfg.model.use_cls, smoothing=aug.smoothing,
                              mixup=aug.mixup, cutmix=aug.cutmix, mixup_prob=aug.mixup_prob,
                              mixup_switch_prob=aug.mixup_switch_prob, max_text_len=cfg.data.max_text_len,
+                             rerank_k=cfg.data.rerank_k,
                              segmentation=segmentation_options(cfg, (recorded_heads or {}).get("seg_head")))
 
 

@@ -40,6 +40,7 @@ class DownstreamOptions:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     max_text_len: int = 40
+    rerank_k: int = 0  # retrieval: re-rank each contrastive shortlist of k with the matching head (0: off)
     segmentation: SegmentationOptions = field(default_factory=SegmentationOptions)
 
 

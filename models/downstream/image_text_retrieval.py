@@ -1,15 +1,20 @@
 """Image-text retrieval fine-tuning: the contrastive (ITC) objective with the full backbone on
 image-caption pairs; on the held-out set, recall@1/5/10 in both directions with every caption of
-an image counted, and their mean (which picks the best epoch)."""
+an image counted, and their mean (which picks the best epoch). With `rerank_k` (VLMo), the matching
+head trains too (ITM with hard negatives, added to the ITC loss) and re-orders each contrastive
+shortlist of k on the fused pair; both rankings are reported and the re-ranked mean picks the
+best epoch."""
 from __future__ import annotations
 
 import torch
 
 from models.backbone import VLMoBackbone
 from models.downstream.base import DownstreamOptions, DownstreamTask
+from models.heads import ITMHead, Pooler
 from models.modes.base import ModeOptions
 from models.modes.image_text_itc import ImageTextITC
-from models.retrieval import pair_embeddings, recall_at_k
+from models.modes.image_text_itm import itm_logits, matching_outputs
+from models.retrieval import pair_embeddings, pair_inputs, recall_at_k, reranked_recalls
 
 
 class ImageTextRetrieval(DownstreamTask):
@@ -24,13 +29,41 @@ class ImageTextRetrieval(DownstreamTask):
     def __init__(self, backbone: VLMoBackbone, options: DownstreamOptions, text_tokenizer=None, gather=None) -> None:
         super().__init__(ImageTextITC(backbone, ModeOptions(gather=gather or (lambda x: x))), options)
         self.text_tokenizer = text_tokenizer
+        self.rerank_k = options.rerank_k
+        if self.rerank_k:  # the matching head lives in the model, so checkpoints carry it
+            dim = backbone.cfg.embed_dim
+            self.model.pooler, self.model.itm_head = Pooler(dim), ITMHead(dim)
+            self.heads, self.paths = ("itc_head", "pooler", "itm_head"), frozenset({"image", "text", "pair"})
+            self.best_metric = "rerank_r_mean"
+        self.steps = 0
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.model(batch)
+        out = self.model(batch)
+        if not self.rerank_k:
+            return out
+        self.steps += self.training
+        generator = torch.Generator().manual_seed(7919 + self.steps)
+        m = self.model
+        matching = matching_outputs(self.backbone, m.itc_head, m.pooler, m.itm_head, batch, m.options.gather, generator)
+        return {**out, "loss": out["loss"] + matching["loss_itm"], "loss_itm": matching["loss_itm"].detach(),
+                "acc_itm": matching["acc_itm"]}
 
     @torch.no_grad()
     def evaluate_set(self, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
         images, texts, owner = pair_embeddings(self.backbone, self.model.itc_head, dataset, self.text_tokenizer,
                                                self.options.max_text_len, batch_size, device)
-        recalls = recall_at_k(images @ texts.t(), owner)
-        return {**recalls, "itc_r_mean": sum(recalls.values()) / len(recalls)}
+        similarity = images @ texts.t()
+        recalls = recall_at_k(similarity, owner)
+        stats = {**recalls, "itc_r_mean": sum(recalls.values()) / len(recalls)}
+        if self.rerank_k:
+            pixels, ids, mask = pair_inputs(dataset, self.text_tokenizer, self.options.max_text_len)
+            m = self.model
+
+            def score(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+                logits = itm_logits(self.backbone, m.pooler, m.itm_head, pixels[image_index.cpu()].to(device),
+                                    ids[text_index.cpu()].to(device), mask[text_index.cpu()].to(device))
+                return logits[:, 1] - logits[:, 0]
+
+            again = reranked_recalls(similarity, owner, self.rerank_k, score)
+            stats.update({**again, "rerank_r_mean": sum(again.values()) / len(again)})
+        return stats

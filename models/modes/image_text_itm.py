@@ -48,6 +48,43 @@ def same_captions(input_ids: torch.Tensor) -> torch.Tensor:
     return hashes[:, None] == hashes[None, :]
 
 
+def draw_negatives(backbone: VLMoBackbone, itc_head: ITCHead, batch: dict[str, torch.Tensor], gather,
+                   generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, tuple]:
+    """(the gathered batch, this rank's negative caption index per image and negative image index
+    per caption, indices into the gathered batch; the global assignment)."""
+    keys = (B.IMAGE, B.INPUT_IDS, B.ATTENTION_MASK)
+    with torch.no_grad():
+        image_emb, text_emb = itc_embeddings(backbone, itc_head, batch)
+        similarity = itc_head.scale() * gather(image_emb) @ gather(text_emb).t()  # [N, N]
+        every = {k: gather(batch[k]) for k in keys}
+    text_for_image, image_for_text = hard_negatives(similarity, generator, same_captions(every[B.INPUT_IDS]))
+    local = len(batch[B.IMAGE])
+    rank = 0 if len(every[B.IMAGE]) == local else dist_util.rank()
+    rows = slice(rank * local, (rank + 1) * local)
+    return every, text_for_image[rows], image_for_text[rows], (text_for_image, image_for_text)
+
+
+def matching_outputs(backbone: VLMoBackbone, itc_head: ITCHead, pooler: Pooler, itm_head: ITMHead,
+                     batch: dict[str, torch.Tensor], gather, generator: torch.Generator) -> dict:
+    """The ITM loss and accuracy over each pair, its hard negative caption and its hard negative
+    image (1:2, as VLMo), and the global negative assignment ("negatives")."""
+    every, negative_text, negative_image, negatives = draw_negatives(backbone, itc_head, batch, gather, generator)
+    images, ids, mask = batch[B.IMAGE], batch[B.INPUT_IDS], batch[B.ATTENTION_MASK]
+    pair_images = torch.cat([images, images, every[B.IMAGE][negative_image]])  # [3B, 3, H, W]
+    pair_ids = torch.cat([ids, every[B.INPUT_IDS][negative_text], ids])  # [3B, L]
+    pair_mask = torch.cat([mask, every[B.ATTENTION_MASK][negative_text], mask])
+    logits = itm_logits(backbone, pooler, itm_head, pair_images, pair_ids, pair_mask)  # [3B, 2]
+    labels = torch.cat([torch.ones(len(images)), torch.zeros(2 * len(images))]).long().to(logits.device)
+    return {"loss_itm": F.cross_entropy(logits, labels), "acc_itm": (logits.argmax(1) == labels).float().mean(),
+            "negatives": negatives}
+
+
+def itm_logits(backbone: VLMoBackbone, pooler: Pooler, itm_head: ITMHead, images: torch.Tensor, ids: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """`[B, 2]` no-match / match logits of image-caption pairs, from the pooled fused [CLS]."""
+    return itm_head(pooler(backbone.encode_pair(images, ids, mask))).float()
+
+
 class ImageTextITM(PretrainMode):
     name = "image_text_itm"
     description = "image-text matching on the fused pair with hard negatives from ITC similarities (VLMo)"
@@ -70,33 +107,12 @@ class ImageTextITM(PretrainMode):
     def set_epoch(self, epoch: int) -> None:
         self.steps = epoch * 1_000_003  # distinct draws per epoch, the same on every rank
 
-    def draw_negatives(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """(the gathered batch, this rank's negative caption index per image, negative image index
-        per caption), indices into the gathered batch."""
-        gather = self.options.gather
-        with torch.no_grad():
-            image_emb, text_emb = itc_embeddings(self.backbone, self.itc_head, batch)
-            similarity = self.itc_head.scale() * gather(image_emb) @ gather(text_emb).t()  # [N, N]
-            every = {k: gather(batch[k]) for k in self.batch_keys}
-        generator = torch.Generator().manual_seed(self.options.seed * 7919 + self.steps)
-        text_for_image, image_for_text = hard_negatives(similarity, generator, same_captions(every[B.INPUT_IDS]))
-        self.last_negatives = (text_for_image, image_for_text)
-        local = len(batch[B.IMAGE])
-        rows = slice(0, local) if len(every[B.IMAGE]) == local else slice(dist_util.rank() * local,
-                                                                          (dist_util.rank() + 1) * local)
-        return every, text_for_image[rows], image_for_text[rows]
-
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_batch(batch)
         if self.training:
             self.steps += 1
-        every, negative_text, negative_image = self.draw_negatives(batch)
-        images, ids, mask = batch[B.IMAGE], batch[B.INPUT_IDS], batch[B.ATTENTION_MASK]
-        pair_images = torch.cat([images, images, every[B.IMAGE][negative_image]])  # [3B, 3, H, W]
-        pair_ids = torch.cat([ids, every[B.INPUT_IDS][negative_text], ids])  # [3B, L]
-        pair_mask = torch.cat([mask, every[B.ATTENTION_MASK][negative_text], mask])
-        fused = self.backbone.encode_pair(pair_images, pair_ids, pair_mask)  # [3B, L+1+N, D]
-        logits = self.itm_head(self.pooler(fused)).float()  # [3B, 2]
-        labels = torch.cat([torch.ones(len(images)), torch.zeros(2 * len(images))]).long().to(logits.device)
-        loss = F.cross_entropy(logits, labels)
-        return {"loss": loss, "loss_itm": loss.detach(), "acc_itm": (logits.argmax(1) == labels).float().mean()}
+        generator = torch.Generator().manual_seed(self.options.seed * 7919 + self.steps)
+        out = matching_outputs(self.backbone, self.itc_head, self.pooler, self.itm_head, batch, self.options.gather,
+                               generator)
+        self.last_negatives = out.pop("negatives")
+        return {"loss": out["loss_itm"], "loss_itm": out["loss_itm"].detach(), "acc_itm": out["acc_itm"]}
