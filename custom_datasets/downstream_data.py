@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from common.errors import UserError
 from custom_datasets.classification_data import LabelledSample, build_classification_datasets, build_transform
 from custom_datasets.collate import collate_skipping_bad
+from custom_datasets.karpathy_split import TRAIN_SPLITS, is_karpathy_file, read_karpathy
 from custom_datasets.labelled_text import LabelledTexts, label_index, read_labelled_texts
 from custom_datasets.pair_data import ImageCaptionPairs
 from custom_datasets.segmentation_data import SegmentationPairs, find_segmentation_data
@@ -54,12 +55,22 @@ def labelled_texts(data: FinetuneDataSettings, tokenizer) -> DownstreamData:
                           sorted(labels, key=labels.get))
 
 
-def image_text_pairs(data: FinetuneDataSettings, aug: AugmentSettings, input_size: int, tokenizer) -> DownstreamData:
+def train_and_held_out_pairs(data: FinetuneDataSettings) -> tuple[list, list]:
+    """Karpathy's split file: its train + restval images and its test (or val) images; a pair file:
+    `--eval_data_file_path`, else a `--val_fraction` held out by file name."""
+    if is_karpathy_file(data.data_file_path):
+        train = read_karpathy(data.data_file_path, data.data_path, TRAIN_SPLITS)
+        if data.eval_data_file_path:
+            return train, read_pairs(data.eval_data_file_path, data.data_path)
+        return train, read_karpathy(data.data_file_path, data.data_path, (data.karpathy_eval_split,))
     pairs = read_pairs(data.data_file_path, data.data_path)
     if data.eval_data_file_path:
-        train, val = pairs, read_pairs(data.eval_data_file_path, data.data_path)
-    else:
-        train, val = split_held_out(pairs, (file_key(p[0]) for p in pairs), data.val_fraction)
+        return pairs, read_pairs(data.eval_data_file_path, data.data_path)
+    return split_held_out(pairs, (file_key(p[0]) for p in pairs), data.val_fraction)
+
+
+def image_text_pairs(data: FinetuneDataSettings, aug: AugmentSettings, input_size: int, tokenizer) -> DownstreamData:
+    train, val = train_and_held_out_pairs(data)
     if len(val) < 2:
         raise UserError(f"--data_file_path {data.data_file_path}: {len(val)} held-out pair is too few to measure "
                         f"retrieval; raise --val_fraction or pass --eval_data_file_path")

@@ -85,12 +85,16 @@ class FinetuneDataSettings:
     data_path: str | None = flag(None, "image tasks: folder with train/<class>/ and val/<class>/; retrieval: the "
                                        "image root")
     data_file_path: str | None = flag(None, "text_classification: .csv/.json/.jsonl of text,label; retrieval: "
-                                            "image-caption .json/.jsonl")
+                                            "image-caption .json/.jsonl, or Karpathy's dataset_coco.json / "
+                                            "dataset_flickr30k.json")
     eval_data_file_path: str | None = flag(None, "held-out texts / pairs", shown_default="a --val_fraction")
     val_fraction: float = flag(0.1, "fraction of --data_file_path held out (deterministic)")
     tokenizer: str | None = flag(None, "text tasks: BERT tokenizer folder or hub name",
                                  shown_default="the checkpoint's, else bert-base-uncased")
     max_text_len: int = flag(40, "tokens per text, [CLS] and [SEP] included")
+    karpathy_eval_split: str = flag("test", "image_text_retrieval with Karpathy's dataset_coco.json / "
+                                            "dataset_flickr30k.json as --data_file_path: the split evaluated (training "
+                                            "takes train + restval)", choices=("test", "val"))
     rerank_k: int = flag(0, "image_text_retrieval: also train the matching head (ITM, hard negatives) and re-rank "
                             "each image's and caption's contrastive top k with it on the fused pair (VLMo); both "
                             "rankings are reported (0: contrastive only)")

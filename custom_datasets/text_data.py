@@ -44,7 +44,8 @@ def report_skipped(path: Path, skipped: int, total: int, what: str) -> None:
     if not skipped:
         return
     if skipped == total:
-        needs = 'a non-empty "caption" and a "filename"' if what == "pairs" else 'a non-empty "caption"'
+        needs = {"pairs": 'a non-empty "caption" and a "filename"',
+                 "images": 'a "filename" and "sentences" with "raw" text'}.get(what, 'a non-empty "caption"')
         raise UserError(f"--data_file_path {path}: none of its {total} {what} is usable (each needs {needs}); "
                         f"check the file")
     say(f"{path}: skipped {skipped} of {total} {what} (malformed, not UTF-8, or without a usable caption)")
