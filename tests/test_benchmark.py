@@ -78,3 +78,11 @@ def test_tokenizer_mode_reports_speed_and_agreement_with_fp32(capsys):
     assert [r[0] for r in rows] == ["fp32", "fp32 channels-last", "bf16 autocast", "bf16 channels-last"]
     assert rows[0][2:] == ["1.00x", "100.00%"] and rows[1][3] == "100.00%"  # layout alone changes no id
     assert all(0 < float(r[3].rstrip("%")) <= 100 for r in rows)
+
+
+def test_sweep_runs_our_step_at_each_size_and_batch(capsys):
+    rows = benchmark.main(["--mode", "encode", "--sweep", "--size", "tiny", "--sweep_image_sizes", "32", "64",
+                           "--sweep_batch_sizes", "1", "4", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    assert [(r["image_size"], r["batch"]) for r in rows] == [(32, 1), (32, 4), (64, 1), (64, 4)]
+    assert all("error" not in r and r["step_s"] > 0 for r in rows)
+    assert len(table_rows(capsys.readouterr().out)) == 4

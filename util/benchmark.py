@@ -11,6 +11,7 @@ bf16 autocast (CPU or GPU), `ours_compiled` ours under `torch.compile`.
 `--mode tokenizer`: the DALL-E encoder in fp32, channels-last and bf16: speed and id agreement.
 `--mode loader`: what one DataLoader worker spends per image on decode, the two views, the mask
 and collate (generated 500x375 JPEGs), and the workers a device at `--target_rate` images/s needs.
+`--sweep` (with encode or mim): our step time and peak memory at each image size x batch size.
 `--mode index`: indexing and splitting an image folder's file list (1M and 14M generated paths,
 ImageNet-1k and -22k sizes), one core.
 `--mode mim`: one whole BEiT pretraining step: DALL-E tokenization of the second view (ours vs the
@@ -384,6 +385,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
                    help="default: ours, hf_sdpa, hf_eager and (encode) timm; ours_bf16 and ours_compiled on request")
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--sweep", action="store_true", help="encode/mim: our step at every --sweep_image_sizes x "
+                   "--sweep_batch_sizes, one process each (the cost curve)")
+    p.add_argument("--sweep_image_sizes", type=int, nargs="+", default=[224, 384])
+    p.add_argument("--sweep_batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     args = p.parse_args(argv)
     if args.mode == "index":
         return index_benchmark(args.num_paths, args.scan_files)
@@ -395,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         return loader_benchmark(args.num_images, args.image_size, args.batch_size, args.target_rate, args.jpeg_folder)
     if args.worker:
         return worker(args)
+    if args.sweep:
+        return sweep(args, [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--sweep"])
     args.impls = args.impls or [i for i in DEFAULT_IMPLS if i in (MIM_IMPLS if args.mode == "mim" else IMPLS)]
     if args.mode == "mim" and "timm" in args.impls:
         p.error("--mode mim compares with HF BeitForMaskedImageModeling; timm has no MIM head")
@@ -405,6 +412,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{what}, {args.size} {args.image_size}px, batch {args.batch_size}, amp={args.amp}, {hw}; "
           f"{args.rounds} interleaved rounds of {args.steps} steps")
     print_rows(rows, "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB")
+
+
+def sweep(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+    """Our step at every image size x batch size, one process each: how time and peak memory grow
+    (the cost curve); a size that fails (out of memory) ends its row of batch sizes."""
+    rows = []
+    for size in args.sweep_image_sizes:
+        for batch in args.sweep_batch_sizes:
+            result = run_worker("ours", argv + ["--image_size", str(size), "--batch_size", str(batch)])
+            rows.append({"image_size": size, "batch": batch, **result})
+            if "error" in result:
+                break
+    peak = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
+    print(f"\n{args.mode} cost curve, ours, {args.size}, amp={args.amp}, {args.device}; median of {args.steps} steps\n"
+          f"| image size | batch | step (s) | images/s | {peak} |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        cells = (f"error: {r['error']} | | |" if "error" in r else
+                 f"{r['step_s']:.3f} | {r['images_per_s']:.1f} | {r['peak_mb']:.0f} |")
+        print(f"| {r['image_size']} | {r['batch']} | {cells}")
+    return rows
 
 
 def run_worker(impl: str, argv: list[str]) -> dict:
