@@ -107,3 +107,39 @@ def test_image_conditioned_mlm_reads_the_picture():
 
         assert (fused_mlm_logits(backbone, mode.mlm_head, batch)[0]
                 - fused_mlm_logits(backbone, mode.mlm_head, other)[0]).abs().max() > 1e-4
+
+
+def _compound(itm: float):
+    from models.modes import CompoundPretrain
+
+    torch.manual_seed(0)
+    backbone = create_model("vlmo_tiny_patch16", img_size=GRID * 8, patch_size=8, vocab_size=32, max_text_len=LENGTH,
+                            drop_path_rate=0.0)
+    return CompoundPretrain(backbone, ModeOptions(visual_vocab_size=8, itm_conduct_prob=itm, seed=5))
+
+
+def test_compound_without_itm_draws_exactly_the_three_objectives_it_always_drew():
+    import random
+
+    mode = _compound(0.0).train()
+    assert mode.heads == ("mim_head", "mlm_head", "itc_head") and not hasattr(mode, "itm_head")
+    reference = random.Random("5:0")  # three draws a step, as before ITM existed
+    for _ in range(50):
+        mim, mlm, itc = (reference.random() < p for p in (0.3, 0.8, 1.0))
+        itc = (itc and not mim) or not (mim or mlm or (itc and not mim))
+        assert mode.draw() == (mim, mlm, itc, False)
+
+
+def test_compound_with_itm_trains_the_matching_head():
+    mode = _compound(1.0).train()
+    assert mode.heads[-2:] == ("pooler", "itm_head")
+    batch = _batch(0)
+    labels = torch.full((BATCH, LENGTH), -100)
+    labels[:, 1] = batch["input_ids"][:, 1]
+    batch.update(mlm_input_ids=batch["input_ids"], mlm_labels=labels, bool_masked_pos=torch.zeros(BATCH, GRID * GRID,
+                 dtype=torch.bool), visual_token_ids=torch.zeros(BATCH, GRID * GRID, dtype=torch.long))
+    batch["bool_masked_pos"][:, 0] = True
+    out = mode(batch)
+    assert "loss_itm" in out and "acc_itm" in out
+    out["loss"].backward()
+    assert mode.itm_head.fc.weight.grad is not None and mode.pooler.dense.weight.grad is not None

@@ -70,6 +70,8 @@ class ObjectiveSettings:
     mim_conduct_prob: float = flag(0.3, "compound_pretrain: probability of MIM at a step")
     mlm_conduct_prob: float = flag(0.8, "compound_pretrain: probability of MLM at a step")
     itc_conduct_prob: float = flag(1.0, "compound_pretrain: probability of ITC at a step (skipped when MIM ran)")
+    itm_conduct_prob: float = flag(0.0, "compound_pretrain: probability of image-text matching at a step (VLMo ITM, "
+                                        "hard negatives from the ITC head; 0: off, as ContinualTransformer)")
     disable_aggregate_itc: bool = flag(False, "ITC negatives from this rank only (ContinualTransformer's flag; the "
                                               "same as --no-aggregate_itc)")
 

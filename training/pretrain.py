@@ -151,7 +151,8 @@ def mode_options(cfg: PretrainConfig, visual_tokenizer) -> ModeOptions:
     return ModeOptions(visual_vocab_size=visual_tokenizer.vocab_size if visual_tokenizer is not None else None,
                        gather=dist_util.gather_with_grad if obj.aggregate_itc else (lambda x: x),
                        mim_conduct_prob=obj.mim_conduct_prob, mlm_conduct_prob=obj.mlm_conduct_prob,
-                       itc_conduct_prob=obj.itc_conduct_prob, seed=cfg.run.seed)
+                       itc_conduct_prob=obj.itc_conduct_prob, itm_conduct_prob=obj.itm_conduct_prob,
+                       seed=cfg.run.seed)
 
 
 @dataclass

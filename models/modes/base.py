@@ -36,6 +36,7 @@ class ModeOptions:
     mim_conduct_prob: float = 0.3
     mlm_conduct_prob: float = 0.8
     itc_conduct_prob: float = 1.0
+    itm_conduct_prob: float = 0.0
     seed: int = 0
 
 
