@@ -2,6 +2,7 @@
 all their captions, and recall@k in both directions (the COCO / Flickr30k protocol)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -27,10 +28,31 @@ def recall_at_k(similarity: torch.Tensor, text_to_image: torch.Tensor, ks=(1, 5,
     return out
 
 
+@dataclass
+class PairInputs:
+    """The held-out inputs re-ranking feeds the fused forward, kept while they are embedded (so the
+    images are decoded once): every image `[I, 3, H, W]` on the CPU, every caption's ids and mask
+    `[T, L]` padded to one length."""
+    images: list[torch.Tensor] = field(default_factory=list)
+    ids: list[torch.Tensor] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, image: torch.Tensor, captions: list[str], text_tokenizer, max_text_len: int) -> None:
+        self.images.append(image)
+        enc = text_tokenizer(captions, padding="max_length", truncation=True, max_length=max_text_len,
+                             return_tensors="pt")  # one length for all, so they stack
+        self.ids.append(enc["input_ids"])
+        self.masks.append(enc["attention_mask"])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.stack(self.images), torch.cat(self.ids), torch.cat(self.masks)
+
+
 @torch.no_grad()
 def pair_embeddings(backbone, head: nn.Module, dataset: Dataset, text_tokenizer, max_text_len: int, batch_size: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image embeddings `[I, D]`, embeddings of every caption `[T, D]`, image index of each caption `[T]`)."""
+                    device: torch.device, keep: PairInputs | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image embeddings `[I, D]`, embeddings of every caption `[T, D]`, image index of each caption
+    `[T]`); with `keep`, the inputs are collected into it in the same order."""
     image_emb, text_emb, owner, n_images = [], [], [], 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda s: [x for x in s if x is not None])
     for samples in with_progress(loader, "retrieval: embedding images and captions"):
@@ -44,10 +66,10 @@ def pair_embeddings(backbone, head: nn.Module, dataset: Dataset, text_tokenizer,
             cls = backbone.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))[:, 0]
             text_emb.append(head.embed_text(cls))
             owner += [n_images + i] * len(captions)
+            if keep is not None:
+                keep.add(s[B.IMAGE], captions, text_tokenizer, max_text_len)
         n_images += len(samples)
     return torch.cat(image_emb), torch.cat(text_emb), torch.tensor(owner, device=device)
-
-
 
 
 def reranked(similarity: torch.Tensor, k: int, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -78,18 +100,3 @@ def reranked_recalls(similarity: torch.Tensor, text_to_image: torch.Tensor, k: i
     forward, backward = recall_at_k(i2t, text_to_image), recall_at_k(t2i, text_to_image)
     return {**{f"rerank_{key[4:]}": v for key, v in forward.items() if "_i2t_" in key},
             **{f"rerank_{key[4:]}": v for key, v in backward.items() if "_t2i_" in key}}
-
-
-@torch.no_grad()
-def pair_inputs(dataset: Dataset, text_tokenizer, max_text_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(every held-out image `[I, 3, H, W]` on the CPU, every caption's ids and mask `[T, L]`), in the
-    order of `pair_embeddings`: what re-ranking feeds the fused forward."""
-    images, ids, masks = [], [], []
-    for sample in (s for s in (dataset[i] for i in range(len(dataset))) if s is not None):
-        images.append(sample[B.IMAGE])
-        captions = [sample[B.CAPTION]] if isinstance(sample[B.CAPTION], str) else list(sample[B.CAPTION])
-        enc = text_tokenizer(captions, padding="max_length", truncation=True, max_length=max_text_len,
-                             return_tensors="pt")  # one length for all, so they stack
-        ids.append(enc["input_ids"])
-        masks.append(enc["attention_mask"])
-    return torch.stack(images), torch.cat(ids), torch.cat(masks)

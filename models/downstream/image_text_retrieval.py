@@ -14,7 +14,7 @@ from models.heads import ITMHead, Pooler
 from models.modes.base import ModeOptions
 from models.modes.image_text_itc import ImageTextITC
 from models.modes.image_text_itm import itm_logits, matching_outputs
-from models.retrieval import pair_embeddings, pair_inputs, recall_at_k, reranked_recalls
+from models.retrieval import PairInputs, pair_embeddings, recall_at_k, reranked_recalls
 
 
 class ImageTextRetrieval(DownstreamTask):
@@ -50,13 +50,14 @@ class ImageTextRetrieval(DownstreamTask):
 
     @torch.no_grad()
     def evaluate_set(self, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
+        keep = PairInputs() if self.rerank_k else None
         images, texts, owner = pair_embeddings(self.backbone, self.model.itc_head, dataset, self.text_tokenizer,
-                                               self.options.max_text_len, batch_size, device)
+                                               self.options.max_text_len, batch_size, device, keep)
         similarity = images @ texts.t()
         recalls = recall_at_k(similarity, owner)
         stats = {**recalls, "itc_r_mean": sum(recalls.values()) / len(recalls)}
         if self.rerank_k:
-            pixels, ids, mask = pair_inputs(dataset, self.text_tokenizer, self.options.max_text_len)
+            pixels, ids, mask = keep.tensors()
             m = self.model
 
             def score(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
