@@ -88,9 +88,7 @@ def segmentation_pairs(data: FinetuneDataSettings, seg: SegmentationDataSettings
     def pairs(rows, train: bool) -> SegmentationPairs:
         view = SegmentationView(crop, train, tuple(seg.scale_ratio_range), photometric=seg.photometric_distortion,
                                 imagenet_mean_std=aug.imagenet_default_mean_and_std)
-        dataset = SegmentationPairs(rows, view, seg.reduce_zero_label, bands, source.scaler)
-        dataset.class_names = source.class_names
-        return dataset
+        return SegmentationPairs(rows, view, seg.reduce_zero_label, bands, source.scaler, source.class_names)
 
     return DownstreamData(pairs(source.train_pairs, True), pairs(source.val_pairs, False), collate_skipping_bad,
                           collate_skipping_bad, source.class_names)

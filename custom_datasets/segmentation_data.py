@@ -99,9 +99,11 @@ class SegmentationPairs(Dataset):
     be read (the collate function drops and counts it)."""
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], view: SegmentationView, reduce_zero_label: bool = False,
-                 bands: Sequence[int] | None = None, scaler: BandScaler | None = None) -> None:
+                 bands: Sequence[int] | None = None, scaler: BandScaler | None = None,
+                 class_names: Sequence[str] = ()) -> None:
+        """`class_names`: in index order, what the per-class metrics are called."""
         self.pairs, self.view, self.reduce_zero_label = list(pairs), view, reduce_zero_label
-        self.bands, self.scaler = bands, scaler
+        self.bands, self.scaler, self.class_names = bands, scaler, list(class_names)
 
     def __len__(self) -> int:
         return len(self.pairs)
