@@ -43,7 +43,7 @@ def _ddp_worker(rank: int, world: int, out_path: str) -> None:
 def test_fsdp_and_ddp_reach_the_same_weights(tmp_path, checkpointing):
     run_in_processes(_fsdp_worker, 2, str(tmp_path / "fsdp.pt"), checkpointing)
     run_in_processes(_ddp_worker, 2, str(tmp_path / "ddp.pt"))
-    fsdp, ddp = torch.load(tmp_path / "fsdp.pt"), torch.load(tmp_path / "ddp.pt")
+    fsdp, ddp = torch.load(tmp_path / "fsdp.pt", weights_only=True), torch.load(tmp_path / "ddp.pt", weights_only=True)
     initial = _task().state_dict()
     assert fsdp.keys() == ddp.keys()
     moved = 0

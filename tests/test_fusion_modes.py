@@ -82,7 +82,7 @@ def _rank_worker(rank: int, world: int, out_path: str) -> None:
 
 def test_two_ranks_draw_the_same_global_negatives(tmp_path):
     run_in_processes(_rank_worker, 2, str(tmp_path / "negatives"))
-    first, second = (torch.load(tmp_path / f"negatives.{r}") for r in (0, 1))
+    first, second = (torch.load(tmp_path / f"negatives.{r}", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert len(first[0]) == 2 * BATCH and not (first[0] == torch.arange(2 * BATCH)).any()
 

@@ -15,6 +15,16 @@ from tests.helpers import max_diff, randomize_
 GRID, LENGTH, START = 3, 5, 2
 
 
+def cls_entry(q: int, k: int, end: int) -> int:
+    """A modality's three [CLS] rows are the last of its part of the table (which ends at `end`):
+    cls->cls, cls->token, token->cls; -1 between two other tokens."""
+    if q == 0 and k == 0:
+        return end - 1
+    if q == 0:
+        return end - 3
+    return end - 2 if k == 0 else -1
+
+
 def naive_bias(table: torch.Tensor, text_len: int, max_text_len: int) -> torch.Tensor:
     """`[n, n, columns]` bias of the [text (text_len); image cls + GRID x GRID] sequence, entry by entry."""
     window = (2 * GRID - 1) ** 2
@@ -26,13 +36,8 @@ def naive_bias(table: torch.Tensor, text_len: int, max_text_len: int) -> torch.T
         for k in range(n):
             q_text, k_text = q < text_len, k < text_len
             if q_text and k_text:
-                if q == 0 and k == 0:
-                    index[q, k] = total - 1
-                elif q == 0:
-                    index[q, k] = total - 3
-                elif k == 0:
-                    index[q, k] = total - 2
-                else:  # key position minus query position, centred
+                index[q, k] = cls_entry(q, k, total)
+                if index[q, k] < 0:  # key position minus query position, centred
                     index[q, k] = r + 2 + (k - q) + (max_text_len - 2)
             elif q_text:
                 index[q, k] = r  # text -> image
@@ -40,13 +45,8 @@ def naive_bias(table: torch.Tensor, text_len: int, max_text_len: int) -> torch.T
                 index[q, k] = r + 1  # image -> text
             else:
                 qi, ki = q - text_len, k - text_len  # 0: the image [CLS]
-                if qi == 0 and ki == 0:
-                    index[q, k] = r - 1
-                elif qi == 0:
-                    index[q, k] = r - 3
-                elif ki == 0:
-                    index[q, k] = r - 2
-                else:  # query patch minus key patch, in rows and columns
+                index[q, k] = cls_entry(qi, ki, r)
+                if index[q, k] < 0:  # query patch minus key patch, in rows and columns
                     (qr, qc), (kr, kc) = divmod(qi - 1, GRID), divmod(ki - 1, GRID)
                     index[q, k] = (qr - kr + GRID - 1) * (2 * GRID - 1) + (qc - kc + GRID - 1)
     return table[index]

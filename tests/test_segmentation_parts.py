@@ -26,6 +26,17 @@ def tiny_segmenter(classes: int = 5, size: int = 32) -> Segmenter:
     return Segmenter(backbone, SegmentationHead(192, classes, 32, 16, default_block_indices(4))).eval()
 
 
+def three_class_task() -> SemanticSegmentation:
+    backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8)
+    return SemanticSegmentation(backbone, DownstreamOptions(num_classes=3, segmentation=SegmentationOptions(16, 8)))
+
+
+def random_held_out(seed: int, count: int, image: tuple[int, int], mask: tuple[int, int]) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{"image": torch.randn(3, *image, generator=gen), "seg_mask": torch.randint(0, 3, mask, generator=gen)}
+            for _ in range(count)]
+
+
 # ---- metrics ----------------------------------------------------------------------------------------
 def test_miou_matches_a_hand_computed_case_with_ignored_pixels_and_an_absent_class():
     target = torch.tensor([[0, 0, 1], [1, 2, SEG_IGNORE]])
@@ -92,9 +103,7 @@ def test_default_blocks_are_beits_for_base_and_large():
 
 
 def test_every_trainable_parameter_of_the_task_gets_a_gradient():
-    backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8)
-    options = DownstreamOptions(num_classes=3, segmentation=SegmentationOptions(decoder_channels=16, aux_channels=8))
-    task = SemanticSegmentation(backbone, options).train()
+    task = three_class_task().train()
     frozen = set(task.frozen_parameter_names())
     assert "backbone.norm.weight" in frozen and not any(n.startswith("backbone.blocks.") for n in frozen)
     mask = torch.randint(0, 3, (2, 32, 32))
@@ -107,15 +116,13 @@ def test_every_trainable_parameter_of_the_task_gets_a_gradient():
 
 
 def test_a_batch_without_labelled_pixels_has_loss_zero_not_nan():
-    backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8)
-    task = SemanticSegmentation(backbone, DownstreamOptions(num_classes=3, segmentation=SegmentationOptions(16, 8)))
+    task = three_class_task()
     out = task({"image": torch.randn(2, 3, 32, 32), "seg_mask": torch.full((2, 32, 32), SEG_IGNORE)})
     assert out["loss"].item() == 0.0
 
 
 def test_a_training_batch_of_one_image_gets_its_mirror_image():
-    backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8)
-    task = SemanticSegmentation(backbone, DownstreamOptions(num_classes=3, segmentation=SegmentationOptions(16, 8)))
+    task = three_class_task()
     image, mask = torch.randn(1, 3, 32, 32), torch.randint(0, 3, (1, 32, 32))
     batch = task.prepare_train_batch({"image": image, "seg_mask": mask})
     assert torch.equal(batch["image"][1], image[0].flip(-1)) and torch.equal(batch["seg_mask"][1], mask[0].flip(-1))
@@ -219,11 +226,8 @@ def test_held_out_images_are_batched_only_with_images_and_masks_of_their_size():
 
 
 def test_batched_evaluation_equals_one_image_at_a_time():
-    backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8)
-    task = SemanticSegmentation(backbone, DownstreamOptions(num_classes=3, segmentation=SegmentationOptions(16, 8))).eval()
-    gen = torch.Generator().manual_seed(0)
-    dataset = [{"image": torch.randn(3, 32, 40, generator=gen), "seg_mask": torch.randint(0, 3, (30, 37), generator=gen)}
-               for _ in range(5)]
+    task = three_class_task().eval()
+    dataset = random_held_out(0, 5, (32, 40), (30, 37))
     with torch.no_grad():
         batched, single = task.evaluate_set(dataset, 4, torch.device("cpu")), task.evaluate_set(dataset, 1, torch.device("cpu"))
     assert batched == pytest.approx(single, abs=1e-9)
@@ -231,11 +235,8 @@ def test_batched_evaluation_equals_one_image_at_a_time():
 
 def _evaluate_in_process(rank, world, out_path):
     torch.manual_seed(0)
-    backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8)
-    task = SemanticSegmentation(backbone, DownstreamOptions(num_classes=3, segmentation=SegmentationOptions(16, 8))).eval()
-    gen = torch.Generator().manual_seed(1)
-    dataset = [{"image": torch.randn(3, 32, 32, generator=gen), "seg_mask": torch.randint(0, 3, (32, 32), generator=gen)}
-               for _ in range(7)]
+    task = three_class_task().eval()
+    dataset = random_held_out(1, 7, (32, 32), (32, 32))
     with torch.no_grad():
         stats = task.evaluate_set(dataset, 2, torch.device("cpu"))
     torch.save(stats, f"{out_path}.{rank}")
@@ -246,6 +247,6 @@ def test_two_ranks_sum_their_confusion_matrices_into_the_one_process_metrics(tmp
 
     run_in_processes(_evaluate_in_process, 2, str(tmp_path / "stats"))
     _evaluate_in_process(0, 1, str(tmp_path / "single"))
-    single = torch.load(tmp_path / "single.0")
+    single = torch.load(tmp_path / "single.0", weights_only=True)
     for rank in (0, 1):  # every rank reports the whole held-out set's metrics
-        assert torch.load(tmp_path / f"stats.{rank}") == pytest.approx(single, abs=1e-9)
+        assert torch.load(tmp_path / f"stats.{rank}", weights_only=True) == pytest.approx(single, abs=1e-9)
