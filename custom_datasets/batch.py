@@ -17,6 +17,11 @@ MLM_INPUT_IDS = "mlm_input_ids"  # [B, L] INPUT_IDS with whole words masked
 MLM_LABELS = "mlm_labels"  # [B, L] original ids where masked, IGNORE_INDEX elsewhere
 LABEL = "label"  # [B] class index
 SEG_MASK = "seg_mask"  # [B, H, W] class index per pixel, 255 where unlabelled (semantic segmentation)
+IMAGE_2 = "image_2"  # [B, 3, S, S] the second image a text is about (NLVR2)
+VQA_TARGETS = "vqa_targets"  # [B, answers] soft score of each vocabulary answer (training target)
+VQA_SCORES = "vqa_scores"  # [B, answers] official VQA accuracy each vocabulary answer would get
+QUESTION_ID = "question_id"  # [B] a VQA question's id (the results file names it)
+ANSWER_TYPE = "answer_type"  # [B] index into yes/no, number, other (VQA's accuracy breakdown)
 CAPTION = "caption"  # per sample: str or list[str]; replaced by INPUT_IDS in the collate
 NUM_SKIPPED = "num_skipped"  # scalar tensor: unreadable samples dropped from this batch
 
@@ -34,6 +39,11 @@ class Batch(TypedDict, total=False):
     mlm_labels: torch.Tensor
     label: torch.Tensor
     seg_mask: torch.Tensor
+    image_2: torch.Tensor
+    vqa_targets: torch.Tensor
+    vqa_scores: torch.Tensor
+    question_id: torch.Tensor
+    answer_type: torch.Tensor
     num_skipped: torch.Tensor
 
 

@@ -56,7 +56,29 @@ def recorded_transform(preprocessing: dict):
     return create_transform(int(preprocessing["image_size"]), is_training=False,
                             interpolation=preprocessing.get("interpolation", "bicubic"),
                             crop_pct=float(preprocessing["crop_pct"]), mean=tuple(preprocessing["mean"]),
-                            std=tuple(preprocessing["std"]))
+                            std=tuple(preprocessing["std"]), crop_mode=preprocessing.get("crop_mode", "center"))
+
+
+def whole_image_preprocessing(input_size: int, imagenet: bool) -> dict:
+    """The held-out view of image-text reasoning (VQA, NLVR2): the whole image resized to a square."""
+    mean, std = mean_std(imagenet)
+    return {"image_size": input_size, "crop_pct": 1.0, "mean": list(mean), "std": list(std),
+            "interpolation": "bicubic", "crop_mode": "squash"}
+
+
+def whole_image_transform(aug: AugmentSettings, input_size: int, train: bool):
+    """VQA and NLVR2 see the whole image, never cropped or flipped (counts, "left" and "right" must
+    hold); training adds RandAugment (--aa) before the resize, as VLMo does."""
+    from timm.data.auto_augment import rand_augment_transform
+    from torchvision import transforms
+
+    view = recorded_transform(whole_image_preprocessing(input_size, aug.imagenet_default_mean_and_std))
+    if not (train and aug.aa):
+        return view
+    patch_timm_posterize()
+    mean, _ = mean_std(aug.imagenet_default_mean_and_std)
+    hparams = {"translate_const": int(input_size * 0.45), "img_mean": tuple(round(255 * m) for m in mean)}
+    return transforms.Compose([rand_augment_transform(aug.aa, hparams), view])
 
 
 def build_transform(aug: AugmentSettings, input_size: int, train: bool, image_text: bool = False):

@@ -8,10 +8,16 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from common.errors import UserError
-from custom_datasets.classification_data import LabelledSample, build_classification_datasets, build_transform
+from custom_datasets.classification_data import (
+    LabelledSample,
+    build_classification_datasets,
+    build_transform,
+    whole_image_transform,
+)
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.karpathy_split import TRAIN_SPLITS, is_karpathy_file, read_karpathy
 from custom_datasets.labelled_text import LabelledTexts, label_index, read_labelled_texts
+from custom_datasets.nlvr2_data import StatementPairs, read_nlvr2_split
 from custom_datasets.pair_data import ImageCaptionPairs
 from custom_datasets.segmentation_data import SegmentationPairs, find_segmentation_data
 from custom_datasets.segmentation_transforms import SegmentationView
@@ -19,9 +25,10 @@ from custom_datasets.settings import AugmentSettings, FinetuneDataSettings, Segm
 from custom_datasets.split import file_key, record_keys, split_held_out
 from custom_datasets.text_collate import CaptionCollator
 from custom_datasets.text_data import read_pairs
+from custom_datasets.vqa_data import VQAQuestions, vqa_splits
 
 KIND_NEEDS = {"image_folder": "data_path", "labelled_text": "data_file_path", "image_text_pairs": "data_file_path",
-              "segmentation": "data_path"}
+              "segmentation": "data_path", "vqa": "data_path", "nlvr2": "data_path"}
 
 
 @dataclass
@@ -94,9 +101,42 @@ def segmentation_pairs(data: FinetuneDataSettings, seg: SegmentationDataSettings
                           collate_skipping_bad, source.class_names)
 
 
+def vqa_questions(data: FinetuneDataSettings, aug: AugmentSettings, input_size: int, tokenizer, evaluate_only: bool,
+                  recorded_answers: list[str] | None) -> DownstreamData:
+    """VQAv2's questions; the class names are the answer vocabulary (a VQA checkpoint's own, when
+    fine-tuning or evaluating one further)."""
+    train, held_out, vocabulary = vqa_splits(data.data_path, data.vqa_train_splits, data.vqa_eval_split,
+                                             data.vqa_answers, evaluate_only, recorded_answers)
+
+    def questions(rows, train_view: bool, what: str) -> VQAQuestions:
+        return VQAQuestions(rows, vocabulary, data.vqa_soft_score,
+                            LabelledSample(whole_image_transform(aug, input_size, train_view)), what)
+
+    collate = CaptionCollator(tokenizer, data.max_text_len, None, train=False)
+    train_set = questions(train, True, f"VQA {'+'.join(data.vqa_train_splits)}") if train else []
+    return DownstreamData(train_set, questions(held_out, False, f"VQA {data.vqa_eval_split}"), collate, collate,
+                          vocabulary.answers)
+
+
+def nlvr2_statements(data: FinetuneDataSettings, aug: AugmentSettings, input_size: int, tokenizer,
+                     evaluate_only: bool) -> DownstreamData:
+    def statements(split: str, train_view: bool) -> StatementPairs:
+        return StatementPairs(read_nlvr2_split(data.data_path, split),
+                              LabelledSample(whole_image_transform(aug, input_size, train_view)), f"NLVR2 {split}")
+
+    collate = CaptionCollator(tokenizer, data.max_text_len, None, train=False)
+    train = [] if evaluate_only else statements("train", True)
+    return DownstreamData(train, statements(data.nlvr2_eval_split, False), collate, collate, ["false", "true"])
+
+
 def build_downstream_data(kind: str, data: FinetuneDataSettings, aug: AugmentSettings, input_size: int,
                           tokenizer=None, segmentation: SegmentationDataSettings | None = None,
-                          nb_classes: int | None = None) -> DownstreamData:
+                          nb_classes: int | None = None, evaluate_only: bool = False,
+                          recorded_class_names: list[str] | None = None) -> DownstreamData:
+    if kind == "vqa":
+        return vqa_questions(data, aug, input_size, tokenizer, evaluate_only, recorded_class_names)
+    if kind == "nlvr2":
+        return nlvr2_statements(data, aug, input_size, tokenizer, evaluate_only)
     if kind == "image_folder":
         return image_folders(data, aug, input_size)
     if kind == "segmentation":

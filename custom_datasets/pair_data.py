@@ -17,25 +17,27 @@ from custom_datasets.synthetic_world import SPLIT_OFFSET, make_scene
 log = logging.getLogger(__name__)
 
 
+def require_readable_images(paths: list[Path], what: str, fix: str) -> None:
+    """A data set whose first images all fail to open stops here, in one sentence naming one of them
+    and `fix`, instead of training on nothing (a few bad files are skipped and counted later)."""
+    first_error = None
+    for path in paths:
+        try:
+            open_rgb(path)
+            return
+        except Exception as err:  # noqa: BLE001 - any reader error means "unreadable"
+            first_error = first_error or f"{path}: {type(err).__name__}"
+    if paths:
+        raise UserError(f"none of the first {len(paths)} images of {what} could be read (e.g. {first_error}); {fix}")
+
+
 class ImageCaptionPairs(Dataset):
     """A sample is `build(image) | {"caption": [str, ...]}`; None when the image cannot be read."""
 
     def __init__(self, pairs: list[tuple[Path, list[str]]], build: Callable[[Image.Image], dict[str, Any]]) -> None:
         self.pairs, self.build = pairs, build
-        self._check_some_readable()
-
-    def _check_some_readable(self, probe: int = 20) -> None:
-        """A pairs file whose images cannot be found fails here, in one sentence, not after training
-        on nothing."""
-        first_error = None
-        for path, _ in self.pairs[:probe]:
-            try:
-                open_rgb(path)
-                return
-            except Exception as err:  # noqa: BLE001 - any reader error means "unreadable"
-                first_error = first_error or f"{path}: {type(err).__name__}"
-        raise UserError(f"none of the first {min(probe, len(self.pairs))} images of the image-text pairs could be read "
-                        f"(e.g. {first_error}); check --data_path, the folder their file names are relative to")
+        require_readable_images([path for path, _ in pairs[:20]], "the image-text pairs",
+                                "check --data_path, the folder their file names are relative to")
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -83,7 +83,7 @@ class PretrainDataConfig:
 @dataclass(frozen=True)
 class FinetuneDataSettings:
     data_path: str | None = flag(None, "image tasks: folder with train/<class>/ and val/<class>/; retrieval: the "
-                                       "image root")
+                                       "image root; vqa / nlvr2: the VQAv2 / NLVR2 folder")
     data_file_path: str | None = flag(None, "text_classification: .csv/.json/.jsonl of text,label; retrieval: "
                                             "image-caption .json/.jsonl, or Karpathy's dataset_coco.json / "
                                             "dataset_flickr30k.json")
@@ -98,6 +98,16 @@ class FinetuneDataSettings:
     rerank_k: int = flag(0, "image_text_retrieval: also train the matching head (ITM, hard negatives) and re-rank "
                             "each image's and caption's contrastive top k with it on the fused pair (VLMo); both "
                             "rankings are reported (0: contrastive only)")
+    vqa_train_splits: tuple[str, ...] = flag(("train2014",), "vqa: the VQAv2 splits trained on (VLMo's test-dev "
+                                                              "runs: train2014 val2014)", nargs="+")
+    vqa_eval_split: str = flag("val2014", "vqa: the split evaluated; one without annotations (test-dev2015, "
+                                          "test2015) only with --eval, writing the results file alone")
+    vqa_answers: int = flag(3129, "vqa: answers in the vocabulary, the most frequent of the training questions' human "
+                                  "answers (VLMo: 3129)")
+    vqa_soft_score: str = flag("min_n_over_3", "vqa: training target of an answer n humans gave: min(1, n/3), or "
+                                               "the official leave-one-out accuracy (0.3/0.6/0.9/1: VLMo, ViLT)",
+                               choices=("min_n_over_3", "leave_one_out"))
+    nlvr2_eval_split: str = flag("dev", "nlvr2: the split evaluated", choices=("dev", "test1"))
     eval_data_path: str | None = flag(None, "held-out image folder", shown_default="DATA_PATH/val")
     model_selection_fraction: float | None = flag(
         None, "image classification and linear probe: fraction of the training images held out (by file name) "

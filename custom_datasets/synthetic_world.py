@@ -28,6 +28,13 @@ LABELS = tuple(sorted(COLORS))  # class names of `Scene.label`
 SEGMENTATION_CLASSES = ("background",) + SHAPES  # the values of `render_mask`
 
 
+def place_phrase(position: str) -> str:
+    """"in the center", "on the left", "at the top right", ..."""
+    if position == "center":
+        return "in the center"
+    return f"on the {position}" if position in ("left", "right") else f"at the {position}"
+
+
 @dataclass(frozen=True)
 class SceneObject:
     shape: str
@@ -36,9 +43,7 @@ class SceneObject:
     position: str
 
     def phrase(self) -> str:
-        where = "in the center" if self.position == "center" else (
-            f"on the {self.position}" if self.position in ("left", "right") else f"at the {self.position}")
-        return f"a {self.size} {self.color} {self.shape} {where}"
+        return f"a {self.size} {self.color} {self.shape} {place_phrase(self.position)}"
 
 
 @dataclass(frozen=True)

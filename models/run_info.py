@@ -13,12 +13,13 @@ from typing import Any
 from custom_datasets.transforms import mean_std
 
 
-def preprocessing(image_size: int, crop_pct: float, imagenet_mean_std: bool, interpolation: str = "bicubic") -> dict:
+def preprocessing(image_size: int, crop_pct: float, imagenet_mean_std: bool, interpolation: str = "bicubic",
+                  crop_mode: str = "center") -> dict:
     """The held-out view: resize the shorter side to image_size / crop_pct, centre-crop image_size,
-    normalise."""
+    normalise; crop_mode "squash": the whole image resized to a square (image-text reasoning)."""
     mean, std = mean_std(imagenet_mean_std)
     return {"image_size": image_size, "crop_pct": crop_pct, "mean": list(mean), "std": list(std),
-            "interpolation": interpolation}
+            "interpolation": interpolation, **({"crop_mode": crop_mode} if crop_mode != "center" else {})}
 
 
 def text_tokenizer_record(tokenizer, name: str | None) -> dict[str, Any]:
