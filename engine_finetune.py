@@ -41,8 +41,9 @@ def evaluate(task: DownstreamTask, loader: Iterable[Batch], device: torch.device
         with autocast(device, amp_dtype):
             return task.evaluate_set(dataset, eval_batch_size, device)
     averager = ScalarAverager()
+    task.start_evaluation()
     for batch in prepare.batches(loader):
         with autocast(device, amp_dtype):
             out = task(batch)
         averager.update(scalars_of(out), batch_size(batch))
-    return averager.global_average(device)
+    return task.finish_evaluation(averager.global_average(device))

@@ -50,6 +50,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gather_objects(value):
+    """Every rank's picklable `value`, as a list in rank order (`[value]` in one process)."""
+    if not is_distributed():
+        return [value]
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

@@ -128,8 +128,31 @@ class ITMHead(nn.Module):
         return self.fc(pooled)  # [B, 2]: logit of "no match", of "match"
 
 
+class AnswerHead(nn.Module):
+    """VLMo's classifier on pooled fused features (`vqa_classifier`, `nlvr2_classifier`): Linear to
+    `hidden`, LayerNorm, GELU, Linear to the outputs (answers of the vocabulary; false / true)."""
+
+    kind = "answer"
+
+    def __init__(self, in_features: int, hidden: int, num_outputs: int) -> None:
+        super().__init__()
+        self.in_features, self.hidden, self.num_outputs = in_features, hidden, num_outputs
+        self.layers = nn.Sequential(nn.Linear(in_features, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                                    nn.Linear(hidden, num_outputs))
+        for layer in (self.layers[0], self.layers[3]):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "hidden": self.hidden,
+                "num_outputs": self.num_outputs}
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.layers(pooled)
+
+
 HEAD_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (MIMHead, MLMHead, ITCHead, Pooler, ITMHead,
-                                                                     SegmentationHead)}
+                                                                     AnswerHead, SegmentationHead)}
 
 
 def build_head(spec: dict[str, Any]) -> nn.Module:

@@ -2,8 +2,10 @@
 The entry script, the transfer experiment and the tests call it."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from common.config_args import flat_settings, save_settings
 from common.console import say
 from common.errors import UserError
 from custom_datasets import batch as B
+from custom_datasets.classification_data import whole_image_preprocessing
 from custom_datasets.downstream_data import DownstreamData, build_downstream_data
 from engine_finetune import evaluate, train_one_epoch
 from models.checkpoints import read_model_checkpoint
@@ -30,7 +33,9 @@ from training.run_checkpoint import save_run_checkpoint
 from training.scaffold import RunContext, last_step, refuse_taken_output, run_eta
 from training.step import StepSettings, cause_of
 
-TASK_INPUTS = (B.IMAGE, B.INPUT_IDS, B.ATTENTION_MASK, B.LABEL, B.SEG_MASK)
+TASK_INPUTS = (B.IMAGE, B.IMAGE_2, B.INPUT_IDS, B.ATTENTION_MASK, B.LABEL, B.SEG_MASK, B.VQA_TARGETS, B.VQA_SCORES,
+               B.QUESTION_ID, B.ANSWER_TYPE)
+WHOLE_IMAGE_KINDS = ("vqa", "nlvr2")  # data kinds whose held-out view is the whole image squashed to a square
 
 
 @dataclass
@@ -44,7 +49,7 @@ class FinetuneRun:
 
     @property
     def num_classes(self) -> int:
-        if hasattr(self.task.model, "num_classes"):  # a segmenter
+        if hasattr(self.task.model, "num_classes"):  # a segmenter, a fused-pair classifier
             return self.task.model.num_classes
         classifier = getattr(self.task.model, "classifier", None)
         return classifier.out_features if classifier is not None else 0
@@ -52,15 +57,21 @@ class FinetuneRun:
     def info(self) -> dict[str, Any]:
         """The self-description of this run's checkpoints."""
         cfg = self.cfg
-        aug = cfg.augment
         text = (text_tokenizer_record(self.text_tokenizer, cfg.data.tokenizer)
                 if self.text_tokenizer is not None else None)
         heads = {n: getattr(self.task.model, n).spec() for n in self.task.heads
                  if hasattr(getattr(self.task.model, n), "spec")}
         return compact(task=cfg.task, heads=heads or None, use_cls=cfg.model.use_cls,
-                       preprocessing=preprocessing(cfg.model.input_size, aug.crop_pct, aug.imagenet_default_mean_and_std),
+                       preprocessing=self.preprocessing(),
                        text_tokenizer=text, max_text_len=cfg.data.max_text_len if text else None,
                        class_names=self.data.class_names or None, segmentation_inference=self.segmentation_inference())
+
+    def preprocessing(self) -> dict:
+        """The held-out view the run evaluated with (predict and exports repeat it)."""
+        cfg = self.cfg
+        if cfg.task_class.data_kind in WHOLE_IMAGE_KINDS:
+            return whole_image_preprocessing(cfg.model.input_size, cfg.augment.imagenet_default_mean_and_std)
+        return preprocessing(cfg.model.input_size, cfg.augment.crop_pct, cfg.augment.imagenet_default_mean_and_std)
 
     def segmentation_inference(self) -> dict | None:
         """How held-out images were predicted (predict and exports repeat it)."""
@@ -81,8 +92,9 @@ def freeze_unused(task: DownstreamTask) -> None:
 def build_run(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> FinetuneRun:
     task_cls = cfg.task_class
     text_tokenizer = text_tokenizer_for(cfg, ckpt)
+    recorded_names = ckpt.info.get("class_names") if ckpt is not None and ckpt.info.get("task") == cfg.task else None
     data = build_downstream_data(task_cls.data_kind, cfg.data, cfg.augment, cfg.model.input_size, text_tokenizer,
-                                 cfg.segmentation_data, cfg.model.nb_classes)
+                                 cfg.segmentation_data, cfg.model.nb_classes, cfg.run.eval, recorded_names)
     refuse_taken_output(cfg.run.output_dir, cfg.run.eval)
     num_classes = len(data.class_names)
     if cfg.model.nb_classes is not None:
@@ -90,7 +102,7 @@ def build_run(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> 
             raise UserError(f"--nb_classes {cfg.model.nb_classes} is fewer than the {num_classes} classes of the "
                             f"training data")
         num_classes = cfg.model.nb_classes
-    task, report = build_task(cfg, ckpt, num_classes, text_tokenizer, dist_util.gather_with_grad)
+    task, report = build_task(cfg, ckpt, num_classes, text_tokenizer, dist_util.gather_with_grad, data.class_names)
     freeze_unused(task)
     if cfg.model.lora_rank:
         report.append(adapt_with_lora(task, cfg.model.lora_rank, cfg.model.lora_alpha or cfg.model.lora_rank))
@@ -181,6 +193,17 @@ def evaluate_run(run: FinetuneRun, loader, task: DownstreamTask | None = None) -
                     amp_dtype(run.cfg.run.amp), run.data.val, run.cfg.optim.batch_size)
 
 
+def write_held_out_outputs(run: FinetuneRun) -> None:
+    """The files the task made of its last held-out pass (VQA's results), written by the main process."""
+    if not run.ctx.is_main:
+        return
+    from common.checkpoint_io import atomic_write
+
+    for name, value in run.task.held_out_outputs().items():
+        text = json.dumps(value)
+        atomic_write(run.ctx.output_dir / name, lambda tmp: Path(tmp).write_text(text))
+
+
 def format_metrics(stats: dict[str, float]) -> str:
     if "acc1" in stats:
         text = f"acc1 {stats['acc1']:.2f}" + (f"  acc5 {stats['acc5']:.2f}" if "acc5" in stats else "")
@@ -264,6 +287,7 @@ def evaluate_epoch(run: FinetuneRun, training: Training, epoch: int) -> tuple[di
     """(val metrics, selection-split metrics or None), checked finite."""
     test_stats = evaluate_run(run, training.val_loader)
     check_evaluation(test_stats, epoch, cause_of(training.settings))
+    write_held_out_outputs(run)
     if training.selection_loader is None:
         return test_stats, None
     return test_stats, evaluate_run(run, training.selection_loader)
@@ -329,6 +353,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             val_loader = ctx.loader(run.data.val, cfg.optim.batch_size, cfg.data.num_workers, False,
                                     run.data.val_collate)
             stats = evaluate_run(run, val_loader)
+            write_held_out_outputs(run)
             table = per_class_table(stats)
             say(f"eval: {format_metrics(stats)}" + (f"\n{table}" if table else ""))
             return stats

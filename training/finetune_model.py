@@ -24,19 +24,20 @@ def segmentation_options(cfg: FinetuneConfig, recorded: dict | None) -> Segmenta
                                inference=seg.seg_inference, stride=seg.seg_stride, aug_test=seg.aug_test)
 
 
-def downstream_options(cfg: FinetuneConfig, num_classes: int, recorded_heads: dict | None = None) -> DownstreamOptions:
+def downstream_options(cfg: FinetuneConfig, num_classes: int, recorded_heads: dict | None = None,
+                       class_names: list[str] | None = None) -> DownstreamOptions:
     aug = cfg.augment
     return DownstreamOptions(num_classes=num_classes, use_cls=cfg.model.use_cls, smoothing=aug.smoothing,
                              mixup=aug.mixup, cutmix=aug.cutmix, mixup_prob=aug.mixup_prob,
                              mixup_switch_prob=aug.mixup_switch_prob, max_text_len=cfg.data.max_text_len,
-                             rerank_k=cfg.data.rerank_k,
+                             rerank_k=cfg.data.rerank_k, class_names=tuple(class_names or ()),
                              segmentation=segmentation_options(cfg, (recorded_heads or {}).get("seg_head")))
 
 
 def make_task(cfg: FinetuneConfig, backbone, num_classes: int, text_tokenizer, gather=None,
-              recorded_heads: dict | None = None) -> DownstreamTask:
+              recorded_heads: dict | None = None, class_names: list[str] | None = None) -> DownstreamTask:
     task_cls = cfg.task_class
-    options = downstream_options(cfg, num_classes, recorded_heads)
+    options = downstream_options(cfg, num_classes, recorded_heads, class_names)
     if task_cls.name == "image_text_retrieval":
         return task_cls(backbone, options, text_tokenizer=text_tokenizer, gather=gather)
     return task_cls(backbone, options)
@@ -62,7 +63,7 @@ def load_task_heads(task: DownstreamTask, ckpt: Checkpoint) -> list[str]:
 
 
 def build_task(cfg: FinetuneConfig, ckpt: Checkpoint | None, num_classes: int, text_tokenizer=None,
-               gather=None) -> tuple[DownstreamTask, list[str]]:
+               gather=None, class_names: list[str] | None = None) -> tuple[DownstreamTask, list[str]]:
     """(the task with its model, lines saying where its weights came from); `ckpt`: the --finetune
     checkpoint, already read."""
     m = cfg.model
@@ -71,13 +72,14 @@ def build_task(cfg: FinetuneConfig, ckpt: Checkpoint | None, num_classes: int, t
     if ckpt is None:
         backbone = create_model(m.model or "vlmo_tiny_patch16", img_size=m.input_size, patch_size=m.patch_size,
                                 drop_path_rate=m.drop_path, **({"vocab_size": vocab_size} if vocab_size else {}))
-        return make_task(cfg, backbone, num_classes, text_tokenizer, gather), ["random init (no --finetune)"]
+        return make_task(cfg, backbone, num_classes, text_tokenizer, gather, class_names=class_names), \
+            ["random init (no --finetune)"]
     ckpt, note = fit_text_vocabulary(ckpt, vocab_size, cfg.data.tokenizer)
     if note:
         say(note)
     backbone = create_model(m.model, pretrained=m.finetune, checkpoint=ckpt, img_size=m.input_size,
                             drop_path_rate=m.drop_path)
-    task = make_task(cfg, backbone, num_classes, text_tokenizer, gather, ckpt.info.get("heads"))
+    task = make_task(cfg, backbone, num_classes, text_tokenizer, gather, ckpt.info.get("heads"), class_names)
     return task, load_task_heads(task, ckpt)
 
 

@@ -40,6 +40,7 @@ class DownstreamOptions:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     max_text_len: int = 40
+    class_names: tuple[str, ...] = ()  # the data's class names (VQA: the answer vocabulary)
     rerank_k: int = 0  # retrieval: re-rank each contrastive shortlist of k with the matching head (0: off)
     segmentation: SegmentationOptions = field(default_factory=SegmentationOptions)
 
@@ -72,6 +73,18 @@ class DownstreamTask(nn.Module):
 
     def evaluate_set(self, dataset: Any, batch_size: int, device: torch.device) -> dict[str, float]:
         raise NotImplementedError(f"{self.name} has per-batch metrics")
+
+    def start_evaluation(self) -> None:
+        """Called before each held-out pass; tasks that collect per-example outputs reset them."""
+
+    def finish_evaluation(self, stats: dict[str, float]) -> dict[str, float]:
+        """The pass's averaged metrics, completed from what forward collected (every rank calls it)."""
+        return stats
+
+    def held_out_outputs(self) -> dict[str, Any]:
+        """`{file name: JSON value}` written to the output folder after each held-out pass (VQA's
+        results file in the challenge's format); none by default."""
+        return {}
 
     def example_predictions(self, dataset: Any, device: torch.device) -> dict[str, Any] | None:
         """Held-out inputs, truths and predictions to draw after each evaluation (TensorBoard and
