@@ -14,6 +14,7 @@ from common.checkpoint_io import Checkpoint
 from models import create_model
 from models.checkpoints import read_model_checkpoint
 from models.classifier import ImageClassifier
+from models.fusion_classifier import FUSION_HEADS, FusedPairClassifier
 from models.head_loading import load_head, load_head_into
 from models.run_info import preprocessing, tokenizer_from_record
 from models.segmenter import Segmenter
@@ -21,7 +22,7 @@ from models.segmenter import Segmenter
 
 @dataclass
 class CheckpointServable:
-    model: nn.Module  # ImageClassifier, Segmenter, or the backbone
+    model: nn.Module  # ImageClassifier, Segmenter, FusedPairClassifier (VQA, NLVR2), or the backbone
     class_names: list[str] | None
     preprocessing: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
@@ -30,7 +31,8 @@ class CheckpointServable:
 
     @property
     def backbone(self):
-        return self.model.backbone if isinstance(self.model, (ImageClassifier, Segmenter)) else self.model
+        return self.model.backbone if isinstance(self.model, (ImageClassifier, Segmenter, FusedPairClassifier)) \
+            else self.model
 
     @property
     def has_classifier(self) -> bool:
@@ -41,12 +43,17 @@ class CheckpointServable:
         return isinstance(self.model, Segmenter)
 
     @property
+    def fusion_task(self) -> str | None:
+        """"vqa" or "nlvr2" for a fused-pair classifier, else None."""
+        return self.model.head_name[:-len("_head")] if isinstance(self.model, FusedPairClassifier) else None
+
+    @property
     def has_itc(self) -> bool:
         return "itc_head" in self.heads
 
     @property
     def num_classes(self) -> int:
-        if self.has_segmenter:
+        if self.has_segmenter or self.fusion_task:
             return self.model.num_classes
         return self.model.classifier.out_features if self.has_classifier else 0
 
@@ -73,6 +80,12 @@ class CheckpointServable:
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.to(self._device())).float().cpu()
+
+    @torch.no_grad()
+    def fused_logits(self, images: list[torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A text with its image(s) (one for VQA, left and right for NLVR2) -> `[B, outputs]` logits."""
+        device = self._device()
+        return self.model([i.to(device) for i in images], input_ids.to(device), attention_mask.to(device)).float().cpu()
 
     @torch.no_grad()
     def segment_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -108,9 +121,13 @@ def load_checkpoint_servable(path: str, ckpt: Checkpoint | None = None) -> Check
     backbone = create_model(None, pretrained=path, checkpoint=ckpt)
     classifier = "classifier.weight" in ckpt.model
     pre = recorded_preprocessing(ckpt, backbone.cfg.img_size, 0.875 if classifier else 1.0)
-    heads = {name: head.eval() for name in ("itc_head", "mim_head", "mlm_head", "pooler", "seg_head")
-             if (head := load_head(ckpt, name, backbone.cfg)) is not None}
+    heads = {name: head.eval() for name in ("itc_head", "mim_head", "mlm_head", "pooler", "itm_head", "seg_head",
+                                            *FUSION_HEADS) if (head := load_head(ckpt, name, backbone.cfg)) is not None}
     names = ckpt.info.get("class_names") or ckpt.extra.get("class_names")
+    fusion = next((name for name in FUSION_HEADS if name in heads), None)
+    if fusion is not None and "pooler" in heads:
+        model = FusedPairClassifier(backbone, fusion, 0, pooler=heads.pop("pooler"), head=heads.pop(fusion))
+        return CheckpointServable(model.eval(), list(names) if names else None, pre, ckpt.info, heads, str(path))
     if "seg_head" in heads:
         segmenter = Segmenter(backbone, heads.pop("seg_head"))
         return CheckpointServable(segmenter.eval(), list(names) if names else None, pre, ckpt.info, heads, str(path))

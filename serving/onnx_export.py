@@ -1,5 +1,5 @@
 """An ONNX export folder (util/export.py --format onnx) served with onnxruntime: classification,
-segmentation and ITC embeddings, with the preprocessing, class names and text tokenizer of its run_info.json."""
+segmentation, ITC embeddings and fused-pair classification (VQA, NLVR2), with the preprocessing, class names and text tokenizer of its run_info.json."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,11 +35,20 @@ class OnnxServable:
     def num_classes(self) -> int:
         if self.has_segmenter:  # its output's class axis is symbolic after the dynamic-size resize
             return int(self.info["heads"]["seg_head"]["num_classes"])
+        if self.fusion_task:
+            return int(self.sessions["fusion"].get_outputs()[0].shape[1])
         return int(self.sessions["classifier"].get_outputs()[0].shape[1]) if self.has_classifier else 0
 
     @property
     def has_segmenter(self) -> bool:
         return "segmenter" in self.sessions
+
+    @property
+    def fusion_task(self) -> str | None:
+        """"vqa" or "nlvr2" when the export holds a fused-pair classifier, else None."""
+        if "fusion" not in self.sessions:
+            return None
+        return "nlvr2" if "nlvr2_head" in self.info.get("heads", {}) else "vqa"
 
     @property
     def has_itc(self) -> bool:
@@ -69,6 +78,10 @@ class OnnxServable:
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         return self._run("image_embedding", images=images)
+
+    def fused_logits(self, images: list[torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        names = ["images", "images_2"][:len(images)]
+        return self._run("fusion", **dict(zip(names, images)), input_ids=input_ids, attention_mask=attention_mask)
 
     def segment_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self._run("segmenter", images=images)

@@ -6,8 +6,10 @@
 
 onnx: `classifier.onnx` (when the checkpoint has a classifier), `segmenter.onnx` (a segmentation
 checkpoint: images of any size in, per-pixel logits at that size out), `image_encoder.onnx` and
-`text_encoder.onnx`, and `image_embedding.onnx` / `text_embedding.onnx` when it has an ITC head
-(dynamic batch; text also dynamic length), verified with onnxruntime.
+`text_encoder.onnx`, `image_embedding.onnx` / `text_embedding.onnx` when it has an ITC head, and
+`fusion.onnx` for a VQA or NLVR2 checkpoint (images, and for NLVR2 `images_2`, with `input_ids` and
+`attention_mask` in, the answer or true/false logits out) (dynamic batch; text also dynamic length),
+verified with onnxruntime.
 hf: `BeitForImageClassification` (with a classifier) or `BeitModel`, reloaded with
 `from_pretrained` and compared. timm: a Beit state dict (+ `timm_kwargs.json` for `create_model`).
 Every export gets a `run_info.json` (preprocessing, class names, text tokenizer), so util/predict.py
@@ -29,6 +31,7 @@ from torch import nn  # noqa: E402
 
 from common.errors import UserError, cli_entry  # noqa: E402
 from models.classifier import ImageClassifier  # noqa: E402
+from models.fusion_classifier import FusedPairClassifier  # noqa: E402
 from models.run_info import write_beside  # noqa: E402
 from models.segmenter import Segmenter  # noqa: E402
 from serving import open_servable  # noqa: E402
@@ -98,6 +101,26 @@ class _Segmenter(nn.Module):
         return nn.functional.interpolate(self.segmenter(scaled), size=size, mode="bilinear", align_corners=False)
 
 
+class _Fusion(nn.Module):
+    """A fused-pair classifier with its images as separate inputs (ONNX takes no lists)."""
+
+    def __init__(self, classifier: FusedPairClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *images, input_ids, attention_mask = inputs
+        return self.classifier(list(images), input_ids, attention_mask)
+
+
+def fusion_job(model: FusedPairClassifier, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+    image_names = ["images", "images_2"][:model.images_per_text]
+    axes = {**{n: {0: "batch"} for n in image_names}, "input_ids": {0: "batch", 1: "length"},
+            "attention_mask": {0: "batch", 1: "length"}}
+    return ("fusion", _Fusion(model), (*[images] * model.images_per_text, ids, mask),
+            image_names + ["input_ids", "attention_mask"], axes)
+
+
 def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = None) -> dict[str, float]:
     """Encoders (and classifier, ITC embeddings when the checkpoint has them) as ONNX, each checked
     with onnxruntime at another batch size (and text length) than the traced one."""
@@ -107,7 +130,7 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
     except ImportError:
         raise UserError("--format onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime") from None
 
-    backbone = model.backbone if isinstance(model, (ImageClassifier, Segmenter)) else model
+    backbone = model.backbone if isinstance(model, (ImageClassifier, Segmenter, FusedPairClassifier)) else model
     cfg = backbone.cfg
     output.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -120,6 +143,8 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
     if isinstance(model, Segmenter):
         spatial = {0: "batch", 2: "height", 3: "width"}
         jobs.insert(0, ("segmenter", _Segmenter(model), (images,), ["images"], {"images": spatial, "output": spatial}))
+    if isinstance(model, FusedPairClassifier):
+        jobs.insert(0, fusion_job(model, images, ids, mask))
     text_axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
     jobs.append(("text_encoder", _TextEncoder(backbone), (ids, mask), ["input_ids", "attention_mask"], text_axes))
     if itc_head is not None:
@@ -138,6 +163,11 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
         if name.startswith("text_"):
             check = (torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long))
             check[1][0, 7:] = 0
+        elif name == "fusion":  # other images, another batch size and a padded text of another length
+            check = tuple(torch.randn(3, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
+                          for _ in range(model.images_per_text))
+            check += (torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long))
+            check[-1][0, 7:] = 0
         elif name == "segmenter":  # another size than the traced one, not square
             check = (torch.randn(3, cfg.in_chans, cfg.img_size + 24, cfg.img_size - 8, generator=gen),)
         else:
@@ -214,10 +244,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     servable = open_servable(args.checkpoint)
     model = servable.model
     kind = (f"classifier ({model.classifier.out_features} classes)" if isinstance(model, ImageClassifier) else
-            f"segmenter ({model.num_classes} classes)" if isinstance(model, Segmenter) else "backbone")
+            f"segmenter ({model.num_classes} classes)" if isinstance(model, Segmenter) else
+            f"{model.head_name[:-5]} classifier ({model.num_classes} outputs)" if isinstance(model, FusedPairClassifier)
+            else "backbone")
     print(f"exporting the {kind} of {args.checkpoint} as {args.format} to {output}")
-    if args.format != "onnx" and isinstance(model, Segmenter):  # HF and timm BEiT have no UPerNet head
-        print(f"  {args.format} has no UPerNet head: exporting the backbone only (--format onnx keeps the segmenter)")
+    if args.format != "onnx" and isinstance(model, (Segmenter, FusedPairClassifier)):  # HF/timm BEiT have no such head
+        print(f"  {args.format} has no {'UPerNet' if isinstance(model, Segmenter) else 'fusion'} head: exporting the "
+              f"backbone only (--format onnx keeps the whole model)")
         model = model.backbone
     if args.format == "onnx":
         diffs = export_onnx(model, output, servable.heads.get("itc_head"))

@@ -1,11 +1,17 @@
-"""Classify or segment images with a fine-tuned checkpoint (or its ONNX export): one JSON object
-`{path: {"class", "label", "score", "topk": [...]}}` (segmentation: `{path: {"mask", "overlay",
-"classes"}}` with a class-index PNG and an overlay per image) and a console line per image;
-unreadable files are reported, not fatal. Preprocessing and class names come from the checkpoint
-(or the export's run_info.json).
+"""Classify or segment images, answer questions about them, or judge a statement about two, with a
+fine-tuned checkpoint (or its ONNX export): one JSON object `{path: {"class", "label", "score",
+"topk": [...]}}` (segmentation: `{path: {"mask", "overlay", "classes"}}` with a class-index PNG and
+an overlay per image; VQA: `{path: {"question", "answer", "score", "topk"}}`; NLVR2: `{"statement",
+"images", "true", "probability_true"}`) and a console line each; unreadable files are reported, not
+fatal. Preprocessing, class names (VQA: answers) and the text tokenizer come from the checkpoint (or
+the export's run_info.json).
 
     python util/predict.py --checkpoint outputs/finetune_image_classification/checkpoint-best.pth \\
         --input photos/ --output predictions.json --topk 5 [--class_names names.txt]
+    python util/predict.py --checkpoint outputs/finetune_vqa/checkpoint-best.pth --input photo.jpg \\
+        --question "what color is the car?"
+    python util/predict.py --checkpoint outputs/finetune_nlvr2/checkpoint-best.pth --input left.jpg right.jpg \\
+        --statement "both images show a dog"
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from custom_datasets.classification_data import recorded_transform  # noqa: E402
 from custom_datasets.image_folder import list_image_files  # noqa: E402
 from custom_datasets.image_io import is_image_file, open_rgb  # noqa: E402
 from serving import open_servable  # noqa: E402
+from serving.result_files import reason, write_results  # noqa: E402
 
 
 def read_class_names(path: str | None, saved: list[str] | None, num_classes: int) -> list[str]:
@@ -52,18 +59,27 @@ def segment_files(servable, files: list[Path], args) -> dict:
     return {"predictions": results, "errors": failed}
 
 
-def write_results(output: Path, results: dict, failed: dict) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=1))
-    if failed:
-        (output.with_suffix(".errors.json")).write_text(json.dumps(failed, indent=1))
+def input_files(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        source = Path(item)
+        if source.is_file():
+            if not is_image_file(source):
+                raise UserError(f"--input {source} is not an image file")
+            files.append(source)
+        else:
+            files.extend(list_image_files(source))
+    return files
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a fine-tuned checkpoint, or an ONNX export folder of one")
-    p.add_argument("--input", required=True, help="an image or a folder (searched recursively)")
+    p.add_argument("--input", required=True, nargs="+", help="images or folders (searched recursively); NLVR2: the "
+                   "left and the right image")
+    p.add_argument("--question", default=None, help="VQA checkpoints: the question asked about each image")
+    p.add_argument("--statement", default=None, help="NLVR2 checkpoints: the statement judged against the two images")
     p.add_argument("--output", default="predictions.json")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--class_names", default=None, help=".txt (one per line) or .json list; default: the checkpoint's")
@@ -72,14 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
                    "colour palette) and <name>_overlay.png go (default: next to --output, <output>_masks/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    source = Path(args.input)
-    if source.is_file():
-        if not is_image_file(source):
-            raise UserError(f"--input {source} is not an image file")
-        files = [source]
-    else:
-        files = list_image_files(source)
+    files = input_files(args.input)
     servable = open_servable(args.checkpoint)
+    task = getattr(servable, "fusion_task", None)
+    if task is not None or args.question is not None or args.statement is not None:
+        from serving.fusion import answer_questions, judge_statement
+
+        return (answer_questions if task == "vqa" else judge_statement)(servable, files, args)
     if getattr(servable, "has_segmenter", False):
         return segment_files(servable, files, args)
     if not servable.has_classifier:
@@ -97,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
                 tensors.append(transform(open_rgb(path)))
                 chunk.append(path)
             except Exception as err:  # noqa: BLE001 - unreadable files are reported, not fatal
-                failed[str(path)] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                failed[str(path)] = reason(err)
                 print(f"{path}: unreadable ({failed[str(path)]})")
         if not tensors:
             continue
