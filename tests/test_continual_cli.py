@@ -66,12 +66,14 @@ def test_the_chain_through_merged_checkpoints(tmp_path, word_pieces, capsys):
     main(common + lora + ["--exp_name", "image_text_itc", "--init_from", str(tmp_path / "mlm" / "merged_model.safetensors"),
                           "--output_dir", str(tmp_path / "itc")])
     assert {"train_loss_itc", "test_acc_i2t", "test_acc_t2i"} <= set(_log(tmp_path / "itc")[0])
-    # a LoRA run checkpoint also starts a stage: its adapters are folded in once
+    # a LoRA run checkpoint also starts a stage: its adapters are folded in once; VLMo's ITM and
+    # image-conditioned MLM join the compound objectives through LoRA too
     main(common + ["--exp_name", "compound_pretrain", "--lora_rank", "4", "--init_from",
                    str(tmp_path / "itc" / "checkpoint-0.pth"), "--d_vae_weight_path",
-                   str(tmp_path / "mim" / "visual_tokenizer.safetensors"), "--output_dir", str(tmp_path / "compound")])
+                   str(tmp_path / "mim" / "visual_tokenizer.safetensors"), "--itm_conduct_prob", "0.5", "--fused_mlm",
+                   "--output_dir", str(tmp_path / "compound")])
     log = _log(tmp_path / "compound")[0]
-    assert {"test_acc_mim", "test_acc_mlm", "test_acc_i2t"} <= set(log)
+    assert {"test_acc_mim", "test_acc_mlm", "test_acc_i2t", "test_acc_itm"} <= set(log)
 
 
 @pytest.mark.parametrize("mode", ["text_mlm", "image_text_itc", "compound_pretrain"])

@@ -109,13 +109,23 @@ def test_image_conditioned_mlm_reads_the_picture():
                 - fused_mlm_logits(backbone, mode.mlm_head, other)[0]).abs().max() > 1e-4
 
 
-def _compound(itm: float):
+def _compound(itm: float, fused_mlm: bool = False):
     from models.modes import CompoundPretrain
 
     torch.manual_seed(0)
     backbone = create_model("vlmo_tiny_patch16", img_size=GRID * 8, patch_size=8, vocab_size=32, max_text_len=LENGTH,
                             drop_path_rate=0.0)
-    return CompoundPretrain(backbone, ModeOptions(visual_vocab_size=8, itm_conduct_prob=itm, seed=5))
+    return CompoundPretrain(backbone, ModeOptions(visual_vocab_size=8, itm_conduct_prob=itm, fused_mlm=fused_mlm, seed=5))
+
+
+def _compound_batch() -> dict:
+    batch = _batch(0)
+    labels = torch.full((BATCH, LENGTH), -100)
+    labels[:, 1] = batch["input_ids"][:, 1]
+    batch.update(mlm_input_ids=batch["input_ids"], mlm_labels=labels, bool_masked_pos=torch.zeros(BATCH, GRID * GRID,
+                 dtype=torch.bool), visual_token_ids=torch.zeros(BATCH, GRID * GRID, dtype=torch.long))
+    batch["bool_masked_pos"][:, 0] = True
+    return batch
 
 
 def test_compound_without_itm_draws_exactly_the_three_objectives_it_always_drew():
@@ -133,13 +143,23 @@ def test_compound_without_itm_draws_exactly_the_three_objectives_it_always_drew(
 def test_compound_with_itm_trains_the_matching_head():
     mode = _compound(1.0).train()
     assert mode.heads[-2:] == ("pooler", "itm_head")
-    batch = _batch(0)
-    labels = torch.full((BATCH, LENGTH), -100)
-    labels[:, 1] = batch["input_ids"][:, 1]
-    batch.update(mlm_input_ids=batch["input_ids"], mlm_labels=labels, bool_masked_pos=torch.zeros(BATCH, GRID * GRID,
-                 dtype=torch.bool), visual_token_ids=torch.zeros(BATCH, GRID * GRID, dtype=torch.long))
-    batch["bool_masked_pos"][:, 0] = True
-    out = mode(batch)
+    out = mode(_compound_batch())
     assert "loss_itm" in out and "acc_itm" in out
     out["loss"].backward()
     assert mode.itm_head.fc.weight.grad is not None and mode.pooler.dense.weight.grad is not None
+
+
+def test_compound_fused_mlm_reads_the_words_from_the_pair():
+    """With fused_mlm the MLM loss is image_text_mlm's (the picture changes it); without, text_mlm's."""
+    from models.modes.image_text_mlm import fused_mlm_logits
+    from models.modes.text_mlm import loss_and_accuracy, mlm_loss
+
+    batch = _compound_batch()
+    for fused in (False, True):
+        mode = _compound(0.0, fused_mlm=fused).eval()
+        assert ("pair" in mode.paths) == fused
+        with torch.no_grad():
+            out = mode(batch)
+            expected = (loss_and_accuracy(*fused_mlm_logits(mode.backbone, mode.mlm_head, batch)) if fused
+                        else mlm_loss(mode.backbone, mode.mlm_head, batch))
+        assert torch.allclose(out["loss_mlm"], expected[0])

@@ -72,6 +72,8 @@ class ObjectiveSettings:
     itc_conduct_prob: float = flag(1.0, "compound_pretrain: probability of ITC at a step (skipped when MIM ran)")
     itm_conduct_prob: float = flag(0.0, "compound_pretrain: probability of image-text matching at a step (VLMo ITM, "
                                         "hard negatives from the ITC head; 0: off, as ContinualTransformer)")
+    fused_mlm: bool = flag(False, "compound_pretrain: predict the masked words from the caption fused with its image "
+                                  "(VLMo's MLM) instead of from the text alone (ContinualTransformer's)")
     disable_aggregate_itc: bool = flag(False, "ITC negatives from this rank only (ContinualTransformer's flag; the "
                                               "same as --no-aggregate_itc)")
 

@@ -152,7 +152,7 @@ def mode_options(cfg: PretrainConfig, visual_tokenizer) -> ModeOptions:
                        gather=dist_util.gather_with_grad if obj.aggregate_itc else (lambda x: x),
                        mim_conduct_prob=obj.mim_conduct_prob, mlm_conduct_prob=obj.mlm_conduct_prob,
                        itc_conduct_prob=obj.itc_conduct_prob, itm_conduct_prob=obj.itm_conduct_prob,
-                       seed=cfg.run.seed)
+                       fused_mlm=obj.fused_mlm, seed=cfg.run.seed)
 
 
 @dataclass

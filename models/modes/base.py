@@ -37,6 +37,7 @@ class ModeOptions:
     mlm_conduct_prob: float = 0.8
     itc_conduct_prob: float = 1.0
     itm_conduct_prob: float = 0.0
+    fused_mlm: bool = False  # compound_pretrain: MLM reads the caption fused with its image (VLMo)
     seed: int = 0
 
 

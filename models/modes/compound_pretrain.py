@@ -3,7 +3,8 @@ ITC is skipped on steps whose image was masked for MIM (ContinualTransformer's r
 `itm_conduct_prob` > 0, VLMo's image-text matching joins (its pooler and match head with it; its
 hard negatives ranked by the ITC head). The draws come from one seeded generator per epoch, so
 every rank draws the same objectives each step and no collective is left waiting; without ITM the
-draws are exactly ContinualTransformer's three."""
+draws are exactly ContinualTransformer's three. With `fused_mlm`, the masked words are predicted
+from the caption fused with its image (VLMo's MLM) rather than from the text alone."""
 from __future__ import annotations
 
 import random
@@ -17,7 +18,8 @@ from models.modes.base import ModeOptions, PretrainMode
 from models.modes.image_mim import mim_loss
 from models.modes.image_text_itc import contrastive_loss, itc_embeddings
 from models.modes.image_text_itm import matching_outputs
-from models.modes.text_mlm import mlm_loss
+from models.modes.image_text_mlm import fused_mlm_logits
+from models.modes.text_mlm import loss_and_accuracy, mlm_loss
 
 
 class CompoundPretrain(PretrainMode):
@@ -43,6 +45,8 @@ class CompoundPretrain(PretrainMode):
         if options.itm_conduct_prob > 0:  # the matching heads exist (and are saved) only when used
             self.pooler, self.itm_head = Pooler(dim), ITMHead(dim)
             self.heads, self.paths = self.heads + ("pooler", "itm_head"), self.paths | {"pair"}
+        if options.fused_mlm:
+            self.paths = self.paths | {"pair"}
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -70,7 +74,8 @@ class CompoundPretrain(PretrainMode):
             losses.append(loss)
             out.update(loss_mim=loss.detach(), acc_mim=acc)
         if do_mlm:
-            loss, acc = mlm_loss(self.backbone, self.mlm_head, batch)
+            loss, acc = (loss_and_accuracy(*fused_mlm_logits(self.backbone, self.mlm_head, batch))
+                         if self.options.fused_mlm else mlm_loss(self.backbone, self.mlm_head, batch))
             losses.append(loss)
             out.update(loss_mlm=loss.detach(), acc_mlm=acc)
         if do_itc:
