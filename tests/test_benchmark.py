@@ -13,7 +13,8 @@ def table_rows(out: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("mode, impls", [("encode", ["ours", "ours_bf16", "hf_sdpa", "timm"]),
-                                         ("mim", ["ours", "hf_sdpa"])])
+                                         ("mim", ["ours", "hf_sdpa"]), ("mlm", ["ours", "hf_sdpa"]),
+                                         ("itc", ["ours", "hf_eager", "hf_sdpa"])])
 def test_benchmark_prints_a_row_per_implementation(capsys, mode, impls):
     benchmark.main(["--mode", mode, "--size", "tiny", "--image_size", "32", "--batch_size", "2", "--steps", "1",
                     "--warmup", "0", "--rounds", "1", "--device", "cpu", "--impls", *impls])

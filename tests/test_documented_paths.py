@@ -6,7 +6,7 @@ import yaml
 
 from training.config import PretrainRunSettings
 from training.scaffold import checkpoint_due
-from util.demo_chain import mim_checkpoint, parser
+from util.demo_chain import itc_checkpoint, mim_checkpoint, parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED = re.compile(r"outputs/demo_(?:image_mim|chain)/[\w/.-]*checkpoint-\d+\.pth")
@@ -30,6 +30,7 @@ def demo_checkpoints() -> set[str]:
     written = {f"{demo['output_dir']}/checkpoint-{e}.pth" for e in range(epochs) if checkpoint_due(e, epochs, every)}
     chain = parser().parse_args([])
     written.add(mim_checkpoint(Path(chain.output_dir), chain.mim_epochs).as_posix())
+    written |= {itc_checkpoint(Path(chain.output_dir), w, chain.itc_epochs).as_posix() for w in (0, chain.reg_loss_weight)}
     return written
 
 

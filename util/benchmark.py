@@ -14,6 +14,10 @@ and collate (generated 500x375 JPEGs), and the workers a device at `--target_rat
 `--sweep` (with encode or mim): our step time and peak memory at each image size x batch size.
 `--mode index`: indexing and splitting an image folder's file list (1M and 14M generated paths,
 ImageNet-1k and -22k sizes), one core.
+`--mode mlm`: one text MLM training step (15% of the tokens predicted, backward, AdamW) of our
+backbone's text path vs HF `BertForMaskedLM` of the same width and depth (BERT's 30522 words).
+`--mode itc`: one image-text contrastive step (both encoders, projections, symmetric InfoNCE,
+backward, AdamW) vs a two-tower reference: HF `BeitModel` + `BertModel` with the same loss.
 `--mode mim`: one whole BEiT pretraining step: DALL-E tokenization of the second view (ours vs the
 `dall-e` package's Encoder), masked forward, MIM loss, backward and AdamW step, vs HF
 `BeitForMaskedImageModeling`. Random weights: speed does not depend on their values.
@@ -40,7 +44,9 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 IMPLS = ("ours", "ours_bf16", "ours_compiled", "hf_sdpa", "hf_eager", "timm")
-MIM_IMPLS = ("ours", "ours_bf16", "ours_compiled", "hf_sdpa", "hf_eager")
+MIM_IMPLS = ("ours", "ours_bf16", "ours_compiled", "hf_sdpa", "hf_eager")  # also mlm and itc: no timm reference
+TRAINING_MODES = ("mim", "mlm", "itc")  # an optimizer step is part of what is timed
+TEXT_VOCAB, TEXT_LENGTH = 30522, 40
 DEFAULT_IMPLS = ("ours", "hf_sdpa", "hf_eager", "timm")  # ours_* on request: compiling takes minutes
 REFERENCE = "hf_sdpa"
 VISUAL_VOCAB = 8192
@@ -112,6 +118,77 @@ def build_mim(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, c
     return torch.nn.ModuleList([model, encoder]), step
 
 
+def bert_config(impl: str, size: str):
+    from transformers import BertConfig
+
+    dim, depth, heads = SIZES[size]
+    return BertConfig(vocab_size=TEXT_VOCAB, hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
+                      intermediate_size=4 * dim, attn_implementation=impl.split("_")[1])
+
+
+def build_mlm(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, callable]:
+    """mlm mode: (trainable model, (ids, mask, labels) -> loss)."""
+    import torch.nn.functional as F
+
+    if impl.startswith("ours"):
+        from models import create_model
+        from models.modes import TextMLM
+
+        task = TextMLM(create_model(f"vlmo_{size}_patch16", img_size=image_size, vocab_size=TEXT_VOCAB,
+                                    max_text_len=TEXT_LENGTH, drop_path_rate=0.0))
+        return task, lambda ids, mask, labels: task({"mlm_input_ids": ids, "attention_mask": mask,
+                                                     "mlm_labels": labels})["loss"]
+    from transformers import BertForMaskedLM
+
+    model = BertForMaskedLM(bert_config(impl, size))
+
+    def step(ids, mask, labels):
+        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, L, V], every position, as HF does
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+    return model, step
+
+
+def build_itc(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, callable]:
+    """itc mode: (trainable model, (images, ids, mask) -> loss); the reference is two HF towers."""
+    from models.modes.image_text_itc import contrastive_loss
+
+    if impl.startswith("ours"):
+        from models import create_model
+        from models.modes import ImageTextITC
+
+        task = ImageTextITC(create_model(f"vlmo_{size}_patch16", img_size=image_size, vocab_size=TEXT_VOCAB,
+                                         max_text_len=TEXT_LENGTH, drop_path_rate=0.0))
+        return task, lambda images, ids, mask: task({"image": images, "input_ids": ids, "attention_mask": mask})["loss"]
+    from transformers import BeitModel, BertModel
+
+    from models.heads import ITCHead
+
+    dim = SIZES[size][0]
+    towers = torch.nn.ModuleDict({"image": BeitModel(hf_config(impl, size, image_size), add_pooling_layer=False),
+                                  "text": BertModel(bert_config(impl, size), add_pooling_layer=False),
+                                  "head": ITCHead(dim)})
+
+    def step(images, ids, mask):
+        head = towers["head"]
+        image = head.embed_image(towers["image"](pixel_values=images).last_hidden_state[:, 0])
+        text = head.embed_text(towers["text"](input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+        return contrastive_loss(image, text, head.scale(), lambda x: x)["loss_itc"]
+
+    return towers, step
+
+
+def text_batch(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Captions of varied length (padded to TEXT_LENGTH) and 15% of their tokens as MLM targets."""
+    ids = torch.randint(1000, TEXT_VOCAB, (b, TEXT_LENGTH), device=device)
+    lengths = torch.randint(TEXT_LENGTH // 2, TEXT_LENGTH + 1, (b,), device=device)
+    mask = (torch.arange(TEXT_LENGTH, device=device)[None] < lengths[:, None]).long()
+    labels = torch.full_like(ids, -100)
+    chosen = (torch.rand(ids.shape, device=device) < 0.15) & mask.bool()
+    labels[chosen] = ids[chosen]
+    return ids, mask, labels
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -126,13 +203,19 @@ def worker(args: argparse.Namespace) -> None:
         mask[:, : round(grid * grid * 75 / 196)] = True  # BEiT's 75 of 196
         mask = mask[:, torch.randperm(grid * grid, device=device)]
         forward = lambda: loss_fn(images, token_images, mask)  # noqa: E731
+    elif args.mode in ("mlm", "itc"):
+        model, loss_fn = (build_mlm if args.mode == "mlm" else build_itc)(args.worker, args.size, size)
+        ids, attention, labels = text_batch(b, device)
+        forward = ((lambda: loss_fn(ids, attention, labels)) if args.mode == "mlm" else  # noqa: E731
+                   (lambda: loss_fn(images, ids, attention)))
     else:
         model, features = build(args.worker, args.size, size)
         forward = lambda: features(images).float().pow(2).mean()  # noqa: E731
     model.to(device).train()
     if args.worker == "ours_compiled":
         forward = torch.compile(forward)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6) if args.mode == "mim" else None
+    optimizer = (torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+                 if args.mode in TRAINING_MODES else None)
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -367,7 +450,8 @@ def tokenizer_benchmark(batch_size: int, image_size: int, rounds: int, steps: in
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["encode", "mim", "index", "adamw", "loader", "tokenizer"], default="encode")
+    p.add_argument("--mode", choices=["encode", "mim", "mlm", "itc", "index", "adamw", "loader", "tokenizer"],
+                   default="encode")
     p.add_argument("--num_images", type=int, default=200, help="loader mode: generated JPEGs")
     p.add_argument("--target_rate", type=float, default=2500.0, help="loader mode: images/s one device consumes")
     p.add_argument("--jpeg_folder", help="loader mode: time these JPEGs instead of generated ones")
@@ -402,16 +486,19 @@ def main(argv: list[str] | None = None) -> None:
         return worker(args)
     if args.sweep:
         return sweep(args, [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--sweep"])
-    args.impls = args.impls or [i for i in DEFAULT_IMPLS if i in (MIM_IMPLS if args.mode == "mim" else IMPLS)]
-    if args.mode == "mim" and "timm" in args.impls:
-        p.error("--mode mim compares with HF BeitForMaskedImageModeling; timm has no MIM head")
+    args.impls = args.impls or [i for i in DEFAULT_IMPLS if i in (MIM_IMPLS if args.mode in TRAINING_MODES else IMPLS)]
+    if args.mode in TRAINING_MODES and "timm" in args.impls:
+        p.error(f"--mode {args.mode} compares with HF models (timm has no MIM head, no text tower); drop timm")
     rows = interleaved_rounds(args.impls, args.rounds, argv if argv is not None else sys.argv[1:])
     hw = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    what = "MIM training step (DALL-E tokenize + forward + backward + AdamW)" if args.mode == "mim" else \
-        "encode_image forward+backward"
+    what = {"mim": "MIM training step (DALL-E tokenize + forward + backward + AdamW)",
+            "mlm": f"text MLM training step ({TEXT_LENGTH} tokens, 15% predicted; forward + backward + AdamW)",
+            "itc": f"ITC training step (image + {TEXT_LENGTH}-token text, InfoNCE; forward + backward + AdamW)"}.get(
+        args.mode, "encode_image forward+backward")
     print(f"\n{what}, {args.size} {args.image_size}px, batch {args.batch_size}, amp={args.amp}, {hw}; "
           f"{args.rounds} interleaved rounds of {args.steps} steps")
-    print_rows(rows, "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB")
+    print_rows(rows, "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB",
+               {"mlm": "captions/s", "itc": "pairs/s"}.get(args.mode, "images/s"))
 
 
 def sweep(args: argparse.Namespace, argv: list[str]) -> list[dict]:
@@ -462,9 +549,9 @@ def interleaved_rounds(impls: list[str], rounds: int, argv: list[str]) -> list[d
     return rows
 
 
-def print_rows(rows: list[dict], peak: str) -> None:
+def print_rows(rows: list[dict], peak: str, unit: str = "images/s") -> None:
     reference = next((r for r in rows if r["impl"] == REFERENCE and "error" not in r), None)
-    print(f"| implementation | step (s) | spread (s) | images/s | {peak} | speed vs {REFERENCE} |\n"
+    print(f"| implementation | step (s) | spread (s) | {unit} | {peak} | speed vs {REFERENCE} |\n"
           f"| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:

@@ -82,6 +82,11 @@ def mim_checkpoint(out: Path, mim_epochs: int) -> Path:
     return out / "1_image_mim" / f"checkpoint-{mim_epochs - 1}.pth"
 
 
+def itc_checkpoint(out: Path, weight: float, itc_epochs: int) -> Path:
+    """The chain's last checkpoint for λ = `weight` (the image-text stage's last epoch)."""
+    return out / f"3_image_text_itc_lambda_{weight:g}" / f"checkpoint-{itc_epochs - 1}.pth"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="outputs/demo_chain", help="one folder per stage, the table, the chart "
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
         lora = ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model"]
         if weight > 0:
             lora += ["--self_regularization", "--reg_loss_weight", str(weight)]
-        mlm_dir, itc_dir = out / f"2_text_mlm_{tag}", out / f"3_image_text_itc_{tag}"
+        mlm_dir, itc_dir = out / f"2_text_mlm_{tag}", itc_checkpoint(out, weight, args.itc_epochs).parent
         rows.append((f"text_mlm, λ={weight:g}", run_stage(
             common + visual + lora + ["--exp_name", "text_mlm", "--epochs", str(args.mlm_epochs), "--blr", "5e-3",
                                       "--init_from", str(mim_ckpt)], mlm_dir)))
