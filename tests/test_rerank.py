@@ -63,6 +63,11 @@ def test_rerank_fine_tuning_trains_the_matching_head_and_reports_both_rankings(t
     again = finetune(common + ["--eval", "--finetune", str(out / "checkpoint-best.pth"),
                                "--output_dir", str(tmp_path / "eval")])
     assert again["rerank_r_mean"] == pytest.approx(stats["test_rerank_r_mean"], abs=1e-9)
+    from util.export import main as export
+
+    diffs = export(["--checkpoint", str(out / "checkpoint-best.pth"), "--format", "onnx", "--output",
+                    str(tmp_path / "onnx")])  # the re-ranker too, checked at another batch and text length
+    assert (tmp_path / "onnx" / "image_text_matching.onnx").is_file() and diffs["image_text_matching"] < 1e-4
 
 
 def test_rerank_k_belongs_to_retrieval():

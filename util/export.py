@@ -7,7 +7,8 @@
 onnx: `classifier.onnx` (when the checkpoint has a classifier), `segmenter.onnx` (a segmentation
 checkpoint: images of any size in, per-pixel logits at that size out), `image_encoder.onnx` and
 `text_encoder.onnx`, `image_embedding.onnx` / `text_embedding.onnx` when it has an ITC head, and
-`fusion.onnx` for a VQA or NLVR2 checkpoint (images, and for NLVR2 `images_2`, with `input_ids` and
+`image_text_matching.onnx` when it has the pooler and ITM head (VLMo's re-ranker: images,
+`input_ids`, `attention_mask` in, no-match / match logits out), `fusion.onnx` for a VQA or NLVR2 checkpoint (images, and for NLVR2 `images_2`, with `input_ids` and
 `attention_mask` in, the answer or true/false logits out) (dynamic batch; text also dynamic length),
 verified with onnxruntime.
 hf: `BeitForImageClassification` (with a classifier) or `BeitModel`, reloaded with
@@ -113,15 +114,38 @@ class _Fusion(nn.Module):
         return self.classifier(list(images), input_ids, attention_mask)
 
 
+class _Matching(nn.Module):
+    """Image-text matching logits `[B, 2]` of (image, caption) pairs: the re-ranker of retrieval."""
+
+    def __init__(self, backbone, pooler, itm_head) -> None:
+        super().__init__()
+        self.backbone, self.pooler, self.itm_head = backbone, pooler, itm_head
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.itm_head(self.pooler(self.backbone.encode_pair(images, input_ids, attention_mask)))
+
+
+PAIR_TEXT_AXES = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
+
+
+def pair_check_inputs(cfg, images_per_text: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Other images, another batch size and a padded text of another length than the traced ones."""
+    images = tuple(torch.randn(3, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
+                   for _ in range(images_per_text))
+    ids, mask = torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long)
+    mask[0, 7:] = 0
+    return images + (ids, mask)
+
+
 def fusion_job(model: FusedPairClassifier, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
     image_names = ["images", "images_2"][:model.images_per_text]
-    axes = {**{n: {0: "batch"} for n in image_names}, "input_ids": {0: "batch", 1: "length"},
-            "attention_mask": {0: "batch", 1: "length"}}
+    axes = {**{n: {0: "batch"} for n in image_names}, **PAIR_TEXT_AXES}
     return ("fusion", _Fusion(model), (*[images] * model.images_per_text, ids, mask),
             image_names + ["input_ids", "attention_mask"], axes)
 
 
-def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = None) -> dict[str, float]:
+def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = None,
+                matching: tuple[nn.Module, nn.Module] | None = None) -> dict[str, float]:
     """Encoders (and classifier, ITC embeddings when the checkpoint has them) as ONNX, each checked
     with onnxruntime at another batch size (and text length) than the traced one."""
     try:
@@ -151,6 +175,9 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
         jobs.append(("image_embedding", _ImageEmbedding(backbone, itc_head), (images,), ["images"], {"images": {0: "batch"}}))
         jobs.append(("text_embedding", _TextEmbedding(backbone, itc_head), (ids, mask), ["input_ids", "attention_mask"],
                      text_axes))
+    if matching is not None:
+        jobs.append(("image_text_matching", _Matching(backbone, *matching), (images, ids, mask),
+                     ["images", "input_ids", "attention_mask"], {"images": {0: "batch"}, **PAIR_TEXT_AXES}))
     diffs = {}
     for name, module, inputs, names, axes in jobs:
         path = output / f"{name}.onnx"
@@ -163,11 +190,8 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
         if name.startswith("text_"):
             check = (torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long))
             check[1][0, 7:] = 0
-        elif name == "fusion":  # other images, another batch size and a padded text of another length
-            check = tuple(torch.randn(3, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
-                          for _ in range(model.images_per_text))
-            check += (torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long))
-            check[-1][0, 7:] = 0
+        elif name in ("fusion", "image_text_matching"):
+            check = pair_check_inputs(cfg, model.images_per_text if name == "fusion" else 1, gen)
         elif name == "segmenter":  # another size than the traced one, not square
             check = (torch.randn(3, cfg.in_chans, cfg.img_size + 24, cfg.img_size - 8, generator=gen),)
         else:
@@ -253,7 +277,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               f"backbone only (--format onnx keeps the whole model)")
         model = model.backbone
     if args.format == "onnx":
-        diffs = export_onnx(model, output, servable.heads.get("itc_head"))
+        heads = servable.heads
+        matching = (heads["pooler"], heads["itm_head"]) if {"pooler", "itm_head"} <= set(heads) else None
+        diffs = export_onnx(model, output, heads.get("itc_head"), matching)
     elif args.format == "timm":
         diffs = export_timm(model, output)
         output = output.with_suffix(".safetensors")
