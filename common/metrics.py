@@ -15,24 +15,34 @@ T = TypeVar("T")
 
 class ScalarAverager:
     """Weighted running sums of named scalars; `global_average` reduces over ranks (every rank
-    must call it, with the same keys)."""
+    must call it, with the same keys). Scalars may be floats or 0-d tensors; a tensor's sum stays
+    on its device, so averaging a step's losses reads nothing back to the host until the end."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, float | torch.Tensor] = {}
         self.counts: dict[str, float] = defaultdict(float)
 
-    def update(self, values: dict[str, float], weight: float = 1.0) -> None:
+    def update(self, values: dict[str, float | torch.Tensor], weight: float = 1.0) -> None:
         for key, value in values.items():
-            self.sums[key] += float(value) * weight
+            value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value * weight
             self.counts[key] += weight
 
     def global_average(self, device: torch.device) -> dict[str, float]:
         keys = sorted(self.sums)
-        packed = torch.tensor([self.sums[k] for k in keys] + [self.counts[k] for k in keys], dtype=torch.float64,
-                              device=device)
-        packed = dist_util.all_reduce_sum(packed)
+        sums = [torch.as_tensor(self.sums[k], dtype=torch.float64).to(device) for k in keys]
+        counts = torch.tensor([self.counts[k] for k in keys], dtype=torch.float64, device=device)
+        packed = dist_util.all_reduce_sum(torch.cat([torch.stack(sums) if sums else counts[:0], counts]))
+        values = packed.tolist()  # the one read back to the host
         n = len(keys)
-        return {k: (packed[i] / packed[n + i].clamp(min=1e-12)).item() for i, k in enumerate(keys)}
+        return {k: values[i] / max(values[n + i], 1e-12) for i, k in enumerate(keys)}
+
+
+def host_values(scalars: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """0-d tensors and floats as floats, reading all device tensors back in one transfer."""
+    tensors = {k: v for k, v in scalars.items() if isinstance(v, torch.Tensor)}
+    read = dict(zip(tensors, torch.stack([v.detach().float() for v in tensors.values()]).tolist())) if tensors else {}
+    return {k: read[k] if k in read else float(v) for k, v in scalars.items()}
 
 
 class ProgressPrinter:
@@ -42,6 +52,10 @@ class ProgressPrinter:
         self.header, self.total, self.every = header, total, max(every, 1)
         self.start = time.time()
         self.samples = 0
+
+    def count(self, batch_size: int) -> None:
+        """A step that prints nothing (its samples still count towards the rate)."""
+        self.samples += batch_size
 
     def step(self, index: int, batch_size: int, scalars: dict[str, float]) -> None:
         self.samples += batch_size

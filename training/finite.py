@@ -1,6 +1,9 @@
 """Non-finite guards: a run stops with one sentence naming the epoch and step, what went
 non-finite (loss, gradients, weights, evaluation) and the likely cause, before anything of it is
-saved. Under fp16 an overflow step is normal: the loss scaler skips it, and it is counted."""
+saved. Under fp16 an overflow step is normal: the loss scaler skips it, and it is counted.
+Training steps are watched on the device (`FinitenessWatch`): the first bad step is recorded
+without reading anything back to the host, and read at each --print_freq step and at the end of
+the epoch, before anything is saved."""
 from __future__ import annotations
 
 import math
@@ -20,22 +23,43 @@ def likely_cause(lr: float, amp_dtype: torch.dtype | None, clip_grad: float | No
         "" if clip_grad else " or clip the gradients with --clip_grad 3.0")
 
 
-def check_loss(loss: torch.Tensor, out: dict[str, Any], epoch: int, step: int, cause: str) -> None:
-    value = loss.item()
-    if math.isfinite(value):
-        return
-    empty = [k for k, v in out.items() if k.startswith("acc_") and isinstance(v, torch.Tensor) and torch.isnan(v).any()]
-    if empty:  # an accuracy over no targets is NaN: nothing to predict in this batch
-        raise UserError(f"the loss became {value} at epoch {epoch} step {step} because the batch had no prediction "
-                        f"targets ({', '.join(empty)} over zero items, e.g. only empty captions); check the data")
-    raise UserError(f"the loss became {value} at epoch {epoch} step {step}; likely cause: {cause}")
+LOSS, GRADIENTS = 0, 1
 
 
-def check_gradients(norm: torch.Tensor | None, epoch: int, step: int, cause: str) -> None:
-    """Without a loss scaler, non-finite gradients would be applied: stop before the step."""
-    if norm is not None and not torch.isfinite(norm):
-        raise UserError(f"the gradients became non-finite at epoch {epoch} step {step} (norm {norm.item()}); nothing "
-                        f"was applied or saved; likely cause: {cause}")
+class FinitenessWatch:
+    """The first step of an epoch whose loss (or clipped gradient norm) was not finite, with its
+    value, kept as device tensors: noting a step costs no host synchronisation; `check` reads it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.kind = torch.zeros((), dtype=torch.long, device=device)
+        self.value = torch.zeros((), device=device)
+        self.no_targets = torch.zeros((), dtype=torch.bool, device=device)
+
+    def note(self, value: torch.Tensor, step: int, kind: int, out: dict[str, Any] | None = None) -> None:
+        value = value.detach().float()
+        first = ~torch.isfinite(value) & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.kind = torch.where(first, kind, self.kind)
+        self.value = torch.where(first, value, self.value)
+        if out is not None:  # an accuracy over no targets is NaN: nothing to predict in this batch
+            empty = [v.detach().isnan().any() for k, v in out.items() if k.startswith("acc_") and isinstance(v, torch.Tensor)]
+            if empty:
+                self.no_targets = torch.where(first, torch.stack(empty).any(), self.no_targets)
+
+    def check(self, epoch: int, cause: str) -> None:
+        step, kind, no_targets = torch.stack([self.step, self.kind, self.no_targets.long()]).tolist()
+        if step < 0:
+            return
+        value = self.value.item()
+        if kind == GRADIENTS:
+            raise UserError(f"the gradients became non-finite at epoch {epoch} step {step} (norm {value}); nothing of "
+                            f"this epoch was saved, the last checkpoint is intact; likely cause: {cause}")
+        if no_targets:
+            raise UserError(f"the loss became {value} at epoch {epoch} step {step} because the batch had no prediction "
+                            f"targets (an accuracy over zero items, e.g. only empty captions); check the data")
+        raise UserError(f"the loss became {value} at epoch {epoch} step {step}; nothing of this epoch was saved, the last "
+                        f"checkpoint is intact; likely cause: {cause}")
 
 
 def check_weights(model: torch.nn.Module, epoch: int, cause: str) -> None:

@@ -1,7 +1,10 @@
 """The training-step core both engines share: per-iteration lr, gradient accumulation (DDP
 all-reduces only on the micro-batch that ends an optimizer step), autocast, the finiteness check,
 unscale + clip + step (fp16 scaler or not), the unreadable-sample limit, logging and progress.
-The model is called with the prepared batch and returns `{"loss": ..., <name>: scalar, ...}`."""
+The model is called with the prepared batch and returns `{"loss": ..., <name>: scalar, ...}`.
+No step reads a device value back to the host: losses are summed on the device, and they and the
+finiteness watch are read every --print_freq steps (console, TensorBoard) and at the epoch's end
+(an fp16 loss scaler still reads its overflow flag each step, as torch's does)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,9 +16,9 @@ import torch
 from common import distributed as dist_util
 from common.errors import UserError
 from common.lr_sched import lr_at, set_lr
-from common.metrics import ProgressPrinter, ScalarAverager
+from common.metrics import ProgressPrinter, ScalarAverager, host_values
 from custom_datasets.batch import NUM_SKIPPED, batch_size
-from training.finite import check_gradients, check_loss, check_weights, likely_cause
+from training.finite import GRADIENTS, LOSS, FinitenessWatch, check_weights, likely_cause
 from training.fsdp import full_tensor
 from training.scaffold import first_step
 
@@ -68,9 +71,10 @@ def cause_of(settings: StepSettings) -> str:
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   settings: StepSettings, epoch: int = 0, step: int = 0) -> bool:
+                   settings: StepSettings, epoch: int = 0, step: int = 0, watch: FinitenessWatch | None = None) -> bool:
     """Unscale (fp16), clip, step and clear the accumulated gradients. Returns False when the fp16
-    loss scaler skipped the step (an overflow, which it handles by lowering the scale)."""
+    loss scaler skipped the step (an overflow, which it handles by lowering the scale). Without a
+    scaler a non-finite clipped norm is noted in `watch` (the epoch then stops before it is saved)."""
     if scaler:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad) if settings.clip_grad else None
@@ -82,7 +86,8 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
         scaler.update()
         applied = scaler.get_scale() >= before
     else:
-        check_gradients(norm, epoch, step, cause_of(settings))
+        if norm is not None and watch is not None:
+            watch.note(norm, step, GRADIENTS)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return applied
@@ -92,9 +97,10 @@ def global_skipped(skipped: int, device: torch.device) -> float:
     return dist_util.all_reduce_sum(torch.tensor(float(skipped), device=device)).item()
 
 
-def scalars_of(out: dict[str, Any]) -> dict[str, float]:
-    """Every scalar a model returned (the loss, its parts, accuracies, temperatures...)."""
-    return {k: float(v.detach()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
+def scalars_of(out: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every scalar a model returned (the loss, its parts, accuracies, temperatures...), detached
+    and left on the device."""
+    return {k: v.detach() for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
 
 
 @dataclass
@@ -108,13 +114,14 @@ class EpochHooks:
     overflow_steps: int = 0  # fp16 steps the loss scaler skipped
 
 
-def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch, step, total) -> dict[str, float]:
+def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch, step, total,
+                 watch: FinitenessWatch) -> dict[str, torch.Tensor]:
     last_micro = is_last_micro_batch(settings, step, total)
     with gradient_sync(model, last_micro):
         with autocast(device, settings.amp_dtype):
             out = model(batch)
         loss = out["loss"]
-        check_loss(loss, out, epoch, step, cause_of(settings))
+        watch.note(loss, step, LOSS, out)
         scaled = loss / settings.accum_iter
         reg = None
         if hooks.regularizer is not None and last_micro:
@@ -123,15 +130,26 @@ def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch
         (scaler.scale(scaled) if scaler else scaled).backward()
     skipped_step = False
     if last_micro:
-        skipped_step = not optimizer_step(model, optimizer, scaler, settings, epoch, step)
+        skipped_step = not optimizer_step(model, optimizer, scaler, settings, epoch, step, watch)
         if hooks.after_step is not None:
             hooks.after_step()
     scalars = scalars_of(out)
     if skipped_step:
         hooks.overflow_steps += 1
     if reg is not None:
-        scalars["loss_reg"] = float(reg.detach())
+        scalars["loss_reg"] = reg.detach()
     return scalars
+
+
+def report_step(progress: ProgressPrinter, log_writer, scalars: dict[str, float], optimizer, epoch: int, step: int,
+                total: int, n: int) -> None:
+    """The console line and the TensorBoard scalars of a --print_freq step."""
+    lr = optimizer.param_groups[0]["lr"]
+    progress.step(step, n, {"lr": lr, **scalars})
+    if log_writer is not None:
+        epoch_1000x = first_step(epoch) + int(step / total * 1000)  # one axis for runs of different batch sizes
+        for key, value in {**scalars, "lr": lr}.items():
+            log_writer.add_scalar(f"train/{key}", value, epoch_1000x)
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer,
@@ -145,23 +163,28 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
     total = steps_per_epoch or len(loader)  # type: ignore[arg-type]
     averager, skipped = ScalarAverager(), 0
     progress = ProgressPrinter(f"Epoch [{epoch}]", total, settings.print_freq)
+    watch = FinitenessWatch(device)
     optimizer.zero_grad(set_to_none=True)
-    for step, batch in enumerate(loader):
-        skipped += int(batch.pop(NUM_SKIPPED, 0))
-        check_bad_samples(settings, skipped_so_far + skipped)
-        schedule_lr(optimizer, settings, epoch, step, total)
-        if not batch:  # every sample of this batch was unreadable
-            continue
-        batch = prepare(batch)
-        scalars = _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch, step, total)
-        n = batch_size(batch)
-        averager.update(scalars, n)
-        lr = optimizer.param_groups[0]["lr"]
-        progress.step(step, n, {"lr": lr, **scalars})
-        if log_writer is not None and is_last_micro_batch(settings, step, total):
-            epoch_1000x = first_step(epoch) + int(step / total * 1000)  # one axis for runs of different batch sizes
-            for key, value in {**scalars, "lr": lr}.items():
-                log_writer.add_scalar(f"train/{key}", value, epoch_1000x)
+    try:
+        for step, batch in enumerate(loader):
+            skipped += int(batch.pop(NUM_SKIPPED, 0))
+            check_bad_samples(settings, skipped_so_far + skipped)
+            schedule_lr(optimizer, settings, epoch, step, total)
+            if not batch:  # every sample of this batch was unreadable
+                continue
+            batch = prepare(batch)
+            scalars = _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch, step, total, watch)
+            n = batch_size(batch)
+            averager.update(scalars, n)
+            if step % max(settings.print_freq, 1) == 0 or step == total - 1:  # the only reads back to the host
+                watch.check(epoch, cause_of(settings))
+                report_step(progress, log_writer, host_values(scalars), optimizer, epoch, step, total, n)
+            else:
+                progress.count(n)
+    except RuntimeError:  # a NaN that reached a kernel which refuses it (e.g. sampling): name the first bad step
+        watch.check(epoch, cause_of(settings))
+        raise
+    watch.check(epoch, cause_of(settings))
     stats = averager.global_average(device)
     stats["skipped_samples"] = global_skipped(skipped, device)
     stats["lr"] = optimizer.param_groups[0]["lr"]
