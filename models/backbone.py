@@ -21,6 +21,17 @@ BACKBONE_LAYER_GROUPS = {
 }
 
 
+class HoldsBackbone:
+    """For a model holding the backbone as `self.backbone` (classifiers, segmenter, fusion heads,
+    pretraining modes): what timm's layer-decay grouping asks of it."""
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return BACKBONE_LAYER_GROUPS
+
+
 class VLMoBackbone(nn.Module):
     """BEiT image path + VLMo text/pair paths over one stack of blocks.
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbone import BACKBONE_LAYER_GROUPS, VLMoBackbone
+from models.backbone import HoldsBackbone, VLMoBackbone
 
 
-class ImageClassifier(nn.Module):
+class ImageClassifier(HoldsBackbone, nn.Module):
     def __init__(self, backbone: VLMoBackbone, num_classes: int, use_cls: bool = False,
                  head_init_scale: float = 0.001) -> None:
         super().__init__()
@@ -30,14 +30,8 @@ class ImageClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(images))  # [B, classes]
 
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return BACKBONE_LAYER_GROUPS
-
-
-class TextClassifier(nn.Module):
+class TextClassifier(HoldsBackbone, nn.Module):
     """Text classification: the final-normed [CLS] feature of the text path + `pooler_norm` +
     linear `classifier` (the same head names as the image classifier)."""
 
@@ -53,9 +47,3 @@ class TextClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         cls = self.backbone.encode_text(input_ids, attention_mask)[:, 0]  # [B, D]
         return self.classifier(self.pooler_norm(cls))  # [B, classes]
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return BACKBONE_LAYER_GROUPS

@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbone import BACKBONE_LAYER_GROUPS, VLMoBackbone
+from models.backbone import HoldsBackbone, VLMoBackbone
 from models.heads import AnswerHead, Pooler
 
 FUSION_HEADS = {"vqa_head": 1, "nlvr2_head": 2}  # head name -> images per text
 
 
-class FusedPairClassifier(nn.Module):
+class FusedPairClassifier(HoldsBackbone, nn.Module):
     def __init__(self, backbone: VLMoBackbone, head_name: str, num_outputs: int, pooler: Pooler | None = None,
                  head: AnswerHead | None = None) -> None:
         super().__init__()
@@ -43,9 +43,3 @@ class FusedPairClassifier(nn.Module):
         batch = input_ids.shape[0]
         pooled = pooled.view(count, batch, -1).transpose(0, 1).reshape(batch, -1)  # [B, count*D], image order kept
         return self.head(pooled)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return BACKBONE_LAYER_GROUPS

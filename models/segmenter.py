@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbone import BACKBONE_LAYER_GROUPS, VLMoBackbone
+from models.backbone import HoldsBackbone, VLMoBackbone
 from models.segmentation_head import SegmentationHead, resize
 
 
-class Segmenter(nn.Module):
+class Segmenter(HoldsBackbone, nn.Module):
     def __init__(self, backbone: VLMoBackbone, head: SegmentationHead) -> None:
         super().__init__()
         if head.embed_dim != backbone.cfg.embed_dim:
@@ -31,9 +31,3 @@ class Segmenter(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` -> `[B, classes, H, W]` logits."""
         return resize(self.head_logits(images)[0], images.shape[-2:])
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return BACKBONE_LAYER_GROUPS

@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from models.backbone import BACKBONE_LAYER_GROUPS, VLMoBackbone
+from models.backbone import HoldsBackbone, VLMoBackbone
 
 # Parameter-name fragments that only one input path uses; a mode that does not take a path leaves
 # its parameters without gradient, so they are frozen when the run is built.
@@ -41,7 +41,7 @@ class ModeOptions:
     seed: int = 0
 
 
-class PretrainMode(nn.Module):
+class PretrainMode(HoldsBackbone, nn.Module):
     """Base class of a mode. Subclasses set `name`, `batch_keys`, `data_kind` ("image", "text" or
     "pair"), `paths` (subset of PATH_PARAMETERS) and `heads` (attribute names), and implement `forward`."""
 
@@ -75,10 +75,3 @@ class PretrainMode(nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         """Modes with per-step random choices re-seed them here (identical on every rank)."""
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer groups for layer-wise lr decay (a mode fine-tuned downstream, e.g. retrieval)."""
-        return BACKBONE_LAYER_GROUPS
