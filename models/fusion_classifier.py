@@ -26,6 +26,11 @@ class FusedPairClassifier(HoldsBackbone, nn.Module):
         setattr(self, head_name, head or AnswerHead(dim * self.images_per_text, 2 * dim, num_outputs))
 
     @property
+    def task(self) -> str:
+        """"vqa" or "nlvr2": the task the head was trained for."""
+        return self.head_name.removesuffix("_head")
+
+    @property
     def head(self) -> AnswerHead:
         return getattr(self, self.head_name)
 

@@ -45,7 +45,7 @@ class CheckpointServable:
     @property
     def fusion_task(self) -> str | None:
         """"vqa" or "nlvr2" for a fused-pair classifier, else None."""
-        return self.model.head_name[:-len("_head")] if isinstance(self.model, FusedPairClassifier) else None
+        return self.model.task if isinstance(self.model, FusedPairClassifier) else None
 
     @property
     def has_itc(self) -> bool:

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = servable.model
     kind = (f"classifier ({model.classifier.out_features} classes)" if isinstance(model, ImageClassifier) else
             f"segmenter ({model.num_classes} classes)" if isinstance(model, Segmenter) else
-            f"{model.head_name[:-5]} classifier ({model.num_classes} outputs)" if isinstance(model, FusedPairClassifier)
+            f"{model.task} classifier ({model.num_classes} outputs)" if isinstance(model, FusedPairClassifier)
             else "backbone")
     print(f"exporting the {kind} of {args.checkpoint} as {args.format} to {output}")
     if args.format != "onnx" and isinstance(model, (Segmenter, FusedPairClassifier)):  # HF/timm BEiT have no such head

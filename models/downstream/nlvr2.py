@@ -7,22 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from custom_datasets import batch as B
-from models.backbone import VLMoBackbone
-from models.downstream.base import DownstreamOptions, DownstreamTask
-from models.fusion_classifier import FusedPairClassifier
+from models.downstream.fused_pair import FusedPairTask
 
 
-class NLVR2(DownstreamTask):
+class NLVR2(FusedPairTask):
     name = "nlvr2"
     description = ("is a statement true of two images (NLVR2's JSON Lines and image folders): both fused pairs' "
                    "pooled features, concatenated, classified; accuracy")
     data_kind = "nlvr2"
-    paths = frozenset({"image", "text", "pair"})
-    heads = ("pooler", "nlvr2_head")
+    head_name = "nlvr2_head"
+    num_outputs = 2  # false, true
     best_metric = "acc1"
-
-    def __init__(self, backbone: VLMoBackbone, options: DownstreamOptions) -> None:
-        super().__init__(FusedPairClassifier(backbone, "nlvr2_head", 2), options)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = self.model([batch[B.IMAGE], batch[B.IMAGE_2]], batch[B.INPUT_IDS], batch[B.ATTENTION_MASK]).float()

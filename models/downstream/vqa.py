@@ -15,23 +15,22 @@ from common import distributed as dist_util
 from custom_datasets import batch as B
 from custom_datasets.vqa_data import ANSWER_TYPES
 from models.backbone import VLMoBackbone
-from models.downstream.base import DownstreamOptions, DownstreamTask
-from models.fusion_classifier import FusedPairClassifier
+from models.downstream.base import DownstreamOptions
+from models.downstream.fused_pair import FusedPairTask
 
 RESULTS_FILE = "vqa_results.json"
 
 
-class VisualQuestionAnswering(DownstreamTask):
+class VisualQuestionAnswering(FusedPairTask):
     name = "vqa"
     description = ("answer questions about images (VQAv2's files and COCO folders): a classifier over the answer "
                    "vocabulary on the fused pair; official VQA accuracy and a results file")
     data_kind = "vqa"
-    paths = frozenset({"image", "text", "pair"})
-    heads = ("pooler", "vqa_head")
+    head_name = "vqa_head"
     best_metric = "vqa_acc"
 
     def __init__(self, backbone: VLMoBackbone, options: DownstreamOptions) -> None:
-        super().__init__(FusedPairClassifier(backbone, "vqa_head", options.num_classes), options)
+        super().__init__(backbone, options)
         self.answers = list(options.class_names)
         self.collected: list[tuple[torch.Tensor, ...]] = []
         self.results: list[dict[str, Any]] = []
