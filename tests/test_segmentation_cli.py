@@ -64,7 +64,7 @@ def test_tensorboard_and_pictures_show_input_truth_and_prediction(trained):
     assert len(events.Images("semantic_segmentation/examples")) == 2  # one per epoch
 
 
-def test_predict_writes_class_index_masks_and_overlays_that_match_the_model(trained, tmp_path):
+def test_predict_writes_class_index_masks_and_overlays_that_match_the_model(trained, tmp_path, capsys):
     from serving import open_servable
     from serving.segmentation import segment_image
     from util.predict import main as predict
@@ -87,6 +87,11 @@ def test_predict_writes_class_index_masks_and_overlays_that_match_the_model(trai
         assert np.array_equal(np.asarray(mask), expected)
         assert Image.open(entry["overlay"]).size == (45, 37)
         assert sum(entry["classes"].values()) == pytest.approx(1.0, abs=1e-3)
+    for flag, needs in (("--question", "--question needs a VQA checkpoint"),
+                        ("--statement", "--statement needs an NLVR2 checkpoint")):  # the flag given is the one named
+        with pytest.raises(SystemExit):
+            predict(["--checkpoint", str(out / "checkpoint-best.pth"), "--input", str(folder), flag, "what?"])
+        assert needs in capsys.readouterr().err
 
 
 def test_onnx_export_takes_any_size_and_serves_the_same_masks(trained, tmp_path):

@@ -90,11 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     files = input_files(args.input)
     servable = open_servable(args.checkpoint)
-    task = getattr(servable, "fusion_task", None)
+    task = servable.fusion_task
     if task is not None or args.question is not None or args.statement is not None:
         from serving.fusion import answer_questions, judge_statement
 
-        return (answer_questions if task == "vqa" else judge_statement)(servable, files, args)
+        asks = task == "vqa" or (task is None and args.question is not None)  # the sentence names the flag given
+        return (answer_questions if asks else judge_statement)(servable, files, args)
     if getattr(servable, "has_segmenter", False):
         return segment_files(servable, files, args)
     if not servable.has_classifier:
