@@ -57,9 +57,13 @@ class ProgressPrinter:
         """A step that prints nothing (its samples still count towards the rate)."""
         self.samples += batch_size
 
+    def due(self, index: int) -> bool:
+        """Whether step `index` prints: every `every` steps and the last."""
+        return index % self.every == 0 or index == self.total - 1
+
     def step(self, index: int, batch_size: int, scalars: dict[str, float]) -> None:
         self.samples += batch_size
-        if not dist_util.is_main_process() or (index % self.every and index != self.total - 1):
+        if not dist_util.is_main_process() or not self.due(index):
             return
         elapsed = time.time() - self.start
         eta = elapsed / (index + 1) * (self.total - index - 1)

@@ -71,7 +71,7 @@ def cause_of(settings: StepSettings) -> str:
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   settings: StepSettings, epoch: int = 0, step: int = 0, watch: FinitenessWatch | None = None) -> bool:
+                   settings: StepSettings, step: int = 0, watch: FinitenessWatch | None = None) -> bool:
     """Unscale (fp16), clip, step and clear the accumulated gradients. Returns False when the fp16
     loss scaler skipped the step (an overflow, which it handles by lowering the scale). Without a
     scaler a non-finite clipped norm is noted in `watch` (the epoch then stops before it is saved)."""
@@ -114,7 +114,7 @@ class EpochHooks:
     overflow_steps: int = 0  # fp16 steps the loss scaler skipped
 
 
-def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch, step, total,
+def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, step, total,
                  watch: FinitenessWatch) -> dict[str, torch.Tensor]:
     last_micro = is_last_micro_batch(settings, step, total)
     with gradient_sync(model, last_micro):
@@ -130,7 +130,7 @@ def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch
         (scaler.scale(scaled) if scaler else scaled).backward()
     skipped_step = False
     if last_micro:
-        skipped_step = not optimizer_step(model, optimizer, scaler, settings, epoch, step, watch)
+        skipped_step = not optimizer_step(model, optimizer, scaler, settings, step, watch)
         if hooks.after_step is not None:
             hooks.after_step()
     scalars = scalars_of(out)
@@ -173,10 +173,10 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
             if not batch:  # every sample of this batch was unreadable
                 continue
             batch = prepare(batch)
-            scalars = _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, epoch, step, total, watch)
+            scalars = _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, step, total, watch)
             n = batch_size(batch)
             averager.update(scalars, n)
-            if step % max(settings.print_freq, 1) == 0 or step == total - 1:  # the only reads back to the host
+            if progress.due(step):  # the only reads back to the host
                 watch.check(epoch, cause_of(settings))
                 report_step(progress, log_writer, host_values(scalars), optimizer, epoch, step, total, n)
             else:
