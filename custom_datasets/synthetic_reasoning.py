@@ -41,16 +41,17 @@ def questions_about(scene: Scene, rng: random.Random) -> list[tuple[str, str, st
     return out
 
 
-def wrong_answer(answer: str, kind: str, rng: random.Random) -> str:
+def wrong_answer(answer: str, rng: random.Random) -> str:
     """A plausible mistake of the same type (another colour, shape, place, count or yes/no)."""
-    groups = [["yes", "no"], ["0", "1", "2", "3"], sorted(COLORS), list(SHAPES), sorted(POSITIONS), sorted(synthetic.BACKGROUNDS)]
+    groups = [["yes", "no"], ["0", "1", "2", "3"], sorted(COLORS), list(SHAPES), sorted(POSITIONS),
+              sorted(synthetic.BACKGROUNDS)]
     pool = next(group for group in groups if answer in group)
     return rng.choice([a for a in pool if a != answer])
 
 
-def human_answers(answer: str, kind: str, rng: random.Random) -> list[str]:
+def human_answers(answer: str, rng: random.Random) -> list[str]:
     wrong = rng.choice((0, 0, 1, 2, 3))
-    return [answer] * (HUMANS - wrong) + [wrong_answer(answer, kind, rng) for _ in range(wrong)]
+    return [answer] * (HUMANS - wrong) + [wrong_answer(answer, rng) for _ in range(wrong)]
 
 
 def has(scene: Scene, test: Callable) -> bool:
@@ -65,7 +66,8 @@ def statement_about(left: Scene, right: Scene, rng: random.Random) -> tuple[str,
     return rng.choice([
         (f"the {side} image has a {color} object", has(scene, lambda o: o.color == color)),
         (f"the {side} image has a {shape}", has(scene, lambda o: o.shape == shape)),
-        (f"both images have a {shape}", has(left, lambda o: o.shape == shape) and has(right, lambda o: o.shape == shape)),
+        (f"both images have a {shape}",
+         has(left, lambda o: o.shape == shape) and has(right, lambda o: o.shape == shape)),
         ("the left image has more objects than the right image", len(left.objects) > len(right.objects)),
         ("the two images have the same background", left.background == right.background),
         (f"there are {total} objects in total", len(left.objects) + len(right.objects) == total),
@@ -104,7 +106,7 @@ def write_synthetic_vqa(root: str | Path, train: int, val: int, size: int = 64, 
             for k, (question, answer, kind) in enumerate(rng.sample(questions_about(scene, rng), questions_per_scene)):
                 qid = image_id * 1000 + k
                 questions.append({"image_id": image_id, "question": question, "question_id": qid})
-                answers = human_answers(answer, kind, rng)
+                answers = human_answers(answer, rng)
                 annotations.append({"question_id": qid, "image_id": image_id, "answer_type": kind,
                                     "question_type": " ".join(question.split()[:2]), "multiple_choice_answer": answer,
                                     "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
@@ -128,7 +130,8 @@ def write_synthetic_nlvr2(root: str | Path, train: int, val: int, size: int = 64
         lines = []
         for i in range(count):
             left, right = world.scene(2 * i), world.scene(2 * i + 1)
-            text, truth = balanced_statement(left, right, random.Random(f"nlvr2:{seed}:{synthetic.SPLIT_OFFSET[split] + i}"))
+            rng = random.Random(f"nlvr2:{seed}:{synthetic.SPLIT_OFFSET[split] + i}")
+            text, truth = balanced_statement(left, right, rng)
             record = {"identifier": f"{name}-{i}-0-0", "sentence": text, "label": str(truth)}
             folder = root / name
             if split == "train":

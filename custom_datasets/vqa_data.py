@@ -23,7 +23,6 @@ from custom_datasets.image_io import open_rgb
 from custom_datasets.pair_data import require_readable_images
 
 ANSWER_TYPES = ("yes/no", "number", "other")  # the official breakdown; anything else counts as "other"
-SOFT_SCORES = ("min_n_over_3", "leave_one_out")
 FILE_FOLDERS = ("", "questions", "annotations", "Questions", "Annotations")
 
 
