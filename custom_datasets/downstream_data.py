@@ -39,6 +39,7 @@ class DownstreamData:
     val_collate: Callable
     class_names: list[str] = field(default_factory=list)
     selection: Dataset | None = None  # where checkpoint-best is chosen, when not on `val`
+    whole_image: bool = False  # the held-out view is the whole image squashed to a square (VQA, NLVR2)
 
 
 def image_folders(data: FinetuneDataSettings, aug: AugmentSettings, input_size: int, train_transform=None,
@@ -115,7 +116,7 @@ def vqa_questions(data: FinetuneDataSettings, aug: AugmentSettings, input_size: 
     collate = CaptionCollator(tokenizer, data.max_text_len, None, train=False)
     train_set = questions(train, True, f"VQA {'+'.join(data.vqa_train_splits)}") if train else []
     return DownstreamData(train_set, questions(held_out, False, f"VQA {data.vqa_eval_split}"), collate, collate,
-                          vocabulary.answers)
+                          vocabulary.answers, whole_image=True)
 
 
 def nlvr2_statements(data: FinetuneDataSettings, aug: AugmentSettings, input_size: int, tokenizer,
@@ -126,7 +127,8 @@ def nlvr2_statements(data: FinetuneDataSettings, aug: AugmentSettings, input_siz
 
     collate = CaptionCollator(tokenizer, data.max_text_len, None, train=False)
     train = [] if evaluate_only else statements("train", True)
-    return DownstreamData(train, statements(data.nlvr2_eval_split, False), collate, collate, ["false", "true"])
+    return DownstreamData(train, statements(data.nlvr2_eval_split, False), collate, collate, ["false", "true"],
+                          whole_image=True)
 
 
 def build_downstream_data(kind: str, data: FinetuneDataSettings, aug: AugmentSettings, input_size: int,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from common import distributed as dist_util
-from common.checkpoint_io import Checkpoint
+from common.checkpoint_io import Checkpoint, atomic_write
 from common.config_args import flat_settings, save_settings
 from common.console import say
 from common.errors import UserError
@@ -35,7 +35,6 @@ from training.step import StepSettings, cause_of
 
 TASK_INPUTS = (B.IMAGE, B.IMAGE_2, B.INPUT_IDS, B.ATTENTION_MASK, B.LABEL, B.SEG_MASK, B.VQA_TARGETS, B.VQA_SCORES,
                B.QUESTION_ID, B.ANSWER_TYPE)
-WHOLE_IMAGE_KINDS = ("vqa", "nlvr2")  # data kinds whose held-out view is the whole image squashed to a square
 
 
 @dataclass
@@ -69,7 +68,7 @@ class FinetuneRun:
     def preprocessing(self) -> dict:
         """The held-out view the run evaluated with (predict and exports repeat it)."""
         cfg = self.cfg
-        if cfg.task_class.data_kind in WHOLE_IMAGE_KINDS:
+        if self.data.whole_image:
             return whole_image_preprocessing(cfg.model.input_size, cfg.augment.imagenet_default_mean_and_std)
         return preprocessing(cfg.model.input_size, cfg.augment.crop_pct, cfg.augment.imagenet_default_mean_and_std)
 
@@ -197,8 +196,6 @@ def write_held_out_outputs(run: FinetuneRun) -> None:
     """The files the task made of its last held-out pass (VQA's results), written by the main process."""
     if not run.ctx.is_main:
         return
-    from common.checkpoint_io import atomic_write
-
     for name, value in run.task.held_out_outputs().items():
         text = json.dumps(value)
         atomic_write(run.ctx.output_dir / name, lambda tmp: Path(tmp).write_text(text))
