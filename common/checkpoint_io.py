@@ -41,8 +41,13 @@ class Checkpoint:
 
 
 def _require_file(path: Path) -> None:
+    from common.sharded_checkpoint import METADATA, looks_like_unfinished_sharded_checkpoint
+
     if not path.exists():
         raise UserError(f"{path} does not exist; check the path")
+    if looks_like_unfinished_sharded_checkpoint(path):
+        raise UserError(f"{path} is a sharded checkpoint without its {METADATA}; it was cut off while being written or "
+                        f"copied: copy the whole folder again, or use an earlier checkpoint")
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a weight file; pass the checkpoint file inside it "
                         f"(Hugging Face model folders are read by util/convert_beit_ckpt.py)")
@@ -65,9 +70,9 @@ def load_torch_file(path: str | os.PathLike) -> Any:
             raise UserError(
                 f"{path} needs to run pickled code to load{culprit}, and this project never unpickles code; "
                 f"re-save it as plain tensors (torch.save(model.state_dict(), ...)) or as .safetensors") from None
-        raise UserError(f"{path} is not a PyTorch checkpoint ({_first_line(text)}); pass a .pth/.pt or .safetensors file") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint ({first_line(text)}); pass a .pth/.pt or .safetensors file") from None
     except Exception as err:  # the weights-only unpickler raises arbitrary errors on garbage bytes
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(str(err))}); "
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(str(err))}); "
                         f"it may be truncated or another kind of file") from None
 
 
@@ -81,7 +86,7 @@ def load_safetensors_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable .safetensors file ({_first_line(str(err))}); it may be truncated") from None
+        raise UserError(f"{path} is not a readable .safetensors file ({first_line(str(err))}); it may be truncated") from None
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -90,7 +95,10 @@ def is_safetensors(path: str | os.PathLike) -> bool:
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read any weight file this project writes or accepts: ours (.safetensors or .pth with a
-    backbone config), a run checkpoint, or a raw state dict (`{'model': sd}` or flat)."""
+    backbone config), a run checkpoint (a file, or a sharded run's folder), or a raw state dict
+    (`{'model': sd}` or flat)."""
+    from common.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
+
     path = Path(path)
     if is_safetensors(path):
         tensors, meta = load_safetensors_file(path)
@@ -100,7 +108,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         except json.JSONDecodeError as err:
             raise UserError(f"{path} has unreadable metadata ({err}); re-create it") from None
         return Checkpoint(path, tensors, config, {"metadata": meta}, info)
-    obj = load_torch_file(path)
+    obj = read_sharded_checkpoint(path) if is_sharded_checkpoint(path) else load_torch_file(path)
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a dict of weights; save a state_dict instead")
     config = obj.get("backbone_config")
@@ -140,13 +148,13 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if _disk_full(err, path.parent):
+        if disk_full(err, path.parent):
             raise UserError(f"the disk is full while writing {path}; free space or choose another folder (the previous "
                             f"file of this name, if any, is intact)") from None
         raise
 
 
-def _disk_full(err: BaseException, folder: Path) -> bool:
+def disk_full(err: BaseException, folder: Path) -> bool:
     """ENOSPC, or a writer (torch's zip writer raises RuntimeError) failing on a full disk."""
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return True
@@ -190,5 +198,5 @@ def _unsupported_global(text: str) -> str:
     return ""
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     return text.strip().splitlines()[0][:200] if text.strip() else "unknown error"

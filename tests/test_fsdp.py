@@ -99,3 +99,94 @@ def test_fsdp_refuses_self_regularization_with_the_reason(tmp_path):
         pretrain_config_from_argv(["--exp_name", "text_mlm", "--data_path", "synthetic", "--lora_rank", "4",
                                    "--self_regularization", "--fsdp",
                                    "--output_dir", str(tmp_path / "o")])
+
+
+def _run_weights(path):
+    from models.checkpoints import read_model_checkpoint
+
+    ckpt = read_model_checkpoint(str(path))
+    return ckpt.model, ckpt.extra
+
+
+def test_sharded_checkpoints_hold_what_the_gathered_file_holds_and_load_anywhere(tmp_path):
+    from models import create_model
+
+    gathered, sharded = tmp_path / "gathered", tmp_path / "sharded"
+    _run(_cli(gathered, "--epochs", "1", "--fsdp"))
+    result = _run(_cli(sharded, "--epochs", "1", "--fsdp", "--sharded_checkpoint"))
+    folder = sharded / "checkpoint-0.pth"
+    assert "(sharded)" in result.stdout and folder.is_dir()
+    assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per process
+    assert not list(sharded.glob(".*.tmp"))
+    # read in this one process, with no process group: the same tensors and optimizer state as the gathered file
+    (model_g, extra_g), (model_s, extra_s) = _run_weights(gathered / "checkpoint-0.pth"), _run_weights(folder)
+    assert model_s.keys() == model_g.keys()
+    for key in model_g:
+        assert torch.equal(model_s[key], model_g[key]), key
+    opt_g, opt_s = extra_g["optimizer"], extra_s["optimizer"]
+    assert opt_s["param_groups"] == opt_g["param_groups"] and opt_s["state"].keys() == opt_g["state"].keys()
+    for i, values in opt_g["state"].items():
+        for name, value in values.items():
+            assert torch.equal(opt_s["state"][i][name], value), (i, name)
+    assert (extra_s["epoch"], extra_s["step"]) == (extra_g["epoch"], extra_g["step"]) == (0, 4)
+    differs = {k for k in extra_g["args"] if extra_s["args"][k] != extra_g["args"][k]}
+    assert differs == {"output_dir", "log_dir", "d_vae_weight_path", "sharded_checkpoint"}, differs  # paths in the folder
+    backbone = create_model(None, pretrained=str(folder))  # fine-tuning and export start from it as from a file
+    assert torch.equal(backbone.patch_embed.proj.weight, model_g["backbone.patch_embed.proj.weight"])
+    # resumed under DDP as a file would be, and in its own folder under FSDP after a kill mid-write of epoch 1
+    resumed = tmp_path / "resumed_ddp"
+    result = _run(_cli(resumed, "--epochs", "2", "--resume", str(folder)))
+    assert "resuming run from" in result.stdout
+    assert [json.loads(line)["epoch"] for line in (resumed / "log.txt").read_text().splitlines()] == [1]
+    half_written = sharded / ".checkpoint-1.pth.tmp"
+    half_written.mkdir()
+    (half_written / "__0_0.distcp").write_bytes(b"cut")
+    result = _run(_cli(sharded, "--epochs", "2", "--auto_resume", "--fsdp", "--sharded_checkpoint"))
+    assert "removed 1 half-written file(s)" in result.stdout and not half_written.exists()
+    assert [json.loads(line)["epoch"] for line in (sharded / "log.txt").read_text().splitlines()] == [0, 1]
+    assert _run_weights(sharded / "checkpoint-1.pth")[1]["epoch"] == 1
+
+
+def test_a_broken_sharded_checkpoint_is_one_sentence(tmp_path):
+    import pickle
+    import shutil
+
+    from common.errors import UserError
+
+    out = tmp_path / "run"
+    _run(_cli(out, "--epochs", "1", "--fsdp", "--sharded_checkpoint"))
+    folder = out / "checkpoint-0.pth"
+
+    def copy(name):
+        target = tmp_path / name / "checkpoint-0.pth"
+        shutil.copytree(folder, target)
+        return target
+
+    no_shard = copy("no_shard")
+    (no_shard / "__1_0.distcp").unlink()
+    cut = copy("cut")
+    data = (cut / "__0_0.distcp").read_bytes()
+    (cut / "__0_0.distcp").write_bytes(data[: len(data) // 2])
+    no_metadata = copy("no_metadata")
+    (no_metadata / ".metadata").unlink()
+    crafted = copy("crafted")  # a pickle that would run a command if unpickled
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    (crafted / ".metadata").write_bytes(pickle.dumps(Payload()))
+    cases = {no_shard: "a shard file may be missing or truncated", cut: "a shard file may be missing or truncated",
+             no_metadata: "without its .metadata", crafted: "never unpickles code"}
+    for path, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            _run_weights(path)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_sharded_checkpoint_needs_fsdp(tmp_path):
+    from common.errors import UserError
+    from training.cli import pretrain_config_from_argv
+
+    with pytest.raises(UserError, match="--sharded_checkpoint writes the shards of an --fsdp run; add --fsdp"):
+        pretrain_config_from_argv(["--data_path", "synthetic", "--sharded_checkpoint", "--output_dir", str(tmp_path)])

@@ -61,6 +61,10 @@ class ModelSettings:
     fsdp: bool = flag(False, "shard parameters, gradients and optimizer state across the processes (torch FSDP2: each "
                              "block, then the whole model) instead of replicating them (DDP); for backbones that do "
                              "not fit one device. Checkpoints are gathered into one ordinary file")
+    sharded_checkpoint: bool = flag(False, "with --fsdp: each process writes its own shards of every checkpoint "
+                                           "(a folder checkpoint-N.pth/, torch.distributed.checkpoint) instead of "
+                                           "gathering the whole state in one process; it loads like a file, into "
+                                           "one process or any number")
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,9 @@ def check_pretrain_flags(cfg: "PretrainConfig") -> None:
     if cfg.model.fsdp and cfg.lora.self_regularization:
         raise UserError("--fsdp with --self_regularization is not supported yet: the penalty reads every block's "
                         "weights outside its forward, where FSDP keeps them sharded; drop --fsdp (DDP) for this stage")
+    if cfg.model.sharded_checkpoint and not cfg.model.fsdp:
+        raise UserError("--sharded_checkpoint writes the shards of an --fsdp run; add --fsdp, or drop "
+                        "--sharded_checkpoint (other runs write one ordinary file)")
     check_rates(cfg.optim.lr, cfg.optim.blr)
     check_positive({"batch_size": cfg.optim.batch_size, "accum_iter": cfg.optim.accum_iter,
                     "epochs": cfg.optim.epochs, "image_size": cfg.model.image_size})

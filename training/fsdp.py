@@ -1,9 +1,10 @@
 """Fully sharded data parallel (torch's FSDP2, `fully_shard`): each block and then the whole model
 is sharded across the processes, so parameters, gradients and optimizer state take 1/world of the
-memory each, for backbones that do not fit one device. What leaves the run is never sharded:
-checkpoints are gathered into one ordinary file on rank 0 (model and optimizer state in the same
-layout as a DDP or single-process run writes), so they load into one process for fine-tuning and
-export, and resume under FSDP, DDP or one process alike."""
+memory each, for backbones that do not fit one device. Checkpoints are gathered into one ordinary
+file on rank 0 (model and optimizer state in the same layout as a DDP or single-process run
+writes), or with `--sharded_checkpoint` written as each process's shards
+(training/sharded_checkpoint.py); either loads into one process for fine-tuning and export, and
+resumes under FSDP, DDP or one process alike."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from common.sharded_checkpoint import position_keyed
 
 
 def shard(model: nn.Module, blocks: nn.ModuleList) -> None:
@@ -62,12 +64,7 @@ def gathered_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     if optimizer is None:
         return model_state, {}
     by_name = get_optimizer_state_dict(model, optimizer, options=options)
-    if not by_name:
-        return model_state, {}
-    position = {name: i for i, name in enumerate(parameter_order(model, optimizer))}
-    return model_state, {
-        "state": {position[name]: value for name, value in by_name["state"].items()},
-        "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+    return model_state, position_keyed(by_name) if by_name else {}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

@@ -31,8 +31,16 @@ from training.finite import check_evaluation
 from training.fsdp import gathered_state, is_sharded, shard, unsharded_root
 from training.optim import adamw, amp_dtype, grad_scaler, learning_rate
 from training.pretrain_finish import finish_stage, report_stage
-from training.run_checkpoint import latest_checkpoint, load_run_state, load_run_weights, save_run_checkpoint
+from training.run_checkpoint import (
+    latest_checkpoint,
+    load_run_state,
+    load_run_weights,
+    run_checkpoint_path,
+    run_state,
+    save_run_checkpoint,
+)
 from training.scaffold import RunContext, checkpoint_due, last_step, run_eta
+from training.sharded_checkpoint import save_sharded_run_checkpoint
 from training.step import StepSettings, cause_of
 from training.tokenizers import build_text_tokenizer, build_visual_tokenizer
 from training.weights import CarriedHeads, Weights, attach_heads, build_backbone, resolve_weights
@@ -258,14 +266,21 @@ def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dic
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
                  "epoch": epoch, "n_parameters": sum(run.trainable.values())}
         due = checkpoint_due(epoch, cfg.optim.epochs, cfg.run.save_per_epochs, cfg.run.save_epochs_from_zero)
-        gathered = gathered_state(run.mode, optim.optimizer) if due and is_sharded(run.mode) else None  # every rank
-        if ctx.is_main:
-            if due:
-                path = save_run_checkpoint(ctx.output_dir, epoch, (epoch + 1) * len(optim.train_loader), run.mode,
-                                           optim.optimizer, optim.scaler, run.backbone.cfg.to_dict(),
-                                           flat_settings(cfg), lora_meta, run.carried.tensors, info=info,
-                                           gathered=gathered)
+        step = (epoch + 1) * len(optim.train_loader)
+        if due and cfg.model.sharded_checkpoint:  # every rank writes its shards
+            path = save_sharded_run_checkpoint(
+                run_checkpoint_path(ctx.output_dir, epoch), run.mode, optim.optimizer,
+                run_state(epoch, step, optim.scaler, run.backbone.cfg.to_dict(), flat_settings(cfg), lora_meta, info),
+                run.carried.tensors)
+            say(f"saved {path} (sharded)")
+        elif due:
+            gathered = gathered_state(run.mode, optim.optimizer) if is_sharded(run.mode) else None  # every rank
+            if ctx.is_main:
+                path = save_run_checkpoint(ctx.output_dir, epoch, step, run.mode, optim.optimizer, optim.scaler,
+                                           run.backbone.cfg.to_dict(), flat_settings(cfg), lora_meta,
+                                           run.carried.tensors, info=info, gathered=gathered)
                 say(f"saved {path}")
+        if ctx.is_main:
             for key, value in test_stats.items():
                 log_writer.add_scalar(f"test/{key}", value, last_step(epoch + 1))
             ctx.append_log(stats)

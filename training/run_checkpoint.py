@@ -1,5 +1,6 @@
 """Run checkpoints (`checkpoint-<epoch>.pth`): model, optimizer, scaler, epoch, step and config,
-plain tensors and types only, written atomically; and resuming from them."""
+plain tensors and types only, written atomically; and resuming from them. A sharded run's
+checkpoint is a folder of the same name (training/sharded_checkpoint.py) and reads back the same."""
 from __future__ import annotations
 
 import re
@@ -16,6 +17,25 @@ from models.lora import load_plain_state, plain_names
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 
 
+def run_checkpoint_path(output_dir: str | Path, epoch: int, name: str | None = None) -> Path:
+    return Path(output_dir) / f"checkpoint-{name or epoch}.pth"
+
+
+def run_state(epoch: int, step: int, scaler: torch.amp.GradScaler | None, backbone_config: dict[str, Any],
+              args: dict[str, Any], extra: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> dict:
+    """What a run checkpoint holds besides the model and optimizer state."""
+    return {
+        "format": FORMAT_TAG,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "backbone_config": backbone_config,
+        "args": args,
+        **(extra or {}),
+        **({"run_info": info} if info else {}),
+    }
+
+
 def save_run_checkpoint(output_dir: str | Path, epoch: int, step: int, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                         backbone_config: dict[str, Any], args: dict[str, Any], extra: dict[str, Any] | None = None,
@@ -24,19 +44,12 @@ def save_run_checkpoint(output_dir: str | Path, epoch: int, step: int, model: to
     """`carried`: head weights of earlier stages this mode does not train (kept for later stages);
     `name`: file suffix instead of the epoch (e.g. "best"); `info`: the self-description (run_info);
     `gathered`: (model, optimizer) state of a sharded run, gathered (training/fsdp.py)."""
-    path = Path(output_dir) / f"checkpoint-{name or epoch}.pth"
+    path = run_checkpoint_path(output_dir, epoch, name)
     model_state, optimizer_state = gathered or (model.state_dict(), optimizer.state_dict())
     state = {
-        "format": FORMAT_TAG,
         "model": {**{k: v.detach().cpu() for k, v in plain_names(model_state).items()}, **(carried or {})},
         "optimizer": optimizer_state,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": epoch,
-        "step": step,
-        "backbone_config": backbone_config,
-        "args": args,
-        **(extra or {}),
-        **({"run_info": info} if info else {}),
+        **run_state(epoch, step, scaler, backbone_config, args, extra, info),
     }
     save_torch_atomic(state, path)
     return path

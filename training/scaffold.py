@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,12 +115,16 @@ class RunContext:
                 f.write(json.dumps(stats) + "\n")
 
     def remove_stale_temp_files(self) -> None:
-        """Half-written files of a run killed mid-write (atomic writes leave `.<name>.<random>.tmp`)."""
+        """Half-written files of a run killed mid-write (atomic writes leave `.<name>.<random>.tmp`,
+        sharded checkpoints `.<name>.tmp/` folders)."""
         if not self.is_main or not self.output_dir.is_dir():
             return
-        stale = [p for p in self.output_dir.glob(".*.tmp") if p.is_file()]
+        stale = list(self.output_dir.glob(".*.tmp"))
         for path in stale:
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         if stale:
             say(f"{self.output_dir}: removed {len(stale)} half-written file(s) of an interrupted run")
 
