@@ -1,5 +1,6 @@
 """`--compile`: the compiled blocks give the eager losses (1e-4) over optimizer steps, and keep
-their parameter names (checkpoints do not change). Slow: compilation takes tens of seconds on a CPU."""
+their parameter names (checkpoints do not change); the DALL-E tokenizer's encoder is compiled, not
+just its wrapper, and gives the eager ids. Slow: compilation takes tens of seconds on a CPU."""
 from __future__ import annotations
 
 import pytest
@@ -37,3 +38,17 @@ def test_compiled_steps_give_the_eager_losses_and_names():
     compiled, compiled_names = _losses(True)
     assert compiled == pytest.approx(eager, abs=1e-4)
     assert compiled_names == eager_names  # no _orig_mod: checkpoints are the same files
+
+
+@pytest.mark.slow
+def test_the_dall_e_encoder_itself_is_compiled_and_gives_the_eager_ids():
+    from models.visual_tokenizers import DalleTokenizer
+    from models.visual_tokenizers.dall_e import DalleEncoder, DalleEncoderConfig
+
+    torch.manual_seed(0)
+    tokenizer = DalleTokenizer(DalleEncoder(DalleEncoderConfig(n_hid=16, n_blk_per_group=1, vocab_size=64)))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    eager = tokenizer.get_codebook_indices(images)
+    compile_modules(create_model("vlmo_tiny_patch16", img_size=32, patch_size=8).blocks, tokenizer)
+    assert tokenizer.encoder._compiled_call_impl is not None  # what get_codebook_indices calls
+    assert torch.equal(tokenizer.get_codebook_indices(images), eager)

@@ -14,7 +14,10 @@ def compile_modules(blocks: nn.ModuleList, visual_tokenizer: nn.Module | None = 
     for block in blocks:
         block.compile()
     compiled = f"{len(blocks)} blocks"
-    if isinstance(visual_tokenizer, nn.Module) and any(True for _ in visual_tokenizer.parameters()):
-        visual_tokenizer.compile()
-        compiled += " and the visual tokenizer"
+    # the module that get_codebook_indices calls: compiling the wrapper would compile nothing, since
+    # only a module's own __call__ is compiled (k-means has no network to compile)
+    encoder = getattr(visual_tokenizer, "encoder", None)
+    if isinstance(encoder, nn.Module):
+        encoder.compile()
+        compiled += " and the visual tokenizer's encoder"
     say(f"--compile: {compiled} compiled with torch.compile (the first steps are slower while it compiles)")

@@ -4,7 +4,8 @@ runs in its own process so peak memory is its own.
 Implementations run in interleaved rounds (A, B, C, A, B, C, ...), one fresh process each, so a
 neighbour's load hits all of them alike; each row is the median over rounds of each process's median
 step, with the spread, and its speed relative to the reference (HF sdpa). `ours_bf16` is ours under
-bf16 autocast (CPU or GPU), `ours_compiled` ours under `torch.compile`.
+bf16 autocast (CPU or GPU), `ours_compiled` ours with training's `--compile` (torch.compile of each
+block and of the visual tokenizer).
 
 `--mode encode`: forward+backward of `encode_image` vs HF `BeitModel` (sdpa, eager) and timm Beit.
 `--mode adamw`: one AdamW step over the backbone's parameters, for-loop vs foreach vs fused.
@@ -42,6 +43,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from training.optim import ADAMW_IMPLS, adamw_options  # noqa: E402
 
 IMPLS = ("ours", "ours_bf16", "ours_compiled", "hf_sdpa", "hf_eager", "timm")
 MIM_IMPLS = ("ours", "ours_bf16", "ours_compiled", "hf_sdpa", "hf_eager")  # also mlm and itc: no timm reference
@@ -212,10 +215,16 @@ def worker(args: argparse.Namespace) -> None:
         model, features = build(args.worker, args.size, size)
         forward = lambda: features(images).float().pow(2).mean()  # noqa: E731
     model.to(device).train()
-    if args.worker == "ours_compiled":
-        forward = torch.compile(forward)
-    optimizer = (torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-                 if args.mode in TRAINING_MODES else None)
+    if args.worker == "ours_compiled":  # what training's --compile compiles: each block and the visual tokenizer
+        from models.visual_tokenizers import DalleTokenizer
+        from training.compilation import compile_modules
+
+        backbone = next(m for m in model.modules() if isinstance(getattr(m, "blocks", None), torch.nn.ModuleList))
+        compile_modules(backbone.blocks, next((m for m in model.modules() if isinstance(m, DalleTokenizer)), None))
+    # --adamw_impl is one of our flags (training's --adamw_impl): the references keep torch's default
+    adamw_impl = args.adamw_impl if args.worker.startswith("ours") else "auto"
+    optimizer = (torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
+                                   **adamw_options(adamw_impl)) if args.mode in TRAINING_MODES else None)
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -295,8 +304,6 @@ def adamw_benchmark(size: str, rounds: int, steps: int) -> None:
     """One AdamW step over a backbone's parameters, per implementation (for-loop, foreach, fused),
     interleaved in rounds, and the largest weight difference to the for-loop after the same steps."""
     from models import create_model
-    from training.optim import ADAMW_IMPLS, adamw_options
-
     models = {impl: create_model(f"vlmo_{size}_patch16") for impl in ADAMW_IMPLS}
     for model in models.values():
         model.load_state_dict(models["for_loop"].state_dict())
@@ -466,6 +473,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--adamw_impl", choices=("auto",) + ADAMW_IMPLS, default="auto",
+                   help="training modes: our rows' AdamW kernel, as training's --adamw_impl (the references keep "
+                        "torch's default)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
                    help="default: ours, hf_sdpa, hf_eager and (encode) timm; ours_bf16 and ours_compiled on request")
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -495,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
             "mlm": f"text MLM training step ({TEXT_LENGTH} tokens, 15% predicted; forward + backward + AdamW)",
             "itc": f"ITC training step (image + {TEXT_LENGTH}-token text, InfoNCE; forward + backward + AdamW)"}.get(
         args.mode, "encode_image forward+backward")
-    print(f"\n{what}, {args.size} {args.image_size}px, batch {args.batch_size}, amp={args.amp}, {hw}; "
+    adamw = f", our AdamW {args.adamw_impl}" if args.mode in TRAINING_MODES and args.adamw_impl != "auto" else ""
+    print(f"\n{what}, {args.size} {args.image_size}px, batch {args.batch_size}, amp={args.amp}, {hw}{adamw}; "
           f"{args.rounds} interleaved rounds of {args.steps} steps")
     print_rows(rows, "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB",
                {"mlm": "captions/s", "itc": "pairs/s"}.get(args.mode, "images/s"))
