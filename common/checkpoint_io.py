@@ -19,7 +19,14 @@ from typing import Any, Callable
 
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, first_line
+from common.sharded_checkpoint import (
+    METADATA,
+    RUN_STATE,
+    is_sharded_checkpoint,
+    looks_like_unfinished_sharded_checkpoint,
+    read_shards,
+)
 
 FORMAT_TAG = "vlmo-backbone/1"
 # the only classes a checkpoint's pickle may name besides tensors and builtins
@@ -41,8 +48,6 @@ class Checkpoint:
 
 
 def _require_file(path: Path) -> None:
-    from common.sharded_checkpoint import METADATA, looks_like_unfinished_sharded_checkpoint
-
     if not path.exists():
         raise UserError(f"{path} does not exist; check the path")
     if looks_like_unfinished_sharded_checkpoint(path):
@@ -97,8 +102,6 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read any weight file this project writes or accepts: ours (.safetensors or .pth with a
     backbone config), a run checkpoint (a file, or a sharded run's folder), or a raw state dict
     (`{'model': sd}` or flat)."""
-    from common.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
-
     path = Path(path)
     if is_safetensors(path):
         tensors, meta = load_safetensors_file(path)
@@ -126,6 +129,19 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if isinstance(extra.get("args"), argparse.Namespace):
         extra["args"] = vars(extra["args"])
     return Checkpoint(path, tensors, config, extra, info if isinstance(info, dict) else {})
+
+
+def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """A `--sharded_checkpoint` folder as the dict an ordinary run checkpoint file holds."""
+    if not (path / RUN_STATE).is_file():
+        raise UserError(f"{path} is a sharded checkpoint without its {RUN_STATE}; it was cut off while being written "
+                        f"or copied: copy the whole folder again, or use an earlier checkpoint")
+    model, optimizer = read_shards(path)
+    state = load_torch_file(path / RUN_STATE)
+    if not isinstance(state, dict):
+        raise UserError(f"{path / RUN_STATE} is not a run state; copy the whole folder again")
+    carried = state.pop("carried", None) or {}
+    return {**state, "model": {**model, **carried}, "optimizer": optimizer}
 
 
 def _umask() -> int:
@@ -196,7 +212,3 @@ def _unsupported_global(text: str) -> str:
             name = text.split(marker, 1)[1].split()[0].rstrip(".,")
             return f" (it references {name})"
     return ""
-
-
-def first_line(text: str) -> str:
-    return text.strip().splitlines()[0][:200] if text.strip() else "unknown error"

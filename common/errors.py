@@ -13,6 +13,11 @@ class UserError(Exception):
     its message alone and exit with status 2."""
 
 
+def first_line(text: str) -> str:
+    """The first line of an underlying error's message, for quoting it inside one sentence."""
+    return text.strip().splitlines()[0][:200] if text.strip() else "unknown error"
+
+
 def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
     """Wrap a CLI `main` so a `UserError` prints `error: <sentence>` instead of a traceback."""
 

@@ -2,9 +2,10 @@
 
 `--fsdp --sharded_checkpoint` runs write each checkpoint as a folder (training/sharded_checkpoint.py):
 torch.distributed.checkpoint (DCP) shards of the model and optimizer state, one file per process,
-plus `run_state.pth` with everything else. Read here, the folder becomes the same dict an ordinary
-run checkpoint file holds (full tensors, the optimizer state keyed by position), so fine-tuning,
-export and resuming under any number of processes read it like any checkpoint.
+plus `run_state.pth` with everything else. The shards are read here as full tensors, the optimizer
+state keyed by position; common/checkpoint_io.py adds the run state, so the folder becomes the same
+dict an ordinary run checkpoint file holds, and fine-tuning, export and resuming under any number
+of processes read it like any checkpoint.
 
 DCP's `.metadata` is a pickle. It is read with an unpickler that admits only the classes DCP itself
 writes there, so a crafted folder is refused instead of running its code.
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, first_line
 
 METADATA = ".metadata"
 RUN_STATE = "run_state.pth"
@@ -89,17 +90,12 @@ def _cause(err: BaseException) -> BaseException:
     return err
 
 
-def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
-    """The folder's full state in this process alone (no process group is needed or used)."""
+def read_shards(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(full model tensors, optimizer state keyed by position) of the folder, in this process alone
+    (no process group is needed or used)."""
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    from common.checkpoint_io import first_line, load_torch_file
-
-    if not (path / RUN_STATE).is_file():
-        raise UserError(f"{path} is a sharded checkpoint without its {RUN_STATE}; it was cut off while being written "
-                        f"or copied: copy the whole folder again, or use an earlier checkpoint")
-    from torch.distributed.checkpoint import CheckpointException
 
     shards: dict[str, Any] = {}
     reader = _safe_reader(path)
@@ -113,8 +109,4 @@ def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
                         f"may be missing or truncated: copy the whole folder again") from None
     if not isinstance(shards.get("model"), dict) or not isinstance(shards.get("optimizer"), dict):
         raise UserError(f"{path} holds no model and optimizer shards; it was not written by --sharded_checkpoint")
-    state = load_torch_file(path / RUN_STATE)
-    if not isinstance(state, dict):
-        raise UserError(f"{path / RUN_STATE} is not a run state; copy the whole folder again")
-    carried = state.pop("carried", None) or {}
-    return {**state, "model": {**shards["model"], **carried}, "optimizer": position_keyed(shards["optimizer"])}
+    return shards["model"], position_keyed(shards["optimizer"])
