@@ -12,6 +12,7 @@ from torch import nn
 
 from common.checkpoint_io import Checkpoint
 from models import create_model
+from models.backbone import HoldsBackbone
 from models.checkpoints import read_model_checkpoint
 from models.classifier import ImageClassifier
 from models.fusion_classifier import FUSION_HEADS, FusedPairClassifier
@@ -31,8 +32,7 @@ class CheckpointServable:
 
     @property
     def backbone(self):
-        return self.model.backbone if isinstance(self.model, (ImageClassifier, Segmenter, FusedPairClassifier)) \
-            else self.model
+        return self.model.backbone if isinstance(self.model, HoldsBackbone) else self.model
 
     @property
     def has_classifier(self) -> bool:

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from common.errors import UserError, cli_entry  # noqa: E402
+from models.backbone import HoldsBackbone  # noqa: E402
 from models.classifier import ImageClassifier  # noqa: E402
 from models.fusion_classifier import FusedPairClassifier  # noqa: E402
 from models.run_info import write_beside  # noqa: E402
@@ -125,21 +126,26 @@ class _Matching(nn.Module):
         return self.itm_head(self.pooler(self.backbone.encode_pair(images, input_ids, attention_mask)))
 
 
-PAIR_TEXT_AXES = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
+TEXT_AXES = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
+
+
+def text_check_inputs(cfg, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Another batch size and a padded text of another length than the traced ones."""
+    ids, mask = torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long)
+    mask[0, 7:] = 0
+    return ids, mask
 
 
 def pair_check_inputs(cfg, images_per_text: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Other images, another batch size and a padded text of another length than the traced ones."""
     images = tuple(torch.randn(3, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
                    for _ in range(images_per_text))
-    ids, mask = torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long)
-    mask[0, 7:] = 0
-    return images + (ids, mask)
+    return images + text_check_inputs(cfg, gen)
 
 
 def fusion_job(model: FusedPairClassifier, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
     image_names = ["images", "images_2"][:model.images_per_text]
-    axes = {**{n: {0: "batch"} for n in image_names}, **PAIR_TEXT_AXES}
+    axes = {**{n: {0: "batch"} for n in image_names}, **TEXT_AXES}
     return ("fusion", _Fusion(model), (*[images] * model.images_per_text, ids, mask),
             image_names + ["input_ids", "attention_mask"], axes)
 
@@ -154,7 +160,7 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
     except ImportError:
         raise UserError("--format onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime") from None
 
-    backbone = model.backbone if isinstance(model, (ImageClassifier, Segmenter, FusedPairClassifier)) else model
+    backbone = model.backbone if isinstance(model, HoldsBackbone) else model
     cfg = backbone.cfg
     output.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -169,15 +175,14 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
         jobs.insert(0, ("segmenter", _Segmenter(model), (images,), ["images"], {"images": spatial, "output": spatial}))
     if isinstance(model, FusedPairClassifier):
         jobs.insert(0, fusion_job(model, images, ids, mask))
-    text_axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
-    jobs.append(("text_encoder", _TextEncoder(backbone), (ids, mask), ["input_ids", "attention_mask"], text_axes))
+    jobs.append(("text_encoder", _TextEncoder(backbone), (ids, mask), ["input_ids", "attention_mask"], TEXT_AXES))
     if itc_head is not None:
         jobs.append(("image_embedding", _ImageEmbedding(backbone, itc_head), (images,), ["images"], {"images": {0: "batch"}}))
         jobs.append(("text_embedding", _TextEmbedding(backbone, itc_head), (ids, mask), ["input_ids", "attention_mask"],
-                     text_axes))
+                     TEXT_AXES))
     if matching is not None:
         jobs.append(("image_text_matching", _Matching(backbone, *matching), (images, ids, mask),
-                     ["images", "input_ids", "attention_mask"], {"images": {0: "batch"}, **PAIR_TEXT_AXES}))
+                     ["images", "input_ids", "attention_mask"], {"images": {0: "batch"}, **TEXT_AXES}))
     diffs = {}
     for name, module, inputs, names, axes in jobs:
         path = output / f"{name}.onnx"
@@ -188,8 +193,7 @@ def export_onnx(model: nn.Module, output: Path, itc_head: nn.Module | None = Non
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         # check at another batch size (and text length) than the traced one
         if name.startswith("text_"):
-            check = (torch.randint(1, cfg.vocab_size, (3, 11), generator=gen), torch.ones(3, 11, dtype=torch.long))
-            check[1][0, 7:] = 0
+            check = text_check_inputs(cfg, gen)
         elif name in ("fusion", "image_text_matching"):
             check = pair_check_inputs(cfg, model.images_per_text if name == "fusion" else 1, gen)
         elif name == "segmenter":  # another size than the traced one, not square
