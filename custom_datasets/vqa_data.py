@@ -197,5 +197,6 @@ def vqa_splits(root: str | Path, train_splits: Sequence[str], eval_split: str, v
     answerable = [q for q in train if vocabulary.targets(q.answers, "min_n_over_3")]
     if train and len(answerable) < len(train):
         say(f"VQA: {len(train) - len(answerable)} of {len(train)} training questions have no answer among the "
-            f"{len(vocabulary)} of the vocabulary and are left out of training (they still count in evaluation)")
+            f"{len(vocabulary)} of the vocabulary and are left out of training (held-out questions like them still count "
+            f"in evaluation, where no answer can score)")
     return answerable, held_out, vocabulary
