@@ -187,6 +187,19 @@ def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors that share memory with an earlier one copied: safetensors refuses shared memory, and
+    a conversion to VLMo's experts starts every expert as the same BEiT FFN tensor."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        if value.untyped_storage().data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out
+
+
 def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], backbone_config: dict[str, Any],
                  extra_metadata: dict[str, str] | None = None, info: dict[str, Any] | None = None) -> None:
     """Write prefixed model tensors plus the backbone config (and the self-description `info`)
@@ -195,6 +208,8 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], back
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     if is_safetensors(path):
         from safetensors.torch import save_file
+
+        tensors = unshared(tensors)
 
         meta = {"format": FORMAT_TAG, "backbone_config": json.dumps(backbone_config), **(extra_metadata or {})}
         if info:

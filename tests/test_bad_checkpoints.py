@@ -103,3 +103,16 @@ def test_output_is_never_overwritten_without_asking(tmp_path):
     assert out.read_bytes() == b"precious"
     assert _run_cli("--input", tmp_path / "src.pth", "--output", out, "--overwrite").returncode == 0
     assert create_model(None, pretrained=str(out)).cfg.embed_dim == 64
+
+
+def test_tensors_sharing_memory_are_written_as_safetensors_each_whole(tmp_path):
+    """A conversion to VLMo's experts starts them all as one BEiT FFN tensor; safetensors refuses
+    shared memory, so the writer copies: every key is written with its values."""
+    from common.checkpoint_io import save_weights
+
+    ffn = torch.randn(8, 4)
+    tensors = {"backbone.blocks.0.mlp_imag.fc1.weight": ffn, "backbone.blocks.0.mlp_text.fc1.weight": ffn,
+               "backbone.blocks.0.mlp_vl.fc1.weight": ffn[:4], "backbone.other": torch.ones(3)}
+    save_weights(tmp_path / "shared.safetensors", tensors, {})
+    read = read_checkpoint(tmp_path / "shared.safetensors").model
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], v) for k, v in tensors.items())
