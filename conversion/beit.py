@@ -22,7 +22,7 @@ from common.errors import UserError
 from conversion import beit_keymaps as km
 from models import relative_position as rp
 from models.backbone import VLMoBackbone
-from models.config import BackboneConfig
+from models.config import BackboneConfig, check_vl_expert_start
 from models.registry import BACKBONE_VARIANTS, find_variant
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -167,7 +167,7 @@ def infer_config(src: SourceWeights, model: str | None) -> BackboneConfig:
 
 
 def target_config(source: BackboneConfig, model: str | None, image_size: int | None, ffn: str,
-                  vocab_size: int, max_text_len: int) -> BackboneConfig:
+                  vocab_size: int, max_text_len: int, vl_expert_start: int | None = None) -> BackboneConfig:
     """The config to convert into: `--model`'s sizes (checked against the source), the source's
     weight-determined switches, and the requested image size, FFN kind and text settings."""
     if model is not None:
@@ -188,11 +188,14 @@ def target_config(source: BackboneConfig, model: str | None, image_size: int | N
         vl_start = BackboneConfig(**BACKBONE_VARIANTS[hint]).vlffn_start_layer_index if hint else max(source.depth - 2, 0)
     values = source.to_dict()
     values.update(img_size=image_size or source.img_size, ffn=ffn, vocab_size=vocab_size, max_text_len=max_text_len,
-                  layer_scale_init_value=layer_scale, vlffn_start_layer_index=vl_start)
+                  layer_scale_init_value=layer_scale,
+                  vlffn_start_layer_index=vl_start if vl_expert_start is None else vl_expert_start)
     try:
-        return BackboneConfig(**values)
+        target = BackboneConfig(**values)
     except ValueError as err:
         raise UserError(f"cannot convert to these settings: {err}; check --image_size") from None
+    check_vl_expert_start(target, "--vlffn_start_layer_index")
+    return target
 
 
 # ---- conversion ------------------------------------------------------------------------------------

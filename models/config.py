@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import UserError
+
 FFN_KINDS = ("shared", "multiway")
 
 
@@ -74,6 +76,13 @@ ARCHITECTURE_FIELDS = (
 )
 # Multiway-only shape field.
 MULTIWAY_FIELDS = ("vlffn_start_layer_index",)
+
+
+def check_vl_expert_start(cfg: BackboneConfig, flag: str) -> None:
+    """A multiway model's vision-language expert starts at one of its blocks (at `depth`: none)."""
+    if cfg.ffn == "multiway" and not 0 <= cfg.vlffn_start_layer_index <= cfg.depth:
+        raise UserError(f"{flag} {cfg.vlffn_start_layer_index} is not a block of this {cfg.depth}-block model; choose "
+                        f"0 to {cfg.depth} ({cfg.depth}: image-text pairs never reach a vision-language expert)")
 
 
 def layer_scale_enabled(cfg: BackboneConfig) -> bool:

@@ -139,3 +139,43 @@ def test_base_config_timm(tmp_path):
     images, _ = _inputs(224, 16, batch=1, seed=5)
     with torch.no_grad():
         assert max_diff(ours.encode_image(images), ref.forward_features(images)) <= TOL
+
+
+def test_multiway_conversion_places_the_vision_language_expert_where_asked(tmp_path, capsys):
+    ref = randomize_(transformers.BeitForMaskedImageModeling(
+        _hf_config(TINY, use_shared_relative_position_bias=True, use_mask_token=True)), scale=0.2).eval()
+    ref.save_pretrained(tmp_path / "hf_mim")
+    out = _convert(tmp_path, tmp_path / "hf_mim", "multiway.safetensors", "--ffn", "multiway",
+                   "--vlffn_start_layer_index", "1")
+    ckpt = read_checkpoint(out)
+    assert ckpt.backbone_config["vlffn_start_layer_index"] == 1
+    for layer in (0, 1):  # every expert starts as BEiT's FFN; the vision-language one only from block 1
+        source = ref.state_dict()[f"beit.layers.{layer}.mlp.fc1.weight"]
+        experts = ("imag", "text", "vl") if layer else ("imag", "text")
+        for expert in experts:
+            assert torch.equal(ckpt.model[f"backbone.blocks.{layer}.mlp_{expert}.fc1.weight"], source)
+        assert (f"backbone.blocks.{layer}.mlp_vl.fc1.weight" in ckpt.model) == (layer >= 1)
+    refusals = {"--vlffn_start_layer_index 3 is not a block of this 2-block model": ["--ffn", "multiway",
+                                                                                     "--vlffn_start_layer_index", "3"],
+                "add --ffn multiway": ["--vlffn_start_layer_index", "1"]}
+    for message, flags in refusals.items():
+        with pytest.raises(SystemExit):
+            _convert(tmp_path, tmp_path / "hf_mim", "refused.safetensors", *flags)
+        assert message in capsys.readouterr().err and not (tmp_path / "refused.safetensors").exists()
+
+
+def test_a_model_built_from_scratch_takes_the_vision_language_expert_start(tmp_path):
+    from common.errors import UserError
+    from training.cli import pretrain_config_from_argv
+    from training.weights import Weights, build_backbone
+
+    argv = ["--exp_name", "image_text_itm", "--data_path", "synthetic", "--output_dir", str(tmp_path / "o")]
+    cfg = pretrain_config_from_argv(argv + ["--ffn", "multiway", "--vlffn_start_layer_index", "2"])
+    backbone = build_backbone(cfg, Weights(), 100)
+    assert backbone.cfg.vlffn_start_layer_index == 2
+    assert [hasattr(block, "mlp_vl") for block in backbone.blocks] == [False, False, True, True]
+    with pytest.raises(UserError, match="add --ffn multiway"):
+        pretrain_config_from_argv(argv + ["--vlffn_start_layer_index", "2"])
+    with pytest.raises(UserError, match="is not a block of this 4-block model"):
+        build_backbone(pretrain_config_from_argv(argv + ["--ffn", "multiway", "--vlffn_start_layer_index", "5"]),
+                       Weights(), 100)

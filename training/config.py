@@ -53,6 +53,9 @@ class ModelSettings:
     patch_size: int | None = flag(None, "patch size of a model built from scratch", shown_default="the model's (16)")
     ffn: str | None = flag(None, "feed-forward layout of a model built from scratch", choices=FFN_KINDS,
                            shown_default="the checkpoint's, else shared")
+    vlffn_start_layer_index: int | None = flag(None, "--ffn multiway, a model built from scratch: the first block "
+                                                     "whose image-text pairs go through the vision-language expert",
+                                               shown_default="the model's (VLMo-base: 10)")
     drop_path: float = flag(0.1, "stochastic depth rate of the last block", "--drop_path_rate")
     layer_scale_init_value: float | None = flag(None, "layer scale of a model built from scratch (0: off)",
                                                 shown_default="the model's")

@@ -15,6 +15,10 @@ def check_weight_flags(cfg: "PretrainConfig") -> None:
         raise UserError("--resume and --init_from both given; --resume continues a run, --init_from starts a new stage")
     if cfg.run.eval and not (m.resume or m.init_from):
         raise UserError("--eval needs a checkpoint: pass --resume or --init_from")
+    if m.vlffn_start_layer_index is not None and (m.ffn != "multiway" or m.resume or m.init_from):
+        raise UserError("--vlffn_start_layer_index places the vision-language expert of a model built from scratch "
+                        "with --ffn multiway; add --ffn multiway (a checkpoint keeps its own layout; convert BEiT "
+                        "weights with util/convert_beit_ckpt.py --ffn multiway --vlffn_start_layer_index N)")
 
 
 def check_lora_flags(cfg: "PretrainConfig") -> None:

@@ -15,6 +15,7 @@ from common.errors import UserError
 from models import create_model
 from models.backbone import VLMoBackbone
 from models.checkpoints import read_model_checkpoint
+from models.config import check_vl_expert_start
 from models.head_loading import built_for_loading, head_names, head_spec, load_head, load_head_into
 from models.lora import is_adapter_key
 from models.pretrained import fit_text_vocabulary
@@ -75,10 +76,13 @@ def resolve_weights(cfg: PretrainConfig) -> tuple[Weights, PretrainConfig]:
 def build_backbone(cfg: PretrainConfig, weights: Weights, vocab_size: int | None) -> VLMoBackbone:
     m = cfg.model
     overrides = dict(img_size=m.image_size, patch_size=m.patch_size, drop_path_rate=m.drop_path,
-                     layer_scale_init_value=m.layer_scale_init_value, ffn=m.ffn, vocab_size=vocab_size,
+                     layer_scale_init_value=m.layer_scale_init_value, ffn=m.ffn,
+                     vlffn_start_layer_index=m.vlffn_start_layer_index, vocab_size=vocab_size,
                      max_text_len=cfg.text.max_text_len_of_initckpt)
     if weights.path is None:
-        return create_model(m.model or "vlmo_tiny_patch16", **overrides)
+        backbone = create_model(m.model or "vlmo_tiny_patch16", **overrides)
+        check_vl_expert_start(backbone.cfg, "--vlffn_start_layer_index")
+        return backbone
     weights.ckpt, note = fit_text_vocabulary(weights.ckpt, vocab_size, cfg.text.tokenizer)
     if note:
         say(note)

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target resolution; position tables are interpolated (default: the source's)")
     p.add_argument("--ffn", choices=FFN_KINDS, default="shared",
                    help="shared: one FFN for all modalities; multiway: VLMo experts, each a copy of the image FFN")
+    p.add_argument("--vlffn_start_layer_index", type=int, default=None,
+                   help="--ffn multiway: the first block whose image-text pairs go through the vision-language "
+                        "expert (default: the model's, VLMo-base 10; two below the top for other depths)")
     p.add_argument("--vocab_size", type=int, default=30522, help="text vocabulary (bert-base-uncased: 30522)")
     p.add_argument("--max_text_len_of_initckpt", type=int, default=196, help="text positions the model can hold")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights the source lacks (text embeddings)")
@@ -88,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         return convert_continual_transformer(raw, source, output)
     src = read_source(source)
     src_cfg = infer_config(src, args.model)
-    dst_cfg = target_config(src_cfg, args.model, args.image_size, args.ffn, args.vocab_size, args.max_text_len_of_initckpt)
+    if args.vlffn_start_layer_index is not None and args.ffn != "multiway":
+        raise UserError("--vlffn_start_layer_index places VLMo's vision-language expert; add --ffn multiway")
+    dst_cfg = target_config(src_cfg, args.model, args.image_size, args.ffn, args.vocab_size, args.max_text_len_of_initckpt,
+                            args.vlffn_start_layer_index)
     tensors, report = convert(src, src_cfg, dst_cfg, seed=args.seed)
     print(f"source: {source} ({src.kind}, {len(src.tensors)} tensors): {describe(src_cfg)}")
     print(f"target: {describe(dst_cfg)}")
