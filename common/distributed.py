@@ -50,6 +50,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def broadcast_from_main(tensors) -> None:
+    """Rank 0's values into every rank's `tensors`, in place (what DDP does to a model it wraps)."""
+    if is_distributed():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+
+
 def gather_objects(value):
     """Every rank's picklable `value`, as a list in rank order (`[value]` in one process)."""
     if not is_distributed():

@@ -13,15 +13,18 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from common.distributed import broadcast_from_main
 from common.errors import UserError
 from common.sharded_checkpoint import position_keyed
 
 
 def shard(model: nn.Module, blocks: nn.ModuleList) -> None:
     """Every block its own unit (its parameters are gathered just for its forward and backward),
-    the rest (embeddings, heads) the root unit."""
+    the rest (embeddings, heads) the root unit. Every rank first takes rank 0's weights, as DDP
+    does: ranks seed differently, and each would otherwise keep its shard of its own random init."""
     from torch.distributed.fsdp import fully_shard
 
+    broadcast_from_main([*model.parameters(), *model.buffers()])
     for block in blocks:
         fully_shard(block)
     fully_shard(model)
