@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from models import create_model
 from tests.distributed_harness import free_port, run_in_processes
 from tests.helpers import ROOT
 from tests.test_distributed_pretrain import BATCH, STEPS, _batches, _task, _train
@@ -53,6 +54,29 @@ def test_fsdp_and_ddp_reach_the_same_weights(tmp_path, checkpointing):
     assert moved > 10 and STEPS == 3
 
 
+def _differently_seeded_worker(rank: int, world: int, out_path: str) -> None:
+    from training.fsdp import gathered_state, shard
+
+    torch.manual_seed(rank)  # as runs seed: seed + rank
+    backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8)
+    initial = {k: v.clone() for k, v in backbone.state_dict().items()}
+    shard(backbone, backbone.blocks)
+    state, _ = gathered_state(backbone)
+    if rank == 0:
+        torch.save({"initial": initial, "sharded": state}, out_path)
+
+
+def test_sharding_starts_every_rank_from_rank_0s_weights(tmp_path):
+    """Ranks initialise from different seeds; DDP broadcasts rank 0's weights, and so must FSDP, or
+    the sharded model is a patchwork of every rank's random init (a from-scratch run differed from
+    DDP by 0.1 in every weight)."""
+    run_in_processes(_differently_seeded_worker, 2, str(tmp_path / "state.pt"))
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert saved["sharded"].keys() == saved["initial"].keys()
+    for key, value in saved["initial"].items():
+        assert torch.equal(saved["sharded"][key], value), key
+
+
 def _cli(out, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             str(ROOT / "main_pretrain_cook.py"), "--device", "cpu", "--model", "vlmo_tiny_patch16", "--image_size", "32",
@@ -91,10 +115,11 @@ def test_torchrun_fsdp_writes_one_checkpoint_that_loads_and_resumes_anywhere(tmp
         assert [entry["epoch"] for entry in log] == [1]
 
 
-def test_fsdp_refuses_self_regularization_with_the_reason(tmp_path):
+def test_fsdp_refuses_self_regularization_with_the_reason(tmp_path, monkeypatch):
     from common.errors import UserError
     from training.cli import pretrain_config_from_argv
 
+    monkeypatch.setenv("RANK", "0")  # as under torchrun (without it --fsdp is refused first)
     with pytest.raises(UserError, match="--fsdp with --self_regularization is not supported yet"):
         pretrain_config_from_argv(["--exp_name", "text_mlm", "--data_path", "synthetic", "--lora_rank", "4",
                                    "--self_regularization", "--fsdp",
