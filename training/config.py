@@ -27,7 +27,7 @@ from models.config import FFN_KINDS
 from models.modes import PRETRAIN_MODES
 from models.registry import list_models
 from models.visual_tokenizers import KINDS as VISUAL_TOKENIZER_KINDS
-from training.flag_checks import check_paths_exist, check_positive, check_pretrain_flags
+from training.flag_checks import check_fsdp_launch, check_paths_exist, check_positive, check_pretrain_flags
 from training.optim import ADAMW_DEFAULT, ADAMW_IMPLS
 from training.recipes import RECIPE_TASKS
 
@@ -40,6 +40,13 @@ def compile_flag():
     """`--compile`, the same in pretraining and fine-tuning."""
     return flag(False, "torch.compile each block (and the DALL-E encoder): same numbers, faster steps after a "
                        "compilation of tens of seconds")
+
+
+def fsdp_flag():
+    """`--fsdp`, the same in pretraining and fine-tuning."""
+    return flag(False, "shard parameters, gradients and optimizer state across the processes torchrun starts "
+                       "(torch FSDP2: each block, then the whole model) instead of replicating them (DDP); for "
+                       "backbones that do not fit one device. Checkpoints are gathered into one ordinary file")
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,7 @@ class ModelSettings:
                                                 shown_default="the model's")
     grad_checkpointing: bool = flag(False, "recompute block activations in backward to save memory")
     compile: bool = compile_flag()
-    fsdp: bool = flag(False, "shard parameters, gradients and optimizer state across the processes (torch FSDP2: each "
-                             "block, then the whole model) instead of replicating them (DDP); for backbones that do "
-                             "not fit one device. Checkpoints are gathered into one ordinary file")
+    fsdp: bool = fsdp_flag()
     sharded_checkpoint: bool = flag(False, "with --fsdp: each process writes its own shards of every checkpoint "
                                            "(a folder checkpoint-N.pth/, torch.distributed.checkpoint) instead of "
                                            "gathering the whole state in one process; it loads like a file, into "
@@ -274,6 +279,7 @@ class FinetuneModelSettings:
                              "task's head only (0: the whole backbone)")
     lora_alpha: float | None = flag(None, "LoRA alpha; scaling = alpha / rank", shown_default="--lora_rank (scaling 1)")
     compile: bool = compile_flag()
+    fsdp: bool = fsdp_flag()
 
 
 @dataclass(frozen=True)
@@ -359,6 +365,13 @@ def finetune_config(namespace: argparse.Namespace) -> FinetuneConfig:
                         "(BEiT: 2 per GPU, 16 in all)")
     if not 0 < cfg.model.layer_decay <= 1:
         raise UserError("--layer_decay must be in (0, 1]")
+    check_fsdp_launch(cfg.model.fsdp)
+    if cfg.model.fsdp and cfg.optim.model_ema:
+        raise UserError("--model_ema keeps a whole copy of the model in every process, which --fsdp exists to avoid; "
+                        "drop one of them")
+    if cfg.model.fsdp and cfg.task_class.cached_features:
+        raise UserError(f"--task {cfg.task} trains a linear head on cached features of a frozen backbone: there is "
+                        f"nothing to shard; drop --fsdp")
     needs = KIND_NEEDS[cfg.task_class.data_kind]
     if not getattr(cfg.data, needs):
         raise UserError(f"--task {cfg.task} needs --{needs}")

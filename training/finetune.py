@@ -2,6 +2,7 @@
 The entry script, the transfer experiment and the tests call it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from training.compilation import compile_modules
 from training.config import FinetuneConfig
 from training.finetune_model import build_task, text_tokenizer_for
 from training.finite import check_evaluation
+from training.fsdp import gathered_state, is_sharded, shard, unsharded_root
 from training.optim import adamw_options, amp_dtype, grad_scaler, learning_rate
 from training.run_checkpoint import save_run_checkpoint
 from training.scaffold import RunContext, last_step, refuse_taken_output, run_eta
@@ -108,7 +110,9 @@ def build_run(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> 
     if dist_util.is_distributed() and ctx.device.type == "cuda":  # BatchNorm over the global batch (mmseg's SyncBN);
         task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)  # torch has no CPU SyncBatchNorm
     task.to(ctx.device)
-    if cfg.model.compile:
+    if cfg.model.fsdp:
+        shard(task, task.backbone.blocks)
+    if cfg.model.compile:  # after sharding: each compiled block keeps its FSDP hooks outside the graph
         compile_modules(task.backbone.blocks)
     return FinetuneRun(cfg, ctx, task, data, report, text_tokenizer)
 
@@ -187,9 +191,13 @@ def build_training(run: FinetuneRun, model: torch.nn.Module) -> Training:
 
 
 def evaluate_run(run: FinetuneRun, loader, task: DownstreamTask | None = None) -> dict[str, float]:
-    """The task's metrics on the held-out set (of `task`, e.g. the EMA copy, instead of the run's)."""
-    return evaluate(task or run.task, loader, run.ctx.device, BatchPreparer(run.ctx.device, TASK_INPUTS),
-                    amp_dtype(run.cfg.run.amp), run.data.val, run.cfg.optim.batch_size)
+    """The task's metrics on the held-out set (of `task`, e.g. the EMA copy, instead of the run's).
+    Every rank takes part; set-level metrics call the model's parts outside its forward, so a
+    sharded model's root is gathered around them."""
+    task = task or run.task
+    with unsharded_root(task) if task.set_level_metrics else contextlib.nullcontext():
+        return evaluate(task, loader, run.ctx.device, BatchPreparer(run.ctx.device, TASK_INPUTS),
+                        amp_dtype(run.cfg.run.amp), run.data.val, run.cfg.optim.batch_size)
 
 
 def write_held_out_outputs(run: FinetuneRun) -> None:
@@ -220,9 +228,14 @@ def per_class_table(stats: dict[str, float]) -> str:
 
 def save_example_pictures(run: FinetuneRun, log_writer, step: int) -> None:
     """The task's picture of held-out predictions (segmentation: input | truth | prediction), in
-    TensorBoard at this step and as pictures/<task>_examples.png (the latest)."""
-    examples = run.task.example_predictions(run.data.val, run.ctx.device)
-    if examples is not None:
+    TensorBoard at this step and as pictures/<task>_examples.png (the latest). The main process
+    draws it; a sharded model needs every rank for its forward, so every rank calls this."""
+    sharded = is_sharded(run.task)
+    if not (run.ctx.is_main or sharded):
+        return
+    with unsharded_root(run.task):
+        examples = run.task.example_predictions(run.data.val, run.ctx.device)
+    if examples is not None and run.ctx.is_main:
         from visualization.canvas import save_picture
         from visualization.segmentation_pictures import segmentation_panel
 
@@ -232,13 +245,18 @@ def save_example_pictures(run: FinetuneRun, log_writer, step: int) -> None:
 
 
 def save_best(run: FinetuneRun, training: Training, epoch: int, best: "BestEpoch") -> None:
+    """checkpoint-best.pth, written by the main process; a sharded model's state is gathered first,
+    so every rank calls this."""
     cfg, metric = run.cfg, run.task.best_metric
     chosen_by = {f"selection_{metric}": best.chosen} if best.on_selection else {}
+    gathered = gathered_state(run.task.model, training.optimizer) if is_sharded(run.task) else None  # every rank
+    if not run.ctx.is_main:
+        return
     save_run_checkpoint(run.ctx.output_dir, epoch, (epoch + 1) * len(training.train_loader), run.task.model,
                         training.optimizer, training.scaler, run.task.backbone.cfg.to_dict(), flat_settings(cfg),
                         {"num_classes": run.num_classes, f"test_{metric}": best.test, **chosen_by,
                          "class_names": run.data.class_names,
-                         "task": cfg.task, **lora_record(cfg)}, name="best", info=run.info())
+                         "task": cfg.task, **lora_record(cfg)}, name="best", info=run.info(), gathered=gathered)
 
 
 def lora_record(cfg: FinetuneConfig) -> dict:
@@ -311,14 +329,15 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
         if training.model_ema is not None:
             ema_stats = evaluate_run(run, training.val_loader, training.model_ema.module)
             stats.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
+        # every rank keeps the same best epoch: the held-out metrics are reduced over all ranks
+        if best.offer(epoch, test_stats, selection_stats) and (ctx.is_main or is_sharded(run.task)):
+            save_best(run, training, epoch, best)
+        save_example_pictures(run, log_writer, last_step(epoch + 1))
         if ctx.is_main:
-            if best.offer(epoch, test_stats, selection_stats):
-                save_best(run, training, epoch, best)
             for key, value in stats.items():
                 if key.startswith(("test_", "selection_")):
                     log_writer.add_scalar(key.replace("_", "/", 1), value, last_step(epoch + 1))
             ctx.append_log(stats)
-            save_example_pictures(run, log_writer, last_step(epoch + 1))
             chosen = f"  selection {format_metrics(selection_stats)}" if selection_stats else ""
             say(f"epoch {epoch}: test {format_metrics(test_stats)}{chosen}  ({best.describe()})  "
                 f"{run_eta(start, epoch + 1, cfg.optim.epochs - epoch - 1)}")
@@ -354,7 +373,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             table = per_class_table(stats)
             say(f"eval: {format_metrics(stats)}" + (f"\n{table}" if table else ""))
             return stats
-        model = ctx.wrap(run.task)
+        model = run.task if is_sharded(run.task) else ctx.wrap(run.task)
         return train_epochs(run, build_training(run, model), model)
     finally:
         ctx.finish()

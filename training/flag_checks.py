@@ -69,6 +69,15 @@ def check_launch_flags(run) -> None:
                         f"{run.world_size} with torchrun --nproc_per_node (the launcher decides the world size)")
 
 
+def check_fsdp_launch(fsdp: bool) -> None:
+    """--fsdp shards across processes: one started without torchrun has no process group to shard over."""
+    import os
+
+    if fsdp and "RANK" not in os.environ:
+        raise UserError("--fsdp shards the model across the processes torchrun starts; launch with torchrun "
+                        "--nproc_per_node N, or drop --fsdp to train in this one process")
+
+
 def check_paths_exist(paths: dict[str, object]) -> None:
     """Inputs are checked before the output folder is (a wrong path is reported as such, not as a
     folder that holds a run). `paths`: flag -> path or paths (None: not given)."""
@@ -96,6 +105,7 @@ def check_rates(lr: float | None, blr: float | None) -> None:
 
 def check_pretrain_flags(cfg: "PretrainConfig") -> None:
     check_launch_flags(cfg.run)
+    check_fsdp_launch(cfg.model.fsdp)
     check_weight_flags(cfg)
     data = cfg.data.data_path if cfg.data.data_path != "synthetic" and not cfg.text.webdataset else None
     check_paths_exist({"data_path": data, "data_file_path": cfg.text.data_file_path, "eval_data_path":

@@ -1,0 +1,91 @@
+"""`main_finetune.py --fsdp` with 2 gloo processes: after 3 steps its checkpoint-best holds the
+same weights and optimizer state as a DDP run's (1e-5); one process reads it and evaluates it to
+the run's own accuracy; and the flags --fsdp cannot go with are refused in one sentence."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.errors import UserError
+from tests.distributed_harness import free_port
+from tests.helpers import ROOT
+from training.cli import finetune_config_from_argv
+
+TRAIN_PER_CLASS, BATCH, WORLD = 12, 4, 2  # 24 images = 3 steps of 4 per process
+
+
+def _image_folder(root):
+    from PIL import Image
+
+    for split, n in (("train", TRAIN_PER_CLASS), ("val", 4)):
+        for c, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 40), tuple(max(0, v - 8 * i) for v in colour)).save(folder / f"{i}.png")
+    return root
+
+
+def _finetune(data, out, *extra: str, processes: int = WORLD) -> dict:
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+               str(free_port())] if processes > 1 else [sys.executable])
+    cmd = [*launch, str(ROOT / "main_finetune.py"), "--task", "image_classification", "--device", "cpu",
+           "--data_path", str(data), "--input_size", "32", "--patch_size", "8", "--batch_size", str(BATCH),
+           "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0.5", "--model_selection_fraction", "0",
+           "--output_dir", str(out), *extra]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_fsdp_finetuning_matches_ddp_and_loads_into_one_process(tmp_path):
+    data = _image_folder(tmp_path / "data")
+    _finetune(data, tmp_path / "ddp")
+    _finetune(data, tmp_path / "fsdp", "--fsdp")
+    ddp = torch.load(tmp_path / "ddp" / "checkpoint-best.pth", weights_only=True)
+    fsdp = torch.load(tmp_path / "fsdp" / "checkpoint-best.pth", weights_only=True)
+    assert fsdp["model"].keys() == ddp["model"].keys() and len(ddp["model"]) > 20
+    for key, value in ddp["model"].items():
+        assert torch.allclose(fsdp["model"][key], value, atol=1e-5, rtol=0), key
+    # the optimizer state too, in the same position-keyed layout: 3 AdamW steps on every parameter
+    assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
+    assert fsdp["optimizer"]["state"].keys() == ddp["optimizer"]["state"].keys()
+    moved = 0
+    for index, state in ddp["optimizer"]["state"].items():
+        assert float(state["step"]) == 3 == float(fsdp["optimizer"]["state"][index]["step"])
+        moved += bool(state["exp_avg"].abs().sum() > 0)
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(fsdp["optimizer"]["state"][index][name], state[name], atol=1e-5, rtol=0)
+    assert moved > 20  # the weights were trained, not merely copied
+    logs = {run: json.loads((tmp_path / run / "log.txt").read_text().splitlines()[-1]) for run in ("ddp", "fsdp")}
+    assert abs(logs["fsdp"]["train_loss"] - logs["ddp"]["train_loss"]) < 1e-4
+    assert logs["fsdp"]["test_acc1"] == logs["ddp"]["test_acc1"]
+    # the gathered checkpoint is one ordinary file: one process, no sharding, evaluates it to the same figure
+    evaluated = _finetune(data, tmp_path / "eval", "--eval", "--finetune", str(tmp_path / "fsdp" / "checkpoint-best.pth"),
+                          processes=1)
+    assert f"acc1 {logs['fsdp']['test_acc1']:.2f}" in evaluated.stdout + evaluated.stderr
+
+
+def test_fsdp_needs_torchrun_in_pretraining_and_finetuning(tmp_path):
+    for script, task in (("main_pretrain_cook.py", []), ("main_finetune.py", ["--task", "image_classification"])):
+        result = subprocess.run([sys.executable, str(ROOT / script), *task, "--data_path", str(tmp_path), "--fsdp",
+                                 "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120, env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "--fsdp shards the model across the processes torchrun starts" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("extra, says", [(["--model_ema"], "--model_ema keeps a whole copy"),
+                                         (["--task", "linear_probe"], "nothing to shard")])
+def test_fsdp_refuses_what_would_undo_it(tmp_path, monkeypatch, extra, says):
+    monkeypatch.setenv("RANK", "0")  # as torchrun would
+    folders = _image_folder(tmp_path / "data")
+    argv = ["--task", "image_classification", "--data_path", str(folders), "--fsdp", *extra]
+    with pytest.raises(UserError, match=says):
+        finetune_config_from_argv(argv)
