@@ -57,6 +57,11 @@ def broadcast_from_main(tensors) -> None:
             dist.broadcast(tensor.data, src=0)
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over ranks (a copy; the input is untouched)."""
+    return all_reduce_sum(values) / world_size()
+
+
 def gather_objects(value):
     """Every rank's picklable `value`, as a list in rank order (`[value]` in one process)."""
     if not is_distributed():

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,6 +114,22 @@ def test_torchrun_fsdp_writes_one_checkpoint_that_loads_and_resumes_anywhere(tmp
         assert "resuming run from" in result.stdout
         log = [json.loads(line) for line in (resumed / "log.txt").read_text().splitlines()]
         assert [entry["epoch"] for entry in log] == [1]
+
+
+def test_torchrun_fsdp_trains_itc_whose_logit_scale_fully_shard_cannot_shard(tmp_path):
+    """ITC's logit scale is a 0-d parameter, which fully_shard refuses: it stays whole on every
+    rank with its gradient averaged over them, so the ranks agree on it and it is trained."""
+    from custom_datasets.pair_data import caption_texts
+    from models.checkpoints import read_model_checkpoint
+    from models.text_tokenizer import train_wordpiece
+
+    train_wordpiece(caption_texts(["synthetic"], 500, 0), 200, tmp_path / "tok")
+    out = tmp_path / "itc"
+    result = _run(_cli(out, "--exp_name", "image_text_itc", "--tokenizer", str(tmp_path / "tok"), "--epochs", "1",
+                       "--fsdp", "--lr", "1e-2"))
+    assert "stage report (image_text_itc)" in result.stdout
+    scale = read_model_checkpoint(str(out / "checkpoint-0.pth")).model["itc_head.logit_scale"]
+    assert scale.ndim == 0 and abs(scale.item() - math.log(1 / 0.07)) > 1e-3  # trained away from its init
 
 
 def test_fsdp_refuses_self_regularization_with_the_reason(tmp_path, monkeypatch):

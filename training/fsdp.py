@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from common.distributed import broadcast_from_main
+from common.distributed import broadcast_from_main, mean_over_ranks
 from common.errors import UserError
 from common.sharded_checkpoint import position_keyed
 
@@ -25,9 +25,24 @@ def shard(model: nn.Module, blocks: nn.ModuleList) -> None:
     from torch.distributed.fsdp import fully_shard
 
     broadcast_from_main([*model.parameters(), *model.buffers()])
+    # fully_shard refuses 0-d parameters (ITC's logit scale): they stay whole on every rank, and
+    # their gradients are averaged over the ranks as DDP averages every gradient
+    scalars = {p for p in model.parameters() if p.ndim == 0}
     for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, ignored_params=scalars)
+    fully_shard(model, ignored_params=scalars)
+    for param in scalars:
+        if param.requires_grad:
+            param.register_hook(mean_over_ranks)
+
+
+def share_main_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) into every rank, before the model is
+    evaluated: each rank's statistics follow its own batches (on CPU, where there is no
+    SyncBatchNorm; FSDP never broadcasts them, DDP only into the wrapped forward), so without this
+    each rank would evaluate its part of the held-out set with different statistics, and none
+    with those the checkpoint (rank 0's) holds. Every rank must call it."""
+    broadcast_from_main(list(model.buffers()))
 
 
 def is_sharded(model: nn.Module) -> bool:
