@@ -29,7 +29,7 @@ from training.compilation import compile_modules
 from training.config import FinetuneConfig
 from training.finetune_model import build_task, text_tokenizer_for
 from training.finite import check_evaluation
-from training.fsdp import gathered_state, is_sharded, shard, unsharded_root
+from training.fsdp import gathered_state, is_sharded, shard, share_main_buffers, unsharded_root
 from training.optim import adamw_options, amp_dtype, grad_scaler, learning_rate
 from training.run_checkpoint import save_run_checkpoint
 from training.scaffold import RunContext, last_step, refuse_taken_output, run_eta
@@ -195,6 +195,7 @@ def evaluate_run(run: FinetuneRun, loader, task: DownstreamTask | None = None) -
     Every rank takes part; set-level metrics call the model's parts outside its forward, so a
     sharded model's root is gathered around them."""
     task = task or run.task
+    share_main_buffers(task)
     with unsharded_root(task) if task.set_level_metrics else contextlib.nullcontext():
         return evaluate(task, loader, run.ctx.device, BatchPreparer(run.ctx.device, TASK_INPUTS),
                         amp_dtype(run.cfg.run.amp), run.data.val, run.cfg.optim.batch_size)
