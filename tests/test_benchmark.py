@@ -76,9 +76,16 @@ def test_loader_mode_times_every_stage_and_sums_them(capsys):
 def test_tokenizer_mode_reports_speed_and_agreement_with_fp32(capsys):
     benchmark.main(["--mode", "tokenizer", "--batch_size", "2", "--image_size", "64", "--rounds", "1", "--steps", "1"])
     rows = table_rows(capsys.readouterr().out)
-    assert [r[0] for r in rows] == ["fp32", "fp32 channels-last", "bf16 autocast", "bf16 channels-last"]
-    assert rows[0][2:] == ["1.00x", "100.00%"] and rows[1][3] == "100.00%"  # layout alone changes no id
-    assert all(0 < float(r[3].rstrip("%")) <= 100 for r in rows)
+    assert [r[:2] for r in rows] == [
+        ["DALL-E", "fp32"], ["DALL-E", "fp32 channels-last"], ["DALL-E", "bf16 autocast"],
+        ["DALL-E", "bf16 channels-last"], ["DALL-E", "fp32 channels-last, --compile"],
+        ["DALL-E", "bf16 channels-last, --compile"], ["k-means", "(256 tokens) fp32"],
+        ["k-means", "(256 tokens) bf16 autocast"]]
+    by_variant = {tuple(r[:2]): r[2:] for r in rows}
+    for reference in (("DALL-E", "fp32"), ("k-means", "(256 tokens) fp32")):
+        assert by_variant[reference][1:] == ["1.00x", "100.00%"]
+    assert by_variant[("DALL-E", "fp32 channels-last")][2] == "100.00%"  # layout alone changes no id
+    assert all(0 < float(r[4].rstrip("%")) <= 100 and float(r[2]) > 0 for r in rows)
 
 
 def test_sweep_runs_our_step_at_each_size_and_batch(capsys):

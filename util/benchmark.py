@@ -5,11 +5,12 @@ Implementations run in interleaved rounds (A, B, C, A, B, C, ...), one fresh pro
 neighbour's load hits all of them alike; each row is the median over rounds of each process's median
 step, with the spread, and its speed relative to the reference (HF sdpa). `ours_bf16` is ours under
 bf16 autocast (CPU or GPU), `ours_compiled` ours with training's `--compile` (torch.compile of each
-block and of the visual tokenizer).
+block and of the visual tokenizer), `ours_bf16_compiled` both (`--amp bf16 --compile`).
 
 `--mode encode`: forward+backward of `encode_image` vs HF `BeitModel` (sdpa, eager) and timm Beit.
 `--mode adamw`: one AdamW step over the backbone's parameters, for-loop vs foreach vs fused.
-`--mode tokenizer`: the DALL-E encoder in fp32, channels-last and bf16: speed and id agreement.
+`--mode tokenizer`: the DALL-E encoder in fp32, channels-last, bf16 and compiled, and the k-means
+tokenizer in fp32 and bf16: speed and id agreement.
 `--mode loader`: what one DataLoader worker spends per image on decode, the two views, the mask
 and collate (generated 500x375 JPEGs), and the workers a device at `--target_rate` images/s needs.
 `--sweep` (with encode or mim): our step time and peak memory at each image size x batch size.
@@ -46,10 +47,11 @@ import torch  # noqa: E402
 
 from training.optim import ADAMW_IMPLS, adamw_options  # noqa: E402
 
-IMPLS = ("ours", "ours_bf16", "ours_compiled", "hf_sdpa", "hf_eager", "timm")
-MIM_IMPLS = ("ours", "ours_bf16", "ours_compiled", "hf_sdpa", "hf_eager")  # also mlm and itc: no timm reference
+IMPLS = ("ours", "ours_bf16", "ours_compiled", "ours_bf16_compiled", "hf_sdpa", "hf_eager", "timm")
+MIM_IMPLS = ("ours", "ours_bf16", "ours_compiled", "ours_bf16_compiled", "hf_sdpa", "hf_eager")  # also mlm and itc: no timm reference
 TRAINING_MODES = ("mim", "mlm", "itc")  # an optimizer step is part of what is timed
 TEXT_VOCAB, TEXT_LENGTH = 30522, 40
+KMEANS_VOCAB = 256  # the k-means tokenizer a run fits by default
 DEFAULT_IMPLS = ("ours", "hf_sdpa", "hf_eager", "timm")  # ours_* on request: compiling takes minutes
 REFERENCE = "hf_sdpa"
 VISUAL_VOCAB = 8192
@@ -195,7 +197,8 @@ def text_batch(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
 def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if args.worker == "ours_bf16" else args.amp)
+    bf16_row = args.worker in ("ours_bf16", "ours_bf16_compiled")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if bf16_row else args.amp)
     b, size = args.batch_size, args.image_size
     images = torch.randn(b, 3, size, size, device=device)
     if args.mode == "mim":
@@ -215,7 +218,7 @@ def worker(args: argparse.Namespace) -> None:
         model, features = build(args.worker, args.size, size)
         forward = lambda: features(images).float().pow(2).mean()  # noqa: E731
     model.to(device).train()
-    if args.worker == "ours_compiled":  # what training's --compile compiles: each block and the visual tokenizer
+    if args.worker.endswith("_compiled"):  # what training's --compile compiles: each block and the visual tokenizer
         from models.visual_tokenizers import DalleTokenizer
         from training.compilation import compile_modules
 
@@ -419,40 +422,63 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
 
 
 def tokenizer_benchmark(batch_size: int, image_size: int, rounds: int, steps: int) -> None:
-    """The DALL-E encoder (random weights) in fp32, channels-last and bf16 autocast: time per batch
-    and how many token ids agree with fp32 on photo-like inputs."""
+    """The visual tokenizers on photo-like views: the DALL-E encoder (random weights) in fp32,
+    channels-last, bf16 autocast and training's `--compile`, and a fitted k-means tokenizer in fp32
+    (as training runs both, outside autocast) and under bf16 autocast; time per batch and how many
+    token ids agree with each tokenizer's fp32 ids."""
+    import copy
     import tempfile
 
     from custom_datasets.image_io import open_rgb
     from custom_datasets.transforms import TwoViewConfig, TwoViewTransform
     from models.visual_tokenizers.dall_e import DalleEncoder, map_pixels
+    from models.visual_tokenizers.kmeans import KMeansTokenizer, fit_kmeans, patch_vectors
 
     torch.manual_seed(0)
-    encoder = DalleEncoder().eval().requires_grad_(False)
     transform = TwoViewTransform(TwoViewConfig(image_size=image_size, second_image_size=image_size // 2))
+    fit_count = max(KMEANS_VOCAB * 2 // (image_size // 16) ** 2 + 1, batch_size)  # enough patches to fit on
     with tempfile.TemporaryDirectory() as tmp:
-        views = [transform(open_rgb(p))[1] for p in imagenet_like_jpegs(Path(tmp), batch_size)]
-    pixels = map_pixels(torch.stack(views))
-    variants = {"fp32": (torch.contiguous_format, None), "fp32 channels-last": (torch.channels_last, None),
-                "bf16 autocast": (torch.contiguous_format, torch.bfloat16),
-                "bf16 channels-last": (torch.channels_last, torch.bfloat16)}
+        views = torch.stack([transform(open_rgb(p))[1] for p in imagenet_like_jpegs(Path(tmp), batch_size + fit_count)])
+    views, fit_views = views[:batch_size], views[batch_size:]
+    pixels = map_pixels(views)
+    grid = image_size // 16
+    kmeans = KMeansTokenizer(fit_kmeans(patch_vectors(fit_views, grid).flatten(0, 1), KMEANS_VOCAB, iters=10), grid)
+    encoder = DalleEncoder().eval().requires_grad_(False)
+    # what training's --compile does to the encoder it keeps channels-last (its own copy: the eager
+    # variants switch the other's memory format back and forth)
+    compiled = torch.compile(copy.deepcopy(encoder).to(memory_format=torch.channels_last))
+    dalle = {"fp32": (torch.contiguous_format, None, False), "fp32 channels-last": (torch.channels_last, None, False),
+             "bf16 autocast": (torch.contiguous_format, torch.bfloat16, False),
+             "bf16 channels-last": (torch.channels_last, torch.bfloat16, False),
+             "fp32 channels-last, --compile": (torch.channels_last, None, True),
+             "bf16 channels-last, --compile": (torch.channels_last, torch.bfloat16, True)}
 
     @torch.no_grad()
-    def ids(fmt, dtype):
-        model = encoder.to(memory_format=fmt)
+    def dalle_ids(fmt, dtype, compile_it):
+        model = compiled if compile_it else encoder.to(memory_format=fmt)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             return model(pixels.to(memory_format=fmt)).float().argmax(1)
 
-    reference = ids(*variants["fp32"])
-    times = interleaved_timings({name: partial(ids, *variant) for name, variant in variants.items()}, rounds, steps)
-    print(f"DALL-E encoder (random weights), batch {batch_size} at {image_size // 2} px, {rounds} rounds of {steps}, "
+    def kmeans_ids(dtype):
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return kmeans.get_codebook_indices(views)
+
+    calls = {("DALL-E", name): partial(dalle_ids, *variant) for name, variant in dalle.items()}
+    calls |= {("k-means", f"({KMEANS_VOCAB} tokens) fp32"): partial(kmeans_ids, None),
+              ("k-means", f"({KMEANS_VOCAB} tokens) bf16 autocast"): partial(kmeans_ids, torch.bfloat16)}
+    for call in calls.values():  # compiles (not timed)
+        call()
+    references = {kind: calls[next(key for key in calls if key[0] == kind)]() for kind in ("DALL-E", "k-means")}
+    times = interleaved_timings(calls, rounds, steps)
+    print(f"visual tokenizers, batch {batch_size} at {image_size // 2} px, {rounds} rounds of {steps}, "
           f"CPU x{torch.get_num_threads()} threads")
-    print("| variant | s per batch | speed vs fp32 | ids equal to fp32 |\n| --- | --- | --- | --- |")
-    base = statistics.median(times["fp32"])
-    for name, (fmt, dtype) in variants.items():
-        agree = (ids(fmt, dtype) == reference).float().mean().item()
-        median = statistics.median(times[name])
-        print(f"| {name} | {median:.3f} | {base / median:.2f}x | {100 * agree:.2f}% |")
+    print("| tokenizer | variant | s per batch | speed vs its fp32 | ids equal to its fp32 |\n"
+          "| --- | --- | --- | --- | --- |")
+    for (kind, name), call in calls.items():
+        base = statistics.median(times[next(key for key in calls if key[0] == kind)])
+        agree = (call() == references[kind]).float().mean().item()
+        median = statistics.median(times[(kind, name)])
+        print(f"| {kind} | {name} | {median:.4f} | {base / median:.2f}x | {100 * agree:.2f}% |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -477,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="training modes: our rows' AdamW kernel, as training's --adamw_impl (the references keep "
                         "torch's default)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
-                   help="default: ours, hf_sdpa, hf_eager and (encode) timm; ours_bf16 and ours_compiled on request")
+                   help="default: ours, hf_sdpa, hf_eager and (encode) timm; ours_bf16 and ours_*compiled on request")
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--sweep", action="store_true", help="encode/mim: our step at every --sweep_image_sizes x "
                    "--sweep_batch_sizes, one process each (the cost curve)")
