@@ -86,10 +86,12 @@ class ImageFiles(Dataset):
             return None
         return f"--bands {','.join(map(str, self.bands))} but {path} has {count} bands (indices 0..{count - 1})"
 
-    def load(self, path: Path) -> Image.Image:
+    def load(self, path: Path, for_sample: bool = False) -> Image.Image:
+        """`for_sample`: the image of a sample; a builder that can plan its crop first (drawing the
+        sample's random choices) lets a JPEG decode at a reduced size."""
         if is_tile(path):
             return open_tile_rgb(path, self.bands, self.scaler)
-        return open_rgb(path)
+        return open_rgb(path, getattr(self.build, "draft_planner", None) if for_sample else None)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -97,7 +99,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         path = self.path(index)
         try:
-            image = self.load(path)
+            image = self.load(path, for_sample=True)
         except Exception as err:  # noqa: BLE001 - corrupt/truncated/unsupported files are skipped and counted
             log.debug("skipping unreadable %s: %s", path, err)
             return None

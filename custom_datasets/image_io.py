@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -28,17 +28,37 @@ def _high_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
     return (scaled * 255).astype(np.uint8)
 
 
-def open_rgb(path: str | Path) -> Image.Image:
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations stored with width and height exchanged
+PLAN_KEY = "view_plan"  # the `info` entry of an image read with a planner: (plan, its full size)
+
+
+def open_rgb(path: str | Path, planner: Callable | None = None) -> Image.Image:
     """An image file as RGB. 16-bit and float modes are stretched to 8 bits per image;
-    alpha is dropped; palette and grayscale are expanded."""
+    alpha is dropped; palette and grayscale are expanded.
+
+    `planner(size) -> (plan, decode size or None)` (a transform's random choices, drawn from the
+    upright size alone): a JPEG is then decoded at the reduced size it allows (PIL's draft mode,
+    DCT scaling, several times faster), and the image carries `info[PLAN_KEY] = (plan, upright
+    full size)` for the transform to use."""
     with Image.open(path) as img:
+        plan = None
+        if planner is not None:
+            swapped = img.getexif().get(0x0112) in SWAPPING_ORIENTATIONS
+            upright = img.size[::-1] if swapped else img.size
+            plan, reduced = planner(upright)
+            if reduced is not None and img.format == "JPEG":
+                img.draft("RGB", reduced[::-1] if swapped else reduced)
         img.load()
         img = ImageOps.exif_transpose(img)  # photos from cameras and phones are stored sideways with an EXIF note
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            return Image.fromarray(_high_bit_to_uint8(np.asarray(img))).convert("RGB")
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        return img.convert("RGB")
+            out = Image.fromarray(_high_bit_to_uint8(np.asarray(img))).convert("RGB")
+        elif img.mode == "P" and "transparency" in img.info:
+            out = img.convert("RGBA").convert("RGB")
+        else:
+            out = img.convert("RGB")
+        if plan is not None:
+            out.info[PLAN_KEY] = (plan, upright)
+        return out
 
 
 def to_hwc(arr: np.ndarray) -> np.ndarray:

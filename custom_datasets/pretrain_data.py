@@ -39,6 +39,10 @@ class MIMSampleBuilder:
     def __init__(self, transform: TwoViewTransform, masker, fixed_masks: bool = False, seed: int = 0) -> None:
         self.transform, self.masker, self.fixed_masks, self.seed = transform, masker, fixed_masks, seed
 
+    def draft_planner(self, size: tuple[int, int]):
+        """Readers pass this to `open_rgb`: a JPEG is decoded at the reduced size its crop allows."""
+        return self.transform.draft_planner(size)
+
     def __call__(self, image: Image.Image, key: int | None = None) -> dict[str, Any]:
         view, token_view = self.transform(image)
         rng = random.Random(f"{self.seed}:mask:{key}") if self.fixed_masks and key is not None else None

@@ -2,6 +2,7 @@
 lanczos for the visual tokenizer), after colour jitter and flip."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+
+from custom_datasets.image_io import PLAN_KEY
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)  # BEiT's default ("inception" mean/std)
@@ -45,29 +48,88 @@ def interpolation_mode(name: str) -> InterpolationMode:
     return MODES[name]
 
 
+@dataclass(frozen=True)
+class ViewPlan:
+    """The random choices of one sample, drawn before its pixels are decoded (they need only its
+    size), in the order torchvision's ColorJitter, RandomHorizontalFlip and RandomResizedCrop draw
+    them: `crop` is (top, left, height, width) in the full-size image's pixels."""
+
+    jitter: tuple | None  # ColorJitter.get_params: (order, brightness, contrast, saturation, hue)
+    flip: bool
+    crop: tuple[int, int, int, int]
+
+    def decode_size(self, size: tuple[int, int], needed: int) -> tuple[int, int] | None:
+        """The smallest (width, height) a JPEG may be decoded at while the crop keeps at least
+        `needed` pixels a side (PIL's draft mode decodes at 1/2, 1/4 or 1/8 by DCT scaling), or
+        None when only the full size will do."""
+        reduction = min(self.crop[2], self.crop[3]) / needed
+        if reduction < 2:
+            return None
+        return math.ceil(size[0] / reduction), math.ceil(size[1] / reduction)
+
+
 class TwoViewTransform:
     """PIL image -> (backbone view normalised `[3, S, S]`, tokenizer view in [0, 1] `[3, S2, S2]`).
-    At eval time: a centre crop of the whole image, no jitter or flip."""
+    At eval time: a centre crop of the whole image, no jitter or flip. An image read with this
+    transform's `plan` (custom_datasets/image_io.py `open_rgb(path, planner)`) carries its plan, and
+    may have been decoded at a reduced size where the crop allows it; the views then come from the
+    reduced pixels, with the same random choices."""
 
     def __init__(self, cfg: TwoViewConfig) -> None:
         self.cfg = cfg
         self.normalize = T.Normalize(*mean_std(cfg.imagenet_default_mean_and_std))
-        jitter = [T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)] if cfg.color_jitter > 0 else []
-        self.pre = T.Compose(jitter + [T.RandomHorizontalFlip(cfg.hflip)]) if cfg.train else None
+        self.jitter = T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter) if cfg.color_jitter > 0 else None
 
-    def crop_params(self, image: Image.Image) -> tuple[int, int, int, int]:
-        if self.cfg.train:
-            return T.RandomResizedCrop.get_params(image, scale=(self.cfg.min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3))
-        w, h = image.size
-        side = min(w, h)
-        return (h - side) // 2, (w - side) // 2, side, side
+    def plan(self, size: tuple[int, int]) -> ViewPlan:
+        """The random choices for an image of `size` (width, height)."""
+        w, h = size
+        if not self.cfg.train:
+            side = min(w, h)
+            return ViewPlan(None, False, ((h - side) // 2, (w - side) // 2, side, side))
+        j = self.jitter
+        jitter = j.get_params(j.brightness, j.contrast, j.saturation, j.hue) if j is not None else None
+        flip = bool(torch.rand(1) < self.cfg.hflip)
+        shape_only = torch.empty(1).expand(1, h, w)  # get_params reads only the size
+        crop = T.RandomResizedCrop.get_params(shape_only, scale=(self.cfg.min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3))
+        return ViewPlan(jitter, flip, tuple(crop))
+
+    def draft_planner(self, size: tuple[int, int]) -> tuple[ViewPlan, tuple[int, int] | None]:
+        """For `open_rgb`: the plan of an image of `size`, and the size it may be decoded at."""
+        plan = self.plan(size)
+        return plan, plan.decode_size(size, self.cfg.image_size)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pre is not None:
-            image = self.pre(image)
-        top, left, h, w = self.crop_params(image)
+        plan, full_size = image.info.pop(PLAN_KEY, (None, image.size))  # a plan is used once
+        plan = plan or self.plan(image.size)
+        image = adjust_colours(image, plan.jitter)
+        if plan.flip:
+            image = TF.hflip(image)
         size, second = self.cfg.image_size, self.cfg.second_image_size
-        view = TF.resized_crop(image, top, left, h, w, [size, size], interpolation_mode(self.cfg.interpolation))
-        token_view = TF.resized_crop(image, top, left, h, w, [second, second],
-                                     interpolation_mode(self.cfg.second_interpolation))
-        return self.normalize(TF.to_tensor(view)), TF.to_tensor(token_view)
+        views = []
+        for side, name in ((size, self.cfg.interpolation), (second, self.cfg.second_interpolation)):
+            views.append(resized_crop(image, plan.crop, full_size, side, interpolation_mode(name)))
+        return self.normalize(TF.to_tensor(views[0])), TF.to_tensor(views[1])
+
+
+def adjust_colours(image: Image.Image, jitter: tuple | None) -> Image.Image:
+    """ColorJitter's adjustments with drawn parameters, in its drawn order (as its forward does)."""
+    if jitter is None:
+        return image
+    order, *factors = jitter
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for index in order.tolist():
+        if factors[index] is not None:
+            image = adjust[index](image, factors[index])
+    return image
+
+
+def resized_crop(image: Image.Image, crop: tuple[int, int, int, int], full_size: tuple[int, int], side: int,
+                 mode: InterpolationMode) -> Image.Image:
+    """The crop (in `full_size` pixels) of `image`, resized to `side` x `side`. An image decoded at
+    a reduced size is cropped at the same place in its own pixels, to the sub-pixel."""
+    top, left, h, w = crop
+    if image.size == full_size:
+        return TF.resized_crop(image, top, left, h, w, [side, side], mode)
+    sx, sy = image.width / full_size[0], image.height / full_size[1]
+    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    return image.resize((side, side), TF.pil_modes_mapping[mode], box=box)
