@@ -70,7 +70,9 @@ def test_loader_mode_times_every_stage_and_sums_them(capsys):
     stages = [k for k in rows if "whole" not in k and "draft" not in k and "of which" not in k]
     assert len(stages) == 4 and all(v > 0 for v in rows.values())
     assert abs(rows["**whole sample (full-size decode)**"] - sum(rows[k] for k in stages)) < 0.02
-    assert "needs" in out and "workers" in out
+    as_read = [k for k in rows if "as the loader reads it" in k]
+    assert len(as_read) == 1 and "% of crops" in as_read[0] and rows[as_read[0]] > 0
+    assert "needs" in out and "workers" in out and "decoding every image at full size" in out
 
 
 def test_tokenizer_mode_reports_speed_and_agreement_with_fp32(capsys):

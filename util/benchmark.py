@@ -352,15 +352,16 @@ def per_image_seconds(paths: list[Path], work) -> float:
     return (time.perf_counter() - start) / len(paths)
 
 
-def loader_stages(count: int, image_size: int, batch_size: int, jpeg_folder: str | None) -> dict:
+def loader_stages(count: int, image_size: int, batch_size: int, jpeg_folder: str | None,
+                  jpeg_size: tuple[int, int] = (500, 375)) -> dict:
     """Seconds per image of each stage, and a `source` line saying what was timed."""
     import tempfile
 
     from PIL import Image
 
-    from custom_datasets.image_io import open_rgb
+    from custom_datasets.image_io import PLAN_KEY, open_rgb
     from custom_datasets.masking import BlockwiseMaskGenerator, default_num_mask_patches
-    from custom_datasets.transforms import TwoViewConfig, TwoViewTransform
+    from custom_datasets.transforms import TwoViewConfig, TwoViewTransform, adjust_colours
 
     with tempfile.TemporaryDirectory() as tmp:
         if jpeg_folder:
@@ -368,7 +369,7 @@ def loader_stages(count: int, image_size: int, batch_size: int, jpeg_folder: str
             if not paths:
                 raise SystemExit(f"--jpeg_folder {jpeg_folder} holds no .jpg/.jpeg files")
         else:
-            paths = imagenet_like_jpegs(Path(tmp), count)
+            paths = imagenet_like_jpegs(Path(tmp), count, jpeg_size)
         images = [open_rgb(p) for p in paths]
         transform = TwoViewTransform(TwoViewConfig(image_size=image_size, second_image_size=image_size // 2))
         grid = image_size // 16
@@ -379,6 +380,19 @@ def loader_stages(count: int, image_size: int, batch_size: int, jpeg_folder: str
                 img.draft("RGB", (img.width // 2, img.height // 2))
                 return img.convert("RGB")
 
+        def jitter_and_flip(image):
+            plan = transform.plan(image.size)
+            image = adjust_colours(image, plan.jitter)
+            return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flip else image
+
+        reduced = []
+
+        def as_the_loader_reads(path):  # the crop planned first, the JPEG decoded at the size it allows
+            image = open_rgb(path, transform.draft_planner)
+            plan, full = image.info[PLAN_KEY]
+            reduced.append(image.size != full)
+            return transform(image)
+
         views = [transform(img) for img in images[:batch_size]]
         samples = [{"image": v, "tokenizer_image": t, "mask": torch.from_numpy(masks())} for v, t in views]
         stages = {
@@ -386,20 +400,23 @@ def loader_stages(count: int, image_size: int, batch_size: int, jpeg_folder: str
             "decode at 1/2 scale (PIL draft)": per_image_seconds(paths, draft_decode),
             f"two views ({image_size} + {image_size // 2} px crop, jitter, flip)": per_image_seconds(
                 images, transform),
-            "  of which colour jitter + flip of the whole image": per_image_seconds(images, transform.pre),
+            "  of which colour jitter + flip of the whole image": per_image_seconds(images, jitter_and_flip),
             "block mask": per_image_seconds(range(len(paths)), lambda _: masks()),
             f"collate (batch {batch_size}, per image)": per_image_seconds(
                 range(8), lambda _: torch.utils.data.default_collate(samples)) / batch_size,
+            "decode + two views as the loader reads (draft where the crop allows)": per_image_seconds(
+                paths, as_the_loader_reads),
         }
+        stages["reduced"] = sum(reduced) / len(reduced)
     n = len(images)
     stages["source"] = (f"{n} JPEGs from {jpeg_folder} (mean {sum(i.width for i in images) / n:.0f}x"
                         f"{sum(i.height for i in images) / n:.0f})" if jpeg_folder
-                        else f"{n} generated 500x375 JPEGs (quality 90)")
+                        else f"{n} generated {jpeg_size[0]}x{jpeg_size[1]} JPEGs (quality 90)")
     return stages
 
 
 def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: float,
-                     jpeg_folder: str | None = None) -> None:
+                     jpeg_folder: str | None = None, jpeg_size: tuple[int, int] = (500, 375)) -> None:
     """What one DataLoader worker spends per image on each stage of the image-MIM pipeline, and how
     many workers a device consuming `target_rate` images/s needs (on generated JPEGs, or on the
     first `count` JPEGs under `jpeg_folder`)."""
@@ -408,17 +425,23 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker runs on one thread
     try:
-        stages = loader_stages(count, image_size, batch_size, jpeg_folder)
+        stages = loader_stages(count, image_size, batch_size, jpeg_folder, jpeg_size)
     finally:
         torch.set_num_threads(threads)  # this process's other work keeps its threads (and its numbers)
     print(f"image-MIM input pipeline, {stages.pop('source')}, one worker (1 thread)")
+    reduced = stages.pop("reduced")
+    as_read = stages.pop("decode + two views as the loader reads (draft where the crop allows)")
+    mask_and_collate = sum(v for k, v in stages.items() if k.startswith(("block mask", "collate")))
     full = sum(v for k, v in stages.items() if "draft" not in k and "of which" not in k)
     print("| stage | ms per image | images/s |\n| --- | --- | --- |")
     for name, seconds in stages.items():
         print(f"| {name} | {seconds * 1e3:.2f} | {1 / seconds:.0f} |")
     print(f"| **whole sample (full-size decode)** | {full * 1e3:.2f} | {1 / full:.0f} |")
-    print(f"\na device consuming {target_rate:,.0f} images/s needs {math.ceil(target_rate * full):d} such workers "
-          f"(one core each)")
+    loader = as_read + mask_and_collate
+    print(f"| **whole sample as the loader reads it** (decode at the reduced size the crop allows: "
+          f"{100 * reduced:.0f}% of crops) | {loader * 1e3:.2f} | {1 / loader:.0f} |")
+    print(f"\na device consuming {target_rate:,.0f} images/s needs {math.ceil(target_rate * loader):d} such workers "
+          f"(one core each; {math.ceil(target_rate * full):d} decoding every image at full size)")
 
 
 def tokenizer_benchmark(batch_size: int, image_size: int, rounds: int, steps: int) -> None:
@@ -488,6 +511,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_images", type=int, default=200, help="loader mode: generated JPEGs")
     p.add_argument("--target_rate", type=float, default=2500.0, help="loader mode: images/s one device consumes")
     p.add_argument("--jpeg_folder", help="loader mode: time these JPEGs instead of generated ones")
+    p.add_argument("--jpeg_size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"),
+                   help="loader mode: size of the generated JPEGs (ImageNet's typical size by default)")
     p.add_argument("--num_paths", type=int, nargs="+", default=[1_000_000, 14_000_000],
                    help="index mode: generated path-list sizes")
     p.add_argument("--scan_files", type=int, default=100_000, help="index mode: real files to walk (0: skip)")
@@ -517,7 +542,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "tokenizer":
         return tokenizer_benchmark(args.batch_size, args.image_size, args.rounds, args.steps)
     if args.mode == "loader":
-        return loader_benchmark(args.num_images, args.image_size, args.batch_size, args.target_rate, args.jpeg_folder)
+        return loader_benchmark(args.num_images, args.image_size, args.batch_size, args.target_rate, args.jpeg_folder,
+                                tuple(args.jpeg_size))
     if args.worker:
         return worker(args)
     if args.sweep:
