@@ -186,12 +186,24 @@ def test_sharded_checkpoints_hold_what_the_gathered_file_holds_and_load_anywhere
     result = _run(_cli(sharded, "--epochs", "2", "--auto_resume", "--fsdp", "--sharded_checkpoint"))
     assert "removed 1 half-written file(s)" in result.stdout and not half_written.exists()
     assert [json.loads(line)["epoch"] for line in (sharded / "log.txt").read_text().splitlines()] == [0, 1]
-    assert _run_weights(sharded / "checkpoint-1.pth")[1]["epoch"] == 1
+    # under FSDP each process read only its own part of the optimizer state, and the run went on as
+    # the DDP run resumed from the whole state did
+    assert "optimizer state read shard by shard" in result.stdout
+    (model_f, extra_f), (model_d, extra_d) = _run_weights(sharded / "checkpoint-1.pth"), _run_weights(resumed / "checkpoint-1.pth")
+    assert extra_f["epoch"] == extra_d["epoch"] == 1
+    for key in model_d:
+        assert torch.allclose(model_f[key], model_d[key], atol=1e-5, rtol=0), key
+    for i, values in extra_d["optimizer"]["state"].items():
+        for name, value in values.items():
+            assert torch.allclose(extra_f["optimizer"]["state"][i][name].float(), value.float(), atol=1e-5, rtol=0), (i, name)
 
 
 def test_a_broken_sharded_checkpoint_is_one_sentence(tmp_path):
     import pickle
     import shutil
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
 
     from common.errors import UserError
 
@@ -218,7 +230,13 @@ def test_a_broken_sharded_checkpoint_is_one_sentence(tmp_path):
             return (os.system, ("touch " + str(tmp_path / "ran"),))
 
     (crafted / ".metadata").write_bytes(pickle.dumps(Payload()))
-    cases = {no_shard: "a shard file may be missing or truncated", cut: "a shard file may be missing or truncated",
+    crafted_shard = tmp_path / "crafted_shard" / "checkpoint-0.pth"  # DCP's own writer, a payload as a value
+    with warnings.catch_warnings():  # DCP notes that it saves in one process, as meant
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": {"w": torch.zeros(2)}, "optimizer": {"state": {}, "param_groups": [{"params": ["w"],
+                  "lr": Payload()}]}}, checkpoint_id=str(crafted_shard), no_dist=True)
+    shutil.copy(folder / "run_state.pth", crafted_shard / "run_state.pth")
+    cases = {crafted_shard: "never unpickles code", no_shard: "a shard file may be missing or truncated", cut: "a shard file may be missing or truncated",
              no_metadata: "without its .metadata", crafted: "never unpickles code"}
     for path, message in cases.items():
         with pytest.raises(UserError, match=message):

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 
 from common.checkpoint_io import FORMAT_TAG, Checkpoint, save_torch_atomic
+from common.console import say
 from common.errors import UserError
+from common.sharded_checkpoint import OPTIMIZER_SHARDS, load_optimizer_shards, read_shards
 from models.checkpoints import read_model_checkpoint
 from models.lora import load_plain_state, plain_names
 
@@ -80,14 +82,20 @@ def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.op
     from training.fsdp import is_sharded, load_optimizer_state
 
     ckpt = ckpt or read_model_checkpoint(path)
+    shards = ckpt.extra.get(OPTIMIZER_SHARDS)  # left in a sharded folder for this sharded run
     sharded = is_sharded(model)
     if not sharded:
         load_run_weights(path, model, ckpt)
     if ckpt.extra.get("foreign_run"):  # another code base's optimizer state does not map: a fresh one
         return int(ckpt.extra["epoch"]) + 1
-    if "optimizer" not in ckpt.extra or "epoch" not in ckpt.extra:
+    if ("optimizer" not in ckpt.extra and not shards) or "epoch" not in ckpt.extra:
         raise UserError(f"--resume {path} has no optimizer state; it is a weights file, use --init_from or --finetune")
-    if sharded:
+    if shards and not sharded:  # read for a sharded run that is not one after all: the whole state, then
+        ckpt.extra["optimizer"] = read_shards(Path(shards))[1]
+    if sharded and shards:
+        load_optimizer_shards(Path(shards), model, optimizer)
+        say(f"optimizer state read shard by shard from {shards} (each process its own part)")
+    elif sharded:
         load_optimizer_state(model, optimizer, ckpt.extra["optimizer"])
     else:
         optimizer.load_state_dict(ckpt.extra["optimizer"])

@@ -12,6 +12,7 @@ from torch import nn
 from common.checkpoint_io import Checkpoint
 from common.console import say
 from common.errors import UserError
+from common.sharded_checkpoint import OPTIMIZER_SHARDS
 from models import create_model
 from models.backbone import VLMoBackbone
 from models.checkpoints import read_model_checkpoint
@@ -31,9 +32,11 @@ class Weights:
     continue_run: bool = False
 
 
-def read_weights(path: str):
-    """The checkpoint, read once; what a translation from another layout did is said here."""
-    ckpt = read_model_checkpoint(path)
+def read_weights(path: str, optimizer: bool = True):
+    """The checkpoint, read once; what a translation from another layout did is said here.
+    `optimizer=False`: a sharded folder's optimizer state is left in its shards (an --fsdp run
+    reads it shard by shard when it resumes)."""
+    ckpt = read_model_checkpoint(path, optimizer)
     if ckpt.extra.get("origin"):
         say(f"{path}: a {ckpt.extra['origin']} checkpoint, read in this project's layout: "
               + "; ".join(ckpt.extra.get("conversion_notes") or ["no changes needed"]))
@@ -60,12 +63,12 @@ def resolve_weights(cfg: PretrainConfig) -> tuple[Weights, PretrainConfig]:
             say(f"starting a new stage from the weights of {m.init_from} (fresh optimizer, epoch 0)")
             return Weights(m.init_from, read_weights(m.init_from)), cfg
         return Weights(), cfg
-    ckpt = read_weights(m.resume)
+    ckpt = read_weights(m.resume, optimizer=not m.fsdp)
     if ckpt.extra.get("foreign_run"):
         say(f"--resume {m.resume} is a {ckpt.extra['origin']} run checkpoint (epoch {ckpt.extra['epoch']}): continuing "
               f"at epoch {ckpt.extra['epoch'] + 1} with a fresh optimizer (its optimizer state belongs to another "
               f"parameter layout)")
-    elif "optimizer" not in ckpt.extra:
+    elif "optimizer" not in ckpt.extra and OPTIMIZER_SHARDS not in ckpt.extra:
         say(f"--resume {m.resume} holds weights only: initialising the model from it (new run, epoch 0)")
         return Weights(m.resume, ckpt), cfg
     else:
