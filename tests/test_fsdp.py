@@ -196,6 +196,12 @@ def test_sharded_checkpoints_hold_what_the_gathered_file_holds_and_load_anywhere
     for i, values in extra_d["optimizer"]["state"].items():
         for name, value in values.items():
             assert torch.allclose(extra_f["optimizer"]["state"][i][name].float(), value.float(), atol=1e-5, rtol=0), (i, name)
+    # the 2-process folder resumed by one process under FSDP: DCP reshards the optimizer state
+    one = _cli(tmp_path / "one_process", "--epochs", "2", "--resume", str(folder), "--fsdp")
+    one[one.index("--nproc_per_node") + 1] = "1"
+    result = _run(one)
+    assert "optimizer state read shard by shard" in result.stdout
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "one_process" / "log.txt").read_text().splitlines()] == [1]
 
 
 def test_a_broken_sharded_checkpoint_is_one_sentence(tmp_path):
