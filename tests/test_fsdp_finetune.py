@@ -92,7 +92,8 @@ def _retrieval_flags(root) -> tuple[str, ...]:
             "--tokenizer", str(root / "tok"))
 
 
-@pytest.mark.parametrize("flags, metric", [(_segmentation_flags, "mIoU"), (_retrieval_flags, "itc_r_mean")])
+@pytest.mark.parametrize("flags, metric", [(_segmentation_flags, "mIoU"),  # retrieval: slow (the suite's time)
+                                           pytest.param(_retrieval_flags, "itc_r_mean", marks=pytest.mark.slow)])
 def test_fsdp_runs_the_tasks_that_evaluate_outside_the_forward(tmp_path, flags, metric):
     """Segmentation draws example predictions and retrieval embeds the whole held-out set through
     the model's parts: under FSDP every rank takes part, the weights are DDP's, and both report

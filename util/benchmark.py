@@ -352,16 +352,34 @@ def per_image_seconds(paths: list[Path], work) -> float:
     return (time.perf_counter() - start) / len(paths)
 
 
+def half_size_decode(path: Path):
+    """PIL decodes the JPEG at 1/2 scale (DCT scaling)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.draft("RGB", (img.width // 2, img.height // 2))
+        return img.convert("RGB")
+
+
+def jitter_and_flip(transform, image):
+    """The whole-image part of the two views: colour jitter and flip, with their random draws."""
+    from PIL import Image
+
+    from custom_datasets.transforms import adjust_colours
+
+    plan = transform.plan(image.size)
+    image = adjust_colours(image, plan.jitter)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flip else image
+
+
 def loader_stages(count: int, image_size: int, batch_size: int, jpeg_folder: str | None,
                   jpeg_size: tuple[int, int] = (500, 375)) -> dict:
     """Seconds per image of each stage, and a `source` line saying what was timed."""
     import tempfile
 
-    from PIL import Image
-
     from custom_datasets.image_io import PLAN_KEY, open_rgb
     from custom_datasets.masking import BlockwiseMaskGenerator, default_num_mask_patches
-    from custom_datasets.transforms import TwoViewConfig, TwoViewTransform, adjust_colours
+    from custom_datasets.transforms import TwoViewConfig, TwoViewTransform
 
     with tempfile.TemporaryDirectory() as tmp:
         if jpeg_folder:
@@ -375,32 +393,22 @@ def loader_stages(count: int, image_size: int, batch_size: int, jpeg_folder: str
         grid = image_size // 16
         masks = BlockwiseMaskGenerator((grid, grid), default_num_mask_patches(grid * grid))
 
-        def draft_decode(path):  # PIL decodes the JPEG at 1/2 scale (DCT scaling)
-            with Image.open(path) as img:
-                img.draft("RGB", (img.width // 2, img.height // 2))
-                return img.convert("RGB")
-
-        def jitter_and_flip(image):
-            plan = transform.plan(image.size)
-            image = adjust_colours(image, plan.jitter)
-            return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flip else image
-
         reduced = []
 
         def as_the_loader_reads(path):  # the crop planned first, the JPEG decoded at the size it allows
             image = open_rgb(path, transform.draft_planner)
-            plan, full = image.info[PLAN_KEY]
-            reduced.append(image.size != full)
+            reduced.append(image.size != image.info[PLAN_KEY][1])
             return transform(image)
 
         views = [transform(img) for img in images[:batch_size]]
         samples = [{"image": v, "tokenizer_image": t, "mask": torch.from_numpy(masks())} for v, t in views]
         stages = {
             "decode (PIL, full size)": per_image_seconds(paths, open_rgb),
-            "decode at 1/2 scale (PIL draft)": per_image_seconds(paths, draft_decode),
+            "decode at 1/2 scale (PIL draft)": per_image_seconds(paths, half_size_decode),
             f"two views ({image_size} + {image_size // 2} px crop, jitter, flip)": per_image_seconds(
                 images, transform),
-            "  of which colour jitter + flip of the whole image": per_image_seconds(images, jitter_and_flip),
+            "  of which colour jitter + flip of the whole image": per_image_seconds(images, partial(jitter_and_flip,
+                                                                                                   transform)),
             "block mask": per_image_seconds(range(len(paths)), lambda _: masks()),
             f"collate (batch {batch_size}, per image)": per_image_seconds(
                 range(8), lambda _: torch.utils.data.default_collate(samples)) / batch_size,
