@@ -69,6 +69,32 @@ def test_finetune_from_a_pretraining_checkpoint_then_eval_predict(tmp_path, shap
         assert from_export["predictions"][path]["score"] == pytest.approx(row["score"], abs=1e-4)
 
 
+def test_gradient_checkpointing_fine_tunes_to_the_same_weights(tmp_path, shapes, monkeypatch):
+    """--grad_checkpointing recomputes activations in backward (with drop path on: the RNG is
+    replayed): the same weights after an epoch, and the blocks did go through the checkpoint."""
+    import models.backbone
+
+    count, real = [0], models.backbone.checkpoint
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models.backbone, "checkpoint", counting)
+    runs, checkpointed = {}, {}
+    for name, extra in (("plain", []), ("checkpointed", ["--grad_checkpointing"])):
+        before = count[0]
+        finetune(["--task", "image_classification", "--data_path", str(shapes), "--epochs", "1", "--output_dir",
+                  str(tmp_path / name)] + FAST + ["--drop_path", "0.2"] + extra)
+        runs[name] = read_checkpoint(tmp_path / name / "checkpoint-best.pth").model
+        checkpointed[name] = count[0] - before
+    assert checkpointed["plain"] == 0 and checkpointed["checkpointed"] % 4 == 0 < checkpointed["checkpointed"]  # 4 blocks a step
+    for key, value in runs["plain"].items():
+        assert torch.allclose(runs["checkpointed"][key], value, atol=1e-6, rtol=0), key
+    assert _log(tmp_path / "plain")[0]["train_loss"] == pytest.approx(_log(tmp_path / "checkpointed")[0]["train_loss"],
+                                                                      abs=1e-6)
+
+
 def test_finetune_at_another_resolution(tmp_path, shapes):
     pretrain(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(tmp_path / "mim")])
     ckpt = str(tmp_path / "mim" / "checkpoint-0.pth")

@@ -42,6 +42,11 @@ def compile_flag():
                        "compilation of tens of seconds")
 
 
+def grad_checkpointing_flag():
+    """`--grad_checkpointing`, the same in pretraining and fine-tuning."""
+    return flag(False, "recompute block activations in backward to save memory (same numbers, slower steps)")
+
+
 def fsdp_flag():
     """`--fsdp`, the same in pretraining and fine-tuning."""
     return flag(False, "shard parameters, gradients and optimizer state across the processes torchrun starts "
@@ -66,7 +71,7 @@ class ModelSettings:
     drop_path: float = flag(0.1, "stochastic depth rate of the last block", "--drop_path_rate")
     layer_scale_init_value: float | None = flag(None, "layer scale of a model built from scratch (0: off)",
                                                 shown_default="the model's")
-    grad_checkpointing: bool = flag(False, "recompute block activations in backward to save memory")
+    grad_checkpointing: bool = grad_checkpointing_flag()
     compile: bool = compile_flag()
     fsdp: bool = fsdp_flag()
     sharded_checkpoint: bool = flag(False, "with --fsdp: each process writes its own shards of every checkpoint "
@@ -280,6 +285,7 @@ class FinetuneModelSettings:
     lora_alpha: float | None = flag(None, "LoRA alpha; scaling = alpha / rank", shown_default="--lora_rank (scaling 1)")
     compile: bool = compile_flag()
     fsdp: bool = fsdp_flag()
+    grad_checkpointing: bool = grad_checkpointing_flag()
 
 
 @dataclass(frozen=True)

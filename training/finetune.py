@@ -110,6 +110,8 @@ def build_run(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | None) -> 
     if dist_util.is_distributed() and ctx.device.type == "cuda":  # BatchNorm over the global batch (mmseg's SyncBN);
         task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)  # torch has no CPU SyncBatchNorm
     task.to(ctx.device)
+    if cfg.model.grad_checkpointing:
+        task.backbone.set_grad_checkpointing(True)
     if cfg.model.fsdp:
         shard(task, task.backbone.blocks)
     if cfg.model.compile:  # after sharding: each compiled block keeps its FSDP hooks outside the graph
