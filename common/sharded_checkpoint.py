@@ -153,5 +153,9 @@ def load_optimizer_shards(path: Path, model: torch.nn.Module, optimizer: torch.o
     try:
         load(state, storage_reader=reader, planner=_plain_data_planner(DefaultLoadPlanner, reader))
     except (Exception, CheckpointException) as err:
+        if "Missing key in checkpoint" in str(_cause(err)):  # this run trains parameters the checkpoint's did not
+            raise UserError(f"{path}: its optimizer state does not match this run's parameters "
+                            f"({first_line(str(_cause(err)))}); resume with the same --exp_name, LoRA and model "
+                            f"flags") from None
         raise _unreadable(path, reader, err) from None
     set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -250,6 +250,52 @@ def test_a_broken_sharded_checkpoint_is_one_sentence(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
+class _TwoLayers(torch.nn.Module):
+    def __init__(self, more: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+        self.head = torch.nn.Linear(4, 2)
+        self.more = torch.nn.Linear(4, 4) if more else None
+
+    def forward(self, x):
+        return self.head(self.blocks[0](x))
+
+
+def _mismatch_worker(rank: int, world: int, folder: str, out_path: str) -> None:
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from common.errors import UserError
+    from common.sharded_checkpoint import load_optimizer_shards
+    from training.fsdp import shard
+
+    saved = _TwoLayers(more=False)
+    shard(saved, saved.blocks)
+    optimizer = torch.optim.AdamW(saved.parameters())
+    saved(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    dcp.save({"model": get_model_state_dict(saved), "optimizer": get_optimizer_state_dict(saved, optimizer)},
+             checkpoint_id=folder)
+    other = _TwoLayers(more=True)  # trains a parameter the checkpoint's run did not
+    shard(other, other.blocks)
+    try:
+        load_optimizer_shards(Path(folder), other, torch.optim.AdamW(other.parameters()))
+        message = "loaded"
+    except UserError as err:
+        message = str(err)
+    if rank == 0:
+        Path(out_path).write_text(message)
+
+
+def test_an_optimizer_state_of_other_parameters_is_one_sentence_when_read_shard_by_shard(tmp_path):
+    run_in_processes(_mismatch_worker, 2, str(tmp_path / "folder"), str(tmp_path / "message"))
+    message = (tmp_path / "message").read_text()
+    assert "does not match this run's parameters" in message and "more.weight" in message
+
+
 def test_sharded_checkpoint_needs_fsdp(tmp_path):
     from common.errors import UserError
     from training.cli import pretrain_config_from_argv
