@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from tests.distributed_harness import free_port
+from tests.distributed_harness import free_port, run_in_processes
 from tests.helpers import ROOT
 from training.cli import finetune_config_from_argv
 
@@ -92,8 +92,8 @@ def _retrieval_flags(root) -> tuple[str, ...]:
             "--tokenizer", str(root / "tok"))
 
 
-@pytest.mark.parametrize("flags, metric", [(_segmentation_flags, "mIoU"),  # retrieval: slow (the suite's time)
-                                           pytest.param(_retrieval_flags, "itc_r_mean", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the suite's time; the default suite checks the buffer sharing itself (below)
+@pytest.mark.parametrize("flags, metric", [(_segmentation_flags, "mIoU"), (_retrieval_flags, "itc_r_mean")])
 def test_fsdp_runs_the_tasks_that_evaluate_outside_the_forward(tmp_path, flags, metric):
     """Segmentation draws example predictions and retrieval embeds the whole held-out set through
     the model's parts: under FSDP every rank takes part, the weights are DDP's, and both report
@@ -113,6 +113,27 @@ def test_fsdp_runs_the_tasks_that_evaluate_outside_the_forward(tmp_path, flags, 
     evaluated = _finetune(None, tmp_path / "eval", "--eval", "--finetune", str(tmp_path / "fsdp" / "checkpoint-best.pth"),
                           processes=1, task=task)
     assert f"{metric} {logs['fsdp'][f'test_{metric}']:.3f}" in evaluated.stdout + evaluated.stderr
+
+
+def _buffers_worker(rank: int, world: int, out_path: str) -> None:
+    from training.fsdp import share_main_buffers
+
+    norm = torch.nn.BatchNorm1d(3)
+    norm(torch.randn(8, 3) + rank)  # each rank's running statistics follow its own batch
+    share_main_buffers(norm)
+    gathered = [torch.zeros(3) for _ in range(world)]
+    torch.distributed.all_gather(gathered, norm.running_mean)
+    if rank == 0:
+        torch.save({"gathered": gathered, "rank0": norm.running_mean.clone()}, out_path)
+
+
+def test_every_rank_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
+    """No SyncBatchNorm on CPU: before evaluating, every rank takes rank 0's buffers (those the
+    checkpoint holds), so the ranks' shares of the held-out set are judged by one model."""
+    run_in_processes(_buffers_worker, WORLD, str(tmp_path / "buffers.pt"))
+    saved = torch.load(tmp_path / "buffers.pt", weights_only=True)
+    assert all(torch.equal(mean, saved["rank0"]) for mean in saved["gathered"])
+    assert saved["rank0"].abs().sum() > 0
 
 
 def test_fsdp_needs_torchrun_in_pretraining_and_finetuning(tmp_path):
