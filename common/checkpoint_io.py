@@ -99,11 +99,10 @@ def is_safetensors(path: str | os.PathLike) -> bool:
     return str(path).endswith(".safetensors")
 
 
-def read_checkpoint(path: str | os.PathLike, optimizer: bool = True) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read any weight file this project writes or accepts: ours (.safetensors or .pth with a
-    backbone config), a run checkpoint (a file, or a sharded run's folder), or a raw state dict
-    (`{'model': sd}` or flat). `optimizer=False`: a sharded folder's optimizer state stays in its
-    shards (read later by a sharded run, shard by shard)."""
+    backbone config), a run checkpoint (a file, or a sharded run's folder, whose optimizer state
+    stays in its shards until a resume reads it), or a raw state dict (`{'model': sd}` or flat)."""
     path = Path(path)
     if is_safetensors(path):
         tensors, meta = load_safetensors_file(path)
@@ -113,7 +112,7 @@ def read_checkpoint(path: str | os.PathLike, optimizer: bool = True) -> Checkpoi
         except json.JSONDecodeError as err:
             raise UserError(f"{path} has unreadable metadata ({err}); re-create it") from None
         return Checkpoint(path, tensors, config, {"metadata": meta}, info)
-    obj = read_sharded_checkpoint(path, optimizer) if is_sharded_checkpoint(path) else load_torch_file(path)
+    obj = read_sharded_checkpoint(path) if is_sharded_checkpoint(path) else load_torch_file(path)
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a dict of weights; save a state_dict instead")
     config = obj.get("backbone_config")
@@ -133,20 +132,20 @@ def read_checkpoint(path: str | os.PathLike, optimizer: bool = True) -> Checkpoi
     return Checkpoint(path, tensors, config, extra, info if isinstance(info, dict) else {})
 
 
-def read_sharded_checkpoint(path: Path, optimizer: bool = True) -> dict[str, Any]:
-    """A `--sharded_checkpoint` folder as the dict an ordinary run checkpoint file holds; without
-    `optimizer`, its optimizer state is left in the shards (`OPTIMIZER_SHARDS` names the folder)
-    for a sharded run to read shard by shard."""
+def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """A `--sharded_checkpoint` folder as the dict an ordinary run checkpoint file holds, but for
+    the optimizer state (two thirds of it under AdamW): fine-tuning, export and prediction never
+    need it, so it is left in the shards (`OPTIMIZER_SHARDS` names the folder) for a resume to read,
+    shard by shard under FSDP (training/run_checkpoint.py)."""
     if not (path / RUN_STATE).is_file():
         raise UserError(f"{path} is a sharded checkpoint without its {RUN_STATE}; it was cut off while being written "
                         f"or copied: copy the whole folder again, or use an earlier checkpoint")
-    model, optimizer_state = read_shards(path, optimizer)
+    model, _ = read_shards(path, optimizer=False)
     state = load_torch_file(path / RUN_STATE)
     if not isinstance(state, dict):
         raise UserError(f"{path / RUN_STATE} is not a run state; copy the whole folder again")
     carried = state.pop("carried", None) or {}
-    left = {"optimizer": optimizer_state} if optimizer else {OPTIMIZER_SHARDS: str(path)}
-    return {**state, "model": {**model, **carried}, **left}
+    return {**state, "model": {**model, **carried}, OPTIMIZER_SHARDS: str(path)}
 
 
 def _umask() -> int:

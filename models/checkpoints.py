@@ -8,7 +8,6 @@ from common.checkpoint_io import Checkpoint, read_checkpoint
 from models.continual_transformer import is_continual_transformer, translate
 
 
-def read_model_checkpoint(path: str | os.PathLike, optimizer: bool = True) -> Checkpoint:
-    """`optimizer=False`: a sharded folder's optimizer state stays in its shards (common/checkpoint_io.py)."""
-    ckpt = read_checkpoint(path, optimizer)
+def read_model_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    ckpt = read_checkpoint(path)
     return translate(ckpt) if is_continual_transformer(ckpt) else ckpt

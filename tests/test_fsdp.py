@@ -144,9 +144,16 @@ def test_fsdp_refuses_self_regularization_with_the_reason(tmp_path, monkeypatch)
 
 
 def _run_weights(path):
+    """(model tensors, the rest) of a run checkpoint; a sharded folder's optimizer state, which
+    reading leaves in its shards until a resume needs it, read whole here to compare."""
+    from pathlib import Path
+
+    from common.sharded_checkpoint import OPTIMIZER_SHARDS, read_shards
     from models.checkpoints import read_model_checkpoint
 
     ckpt = read_model_checkpoint(str(path))
+    if OPTIMIZER_SHARDS in ckpt.extra:
+        ckpt.extra["optimizer"] = read_shards(Path(ckpt.extra[OPTIMIZER_SHARDS]))[1]
     return ckpt.model, ckpt.extra
 
 
@@ -173,6 +180,9 @@ def test_sharded_checkpoints_hold_what_the_gathered_file_holds_and_load_anywhere
     assert (extra_s["epoch"], extra_s["step"]) == (extra_g["epoch"], extra_g["step"]) == (0, 4)
     differs = {k for k in extra_g["args"] if extra_s["args"][k] != extra_g["args"][k]}
     assert differs == {"output_dir", "log_dir", "d_vae_weight_path", "sharded_checkpoint"}, differs  # paths in the folder
+    from models.checkpoints import read_model_checkpoint
+
+    assert "optimizer" not in read_model_checkpoint(str(folder)).extra  # the readers of weights leave it in the shards
     backbone = create_model(None, pretrained=str(folder))  # fine-tuning and export start from it as from a file
     assert torch.equal(backbone.patch_embed.proj.weight, model_g["backbone.patch_embed.proj.weight"])
     # resumed under DDP as a file would be, and in its own folder under FSDP after a kill mid-write of epoch 1

@@ -82,7 +82,7 @@ def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.op
     from training.fsdp import is_sharded, load_optimizer_state
 
     ckpt = ckpt or read_model_checkpoint(path)
-    shards = ckpt.extra.get(OPTIMIZER_SHARDS)  # left in a sharded folder for this sharded run
+    shards = ckpt.extra.get(OPTIMIZER_SHARDS)  # a sharded folder's optimizer state, not read yet
     sharded = is_sharded(model)
     if not sharded:
         load_run_weights(path, model, ckpt)
@@ -90,7 +90,7 @@ def load_run_state(path: str | Path, model: torch.nn.Module, optimizer: torch.op
         return int(ckpt.extra["epoch"]) + 1
     if ("optimizer" not in ckpt.extra and not shards) or "epoch" not in ckpt.extra:
         raise UserError(f"--resume {path} has no optimizer state; it is a weights file, use --init_from or --finetune")
-    if shards and not sharded:  # read for a sharded run that is not one after all: the whole state, then
+    if shards and not sharded:  # DDP or one process: the whole state, in every process
         ckpt.extra["optimizer"] = read_shards(Path(shards))[1]
     if sharded and shards:
         load_optimizer_shards(Path(shards), model, optimizer)

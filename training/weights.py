@@ -32,11 +32,9 @@ class Weights:
     continue_run: bool = False
 
 
-def read_weights(path: str, optimizer: bool = True):
-    """The checkpoint, read once; what a translation from another layout did is said here.
-    `optimizer=False`: a sharded folder's optimizer state is left in its shards (an --fsdp run
-    reads it shard by shard when it resumes)."""
-    ckpt = read_model_checkpoint(path, optimizer)
+def read_weights(path: str):
+    """The checkpoint, read once; what a translation from another layout did is said here."""
+    ckpt = read_model_checkpoint(path)
     if ckpt.extra.get("origin"):
         say(f"{path}: a {ckpt.extra['origin']} checkpoint, read in this project's layout: "
               + "; ".join(ckpt.extra.get("conversion_notes") or ["no changes needed"]))
@@ -63,7 +61,7 @@ def resolve_weights(cfg: PretrainConfig) -> tuple[Weights, PretrainConfig]:
             say(f"starting a new stage from the weights of {m.init_from} (fresh optimizer, epoch 0)")
             return Weights(m.init_from, read_weights(m.init_from)), cfg
         return Weights(), cfg
-    ckpt = read_weights(m.resume, optimizer=not m.fsdp)
+    ckpt = read_weights(m.resume)
     if ckpt.extra.get("foreign_run"):
         say(f"--resume {m.resume} is a {ckpt.extra['origin']} run checkpoint (epoch {ckpt.extra['epoch']}): continuing "
               f"at epoch {ckpt.extra['epoch'] + 1} with a fresh optimizer (its optimizer state belongs to another "
