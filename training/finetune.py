@@ -233,8 +233,7 @@ def save_example_pictures(run: FinetuneRun, log_writer, step: int) -> None:
     """The task's picture of held-out predictions (segmentation: input | truth | prediction), in
     TensorBoard at this step and as pictures/<task>_examples.png (the latest). The main process
     draws it; a sharded model needs every rank for its forward, so every rank calls this."""
-    sharded = is_sharded(run.task)
-    if not (run.ctx.is_main or sharded):
+    if not (run.ctx.is_main or is_sharded(run.task)):
         return
     with unsharded_root(run.task):
         examples = run.task.example_predictions(run.data.val, run.ctx.device)
@@ -250,6 +249,8 @@ def save_example_pictures(run: FinetuneRun, log_writer, step: int) -> None:
 def save_best(run: FinetuneRun, training: Training, epoch: int, best: "BestEpoch") -> None:
     """checkpoint-best.pth, written by the main process; a sharded model's state is gathered first,
     so every rank calls this."""
+    if not (run.ctx.is_main or is_sharded(run.task)):
+        return
     cfg, metric = run.cfg, run.task.best_metric
     chosen_by = {f"selection_{metric}": best.chosen} if best.on_selection else {}
     gathered = gathered_state(run.task.model, training.optimizer) if is_sharded(run.task) else None  # every rank
@@ -333,7 +334,7 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
             ema_stats = evaluate_run(run, training.val_loader, training.model_ema.module)
             stats.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
         # every rank keeps the same best epoch: the held-out metrics are reduced over all ranks
-        if best.offer(epoch, test_stats, selection_stats) and (ctx.is_main or is_sharded(run.task)):
+        if best.offer(epoch, test_stats, selection_stats):
             save_best(run, training, epoch, best)
         save_example_pictures(run, log_writer, last_step(epoch + 1))
         if ctx.is_main:
