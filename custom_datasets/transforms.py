@@ -98,12 +98,16 @@ class TwoViewTransform:
         plan = self.plan(size)
         return plan, plan.decode_size(size, self.cfg.image_size)
 
+    @staticmethod
+    def whole_image_part(image: Image.Image, plan: ViewPlan) -> Image.Image:
+        """Colour jitter and flip, applied to the whole image before the crop (as BEiT does)."""
+        image = adjust_colours(image, plan.jitter)
+        return TF.hflip(image) if plan.flip else image
+
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         plan, full_size = image.info.pop(PLAN_KEY, (None, image.size))  # a plan is used once
         plan = plan or self.plan(image.size)
-        image = adjust_colours(image, plan.jitter)
-        if plan.flip:
-            image = TF.hflip(image)
+        image = self.whole_image_part(image, plan)
         size, second = self.cfg.image_size, self.cfg.second_image_size
         views = []
         for side, name in ((size, self.cfg.interpolation), (second, self.cfg.second_interpolation)):

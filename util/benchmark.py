@@ -363,13 +363,7 @@ def half_size_decode(path: Path):
 
 def jitter_and_flip(transform, image):
     """The whole-image part of the two views: colour jitter and flip, with their random draws."""
-    from PIL import Image
-
-    from custom_datasets.transforms import adjust_colours
-
-    plan = transform.plan(image.size)
-    image = adjust_colours(image, plan.jitter)
-    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flip else image
+    return transform.whole_image_part(image, transform.plan(image.size))
 
 
 def loader_stages(count: int, image_size: int, batch_size: int, jpeg_folder: str | None,
