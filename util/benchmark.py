@@ -493,14 +493,15 @@ def tokenizer_benchmark(batch_size: int, image_size: int, rounds: int, steps: in
               ("k-means", f"({KMEANS_VOCAB} tokens) bf16 autocast"): partial(kmeans_ids, torch.bfloat16)}
     for call in calls.values():  # compiles (not timed)
         call()
-    references = {kind: calls[next(key for key in calls if key[0] == kind)]() for kind in ("DALL-E", "k-means")}
+    fp32_key = {kind: (kind, name) for kind, name in reversed(list(calls))}  # each tokenizer's first row: fp32
+    references = {kind: calls[key]() for kind, key in fp32_key.items()}
     times = interleaved_timings(calls, rounds, steps)
     print(f"visual tokenizers, batch {batch_size} at {image_size // 2} px, {rounds} rounds of {steps}, "
           f"CPU x{torch.get_num_threads()} threads")
     print("| tokenizer | variant | s per batch | speed vs its fp32 | ids equal to its fp32 |\n"
           "| --- | --- | --- | --- | --- |")
     for (kind, name), call in calls.items():
-        base = statistics.median(times[next(key for key in calls if key[0] == kind)])
+        base = statistics.median(times[fp32_key[kind]])
         agree = (call() == references[kind]).float().mean().item()
         median = statistics.median(times[(kind, name)])
         print(f"| {kind} | {name} | {median:.4f} | {base / median:.2f}x | {100 * agree:.2f}% |")
