@@ -107,7 +107,7 @@ def vqa_questions(data: FinetuneDataSettings, aug: AugmentSettings, input_size: 
     """VQAv2's questions; the class names are the answer vocabulary (a VQA checkpoint's own, when
     fine-tuning or evaluating one further)."""
     train, held_out, vocabulary = vqa_splits(data.data_path, data.vqa_train_splits, data.vqa_eval_split,
-                                             data.vqa_answers, evaluate_only, recorded_answers)
+                                             data.vqa_answers, evaluate_only, recorded_answers, data.vqa_scoring)
 
     def questions(rows, train_view: bool, what: str) -> VQAQuestions:
         return VQAQuestions(rows, vocabulary, data.vqa_soft_score,

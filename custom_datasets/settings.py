@@ -107,6 +107,11 @@ class FinetuneDataSettings:
     vqa_soft_score: str = flag("min_n_over_3", "vqa: training target of an answer n humans gave: min(1, n/3), or "
                                                "the official leave-one-out accuracy (0.3/0.6/0.9/1: VLMo, ViLT)",
                                choices=("min_n_over_3", "leave_one_out"))
+    vqa_scoring: str = flag("official", "vqa: which spellings of an answer match: today's official evaluation "
+                                        "(GT-Vision-Lab/VQA since its 2021 fix: humans who agree are compared "
+                                        "verbatim, humans who disagree and the prediction normalised fully) or "
+                                        "the code before that fix (the prediction always normalised, the humans "
+                                        "only for punctuation)", choices=("official", "official_pre2021"))
     nlvr2_eval_split: str = flag("dev", "nlvr2: the split evaluated", choices=("dev", "test1"))
     eval_data_path: str | None = flag(None, "held-out image folder", shown_default="DATA_PATH/val")
     model_selection_fraction: float | None = flag(

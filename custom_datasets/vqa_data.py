@@ -17,7 +17,13 @@ from torch.utils.data import Dataset
 
 from common.console import say
 from common.errors import UserError
-from common.vqa_accuracy import accuracy_of_matches, answer_counts, compared_human_answers, normalize_answer
+from common.vqa_accuracy import (
+    accuracy_of_matches,
+    answer_counts,
+    compared_human_answers,
+    compared_prediction,
+    normalize_answer,
+)
 from custom_datasets import batch as B
 from custom_datasets.image_io import open_rgb
 from custom_datasets.pair_data import require_readable_images
@@ -107,22 +113,26 @@ def read_vqa_split(root: str | Path, split: str, need_answers: bool) -> list[VQA
 class AnswerVocabulary:
     """The answers a VQA classifier chooses from, normalised as the evaluation compares them."""
 
-    def __init__(self, answers: Sequence[str]) -> None:
+    def __init__(self, answers: Sequence[str], scoring: str = "official") -> None:
         self.answers = list(answers)
+        self.scoring = scoring
         self.index = {a: i for i, a in enumerate(self.answers)}
-        self.by_compared: dict[str, list[int]] = {}
+        # each answer as the evaluation compares a prediction: normalised (humans who disagree) or
+        # only stripped (humans who agree, under today's official rule)
+        self.by_compared: dict[bool, dict[str, list[int]]] = {True: {}, False: {}}
         for i, answer in enumerate(self.answers):
-            self.by_compared.setdefault(normalize_answer(answer), []).append(i)
+            for normalised, table in self.by_compared.items():
+                table.setdefault(compared_prediction(answer, normalised), []).append(i)
 
     @classmethod
-    def most_frequent(cls, questions: Sequence[VQAQuestion], size: int) -> "AnswerVocabulary":
+    def most_frequent(cls, questions: Sequence[VQAQuestion], size: int, scoring: str = "official") -> "AnswerVocabulary":
         """The `size` answers the humans gave most often (ties in alphabetical order)."""
         counts = Counter()
         for q in questions:
             counts.update(answer_counts(q.answers))
         counts.pop("", None)  # an answer that normalises to nothing ("the") is no answer
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-        return cls([answer for answer, _ in ranked[:size]])
+        return cls([answer for answer, _ in ranked[:size]], scoring)
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -140,9 +150,10 @@ class AnswerVocabulary:
 
     def accuracies(self, human_answers: Sequence[str]) -> dict[int, float]:
         """`{vocabulary index: the official accuracy of answering it}`, for every answer that scores."""
-        compared = compared_human_answers(human_answers)
+        compared, normalised = compared_human_answers(human_answers, self.scoring)
+        table = self.by_compared[normalised]
         return {i: accuracy_of_matches(compared.count(value), len(compared))
-                for value in set(compared) for i in self.by_compared.get(value, [])}
+                for value in set(compared) for i in table.get(value, [])}
 
 
 def dense(scores: dict[int, float], size: int) -> torch.Tensor:
@@ -183,17 +194,17 @@ class VQAQuestions(Dataset):
 
 
 def vqa_splits(root: str | Path, train_splits: Sequence[str], eval_split: str, vocabulary_size: int,
-               evaluate_only: bool, recorded_answers: Sequence[str] | None = None):
+               evaluate_only: bool, recorded_answers: Sequence[str] | None = None, scoring: str = "official"):
     """(training questions that have an answer in the vocabulary, held-out questions, vocabulary).
     `recorded_answers`: the vocabulary a VQA checkpoint was trained with (kept, so its classifier's
-    outputs mean the same answers)."""
+    outputs mean the same answers); `scoring`: the official rule held-out answers are scored by."""
     train = [q for split in train_splits for q in read_vqa_split(root, split, need_answers=True)] \
         if not (evaluate_only and recorded_answers) else []
     held_out = read_vqa_split(root, eval_split, need_answers=not evaluate_only)
     if recorded_answers:
-        vocabulary = AnswerVocabulary(recorded_answers)
+        vocabulary = AnswerVocabulary(recorded_answers, scoring)
     else:
-        vocabulary = AnswerVocabulary.most_frequent(train, vocabulary_size)
+        vocabulary = AnswerVocabulary.most_frequent(train, vocabulary_size, scoring)
     answerable = [q for q in train if vocabulary.targets(q.answers, "min_n_over_3")]
     if train and len(answerable) < len(train):
         say(f"VQA: {len(train) - len(answerable)} of {len(train)} training questions have no answer among the "

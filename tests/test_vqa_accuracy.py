@@ -24,7 +24,7 @@ def test_predictions_are_normalised_as_the_evaluation_does():
     assert vqa_accuracy("2 ", humans) == 1.0
     assert normalize_answer("Don't know") == "don't know"
     assert normalize_answer("dont know") == "don't know"  # apostrophes of contractions are restored
-    assert CONTRACTIONS["couldntve"] == CONTRACTIONS["couldn'tve"] == "couldn't've"
+    assert CONTRACTIONS["couldnt've"] == CONTRACTIONS["couldn'tve"] == "couldn't've"
     assert "its" not in CONTRACTIONS and "well" not in CONTRACTIONS  # English words stay as they are
     assert normalize_answer("1,000") == "1000"  # a comma between digits drops every punctuation mark
     assert process_punctuation("left-right") == "left right"  # a mark between letters becomes a space
@@ -32,12 +32,35 @@ def test_predictions_are_normalised_as_the_evaluation_does():
     assert normalize_answer("3.5") == "3.5"  # a period before a digit stays
 
 
-def test_human_answers_keep_their_spelling_when_all_agree():
-    """The official quirk: humans who all agree are compared verbatim, so "two" x 10 does not match
-    a prediction normalised to "2"; when they disagree their punctuation is processed."""
-    assert vqa_accuracy("two", ["two"] * 10) == 0.0
-    assert vqa_accuracy("yes", ["yes."] * 3 + ["no"] * 7) == 0.9
-    assert vqa_accuracy("yes", ["yes!"] * 3 + ["no"] * 7) == 0.0  # "!" becomes a space: "yes " (official too)
+# (prediction, the humans' answers, today's official accuracy, the pre-2021 code's): cases where the
+# two rules differ, each checked against GT-Vision-Lab/VQA's vqaEval.py (a013f00, and c4e6a0e before
+# the fix) run on it
+OFFICIAL_TABLE = [
+    ("2", ["2"] * 4 + ["3"] * 6, 1.0, 1.0),
+    ("Two", ["two"] * 4 + ["three"] * 6, 1.0, 0.0),  # disagreeing humans' number words become digits too
+    ("2", ["two"] * 10, 0.0, 0.0),  # agreeing humans are compared verbatim
+    ("two", ["two"] * 10, 1.0, 0.0),  # ... and so is the prediction, now
+    ("Yes", ["yes"] * 10, 0.0, 1.0),  # case counts when the humans agree
+    ("yes", ["yes"] * 10, 1.0, 1.0),
+    ("no", ["No"] * 3 + ["no"] + ["yes"] * 6, 1.0, 0.3),  # disagreeing humans are lower-cased
+    ("the dog", ["dog"] * 2 + ["a dog"] * 2 + ["cat"] * 6, 1.0, 0.6),  # ... and lose their articles
+    ("yes", ["yes."] * 3 + ["no"] * 7, 0.9, 0.9),  # a final period goes in both
+    ("yes.", ["yes"] * 10, 0.0, 1.0),  # not from a prediction when the humans agree
+    ("yes\n", ["yes "] * 10, 1.0, 0.0),  # human answers are stripped of whitespace now
+    ("dont", ["don't"] * 5 + ["no"] * 5, 1.0, 1.0),
+    ("im", ["i'm"] * 3 + ["no"] * 7, 0.0, 0.0),  # the official table's "Im" never matches a lower-cased word
+    ("somebody'd", ["somebody'd"] * 2 + ["x"] * 8, 0.6, 0.0),  # the table's odd entry, on both sides now
+    ("yes", ["yes"], 0.0, 0.0),  # one human: no other answer to match
+    ("0", ["none"] * 3 + ["1"] * 7, 0.9, 0.0),
+    ("1,000", ["1000"] * 4 + ["10"] * 6, 1.0, 1.0),  # a comma between digits drops every mark
+    ("yes!", ["yes!"] * 3 + ["no"] * 7, 0.9, 0.0),  # "!" becomes a space, then the words are re-joined
+]
+
+
+@pytest.mark.parametrize("prediction, humans, official, pre2021", OFFICIAL_TABLE)
+def test_the_official_rules_on_the_cases_that_tell_them_apart(prediction, humans, official, pre2021):
+    assert vqa_accuracy(prediction, humans) == pytest.approx(official)
+    assert vqa_accuracy(prediction, humans, "official_pre2021") == pytest.approx(pre2021)
 
 
 def question(answers: list[str]) -> VQAQuestion:
