@@ -8,6 +8,9 @@ from __future__ import annotations
 import torch
 
 SEG_IGNORE = 255  # mask value of unlabelled pixels (mmseg's and ADE20K's convention after reduce_zero_label)
+# prefix of the per-class IoU entries of a metrics dict; such an entry is NaN for a class that is
+# absent (neither in the masks nor predicted): an absence, not a sign of divergence
+PER_CLASS_IOU = "IoU."
 
 
 class ConfusionMatrix:
@@ -42,6 +45,9 @@ class ConfusionMatrix:
         """`[C]` fraction of each class's pixels predicted as it; NaN for classes with no pixels."""
         tp, total = self.counts.diag().double(), self.counts.sum(1).double()
         return torch.where(total > 0, tp / total.clamp(min=1), torch.full_like(tp, float("nan")))
+
+    def labelled_pixels(self) -> int:
+        return int(self.counts.sum().item())
 
     def summary(self) -> dict[str, float]:
         """mIoU, mAcc and aAcc (pixel accuracy), in percent as mmseg reports them."""

@@ -22,7 +22,6 @@ from common.vqa_accuracy import (
     answer_counts,
     compared_human_answers,
     compared_prediction,
-    normalize_answer,
 )
 from custom_datasets import batch as B
 from custom_datasets.image_io import open_rgb

@@ -14,17 +14,21 @@ from PIL import Image
 from common.errors import UserError
 from custom_datasets.synthetic_segmentation import write_synthetic_segmentation
 from main_finetune import main as finetune_main
+from training.finetune import per_class_table
 from models.checkpoints import read_model_checkpoint
 
 TINY = ["--task", "semantic_segmentation", "--input_size", "32", "--patch_size", "8", "--model", "vlmo_tiny_patch16",
         "--batch_size", "8", "--decoder_channels", "16", "--aux_channels", "8", "--num_workers", "0", "--drop_path", "0",
         "--warmup_epochs", "1", "--print_freq", "1000"]
+ABSENT = ("bicycle", "zebra")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("segmentation")
     data = write_synthetic_segmentation(root / "data", 48, 10, size=32)
+    with open(data / "class_names.txt", "a") as names:  # classes the masks never hold, as with --nb_classes above them
+        names.write("\n".join(ABSENT) + "\n")
     out = root / "run"
     stats = finetune_main(TINY + ["--data_path", str(data), "--epochs", "2", "--lr", "1e-3", "--output_dir", str(out)])
     return data, out, stats
@@ -34,12 +38,32 @@ def test_the_checkpoint_describes_the_segmenter_and_its_metrics(trained):
     data, out, stats = trained
     ckpt = read_model_checkpoint(str(out / "checkpoint-best.pth"))
     assert ckpt.info["task"] == "semantic_segmentation"
-    assert ckpt.info["class_names"] == ["background", "circle", "square", "triangle", "cross"]
+    assert ckpt.info["class_names"] == ["background", "circle", "square", "triangle", "cross", *ABSENT]
     assert ckpt.info["heads"]["seg_head"]["channels"] == 16
     assert ckpt.info["segmentation_inference"] == {"mode": "slide", "stride": 21}
-    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    log = [strict_json(line) for line in (out / "log.txt").read_text().splitlines()]
     assert len(log) == 2 and {"test_mIoU", "test_IoU.background", "train_loss_aux"} <= set(log[0])
     assert stats["best_mIoU"] == max(entry["test_mIoU"] for entry in log)
+
+
+def strict_json(line: str) -> dict:
+    def refuse(constant):
+        raise ValueError(f"log.txt holds a bare {constant}, which is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_classes_absent_from_the_held_out_set_are_reported_as_absent(trained, capsys):
+    """Classes in neither the held-out masks nor the predictions have no IoU: the run goes on (they
+    are not divergence), log.txt says null, the mean leaves them out, the table names them."""
+    data, out, stats = trained
+    log = [strict_json(line) for line in (out / "log.txt").read_text().splitlines()]
+    for entry in log:
+        assert all(entry[f"test_IoU.{name}"] is None for name in ABSENT)
+        present = [entry[f"test_IoU.{name}"] for name in ("background", "circle", "square", "triangle", "cross")]
+        assert entry["test_mIoU"] == pytest.approx(sum(present) / len(present))
+    table = per_class_table({k[len("test_"):]: v for k, v in stats.items() if k.startswith("test_")})
+    assert "zebra" in table and "absent" in table.split("zebra")[1].splitlines()[0]
+    assert "mean over the 5 present classes" in table
 
 
 def test_evaluating_the_checkpoint_again_gives_its_metrics(trained):
@@ -105,7 +129,7 @@ def test_onnx_export_takes_any_size_and_serves_the_same_masks(trained, tmp_path)
                     str(tmp_path / "onnx")])
     assert diffs["segmenter"] < 1e-4  # checked by the export at another size than the traced one
     exported, original = open_servable(str(tmp_path / "onnx")), open_servable(str(out / "checkpoint-best.pth"))
-    assert exported.has_segmenter and exported.num_classes == 5
+    assert exported.has_segmenter and exported.num_classes == 5 + len(ABSENT)
     image = Image.open(sorted((data / "images" / "validation").glob("*.png"))[0]).convert("RGB").resize((50, 41))
     ours, theirs = segment_image(original, image), segment_image(exported, image)
     assert (ours - theirs).abs().max() < 1e-4

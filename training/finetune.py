@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from common import distributed as dist_util
 from common.checkpoint_io import Checkpoint, atomic_write
 from common.config_args import flat_settings, save_settings
+from common.confusion_matrix import PER_CLASS_IOU
 from common.console import say
 from common.errors import UserError
 from custom_datasets import batch as B
@@ -222,11 +224,16 @@ def format_metrics(stats: dict[str, float]) -> str:
 
 
 def per_class_table(stats: dict[str, float]) -> str:
-    """One line per class of the per-class metrics ("IoU.<class>"), NaN for classes absent from
-    both the masks and the predictions; empty when the task has none."""
-    rows = [(k.split(".", 1)[1], v) for k, v in stats.items() if k.startswith("IoU.")]
+    """One line per class of the per-class metrics ("IoU.<class>"), saying which classes were absent
+    (neither in the held-out masks nor predicted: no IoU, left out of the mean); empty when the task
+    has none."""
+    rows = [(k[len(PER_CLASS_IOU):], v) for k, v in stats.items() if k.startswith(PER_CLASS_IOU)]
     width = max((len(name) for name, _ in rows), default=0)
-    return "\n".join(f"  {name:<{width}}  IoU {value:6.2f}" for name, value in rows)
+    lines = [f"  {name:<{width}}  " + (f"IoU {value:6.2f}" if math.isfinite(value) else
+                                       "absent (not in the held-out masks, never predicted; not in the mean)")
+             for name, value in rows]
+    absent = sum(not math.isfinite(v) for _, v in rows)
+    return "\n".join(lines + ([f"  mIoU is the mean over the {len(rows) - absent} present classes"] if absent else []))
 
 
 def save_example_pictures(run: FinetuneRun, log_writer, step: int) -> None:
@@ -339,7 +346,7 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
         save_example_pictures(run, log_writer, last_step(epoch + 1))
         if ctx.is_main:
             for key, value in stats.items():
-                if key.startswith(("test_", "selection_")):
+                if key.startswith(("test_", "selection_")) and math.isfinite(value):  # an absent class has no IoU
                     log_writer.add_scalar(key.replace("_", "/", 1), value, last_step(epoch + 1))
             ctx.append_log(stats)
             chosen = f"  selection {format_metrics(selection_stats)}" if selection_stats else ""

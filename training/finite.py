@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from common import distributed as dist_util
+from common.confusion_matrix import PER_CLASS_IOU
 from common.errors import UserError
 from training.fsdp import is_sharded, local_part
 
@@ -74,8 +75,11 @@ def check_weights(model: torch.nn.Module, epoch: int, cause: str) -> None:
 
 
 def check_evaluation(stats: dict[str, float], epoch: int, cause: str) -> None:
-    """A NaN evaluation means diverged weights even when each one is finite (e.g. 1e30)."""
-    bad = sorted(k for k, v in stats.items() if not math.isfinite(v))
+    """A NaN evaluation means diverged weights even when each one is finite (e.g. 1e30). A class's
+    IoU is NaN when the class is absent from the held-out masks and the predictions: that is the
+    data, not divergence (a diverged model still predicts some class everywhere, so the present
+    classes and the mean stay finite and fall)."""
+    bad = sorted(k for k, v in stats.items() if not math.isfinite(v) and not k.startswith(PER_CLASS_IOU))
     if bad:
         raise UserError(f"the evaluation after epoch {epoch} gave {bad[0]} {stats[bad[0]]}: the weights diverged; this "
                         f"epoch was not saved, the last checkpoint is intact; likely cause: {cause}")

@@ -3,7 +3,6 @@ patch tokens) are computed once and cached, and a BatchNorm (no affine) + linear
 on them, which makes probing a checkpoint take seconds to minutes."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from common.checkpoint_io import Checkpoint, save_weights
 from common.console import say
 from common.errors import UserError
 from common.lr_sched import lr_at
+from common.json_records import json_record
 from custom_datasets import batch as B
 from custom_datasets.classification_data import build_transform
 from custom_datasets.collate import collate_skipping_bad
@@ -90,7 +90,7 @@ def train_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tenso
             stats["selection_acc1"] = chosen["test_acc1"]
         if log_path is not None:
             with open(log_path, "a") as f:
-                f.write(json.dumps(stats) + "\n")
+                f.write(json_record(stats) + "\n")
         key = "selection_acc1" if selection is not None else "test_acc1"
         if stats[key] > best.get(key, -1.0):
             best = stats

@@ -2,13 +2,13 @@
 baseline, and the stage report (what the backbone still knows and what it learned)."""
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from common.console import say
 from common.errors import UserError
+from common.json_records import json_record
 from custom_datasets import batch as B
 from models.lora_checkpoints import save_adapters, save_merged_model
 from models.visual_tokenizers import create_visual_tokenizer
@@ -60,7 +60,7 @@ def report_stage(run: "PretrainRun", name: str = "stage_report.json", pictures: 
                                        run.text_tokenizer, cfg.text.max_text_len, cfg.optim.batch_size, cfg.run.seed)
     say(f"stage report ({cfg.exp_name}): {format_report(report)}")
     if run.ctx.is_main:
-        (run.ctx.output_dir / name).write_text(json.dumps(report, indent=1))
+        (run.ctx.output_dir / name).write_text(json_record(report, indent=1))
     if pictures and not cfg.run.no_pictures:
         write_stage_pictures(run, heads, probes, visual_tokenizer, pair_scores, writer, last_step(cfg.optim.epochs))
     return report

@@ -20,6 +20,7 @@ from common.checkpoint_io import atomic_write
 from common.console import say
 from common.errors import UserError
 from common.run_lock import RunLock
+from common.json_records import json_record
 
 
 def seed_everything(seed: int) -> None:
@@ -112,7 +113,7 @@ class RunContext:
         """One JSON line per epoch in `log.txt` (main process)."""
         if self.is_main:
             with open(self.output_dir / "log.txt", "a") as f:
-                f.write(json.dumps(stats) + "\n")
+                f.write(json_record(stats) + "\n")
 
     def remove_stale_temp_files(self) -> None:
         """Half-written files of a run killed mid-write (atomic writes leave `.<name>.<random>.tmp`,

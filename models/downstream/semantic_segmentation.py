@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from common import distributed as dist_util
-from common.confusion_matrix import SEG_IGNORE, ConfusionMatrix
+from common.confusion_matrix import PER_CLASS_IOU, SEG_IGNORE, ConfusionMatrix
+from common.errors import UserError
 from common.metrics import with_progress
 from custom_datasets import batch as B
 from models.backbone import VLMoBackbone
@@ -19,8 +20,6 @@ from models.downstream.base import DownstreamOptions, DownstreamTask
 from models.segmentation_head import SegmentationHead, default_block_indices, resize
 from models.segmentation_inference import AUG_TEST_RATIOS, segment_probabilities
 from models.segmenter import Segmenter
-
-PER_CLASS = "IoU."  # prefix of the per-class IoU entries of the metrics
 
 
 def same_size_runs(dataset: Dataset, indices: range, most: int) -> Iterator[list]:
@@ -114,8 +113,11 @@ class SemanticSegmentation(DownstreamTask):
                 matrix.update(self.probabilities(images, tuple(masks.shape[1:])).argmax(1), masks)
         matrix.counts = dist_util.all_reduce_sum(matrix.counts)
         skipped = int(dist_util.all_reduce_sum(torch.tensor(skipped, device=device)).item())
+        if not matrix.labelled_pixels():
+            raise UserError(f"the held-out masks ({len(dataset)} images, {skipped} unreadable) have no labelled pixel "
+                            f"(all {SEG_IGNORE}, or 0 with ADE20K's layout): there is nothing to score; check the masks")
         names = getattr(dataset, "class_names", None) or [str(i) for i in range(self.options.num_classes)]
-        per_class = {f"{PER_CLASS}{name}": 100 * v for name, v in zip(names, matrix.per_class_iou().tolist())}
+        per_class = {f"{PER_CLASS_IOU}{name}": 100 * v for name, v in zip(names, matrix.per_class_iou().tolist())}
         return {**matrix.summary(), **per_class, **({"unreadable": skipped} if skipped else {})}
 
     @torch.no_grad()
