@@ -13,7 +13,12 @@ Their model differs from ours in ways the mapping absorbs, exactly:
 - MIM head with a transform (Linear, GELU, LayerNorm) and a separate bias; BERT's MLM head (eps
   1e-12); ITC projections with an uncapped `logit_scale`; a pooler;
 - LoRA factors are `lora_A`/`lora_B` parameters (no `.weight`) with scaling 1/rank (alpha 1);
-- run checkpoints carry the DALL-E encoder under `mim_processor.d_vae.encoder.*`.
+- run checkpoints carry the tokenizer their model holds (`mim_processor.d_vae`, BEiT's `Dalle_VAE`):
+  OpenAI's DALL-E encoder and decoder, kept to serve as the run's tokenizer and its pictures' renderer
+  (a `customized` d_vae is reported and left out);
+- their `convert_pretrained_weight` prefixes every BEiT key it does not recognise with `transformer.`:
+  a pt22k checkpoint's shared table becomes `transformer.rel_pos_bias.relative_position_bias_table`
+  (here: every layer's image rows, which BEiT computes) and its MIM head `transformer.lm_head.*`.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ from common.errors import UserError
 from models.config import BackboneConfig
 
 SIGNATURE = "transformer.patch_embed.proj.weight"
-DALL_E_PREFIX = "mim_processor.d_vae.encoder."
+TOKENIZER_PREFIX = "mim_processor.d_vae."
+DALL_E_PARTS = ("encoder", "decoder")
+SHARED_TABLE = "transformer.rel_pos_bias.relative_position_bias_table"
 ORIGIN = "ContinualTransformer"
 
 KEY_MAP: tuple[tuple[str, str], ...] = (
@@ -54,6 +61,7 @@ KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"(?:\w+\.)?fc_img\.weight", r"itc_head.image_proj.weight"),
     (r"(?:\w+\.)?fc_txt\.weight", r"itc_head.text_proj.weight"),
     (r"(?:\w+\.)?logit_scale", r"itc_head.logit_scale"),
+    (r"transformer\.lm_head\.(weight|bias)", r"mim_head.proj.\1"),  # BEiT's MIM head, prefixed by their converter
 )
 # read, then folded into other weights by `fold_token_types` / `text_positions`
 FOLDED = ("token_type_embeddings.weight", "text_embeddings.token_type_embeddings.weight",
@@ -86,8 +94,14 @@ def infer_config(t: dict[str, torch.Tensor], args: dict[str, Any], path: str) ->
     dim, chans, patch, _ = t[SIGNATURE].shape
     depth = 1 + max(int(m.group(1)) for k in t if (m := re.match(r"transformer\.blocks\.(\d+)\.", k)))
     table = t.get("relative_position_bias_table")
+    shared = t.get(SHARED_TABLE)
     text_len = int(args.get("max_text_len_of_initckpt", 196))
-    if table is not None:
+    if table is None and shared is not None:  # a pt22k checkpoint through their converter: BEiT's one table
+        heads, side = shared.shape[1], (math.isqrt(shared.shape[0] - 3) + 1) // 2
+        if (2 * side - 1) ** 2 + 3 != shared.shape[0]:
+            raise UserError(f"{path}: its {SHARED_TABLE} has {shared.shape[0]} rows, which fits no image size")
+        img_size = side * patch
+    elif table is not None:
         heads = table.shape[1] // depth
         side = (math.isqrt(table.shape[0] - 2 * text_len - 2 - 3) + 1) // 2
         if (2 * side - 1) ** 2 + 3 + 2 * text_len + 2 != table.shape[0]:
@@ -104,7 +118,8 @@ def infer_config(t: dict[str, torch.Tensor], args: dict[str, Any], path: str) ->
         mlp_ratio=t["transformer.blocks.0.mlp.fc1.weight"].shape[0] / dim,
         qkv_bias="transformer.blocks.0.attn.q_bias" in t,
         layer_scale_init_value=0.1 if "transformer.blocks.0.gamma_1" in t else 0.0,
-        use_rel_pos_bias=table is not None, use_abs_pos_emb="transformer.pos_embed" in t, final_norm=True,
+        use_rel_pos_bias=table is not None or shared is not None, use_abs_pos_emb="transformer.pos_embed" in t,
+        final_norm=True,
         vocab_size=words.shape[0] if words is not None else int(args.get("vocab_size", 30522)),
         max_text_len=text_len, text_layer_norm_eps=1e-12, ffn="shared")
 
@@ -113,16 +128,32 @@ def infer_config(t: dict[str, torch.Tensor], args: dict[str, Any], path: str) ->
 class Translation:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     folded: dict[str, torch.Tensor] = field(default_factory=dict)
-    dall_e: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the DALL-E parts a run's model holds: {"encoder": {...}, "decoder": {...}}
+    dall_e: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
+def tokenizer_part(key: str) -> tuple[str, str] | None:
+    """(DALL-E part, its own key) of a key of the tokenizer a run's model holds; ("", key) for a
+    tokenizer that is not OpenAI's DALL-E (their `customized` DiscreteVAE); None for other keys."""
+    if not key.startswith(TOKENIZER_PREFIX):
+        return None
+    part, _, rest = key[len(TOKENIZER_PREFIX):].partition(".")
+    return (part, rest) if part in DALL_E_PARTS and rest.startswith("blocks.") else ("", key)
+
+
 def rename_all(t: dict[str, torch.Tensor], path: str) -> Translation:
-    out, unknown = Translation(), []
+    out, unknown, other_tokenizer = Translation(), [], 0
     for key, value in t.items():
-        if key.startswith(DALL_E_PREFIX):
-            out.dall_e[key[len(DALL_E_PREFIX):]] = value
+        if (found := tokenizer_part(key)) is not None:
+            part, rest = found
+            if part:
+                out.dall_e.setdefault(part, {})[rest] = value
+            else:
+                other_tokenizer += 1
+        elif key == SHARED_TABLE:
+            out.folded[key] = value
         elif key in FOLDED:
             out.folded[key] = value
         elif (reason := _drop_reason(key)) is not None:
@@ -134,7 +165,27 @@ def rename_all(t: dict[str, torch.Tensor], path: str) -> Translation:
     if unknown:
         raise UserError(f"{path} looks like a ContinualTransformer checkpoint but has {len(unknown)} weights no rule maps "
                         f"(e.g. {', '.join(sorted(unknown)[:4])}); please report the layout")
+    if other_tokenizer:
+        out.dropped.append(f"{other_tokenizer} weights of its customized discrete VAE (mim_processor.d_vae; this project "
+                           f"runs OpenAI's DALL-E and k-means tokenizers)")
+    if out.dall_e and "encoder" not in out.dall_e:
+        out.dropped.append("the DALL-E decoder it carries without its encoder")
+        out.dall_e = {}
     return out
+
+
+def shared_table(tr: Translation, cfg: BackboneConfig) -> None:
+    """BEiT's shared relative position table (pt22k) as the image rows of every layer, which is what
+    BEiT computes; the text rows stay fresh (zeros, as ContinualTransformer initialises them)."""
+    table = tr.folded.get(SHARED_TABLE)
+    if table is None:
+        return
+    from models import relative_position as rp
+
+    fresh = torch.zeros(rp.num_table_entries(cfg.grid_size, cfg.max_text_len), cfg.depth * cfg.num_heads)
+    fresh[: table.shape[0]] = table.repeat(1, cfg.depth)  # column layer*heads + head = the shared head
+    tr.tensors["backbone.relative_position_bias_table"] = fresh
+    tr.notes.append("BEiT's shared relative position table (transformer.rel_pos_bias) given to every layer")
 
 
 def text_positions(tr: Translation, cfg: BackboneConfig) -> None:
@@ -228,6 +279,7 @@ def _translate(ckpt: Checkpoint) -> Checkpoint:
     cfg = infer_config(ckpt.model, args, str(ckpt.path))
     tr = rename_all(ckpt.model, str(ckpt.path))
     text_positions(tr, cfg)
+    shared_table(tr, cfg)
     fold_token_types(tr, cfg.embed_dim)
     fresh = fill_missing(tr, cfg)
     is_run = "optimizer" in ckpt.extra and "epoch" in ckpt.extra
@@ -242,7 +294,7 @@ def _translate(ckpt: Checkpoint) -> Checkpoint:
         extra.update(foreign_run=True, epoch=int(ckpt.extra["epoch"]))
     if lora:
         extra["lora"] = lora
-    if tr.dall_e:
-        extra["dall_e_encoder"] = tr.dall_e
+    for part, tensors in tr.dall_e.items():
+        extra[f"dall_e_{part}"] = tensors
     untrained = sorted({".".join(k.split(".")[:2]) for k in fresh})
     return Checkpoint(ckpt.path, tr.tensors, cfg.to_dict(), extra, {"heads": specs, "origin": ORIGIN, "untrained": untrained})

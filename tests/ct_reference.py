@@ -1,11 +1,10 @@
-"""ContinualTransformer's checkpoint layouts, built with random weights from their documented key
-names and shapes, and an independent plain-torch computation of what their model outputs for
-them (written from their architecture: BEiT blocks with a shared relative-position table, BERT
-text embeddings with relative positions only, token types added in single-modality passes, loralib
-adapters with scaling 1/rank). Nothing here calls this project's model code."""
+"""An independent plain-torch computation of what ContinualTransformer's model outputs for a state
+dict in its key names (written from its architecture: BEiT blocks with one relative-position table
+for all layers, BERT text embeddings with relative positions only, token types added in
+single-modality passes, loralib adapters with scaling 1/rank). Nothing here calls this project's
+model code; tests/ct_writers.py writes their files."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -30,56 +29,6 @@ class Dims:
     @property
     def image_rows(self) -> int:
         return (2 * self.grid - 1) ** 2 + 3
-
-
-def _rand(gen, *shape, scale=0.2):
-    return torch.randn(*shape, generator=gen) * scale
-
-
-def backbone_state(d: Dims, gen, lora_rank: int = 0) -> dict[str, torch.Tensor]:
-    s = {"transformer.patch_embed.proj.weight": _rand(gen, d.dim, 3, d.patch, d.patch),
-         "transformer.patch_embed.proj.bias": _rand(gen, d.dim), "transformer.cls_token": _rand(gen, 1, 1, d.dim),
-         "transformer.norm.weight": 1 + _rand(gen, d.dim), "transformer.norm.bias": _rand(gen, d.dim)}
-    linears = {"attn.qkv": (3 * d.dim, d.dim), "attn.proj": (d.dim, d.dim), "mlp.fc1": (4 * d.dim, d.dim),
-               "mlp.fc2": (d.dim, 4 * d.dim)}
-    for i in range(d.depth):
-        b = f"transformer.blocks.{i}."
-        for norm in ("norm1", "norm2"):
-            s[b + norm + ".weight"], s[b + norm + ".bias"] = 1 + _rand(gen, d.dim), _rand(gen, d.dim)
-        for name, (out, inp) in linears.items():
-            s[b + name + ".weight"] = _rand(gen, out, inp, scale=inp ** -0.5)
-            if name != "attn.qkv":
-                s[b + name + ".bias"] = _rand(gen, out)
-            if lora_rank:
-                s[b + name + ".lora_A"] = _rand(gen, lora_rank, inp, scale=0.1)
-                s[b + name + ".lora_B"] = _rand(gen, out, lora_rank, scale=0.1)
-        s[b + "attn.q_bias"], s[b + "attn.v_bias"] = _rand(gen, d.dim), _rand(gen, d.dim)
-        s[b + "gamma_1"], s[b + "gamma_2"] = 0.1 + _rand(gen, d.dim, scale=0.05), 0.1 + _rand(gen, d.dim, scale=0.05)
-    s["relative_position_bias_table"] = _rand(gen, d.image_rows + 2 * d.text_len + 2, d.depth * d.heads)
-    return s
-
-
-def full_state(d: Dims, gen, lora_rank: int = 0) -> dict[str, torch.Tensor]:
-    """A run checkpoint's `model`: backbone, text embeddings, token types, every head."""
-    s = backbone_state(d, gen, lora_rank)
-    s.update({"mask_token": _rand(gen, 1, 1, d.dim), "token_type_embeddings.weight": _rand(gen, 2, d.dim),
-              "text_embeddings.word_embeddings.weight": _rand(gen, d.vocab, d.dim),
-              "text_embeddings.position_embeddings.weight": _rand(gen, 40, d.dim),  # unused: relative positions
-              "text_embeddings.token_type_embeddings.weight": _rand(gen, 2, d.dim),
-              "text_embeddings.LayerNorm.weight": 1 + _rand(gen, d.dim), "text_embeddings.LayerNorm.bias": _rand(gen, d.dim),
-              "text_embeddings.position_ids": torch.arange(40)[None],
-              "pooler.dense.weight": _rand(gen, d.dim, d.dim), "pooler.dense.bias": _rand(gen, d.dim),
-              "mim_score.transform.0.weight": _rand(gen, d.dim, d.dim), "mim_score.transform.0.bias": _rand(gen, d.dim),
-              "mim_score.transform.2.weight": 1 + _rand(gen, d.dim), "mim_score.transform.2.bias": _rand(gen, d.dim),
-              "mim_score.decoder.weight": _rand(gen, d.visual_vocab, d.dim), "mim_score.bias": _rand(gen, d.visual_vocab),
-              "mlm_score.transform.dense.weight": _rand(gen, d.dim, d.dim),
-              "mlm_score.transform.dense.bias": _rand(gen, d.dim),
-              "mlm_score.transform.LayerNorm.weight": 1 + _rand(gen, d.dim),
-              "mlm_score.transform.LayerNorm.bias": _rand(gen, d.dim),
-              "mlm_score.decoder.weight": _rand(gen, d.vocab, d.dim), "mlm_score.bias": _rand(gen, d.vocab),
-              "itc_head.fc_img.weight": _rand(gen, d.dim, d.dim), "itc_head.fc_txt.weight": _rand(gen, d.dim, d.dim),
-              "logit_scale": torch.tensor(math.log(1 / 0.07))})
-    return s
 
 
 # ---- their forward ---------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def check_lora_flags(cfg: "PretrainConfig") -> None:
 
 def check_data_flags(cfg: "PretrainConfig") -> None:
     text, mode = cfg.text, cfg.mode
-    carries_encoder = cfg.model.resume or cfg.model.init_from  # a ContinualTransformer run carries its DALL-E encoder
+    # a ContinualTransformer run checkpoint carries its DALL-E encoder (checked when it is read)
+    carries_encoder = cfg.model.resume or cfg.model.init_from or cfg.model.auto_resume
     if mode.needs_visual_tokens and cfg.visual_tokenizer.d_vae_type == "dall-e" \
             and not cfg.visual_tokenizer.d_vae_weight_path and not carries_encoder:
         raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl")

@@ -118,7 +118,8 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
     refuse_taken_output(cfg, ctx)
     visual_tokenizer = None
     if mode_cls.needs_visual_tokens:
-        carried = weights.ckpt.extra.get("dall_e_encoder") if weights.ckpt is not None else None
+        extra = weights.ckpt.extra if weights.ckpt is not None else {}
+        carried = {part: extra[f"dall_e_{part}"] for part in ("encoder", "decoder") if extra.get(f"dall_e_{part}")}
         visual_tokenizer, cfg = build_visual_tokenizer(cfg, data.train, grid[0], ctx.device, carried)
     mode = mode_cls(backbone, mode_options(cfg, visual_tokenizer))
     carried = attach_heads(mode, weights.ckpt)

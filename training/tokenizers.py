@@ -72,21 +72,24 @@ def _fit_and_save(cfg: PretrainConfig, train_set: Dataset, grid: int, path: Path
 
 
 def build_visual_tokenizer(cfg: PretrainConfig, train_set: Dataset, grid: int, device: torch.device,
-                           carried_encoder: dict[str, torch.Tensor] | None = None):
+                           carried_dall_e: dict[str, dict[str, torch.Tensor]] | None = None):
     """(tokenizer on `device`, config naming its weights). A k-means run without weights fits them;
-    a DALL-E run without weights uses the encoder a ContinualTransformer checkpoint carries."""
+    a DALL-E run without weights uses the encoder (and, for pictures, the decoder) a
+    ContinualTransformer checkpoint carries: exactly the tokenizer that run trained with."""
     tok = cfg.visual_tokenizer
     if tok.d_vae_type == "kmeans" and tok.d_vae_weight_path is None:
         path = fitted_tokenizer_path(cfg)
         fit_run_tokenizer(cfg, train_set, grid, path)
         cfg = replace(cfg, visual_tokenizer={"d_vae_weight_path": str(path)})
     if tok.d_vae_type == "dall-e" and tok.d_vae_weight_path is None:
-        if not carried_encoder:
-            raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl (the "
-                            "checkpoint given does not carry one)")
-        say("visual tokenizer: the DALL-E encoder carried by the checkpoint (mim_processor.d_vae)")
+        if not (carried_dall_e or {}).get("encoder"):
+            raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl (no "
+                            "checkpoint this run starts from carries one)")
+        parts = " and decoder" if carried_dall_e.get("decoder") else ""
+        say(f"visual tokenizer: the DALL-E encoder{parts} carried by the checkpoint (its mim_processor.d_vae: the "
+            f"tokenizer that run trained with)")
     tokenizer = create_visual_tokenizer(tok.d_vae_type, cfg.visual_tokenizer.d_vae_weight_path, tok.second_image_size,
-                                        expected_grid=grid, encoder_tensors=carried_encoder)
+                                        expected_grid=grid, carried_dall_e=carried_dall_e)
     if tok.visual_vocab_size is not None and tok.d_vae_type == "dall-e" and tokenizer.vocab_size != tok.visual_vocab_size:
         raise UserError(f"--img_vocab_size {tok.visual_vocab_size} but the DALL-E encoder has {tokenizer.vocab_size} "
                         f"tokens; drop the flag or pass the matching encoder")

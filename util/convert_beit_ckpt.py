@@ -4,7 +4,8 @@
                                                 # -> checkpoints/beit_base_patch16_224_pt22k_ft22kto1k_transfertovlmo.pth
     python util/convert_beit_ckpt.py --input beit_base_patch16_224_pt22k.pth --output checkpoints/beit_base_pt22k.safetensors
     python util/convert_beit_ckpt.py --input hf/beit-base-patch16-224 --output checkpoints/beit_base.safetensors --image_size 384
-    python util/convert_beit_ckpt.py --input their_run/checkpoint-99.pth --output checkpoints/theirs.safetensors
+    python util/convert_beit_ckpt.py --input their_run/checkpoint-99.pth --output checkpoints/theirs.safetensors \
+        --dall_e_output checkpoints/their_dall_e   # and the DALL-E tokenizer the run carries
 
 Reads microsoft/unilm `.pth` (pt22k and fine-tuned), timm state dicts (`.pth`/`.safetensors`),
 Hugging Face BEiT model folders and ContinualTransformer checkpoints of every kind. Never runs
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab_size", type=int, default=30522, help="text vocabulary (bert-base-uncased: 30522)")
     p.add_argument("--max_text_len_of_initckpt", type=int, default=196, help="text positions the model can hold")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights the source lacks (text embeddings)")
+    p.add_argument("--dall_e_output", default=None,
+                   help="a ContinualTransformer run checkpoint carries the DALL-E tokenizer it trained with: write its "
+                        "encoder (and decoder) here as encoder.safetensors (decoder.safetensors), a folder that "
+                        "--d_vae_weight_path reads")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return p
 
@@ -64,7 +69,35 @@ def default_paths(args) -> tuple[str, Path]:
     return source, output
 
 
-def convert_continual_transformer(raw: Checkpoint, source: str, output: Path) -> None:
+def refuse_taken_dall_e_output(folder: str | None, overwrite: bool) -> None:
+    """Checked before anything is converted or written."""
+    taken = [str(p) for p in (Path(folder or "") / f"{part}.safetensors" for part in ("encoder", "decoder"))
+             if folder and p.exists()]
+    if taken and not overwrite:
+        raise UserError(f"--dall_e_output: {taken[0]} already exists; pass --overwrite or choose another folder")
+
+
+def write_carried_dall_e(ckpt: Checkpoint, folder: str | None) -> None:
+    """The DALL-E encoder and decoder a run checkpoint carries, as files --d_vae_weight_path reads."""
+    from models.visual_tokenizers.dall_e_loader import infer_config, infer_decoder_config, save_dalle_part
+
+    parts = {part: ckpt.extra[f"dall_e_{part}"] for part in ("encoder", "decoder") if ckpt.extra.get(f"dall_e_{part}")}
+    if not parts:
+        if folder:
+            raise UserError(f"--dall_e_output: {ckpt.path} carries no DALL-E tokenizer (only run checkpoints of "
+                            f"ContinualTransformer's image stages do)")
+        return
+    if folder is None:
+        print(f"  it carries the DALL-E {' and '.join(parts)} it trained with; --dall_e_output DIR writes them as "
+              f"a folder for --d_vae_weight_path")
+        return
+    infer = {"encoder": infer_config, "decoder": infer_decoder_config}
+    for part, tensors in parts.items():
+        save_dalle_part(Path(folder) / f"{part}.safetensors", tensors, infer[part](tensors))
+    print(f"wrote its DALL-E {' and '.join(parts)} to {folder} (use --d_vae_type dall-e --d_vae_weight_path {folder})")
+
+
+def convert_continual_transformer(raw: Checkpoint, source: str, output: Path, args) -> None:
     """Their checkpoints load directly everywhere; converting one writes it in this project's format."""
     ckpt = translate(raw)
     print(f"source: {source} (ContinualTransformer, {len(ckpt.model)} tensors)")
@@ -76,6 +109,7 @@ def convert_continual_transformer(raw: Checkpoint, source: str, output: Path) ->
         print(f"  merged its LoRA adapters (rank {ckpt.extra['lora']['rank']}, alpha 1)")
     save_weights(output, tensors, ckpt.backbone_config, {"source": str(source)}, ckpt.info)
     print(f"wrote {output}")
+    write_carried_dall_e(ckpt, args.dall_e_output)
 
 
 @cli_entry
@@ -86,9 +120,13 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--output {output} must end in .safetensors, .pth or .pt")
     if output.exists() and not args.overwrite:
         raise UserError(f"--output {output} already exists; pass --overwrite or choose another path")
+    refuse_taken_dall_e_output(args.dall_e_output, args.overwrite)
     raw = read_checkpoint(source) if Path(source).is_file() else None
     if raw is not None and is_continual_transformer(raw):
-        return convert_continual_transformer(raw, source, output)
+        return convert_continual_transformer(raw, source, output, args)
+    if args.dall_e_output:
+        raise UserError(f"--dall_e_output: {source} is not a ContinualTransformer run checkpoint, which is what "
+                        f"carries a DALL-E tokenizer")
     src = read_source(source)
     src_cfg = infer_config(src, args.model)
     if args.vlffn_start_layer_index is not None and args.ffn != "multiway":

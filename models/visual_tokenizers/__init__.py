@@ -28,6 +28,9 @@ class DalleTokenizer(nn.Module):
     def __init__(self, encoder: DalleEncoder) -> None:
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        # decoder tensors a ContinualTransformer checkpoint carried with the encoder: they draw the
+        # reconstruction pictures (not a submodule: training never moves or needs them)
+        self.carried_decoder: dict[str, torch.Tensor] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -56,16 +59,19 @@ def load_kmeans_tokenizer(path: str | Path) -> KMeansTokenizer:
 
 
 def create_visual_tokenizer(kind: str, weight_path: str | Path | None, image_size: int,
-                            expected_grid: int | None = None, encoder_tensors: dict | None = None) -> nn.Module:
-    """Build the tokenizer and check that it yields one id per backbone patch. `encoder_tensors`:
-    DALL-E encoder weights already read (from a ContinualTransformer checkpoint) when no path is given."""
+                            expected_grid: int | None = None, carried_dall_e: dict | None = None) -> nn.Module:
+    """Build the tokenizer and check that it yields one id per backbone patch. `carried_dall_e`:
+    `{"encoder": tensors, "decoder": tensors}` already read (from a ContinualTransformer checkpoint),
+    used when no path is given; the decoder only draws pictures."""
     if kind == "dall-e":
         from models.visual_tokenizers.dall_e_loader import encoder_from_tensors, load_dalle_encoder
 
         if weight_path is not None:
             tokenizer: nn.Module = DalleTokenizer(load_dalle_encoder(weight_path))
-        elif encoder_tensors:
-            tokenizer = DalleTokenizer(encoder_from_tensors(encoder_tensors, None, "the checkpoint's DALL-E encoder"))
+        elif carried_dall_e and carried_dall_e.get("encoder"):
+            tokenizer = DalleTokenizer(encoder_from_tensors(carried_dall_e["encoder"], None,
+                                                            "the checkpoint's DALL-E encoder"))
+            tokenizer.carried_decoder = carried_dall_e.get("decoder")
         else:
             raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl")
         grid = image_size // 8
@@ -90,13 +96,15 @@ def kmeans_metadata(grid: int, image_size: int, extra: dict | None = None) -> di
 def token_renderer(tokenizer: nn.Module, weight_path: str | Path | None, image_size: int):
     """A function drawing `[B, h*w]` visual token ids as `[B, C, S, S]` pixels in [0, 1]: k-means
     tokens as their centroid patches, DALL-E tokens through OpenAI's decoder when `decoder.pkl` lies
-    beside `encoder.pkl`; None when the tokens cannot be drawn."""
+    beside `encoder.pkl` (or the checkpoint carried one); None when the tokens cannot be drawn."""
     if isinstance(tokenizer, KMeansTokenizer):
         return lambda ids: tokenizer.decode(ids, image_size)
-    if isinstance(tokenizer, DalleTokenizer) and weight_path:
-        from models.visual_tokenizers.dall_e_loader import load_dalle_decoder
+    if isinstance(tokenizer, DalleTokenizer):
+        from models.visual_tokenizers.dall_e_loader import decoder_from_tensors, load_dalle_decoder
 
-        decoder = load_dalle_decoder(weight_path)
+        carried = tokenizer.carried_decoder
+        decoder = load_dalle_decoder(weight_path) if weight_path else \
+            decoder_from_tensors(carried, "the checkpoint's DALL-E decoder") if carried else None
         if decoder is not None:
             grid = image_size // 8
             return lambda ids: decoder.to(ids.device).decode(ids, grid)

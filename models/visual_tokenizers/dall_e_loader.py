@@ -82,13 +82,27 @@ def check_config(cfg, source: str, part: PickledPart = ENCODER) -> None:
                             f"file is corrupt or not OpenAI's {part.name}.pkl: download it again")
 
 
+def _groups_and_blocks(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+    groups = {k.split(".")[1] for k in tensors if k.startswith("blocks.group_")}
+    blocks = {k.split(".")[2] for k in tensors if k.startswith("blocks.group_1.block_")}
+    return len(groups), len(blocks)
+
+
 def infer_config(tensors: dict[str, torch.Tensor]) -> DalleEncoderConfig:
     """The hyper-parameters from tensor shapes (encoder weights stored without them)."""
     n_hid, channels = tensors["blocks.input.w"].shape[:2]
-    groups = {k.split(".")[1] for k in tensors if k.startswith("blocks.group_")}
-    blocks = {k.split(".")[2] for k in tensors if k.startswith("blocks.group_1.block_")}
-    return DalleEncoderConfig(group_count=len(groups), n_hid=n_hid, n_blk_per_group=len(blocks),
+    groups, blocks = _groups_and_blocks(tensors)
+    return DalleEncoderConfig(group_count=groups, n_hid=n_hid, n_blk_per_group=blocks,
                               input_channels=channels, vocab_size=tensors["blocks.output.conv.w"].shape[0])
+
+
+def infer_decoder_config(tensors: dict[str, torch.Tensor]) -> DalleDecoderConfig:
+    """The decoder's hyper-parameters from tensor shapes: input [n_init, vocab], output [2*C, n_hid]."""
+    n_init, vocab = tensors["blocks.input.w"].shape[:2]
+    out2, n_hid = tensors["blocks.output.conv.w"].shape[:2]
+    groups, blocks = _groups_and_blocks(tensors)
+    return DalleDecoderConfig(group_count=groups, n_init=n_init, n_hid=n_hid, n_blk_per_group=blocks,
+                              output_channels=out2 // 2, vocab_size=vocab)
 
 
 def model_from_tensors(tensors: dict[str, torch.Tensor], cfg, source: str, part: PickledPart = ENCODER) -> nn.Module:
@@ -116,6 +130,24 @@ def encoder_from_tensors(tensors: dict[str, torch.Tensor], cfg: DalleEncoderConf
     return model_from_tensors(tensors, cfg, source)
 
 
+def decoder_from_tensors(tensors: dict[str, torch.Tensor], source: str) -> DalleDecoder:
+    """A decoder from bare tensors (a ContinualTransformer checkpoint's), its sizes read off their shapes."""
+    try:
+        cfg = infer_decoder_config(tensors)
+    except KeyError:
+        raise UserError(f"{source} holds no DALL-E decoder weights (blocks.input.w ...)") from None
+    return model_from_tensors(tensors, cfg, source, DECODER)
+
+
+def save_dalle_part(target: Path, tensors: dict[str, torch.Tensor], cfg) -> None:
+    """`encoder.safetensors` / `decoder.safetensors`: the tensors and their hyper-parameters, what
+    --d_vae_weight_path reads as it reads the pickles (and faster)."""
+    from safetensors.torch import save_file
+
+    meta = {k: str(v) for k, v in asdict(cfg).items()}
+    atomic_write(target, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta))
+
+
 def _load(path: Path, part: PickledPart, cache: bool) -> nn.Module:
     if path.suffix == ".safetensors":
         tensors, meta = load_safetensors_file(path)
@@ -127,10 +159,7 @@ def _load(path: Path, part: PickledPart, cache: bool) -> nn.Module:
     if cache and path.suffix != ".safetensors":
         target = path.with_name(f"{part.name}.safetensors")
         try:
-            from safetensors.torch import save_file
-
-            meta = {k: str(v) for k, v in asdict(cfg).items()}
-            atomic_write(target, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta))
+            save_dalle_part(target, tensors, cfg)
             log.info("cached DALL-E %s tensors as %s", part.name, target)
         except OSError as err:
             log.warning("could not cache %s (%s); %s will be parsed again next time", target, err, path.name)
