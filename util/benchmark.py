@@ -26,6 +26,8 @@ backward, AdamW) vs a two-tower reference: HF `BeitModel` + `BertModel` with the
 
     python util/benchmark.py                                   # BEiT-base, 224 px, batch 8, CPU
     python util/benchmark.py --mode mim --device cuda --amp bf16 --batch_size 64
+    ONEDNN_MAX_CPU_ISA=AVX2 python util/benchmark.py --mode mim --impls ours ours_bf16 hf_sdpa   # a CPU without
+                                                     # native bf16 (AVX2-only), emulated by capping oneDNN
 """
 from __future__ import annotations
 
@@ -555,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode in TRAINING_MODES and "timm" in args.impls:
         p.error(f"--mode {args.mode} compares with HF models (timm has no MIM head, no text tower); drop timm")
     rows = interleaved_rounds(args.impls, args.rounds, argv if argv is not None else sys.argv[1:])
-    hw = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    hw = torch.cuda.get_device_name() if args.device == "cuda" else cpu_description()
     what = {"mim": "MIM training step (DALL-E tokenize + forward + backward + AdamW)",
             "mlm": f"text MLM training step ({TEXT_LENGTH} tokens, 15% predicted; forward + backward + AdamW)",
             "itc": f"ITC training step (image + {TEXT_LENGTH}-token text, InfoNCE; forward + backward + AdamW)"}.get(
@@ -565,6 +567,19 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.rounds} interleaved rounds of {args.steps} steps")
     print_rows(rows, "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB",
                {"mlm": "captions/s", "itc": "pairs/s"}.get(args.mode, "images/s"))
+
+
+def cpu_description() -> str:
+    """Threads, whether bf16 is native (the rows under bf16 depend on it), and a oneDNN cap that
+    emulates a CPU without it (ONEDNN_MAX_CPU_ISA=AVX2)."""
+    import os
+
+    from training.precision import cpu_speedup, native_support
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"CPU x{torch.get_num_threads()} threads ({native_support('bf16')}"
+            + (f"; oneDNN capped at {cap}" if cap else "") + f"; a bf16 linear layer runs {cpu_speedup('bf16'):.2f}x "
+            f"as fast as fp32)")
 
 
 def sweep(args: argparse.Namespace, argv: list[str]) -> list[dict]:
