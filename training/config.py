@@ -33,7 +33,7 @@ from training.recipes import RECIPE_TASKS
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DALL_E_FOLDER = "checkpoints/dall_e_tokenizer_weight"  # where ContinualTransformer keeps OpenAI's encoder.pkl
-AMP_CHOICES = ("bf16", "fp16", "none")
+AMP_CHOICES = ("bf16", "fp16", "none", "auto")
 
 
 def compile_flag():
@@ -97,7 +97,7 @@ class ObjectiveSettings:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    lora_rank: int = flag(0, "LoRA rank of the adapters on qkv, proj, fc1, fc2 (0: train the backbone fully)")
+    lora_rank: int = flag(0, "LoRA rank of the adapters on qkv, proj, fc1, fc2 (0: train the backbone fully)", minimum=0)
     lora_alpha: float | None = flag(None, "LoRA alpha; scaling = alpha / rank", shown_default="--lora_rank (scaling 1)")
     lora_dropout: float = flag(0.0, "dropout on the adapter input")
     trainable_extra: tuple[str, ...] = flag((), "glob patterns of base parameters to train too, e.g. 'blocks.*.norm1.*'",
@@ -123,7 +123,7 @@ class VisualTokenizerSettings:
     second_image_size: int | None = flag(None, "tokenizer view (px)", shown_default="--image_size // 2")
     visual_vocab_size: int | None = flag(None, "visual tokens: clusters of a k-means tokenizer the run fits; with "
                                                "dall-e a check (8192)", "--img_vocab_size", shown_default="256 (kmeans)")
-    tokenizer_fit_images: int = flag(2000, "training images the k-means tokenizer is fitted on")
+    tokenizer_fit_images: int = flag(2000, "training images the k-means tokenizer is fitted on", minimum=1)
 
 
 def adamw_impl_flag():
@@ -135,9 +135,9 @@ def adamw_impl_flag():
 
 @dataclass(frozen=True)
 class OptimSettings:
-    batch_size: int = flag(64, "samples per device and step")
-    accum_iter: int = flag(1, "micro-batches accumulated per optimizer step")
-    epochs: int = flag(10, "training epochs")
+    batch_size: int = flag(64, "samples per device and step", minimum=1)
+    accum_iter: int = flag(1, "micro-batches accumulated per optimizer step", minimum=1)
+    epochs: int = flag(10, "training epochs", minimum=1)
     blr: float = flag(1.5e-3, "base lr: lr = blr x effective batch / 256")
     lr: float | None = flag(None, "absolute lr (overrides --blr)", shown_default="from --blr")
     min_lr: float = flag(1e-5, "lr at the end of the cosine schedule")
@@ -153,10 +153,12 @@ class OptimSettings:
 class RunSettings:
     seed: int = flag(0, "random seed (data order, masks, init)")
     device: str = flag(DEFAULT_DEVICE, "cpu or cuda", shown_default="cuda when a GPU is visible, else cpu")
-    amp: str | None = flag(None, "mixed precision", choices=AMP_CHOICES, shown_default="bf16 on GPU, none on CPU")
+    amp: str | None = flag(None, "mixed precision; auto: bf16 on a GPU, on a CPU whichever of bf16 and fp32 is faster "
+                                 "there (timed at start; a CPU without avx512_bf16/AMX emulates bf16, slowly)",
+                           choices=AMP_CHOICES, shown_default="bf16 on GPU, none on CPU")
     output_dir: str | None = flag(None, "checkpoints, log.txt, TensorBoard events", shown_default="outputs/<name>")
     log_dir: str | None = flag(None, "TensorBoard folder", shown_default="--output_dir")
-    print_freq: int = flag(20, "console progress line every N steps")
+    print_freq: int = flag(20, "console progress line every N steps", minimum=1)
     eval: bool = flag(False, "only evaluate the given checkpoint")
     gpu_amp: str = flag("bf16", "the precision --amp means on a GPU when it is not given", choices=("bf16", "fp16"))
     local_rank: int = flag(-1, "set by torch.distributed.launch; the LOCAL_RANK variable decides", "--local-rank")
@@ -170,7 +172,7 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class PretrainRunSettings(RunSettings):
-    save_per_epochs: int = flag(5, "write checkpoint-<epoch>.pth every N epochs (and after the last)")
+    save_per_epochs: int = flag(5, "write checkpoint-<epoch>.pth every N epochs (and after the last)", minimum=1)
     save_epochs_from_zero: bool = flag(False, "save epochs 0, N, 2N, ... (ContinualTransformer) instead of N-1, 2N-1, ...")
     no_pictures: bool = flag(False, "do not draw pictures/ at the end of the stage (MIM reconstructions, retrieval "
                                     "examples; also written to TensorBoard)")
@@ -223,12 +225,15 @@ def replace(config, **groups):
 
 
 def check_device(run: RunSettings) -> str:
-    """The precision to use, after checking the device exists (bf16 on GPU, none on CPU by default)."""
+    """The precision to use, after checking the device exists (bf16 on GPU, none on CPU by default;
+    on a CPU, a reduced precision is timed against fp32: training/precision.py)."""
+    from training.precision import resolve_amp
+
     if run.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no GPU is visible; use --device cpu")
     if run.device not in ("cpu",) and not run.device.startswith("cuda"):
         raise UserError(f"--device {run.device} is not a device; use cpu or cuda")
-    return run.amp or (run.gpu_amp if run.device.startswith("cuda") else "none")
+    return resolve_amp(run.amp, run.device, run.gpu_amp)
 
 
 def resolve_pretrain_defaults(cfg: PretrainConfig) -> PretrainConfig:
@@ -290,9 +295,9 @@ class FinetuneModelSettings:
 
 @dataclass(frozen=True)
 class FinetuneOptimSettings:
-    batch_size: int = flag(64, "samples per device and step")
-    accum_iter: int = flag(1, "micro-batches accumulated per optimizer step", "--update_freq")
-    epochs: int = flag(30, "training epochs")
+    batch_size: int = flag(64, "samples per device and step", minimum=1)
+    accum_iter: int = flag(1, "micro-batches accumulated per optimizer step", "--update_freq", minimum=1)
+    epochs: int = flag(30, "training epochs", minimum=1)
     blr: float | None = flag(None, "base lr: lr = blr x effective batch / 256",
                              shown_default="5e-4 fine-tuning, 0.1 linear probing, 6.4e-3 segmentation (BEiT's 4e-4 "
                                            "at batch 16)")
