@@ -19,11 +19,14 @@ _NO_DEFAULT_SHOWN = object()
 
 
 def flag(default: Any, help: str, *aliases: str, default_factory: Callable[[], Any] | None = None,
-         shown_default: Any = _NO_DEFAULT_SHOWN, **argparse_kwargs: Any) -> Any:
+         shown_default: Any = _NO_DEFAULT_SHOWN, minimum: float | None = None, below: float | None = None,
+         **argparse_kwargs: Any) -> Any:
     """A dataclass field that is also a flag. `aliases`: other spellings accepted on the command
     line (e.g. ContinualTransformer's names); `shown_default`: what the help prints when the real
-    default is computed later (e.g. "the checkpoint's")."""
-    meta = {"help": help, "aliases": aliases, "argparse": argparse_kwargs, "shown_default": shown_default}
+    default is computed later (e.g. "the checkpoint's"); `minimum` / `below`: the range a number
+    must lie in (at least `minimum`, less than `below`), checked as the flag's value is read."""
+    meta = {"help": help, "aliases": aliases, "argparse": argparse_kwargs, "shown_default": shown_default,
+            "range": (minimum, below)}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -52,6 +55,24 @@ def _help(field: dataclasses.Field, default: Any) -> str:
     return f"{field.metadata['help']} (default: {shown})".replace("%", "%%")
 
 
+def in_range(base: Callable[[str], Any], minimum: float | None, below: float | None) -> Callable[[str], Any]:
+    """`base` (int, float) that also refuses values outside [minimum, below)."""
+    def convert(text: str) -> Any:
+        value = base(text)
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be at least {minimum}")
+        if below is not None and not value < below:
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be below {below}")
+        return value
+
+    convert.__name__ = base.__name__  # argparse names the type in "invalid int value: ..."
+    return convert
+
+
+def _allows_none(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
 def add_flags(group: argparse._ActionsContainer, settings: type) -> None:
     """One flag per field of the dataclass `settings`."""
     hints = typing.get_type_hints(settings)
@@ -66,8 +87,11 @@ def add_flags(group: argparse._ActionsContainer, settings: type) -> None:
             kwargs["action"] = "store_true"
         elif "action" not in kwargs and "type" not in kwargs:
             kwargs["type"] = base
+        if any(bound is not None for bound in field.metadata["range"]):
+            kwargs["type"] = in_range(kwargs["type"], *field.metadata["range"])
         names = [f"--{field.name}", *field.metadata["aliases"]]
-        group.add_argument(*names, dest=field.name, help=_help(field, default), **kwargs)
+        action = group.add_argument(*names, dest=field.name, help=_help(field, default), **kwargs)
+        action.allows_none = _allows_none(hints[field.name])  # a --config value may be null
 
 
 def settings_from(settings: type, namespace: argparse.Namespace, **overrides: Any) -> Any:
@@ -105,12 +129,44 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
             raise UserError(f"--config {path} is not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise UserError(f"--config {path} must be a mapping of flag names to values")
-        valid = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - valid)
+        actions = {a.dest: a for a in parser._actions}
+        unknown = sorted(set(values) - set(actions))
         if unknown:
             raise UserError(f"--config {path} has unknown keys {unknown}; use the flag names without dashes")
-        parser.set_defaults(**values)
+        parser.set_defaults(**{key: config_value(parser, actions[key], value, f"--config {path}: {key}")
+                               for key, value in values.items()})
     return parser.parse_args(argv)
+
+
+def _as_flag_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def config_value(parser: argparse.ArgumentParser, action: argparse.Action, value: Any, where: str) -> Any:
+    """A `--config` value checked and converted exactly as the flag's value on the command line is:
+    its type, range, choices and number of values."""
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if not isinstance(value, bool):
+            raise UserError(f"{where} is a switch: write true or false, not {value!r}")
+        return value
+    if value is None:
+        if action.default is None or getattr(action, "allows_none", False):
+            return None
+        raise UserError(f"{where} needs a value (null is not one)")
+    single = action.nargs in (None, "?")
+    if single and isinstance(value, (list, dict)):
+        raise UserError(f"{where} takes one value, not {value!r}")
+    items = [value] if single or not isinstance(value, list) else value
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        raise UserError(f"{where} takes {action.nargs} values, not {len(items)} ({value!r})")
+    if action.nargs == "+" and not items:
+        raise UserError(f"{where} takes at least one value")
+    if isinstance(value, dict) or any(isinstance(item, (list, dict)) for item in items):
+        raise UserError(f"{where}: {value!r} is not a value this flag takes")
+    try:
+        return parser._get_values(action, [_as_flag_text(item) for item in items])
+    except argparse.ArgumentError as err:
+        raise UserError(f"{where}: {err.message}") from None
 
 
 def plain(value: Any) -> Any:
