@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import os
 import pickle
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +32,7 @@ from common.sharded_checkpoint import (
 )
 
 FORMAT_TAG = "vlmo-backbone/1"
+DIGEST_KEY = "content_sha256"  # safetensors metadata: a digest of the tensors, checked on every read
 # the only classes a checkpoint's pickle may name besides tensors and builtins
 SAFE_GLOBALS = [argparse.Namespace]
 
@@ -61,17 +64,69 @@ def _require_file(path: Path) -> None:
         raise UserError(f"{path} is empty (0 bytes); it was probably cut off while copying: copy it again")
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over tensors' names, dtypes, shapes and bytes (independent of the file's layout)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        if tensor.numel():  # flat first: 0-d tensors, and size-1 dims with odd strides (channels-last 1x1 kernels)
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+ZIP_MAGIC, PICKLE_PROTOCOL = b"PK\x03\x04", 0x80  # how torch's zip format and its legacy pickle format begin
+
+
+def not_a_torch_file(path: Path) -> str | None:
+    """Why `path` cannot be a torch file, judged from its first bytes (None when it may be one)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(ZIP_MAGIC):
+        return None if zipfile.is_zipfile(path) else (
+            f"{path} is truncated: a zip archive (torch's format) without its end record; it was cut off while being "
+            f"written or copied: copy it again, or use an earlier checkpoint")
+    if head[:1] == bytes([PICKLE_PROTOCOL]):
+        return None  # torch's legacy format
+    if len(head) >= 10 and head[8:10] == b'{"':
+        return f"{path} is a .safetensors file with another extension; rename it to {path.with_suffix('.safetensors').name}"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return f"{path} holds JSON text, not weights; pass a .pth/.pt or .safetensors weight file"
+    return f"{path} is not a PyTorch checkpoint (its first bytes {head[:8]!r} are not a torch file's); pass a .pth/.pt " \
+           f"or .safetensors file"
+
+
+def verify_zip_records(path: Path) -> None:
+    """torch's .pth is a zip whose records carry CRC-32s that torch.load never checks: a flipped byte
+    would load as a silently wrong weight. Checked here (about a second per GB)."""
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format has no checksums to check
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise UserError(f"{path} is damaged ({first_line(str(err))}); it was cut off or changed after it was written: "
+                        f"copy it again, or use another checkpoint") from None
+    if bad is not None:
+        raise UserError(f"{path} is corrupted: its record {bad} fails its CRC-32 check (bytes changed after the file was "
+                        f"written); copy it again, or use another checkpoint")
+
+
 def load_torch_file(path: str | os.PathLike) -> Any:
-    """`torch.load` with `weights_only=True`, turning every failure into one clear sentence."""
+    """`torch.load` with `weights_only=True`, after checking the file's checksums, turning every
+    failure into one clear sentence."""
     path = Path(path)
     _require_file(path)
+    if (problem := not_a_torch_file(path)) is not None:
+        raise UserError(problem)
+    verify_zip_records(path)
     try:
         # argparse.Namespace holds plain values only: ContinualTransformer stores its flags as one
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+        if "unsupported global" in text.lower() or "not an allowed global" in text:  # torch's two wordings
             culprit = _unsupported_global(text)
             raise UserError(
                 f"{path} needs to run pickled code to load{culprit}, and this project never unpickles code; "
@@ -90,9 +145,25 @@ def load_safetensors_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     _require_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{path} is not a readable .safetensors file ({first_line(str(err))}); it may be truncated") from None
+    if DIGEST_KEY in meta and tensors_digest(tensors) != meta[DIGEST_KEY]:
+        raise UserError(f"{path} is corrupted: its tensors no longer match the digest written with them (bytes changed "
+                        f"after the file was written); copy it again, or use another file")
+    return tensors, meta
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write `.safetensors` atomically, readable by everyone the folder allows (safetensors itself
+    writes 0600), with a digest of the tensors in its metadata that every read here checks (other
+    readers ignore the key)."""
+    from safetensors.torch import save_file
+
+    tensors = unshared({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    meta = {**(metadata or {}), DIGEST_KEY: tensors_digest(tensors)}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -211,14 +282,10 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], back
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     if is_safetensors(path):
-        from safetensors.torch import save_file
-
-        tensors = unshared(tensors)
-
         meta = {"format": FORMAT_TAG, "backbone_config": json.dumps(backbone_config), **(extra_metadata or {})}
         if info:
             meta["run_info"] = json.dumps(info)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        save_safetensors(path, tensors, meta)
     else:
         obj = {"format": FORMAT_TAG, "backbone_config": dict(backbone_config), "model": tensors,
                **({"metadata": dict(extra_metadata)} if extra_metadata else {}), **({"run_info": info} if info else {})}
@@ -226,7 +293,7 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], back
 
 
 def _unsupported_global(text: str) -> str:
-    for marker in ("Unsupported global: GLOBAL ", "GLOBAL "):
+    for marker in ("Unsupported global: GLOBAL ", "unsupported GLOBAL ", "GLOBAL "):
         if marker in text:
             name = text.split(marker, 1)[1].split()[0].rstrip(".,")
             return f" (it references {name})"

@@ -13,9 +13,13 @@ class UserError(Exception):
     its message alone and exit with status 2."""
 
 
-def first_line(text: str) -> str:
-    """The first line of an underlying error's message, for quoting it inside one sentence."""
-    return text.strip().splitlines()[0][:200] if text.strip() else "unknown error"
+def first_line(text: str, limit: int = 200) -> str:
+    """The first line of an underlying error's message, for quoting it inside one sentence; a longer
+    one ends at a word, with a visible "..." (never cut mid-word as if it were whole)."""
+    if not text.strip():
+        return "unknown error"
+    line = text.strip().splitlines()[0]
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def cli_entry(main: Callable[..., T]) -> Callable[..., T]:

@@ -4,6 +4,8 @@ corrupt file, and every export format checked against our outputs."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -245,8 +247,14 @@ def test_cls_classifier_exports_to_timm_and_hf_refuses_clearly(tmp_path, capsys)
     ckpt = read(path)
     torch.save({"format": "vlmo-backbone/1", "backbone_config": ckpt.backbone_config, "model": ckpt.model,
                 "args": {"use_cls": True}}, tmp_path / "cls.pth")
-    diffs = export(["--checkpoint", str(tmp_path / "cls.pth"), "--format", "timm", "--output", str(tmp_path / "t")])
+    old_mask = os.umask(0o022)
+    try:
+        diffs = export(["--checkpoint", str(tmp_path / "cls.pth"), "--format", "timm", "--output", str(tmp_path / "t")])
+    finally:
+        os.umask(old_mask)
     assert diffs["timm"] <= 1e-4
+    written = sorted(tmp_path.glob("t.*"))  # weights, kwargs and run info, readable by the team (0644, not 0600)
+    assert len(written) == 3 and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in written), written
     with pytest.raises(SystemExit):
         export(["--checkpoint", str(tmp_path / "cls.pth"), "--format", "hf", "--output", str(tmp_path / "h")])
     assert "cannot be expressed as HF BeitForImageClassification" in capsys.readouterr().err

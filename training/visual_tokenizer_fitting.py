@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.checkpoint_io import atomic_write
+from common.checkpoint_io import save_safetensors
 from common.console import say
+from common.errors import UserError
 from common.metrics import ProgressPrinter
 from custom_datasets.collate import collate_skipping_bad
 from models.visual_tokenizers import kmeans_metadata
@@ -17,8 +18,10 @@ LLOYD_ITERATIONS = 25
 
 
 def fit_kmeans_tokenizer(dataset: Dataset, grid: int, vocab_size: int, max_images: int = 2000,
-                         max_patches: int = 200_000, seed: int = 0, num_workers: int = 0) -> KMeansTokenizer:
-    """Collect `tokenizer_image` patches from up to `max_images` samples and cluster them."""
+                         max_patches: int = 200_000, seed: int = 0, num_workers: int = 0,
+                         vocab_flag: str = "--visual_vocab_size") -> KMeansTokenizer:
+    """Collect `tokenizer_image` patches from up to `max_images` samples and cluster them;
+    `vocab_flag` names the token count in the sentence when there are fewer patches than tokens."""
     gen = torch.Generator().manual_seed(seed)
     count = min(max_images, len(dataset))
     subset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=gen)[:count].tolist())
@@ -30,8 +33,12 @@ def fit_kmeans_tokenizer(dataset: Dataset, grid: int, vocab_size: int, max_image
             chunks.append(patch_vectors(batch["tokenizer_image"], grid).flatten(0, 1))  # [B*G, D]
         progress.step(step, len(batch.get("tokenizer_image", [])), {})
     if not chunks:
-        raise ValueError("no readable images to fit the visual tokenizer on")
+        raise UserError(f"none of the {count} images read to fit the visual tokenizer on could be read; check the data")
     vectors = torch.cat(chunks)
+    if vectors.shape[0] < vocab_size:
+        raise UserError(f"the {count} images read give {vectors.shape[0]} patches ({grid}x{grid} each), fewer than the "
+                        f"{vocab_size} visual tokens asked for: lower {vocab_flag} to at most {vectors.shape[0]}, or fit "
+                        f"on more images")
     if vectors.shape[0] > max_patches:
         vectors = vectors[torch.randperm(vectors.shape[0], generator=gen)[:max_patches]]
     say(f"k-means: clustering {vectors.shape[0]} patches into {vocab_size} tokens ...")
@@ -42,7 +49,4 @@ def fit_kmeans_tokenizer(dataset: Dataset, grid: int, vocab_size: int, max_image
 
 
 def save_kmeans_tokenizer(tokenizer: KMeansTokenizer, path: str | Path, image_size: int) -> None:
-    from safetensors.torch import save_file
-
-    meta = kmeans_metadata(tokenizer.grid, image_size)
-    atomic_write(Path(path), lambda tmp: save_file({"centroids": tokenizer.centroids.contiguous().cpu()}, tmp, metadata=meta))
+    save_safetensors(path, {"centroids": tokenizer.centroids}, kmeans_metadata(tokenizer.grid, image_size))

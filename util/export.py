@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from common.checkpoint_io import atomic_write, save_safetensors  # noqa: E402
 from common.errors import UserError, cli_entry  # noqa: E402
 from models.backbone import HoldsBackbone  # noqa: E402
 from models.classifier import ImageClassifier  # noqa: E402
@@ -220,12 +221,10 @@ def export_timm(model: nn.Module, output: Path) -> dict[str, float]:
     else:
         mean_pool = False
     timm_model, state = to_timm(tensors, backbone.cfg, num_classes, mean_pool)
-    from safetensors.torch import save_file
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(output.with_suffix(".safetensors")))
+    save_safetensors(output.with_suffix(".safetensors"), state)
     kwargs = timm_kwargs(backbone.cfg, num_classes, mean_pool)
-    output.with_suffix(".timm_kwargs.json").write_text(json.dumps(kwargs, indent=1))
+    text = json.dumps(kwargs, indent=1)
+    atomic_write(output.with_suffix(".timm_kwargs.json"), lambda tmp: Path(tmp).write_text(text))
     images = torch.randn(2, backbone.cfg.in_chans, backbone.cfg.img_size, backbone.cfg.img_size)
     with torch.no_grad():
         ours = model(images) if classifier else backbone.encode_image(images)

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from common.checkpoint_io import atomic_write, load_safetensors_file
+from common.checkpoint_io import load_safetensors_file, save_safetensors
 from common.errors import UserError
 from models.visual_tokenizers.dall_e import DalleEncoder, DalleEncoderConfig
 from models.visual_tokenizers.dall_e_decoder import DalleDecoder, DalleDecoderConfig
@@ -142,10 +142,7 @@ def decoder_from_tensors(tensors: dict[str, torch.Tensor], source: str) -> Dalle
 def save_dalle_part(target: Path, tensors: dict[str, torch.Tensor], cfg) -> None:
     """`encoder.safetensors` / `decoder.safetensors`: the tensors and their hyper-parameters, what
     --d_vae_weight_path reads as it reads the pickles (and faster)."""
-    from safetensors.torch import save_file
-
-    meta = {k: str(v) for k, v in asdict(cfg).items()}
-    atomic_write(target, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta))
+    save_safetensors(target, tensors, {k: str(v) for k, v in asdict(cfg).items()})
 
 
 def _load(path: Path, part: PickledPart, cache: bool) -> nn.Module:
