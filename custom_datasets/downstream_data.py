@@ -56,7 +56,8 @@ def labelled_texts(data: FinetuneDataSettings, tokenizer) -> DownstreamData:
     if data.eval_data_file_path:
         train, val = examples, read_labelled_texts(data.eval_data_file_path)
     else:
-        train, val = split_held_out(examples, record_keys(len(examples)), data.val_fraction)
+        train, val = split_held_out(examples, record_keys(len(examples)), data.val_fraction,
+                                    f"--data_file_path {data.data_file_path}")
     labels = label_index(train)
     collate = CaptionCollator(tokenizer, data.max_text_len, None, train=False)
     return DownstreamData(LabelledTexts(train, labels), LabelledTexts(val, labels), collate, collate,
@@ -66,15 +67,17 @@ def labelled_texts(data: FinetuneDataSettings, tokenizer) -> DownstreamData:
 def train_and_held_out_pairs(data: FinetuneDataSettings) -> tuple[list, list]:
     """Karpathy's split file: its train + restval images and its test (or val) images; a pair file:
     `--eval_data_file_path`, else a `--val_fraction` held out by file name."""
+    allow = data.allow_outside_data_path
     if is_karpathy_file(data.data_file_path):
-        train = read_karpathy(data.data_file_path, data.data_path, TRAIN_SPLITS)
+        train = read_karpathy(data.data_file_path, data.data_path, TRAIN_SPLITS, allow)
         if data.eval_data_file_path:
-            return train, read_pairs(data.eval_data_file_path, data.data_path)
-        return train, read_karpathy(data.data_file_path, data.data_path, (data.karpathy_eval_split,))
-    pairs = read_pairs(data.data_file_path, data.data_path)
+            return train, read_pairs(data.eval_data_file_path, data.data_path, allow)
+        return train, read_karpathy(data.data_file_path, data.data_path, (data.karpathy_eval_split,), allow)
+    pairs = read_pairs(data.data_file_path, data.data_path, allow)
     if data.eval_data_file_path:
-        return pairs, read_pairs(data.eval_data_file_path, data.data_path)
-    return split_held_out(pairs, (file_key(p[0]) for p in pairs), data.val_fraction)
+        return pairs, read_pairs(data.eval_data_file_path, data.data_path, allow)
+    return split_held_out(pairs, (file_key(p[0]) for p in pairs), data.val_fraction,
+                          f"--data_file_path {data.data_file_path}")
 
 
 def image_text_pairs(data: FinetuneDataSettings, aug: AugmentSettings, input_size: int, tokenizer) -> DownstreamData:

@@ -13,28 +13,57 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from common.checkpoint_io import atomic_write
+from common.console import say
 from common.errors import UserError
 from custom_datasets.image_io import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS
 from custom_datasets.split import held_out_names
 
 EXTENSIONS = frozenset(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS)
-INDEX_HEADER = "# image index of "
+INDEX_HEADER = "# image index of "  # the first format: one path per line (read still, for runs that wrote it)
+# paths separated by NUL, the one byte no file name can hold (a name may hold a newline), as the file
+# system's bytes (a name need not be UTF-8)
+NUL_INDEX_HEADER = b"# image index, NUL-separated, of "
+
+
+def _folder_identity(path: str | os.PathLike) -> tuple[int, int]:
+    info = os.stat(path)  # follows links: a link and the folder it points to are one folder
+    return info.st_dev, info.st_ino
 
 
 def scan(root: Path, limit: int | None = None) -> list[str]:
     """Relative paths (with '/') of every image file under `root` (the first `limit` found), in no
     particular order. One `scandir` per folder: the file type comes from the directory entry, no
-    stat per file."""
+    stat per file. Each folder is walked once: a link back into a folder already walked (a loop)
+    is skipped, and so are entries that cannot be read; both are counted and said."""
     found, stack = [], [""]
+    seen = {_folder_identity(root)}
+    loops, unreadable = [], []
     while stack and (limit is None or len(found) < limit):
         rel = stack.pop()
-        with os.scandir(root / rel if rel else root) as entries:
-            for entry in entries:
-                name = f"{rel}/{entry.name}" if rel else entry.name
-                if entry.is_dir():
-                    stack.append(name)
-                elif os.path.splitext(entry.name)[1].lower() in EXTENSIONS and entry.is_file():
-                    found.append(name)
+        try:
+            with os.scandir(root / rel if rel else root) as entries:
+                for entry in entries:
+                    name = f"{rel}/{entry.name}" if rel else entry.name
+                    try:
+                        if entry.is_dir():
+                            identity = _folder_identity(entry.path)
+                            if identity in seen:
+                                loops.append(name)
+                                continue
+                            seen.add(identity)
+                            stack.append(name)
+                        elif os.path.splitext(entry.name)[1].lower() in EXTENSIONS and entry.is_file():
+                            found.append(name)
+                    except OSError:  # a link to itself, or to nothing readable
+                        unreadable.append(name)
+        except OSError:
+            unreadable.append(rel or ".")
+    if loops:
+        say(f"{root}: skipped {len(loops)} link(s) to folders already indexed (a loop, e.g. {loops[0]!r}); each "
+            f"folder's images are indexed once")
+    if unreadable:
+        say(f"{root}: skipped {len(unreadable)} entr{'ies' if len(unreadable) > 1 else 'y'} that could not be read "
+            f"(e.g. {unreadable[0]!r}: a broken or looping link, or no permission)")
     return found
 
 
@@ -45,7 +74,7 @@ class FileTable:
 
     def __init__(self, paths: Iterable[str], held_out_fraction: float | None = None) -> None:
         ordered = sorted(paths)
-        encoded = [p.encode() for p in ordered]
+        encoded = [p.encode("utf-8", "surrogateescape") for p in ordered]  # os.fsencode, faster
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=self.offsets[1:])
         self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -66,39 +95,46 @@ class FileTable:
         return len(self.offsets) - 1
 
     def __getitem__(self, index: int) -> str:
-        return self.blob[self.offsets[index]:self.offsets[index + 1]].tobytes().decode()
+        return self.blob[self.offsets[index]:self.offsets[index + 1]].tobytes().decode("utf-8", "surrogateescape")
 
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
 
 
 def read_index(cache: Path, root: Path) -> list[str] | None:
+    """The paths of `cache` when it indexes `root`, else None."""
     if not cache.is_file():
         return None
-    lines = cache.read_text(encoding="utf-8").splitlines()
+    data = cache.read_bytes()
+    header = NUL_INDEX_HEADER + os.fsencode(root.resolve()) + b"\0"
+    if data.startswith(header):
+        rest = data[len(header):]
+        return [os.fsdecode(p) for p in rest.split(b"\0")] if rest else []
+    lines = data.decode("utf-8", errors="surrogateescape").splitlines()
     if not lines or lines[0] != INDEX_HEADER + str(root.resolve()):
         return None
     return lines[1:]
 
 
 def write_index(cache: Path, root: Path, paths: list[str]) -> None:
-    text = "\n".join([INDEX_HEADER + str(root.resolve())] + paths) + "\n"
-    atomic_write(cache, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    data = NUL_INDEX_HEADER + os.fsencode(root.resolve()) + b"\0" + b"\0".join(os.fsencode(p) for p in paths)
+    atomic_write(cache, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def index_folder(root: str | Path, cache: Path | None = None, held_out_fraction: float | None = None) -> FileTable:
+def index_folder(root: str | Path, cache: Path | None = None, held_out_fraction: float | None = None,
+                 flag: str = "--data_path") -> FileTable:
     """The folder's image files (split when `held_out_fraction` is given); with `cache`, read from it
-    when it indexes the same folder (a resumed run), else written there."""
+    when it indexes the same folder (a resumed run), else written there. `flag` names it in errors."""
     root = Path(root)
     if not root.exists():
-        raise UserError(f"--data_path {root} does not exist")
+        raise UserError(f"{flag} {root} does not exist")
     if not root.is_dir():
-        raise UserError(f"--data_path {root} is a file; pass the folder that holds the images")
+        raise UserError(f"{flag} {root} is a file; pass the folder that holds the images")
     paths = read_index(cache, root) if cache is not None else None
     if paths is None:
         paths = scan(root)
         if cache is not None and paths and not cache.exists():  # another run's index is never overwritten
             write_index(cache, root, sorted(paths))
     if not paths:
-        raise UserError(f"--data_path {root} holds no image files (looked for .jpg/.png/.tif/.npy and more, recursively)")
+        raise UserError(f"{flag} {root} holds no image files (looked for .jpg/.png/.tif/.npy and more, recursively)")
     return FileTable(paths, held_out_fraction)

@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 TILE_SCAN = 10_000  # files looked at for tiles to fit the band statistics on
 
 
-def list_image_files(root: str | Path) -> list[Path]:
-    """Every image file under `root`, sorted (what predict and search read)."""
+def list_image_files(root: str | Path, flag: str = "--data_path") -> list[Path]:
+    """Every image file under `root`, sorted (what predict and search read); `flag` names it in errors."""
     root = Path(root)
-    return [root / p for p in index_folder(root)]
+    return [root / p for p in index_folder(root, flag=flag)]
 
 
 def is_tile(path: str | Path) -> bool:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from common.errors import UserError
-from custom_datasets.text_data import report_skipped
+from custom_datasets.text_data import ImageRoot, report_skipped
 
 TRAIN_SPLITS = ("train", "restval")
 
@@ -25,9 +25,10 @@ def is_karpathy_file(path: str | Path) -> bool:
     return head.startswith(b"{") and b'"images"' in head
 
 
-def read_karpathy(path: str | Path, image_root: str | Path | None, splits: tuple[str, ...]) -> list[tuple[Path, list[str]]]:
+def read_karpathy(path: str | Path, image_root: str | Path | None, splits: tuple[str, ...],
+                  allow_outside: bool = False) -> list[tuple[Path, list[str]]]:
     """`(image path, its captions)` of the images in `splits`; entries without a file name or a
-    sentence are skipped and counted."""
+    sentence, or (unless `allow_outside`) whose image lies outside the root, are skipped and counted."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -36,15 +37,17 @@ def read_karpathy(path: str | Path, image_root: str | Path | None, splits: tuple
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise UserError(f"--data_file_path {path} has no \"images\" list; Karpathy's split files hold one")
-    root = Path(image_root) if image_root else path.parent
+    root = ImageRoot(Path(image_root) if image_root else path.parent, allow_outside)
     pairs, wanted = [], [e for e in images if isinstance(e, dict) and e.get("split") in splits]
     for entry in wanted:
         captions = [s["raw"] for s in entry.get("sentences") or [] if isinstance(s, dict) and isinstance(s.get("raw"), str)]
         filename = entry.get("filename")
         if captions and isinstance(filename, str) and filename:
-            folder = root / entry["filepath"] if isinstance(entry.get("filepath"), str) else root
-            pairs.append((folder / filename, captions))
-    report_skipped(path, len(wanted) - len(pairs), len(wanted), "images")
+            folder = [entry["filepath"]] if isinstance(entry.get("filepath"), str) else []
+            if (image := root.image(*folder, filename)) is not None:
+                pairs.append((image, captions))
+    root.report(path, "images", len(pairs))
+    report_skipped(path, len(wanted) - len(pairs) - len(root.outside), len(wanted), "images")
     if not pairs:
         raise UserError(f"--data_file_path {path} has no usable image in the {'/'.join(splits)} split")
     return pairs

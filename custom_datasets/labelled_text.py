@@ -10,10 +10,26 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from common.console import say
 from common.errors import UserError
+from custom_datasets.text_data import json_lines
+
+
+def labelled_example(row: Any) -> tuple[str, str] | None:
+    """(text, label) of a row, or None when it has no text or no label (a CSV row cut short, an empty
+    cell, a label that is not a name or an integer)."""
+    if not isinstance(row, dict):
+        return None
+    text, label = row.get("text"), row.get("label")
+    if not isinstance(text, str) or not text.strip():
+        return None
+    if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
+        return None
+    return text, str(label).strip()
 
 
 def read_labelled_texts(path: str | Path) -> list[tuple[str, str]]:
+    """(text, label) examples; rows without a text or a label are skipped and counted."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--data_file_path {path} does not exist")
@@ -23,7 +39,7 @@ def read_labelled_texts(path: str | Path) -> list[tuple[str, str]]:
             with open(path, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
         elif suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = list(json_lines(path))
         elif suffix == ".json":
             rows = json.loads(path.read_text(encoding="utf-8"))
         else:
@@ -32,11 +48,13 @@ def read_labelled_texts(path: str | Path) -> list[tuple[str, str]]:
         raise UserError(f"--data_file_path {path} cannot be parsed ({err})") from None
     if not isinstance(rows, list) or not rows:
         raise UserError(f"--data_file_path {path} holds no examples")
-    out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "text" not in row or "label" not in row:
-            raise UserError(f"{path} example {i} needs \"text\" and \"label\" fields")
-        out.append((str(row["text"]), str(row["label"])))
+    out = [example for row in rows if (example := labelled_example(row)) is not None]
+    if not out:
+        raise UserError(f"--data_file_path {path}: none of its {len(rows)} rows has a non-empty \"text\" and a "
+                        f"\"label\"; check the file (a CSV needs the header text,label)")
+    if len(out) < len(rows):
+        say(f"{path}: skipped {len(rows) - len(out)} of {len(rows)} rows without a text or a label (empty, missing, "
+            f"or not valid JSON)")
     return out
 
 

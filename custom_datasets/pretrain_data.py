@@ -22,7 +22,7 @@ from custom_datasets.image_folder import ImageFiles
 from custom_datasets.masking import BlockwiseMaskGenerator, RandomMaskGenerator, default_num_mask_patches
 from custom_datasets.pair_data import ImageCaptionPairs, SyntheticCaptions
 from custom_datasets.settings import SYNTHETIC, PretrainDataConfig
-from custom_datasets.split import file_key, record_keys, split_held_out
+from custom_datasets.split import file_key, record_keys, require_training_left, split_held_out
 from custom_datasets.synthetic_world import SyntheticWorld
 from custom_datasets.text_collate import CaptionCollator
 from custom_datasets.text_data import CaptionCorpus, read_pairs
@@ -109,7 +109,7 @@ def build_image_datasets(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tupl
         return train_set, ImageFiles(data.eval_data_path, val_build, bands, scaler=train_set.scaler)
     table = index_folder(root, cache, held_out_fraction=data.val_fraction)
     train = np.flatnonzero(~table.held_out)
-    train = train if len(train) else np.arange(len(table))  # too small to spare a held-out set: train on all
+    require_training_left(len(train), len(table), f"--data_path {root}", "--eval_data_path")
     train_set = ImageFiles(root, train_build, bands, table, train)
     return train_set, ImageFiles(root, val_build, bands, table, np.flatnonzero(table.held_out), scaler=train_set.scaler)
 
@@ -131,7 +131,8 @@ def build_text_datasets(cfg: PretrainDataConfig) -> tuple[Dataset, Dataset]:
     if text.eval_data_file_path:
         return corpus, CaptionCorpus([text.eval_data_file_path])
     indices = list(range(len(corpus)))
-    train, val = split_held_out(indices, record_keys(len(corpus)), data.val_fraction)
+    train, val = split_held_out(indices, record_keys(len(corpus)), data.val_fraction,
+                                f"--data_file_path {' '.join(text.data_file_path)}")
     return Subset(corpus, train), Subset(corpus, val)
 
 
@@ -144,7 +145,7 @@ def build_webdataset_pairs(cfg: PretrainDataConfig, train_build, val_build) -> t
     train = WebDatasetPairs(expand_shards(data.data_path), require_num_samples(text.train_num_samples), train_build,
                             seed=cfg.seed)
     if text.eval_data_file_path:
-        return train, ImageCaptionPairs(read_pairs(text.eval_data_file_path, None), val_build)
+        return train, ImageCaptionPairs(read_pairs(text.eval_data_file_path, None, data.allow_outside_data_path), val_build)
     if data.eval_data_path:
         shards = expand_shards(data.eval_data_path)
         return train, WebDatasetPairs(shards, count_samples(shards), val_build, seed=cfg.seed, shuffle=False)
@@ -159,10 +160,13 @@ def build_pair_datasets(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tuple
     if text.webdataset:
         return build_webdataset_pairs(cfg, train_build, val_build)
     root = None if is_synthetic(cfg) else cfg.data.data_path
-    pairs = [p for path in text.data_file_path for p in read_pairs(path, root)]
+    allow = cfg.data.allow_outside_data_path
+    pairs = [p for path in text.data_file_path for p in read_pairs(path, root, allow)]
     if text.eval_data_file_path:
-        return ImageCaptionPairs(pairs, train_build), ImageCaptionPairs(read_pairs(text.eval_data_file_path, root), val_build)
-    train, val = split_held_out(pairs, (file_key(p[0]) for p in pairs), cfg.data.val_fraction)
+        return (ImageCaptionPairs(pairs, train_build),
+                ImageCaptionPairs(read_pairs(text.eval_data_file_path, root, allow), val_build))
+    train, val = split_held_out(pairs, (file_key(p[0]) for p in pairs), cfg.data.val_fraction,
+                                f"--data_file_path {' '.join(text.data_file_path)}")
     return ImageCaptionPairs(train, train_build), ImageCaptionPairs(val, val_build)
 
 

@@ -11,21 +11,30 @@ SYNTHETIC = "synthetic"
 INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest", "random")  # random: bilinear or bicubic per image
 
 
+def allow_outside_flag():
+    """`--allow_outside_data_path`, the same in pretraining and fine-tuning."""
+    return flag(False, "pair files may name images outside --data_path (absolute paths, '..'); by default such pairs "
+                       "are skipped and counted")
+
+
 @dataclass(frozen=True)
 class DataSettings:
     data_path: str | None = flag(None, "image folder (searched recursively); text modes: a caption file; "
                                        "'synthetic' for the embedded world", shown_default="none: required")
     eval_data_path: str | None = flag(None, "held-out images", shown_default="a --val_fraction of --data_path")
-    val_fraction: float = flag(0.05, "fraction of --data_path held out (deterministic by file name)")
+    val_fraction: float = flag(0.05, "fraction of --data_path held out (deterministic by file name)", minimum=0,
+                                below=1)
     bands: str | None = flag(None, "for .npy tiles: three band indices as R,G,B, e.g. 3,2,1", shown_default="the first three")
-    synthetic_train_size: int = flag(2000, "scenes in the synthetic training split")
-    synthetic_val_size: int = flag(500, "scenes in the synthetic held-out split")
-    synthetic_render_size: int = flag(96, "pixels of a rendered synthetic scene")
-    max_train_samples: int | None = flag(None, "use only the first N training samples (quick trials)", shown_default="all")
-    max_val_samples: int | None = flag(None, "use only the first N held-out samples", shown_default="all")
-    max_bad_samples: int | None = flag(None, "stop once more unreadable samples than this were skipped",
+    synthetic_train_size: int = flag(2000, "scenes in the synthetic training split", minimum=1)
+    synthetic_val_size: int = flag(500, "scenes in the synthetic held-out split", minimum=1)
+    synthetic_render_size: int = flag(96, "pixels of a rendered synthetic scene", minimum=8)
+    max_train_samples: int | None = flag(None, "use only the first N training samples (quick trials)", shown_default="all",
+                                          minimum=1)
+    max_val_samples: int | None = flag(None, "use only the first N held-out samples", shown_default="all", minimum=1)
+    max_bad_samples: int | None = flag(None, "stop once more unreadable samples than this were skipped", minimum=0,
                                        shown_default="no limit")
-    num_workers: int = flag(2, "DataLoader worker processes")
+    num_workers: int = flag(2, "DataLoader worker processes", minimum=0)
+    allow_outside_data_path: bool = allow_outside_flag()
     pin_mem: bool | None = flag(None, "pin host memory for faster copies to the GPU",
                                 action=argparse.BooleanOptionalAction, shown_default="on with a GPU")
     no_pin_mem: bool = flag(False, "ContinualTransformer's spelling of --no-pin_mem")
@@ -88,7 +97,7 @@ class FinetuneDataSettings:
                                             "image-caption .json/.jsonl, or Karpathy's dataset_coco.json / "
                                             "dataset_flickr30k.json")
     eval_data_file_path: str | None = flag(None, "held-out texts / pairs", shown_default="a --val_fraction")
-    val_fraction: float = flag(0.1, "fraction of --data_file_path held out (deterministic)")
+    val_fraction: float = flag(0.1, "fraction of --data_file_path held out (deterministic)", minimum=0, below=1)
     tokenizer: str | None = flag(None, "text tasks: BERT tokenizer folder or hub name",
                                  shown_default="the checkpoint's, else bert-base-uncased")
     max_text_len: int = flag(40, "tokens per text, [CLS] and [SEP] included")
@@ -118,9 +127,10 @@ class FinetuneDataSettings:
         None, "image classification and linear probe: fraction of the training images held out (by file name) "
               "to choose the best epoch on, so the reported val accuracy is not the one it was picked on; 0: pick "
               "on the val set (BEiT)", shown_default="0.2 with --recipe small_data, else 0")
-    max_bad_samples: int | None = flag(None, "stop once more unreadable samples than this were skipped",
+    max_bad_samples: int | None = flag(None, "stop once more unreadable samples than this were skipped", minimum=0,
                                        shown_default="no limit")
-    num_workers: int = flag(2, "DataLoader worker processes")
+    num_workers: int = flag(2, "DataLoader worker processes", minimum=0)
+    allow_outside_data_path: bool = allow_outside_flag()
 
 
 @dataclass(frozen=True)

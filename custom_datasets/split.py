@@ -8,12 +8,14 @@ import hashlib
 import os
 from typing import Iterable, Sequence, TypeVar
 
+from common.errors import UserError
+
 T = TypeVar("T")
 _SCALE = 2.0 ** 32
 
 
 def is_held_out(key: str, fraction: float) -> bool:
-    digest = hashlib.md5(key.encode()).digest()
+    digest = hashlib.md5(key.encode("utf-8", "surrogateescape")).digest()  # a file name need not be UTF-8
     return int.from_bytes(digest[:4], "little") / _SCALE < fraction
 
 
@@ -21,7 +23,8 @@ def held_out_names(paths: Iterable[str], fraction: float) -> list[bool]:
     """`is_held_out(file_key(p))` for many '/'-separated paths, fast (the same decisions: an int
     compared with fraction x 2^32 is exactly the float comparison above)."""
     md5, threshold, from_bytes = hashlib.md5, fraction * _SCALE, int.from_bytes
-    return [from_bytes(md5(p[p.rfind("/") + 1:].encode()).digest()[:4], "little") < threshold for p in paths]
+    return [from_bytes(md5(p[p.rfind("/") + 1:].encode("utf-8", "surrogateescape")).digest()[:4], "little") < threshold
+            for p in paths]
 
 
 def file_key(path: str | os.PathLike) -> str:
@@ -37,13 +40,23 @@ def held_out_flags(keys: Iterable[str], fraction: float) -> list[bool]:
     return flags
 
 
-def split_held_out(items: Sequence[T], keys: Iterable[str], fraction: float) -> tuple[list[T], list[T]]:
-    """(train, held-out) of `items`, keyed by `keys`. A data set too small to spare its held-out
-    samples trains on all of them."""
+def require_training_left(train: int, total: int, what: str, eval_flag: str) -> None:
+    """A split that holds out every sample leaves nothing to train on; training on the held-out
+    samples instead would report their metrics as held-out ones."""
+    if total and not train:
+        raise UserError(f"{what} has {total} sample{'s' if total > 1 else ''}, all held out for evaluation, so none is "
+                        f"left to train on; add data, lower --val_fraction, or pass held-out data with {eval_flag}")
+
+
+def split_held_out(items: Sequence[T], keys: Iterable[str], fraction: float, what: str = "the data set",
+                   eval_flag: str = "--eval_data_file_path") -> tuple[list[T], list[T]]:
+    """(train, held-out) of `items`, keyed by `keys`; `what` names the data in the sentence that
+    refuses a split leaving nothing to train on."""
     flags = held_out_flags(keys, fraction)
     train = [item for item, held in zip(items, flags) if not held]
     val = [item for item, held in zip(items, flags) if held]
-    return train or list(items), val
+    require_training_left(len(train), len(items), what, eval_flag)
+    return train, val
 
 
 def record_keys(count: int) -> list[str]:

@@ -6,6 +6,7 @@ corpora too large to load at once), `.txt` one caption per line."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -151,9 +152,43 @@ class CaptionCorpus(Dataset):
                 yield sample["caption"]
 
 
-def read_pairs(path: str | Path, image_root: str | Path | None) -> list[tuple[Path, list[str]]]:
+OUTSIDE_FLAG = "--allow_outside_data_path"
+
+
+class ImageRoot:
+    """Where a pair file's images may be: under its root, unless the user allows any path. A name
+    that leaves the root (absolute, or through '..') is skipped and counted otherwise: a pair file
+    handed over by someone else must not make a run read /etc/passwd. Links inside the root are
+    the user's own doing and are followed."""
+
+    def __init__(self, root: Path, allow_outside: bool) -> None:
+        self.root, self.allow_outside = root, allow_outside
+        self.bound = os.path.normpath(root.absolute())
+        self.outside: list[str] = []
+
+    def image(self, *parts: str) -> Path | None:
+        path = self.root.joinpath(*parts)
+        normal = os.path.normpath(path.absolute())
+        if self.allow_outside or normal == self.bound or normal.startswith(self.bound.rstrip(os.sep) + os.sep):
+            return path
+        self.outside.append("/".join(parts))
+        return None
+
+    def report(self, source: Path, what: str, kept: int) -> None:
+        if self.outside and not kept:
+            raise UserError(f"--data_file_path {source}: no usable {what} left, {len(self.outside)} name images outside "
+                            f"{self.root} (an absolute path or '..', e.g. {self.outside[0]!r}); pass the folder that "
+                            f"holds them as --data_path, or {OUTSIDE_FLAG} to read them where they are")
+        if self.outside:
+            say(f"{source}: skipped {len(self.outside)} {what} whose image lies outside {self.root} (an absolute path "
+                f"or '..', e.g. {self.outside[0]!r}); pass {OUTSIDE_FLAG} to read them")
+
+
+def read_pairs(path: str | Path, image_root: str | Path | None,
+               allow_outside: bool = False) -> list[tuple[Path, list[str]]]:
     """`(image path, captions)` from a JSON list / JSON Lines of `{"caption": ..., "filename": ...}`;
-    relative filenames are resolved against `image_root` (default: the file's folder)."""
+    relative filenames are resolved against `image_root` (default: the file's folder), and stay
+    under it unless `allow_outside`."""
     path = Path(path)
     _check_file(path)
     if path.suffix.lower() == ".json":
@@ -164,12 +199,13 @@ def read_pairs(path: str | Path, image_root: str | Path | None) -> list[tuple[Pa
         raise UserError(f"--data_file_path {path}: image-text pairs need .json or .jsonl with \"filename\" fields")
     if not records:
         raise UserError(f"--data_file_path {path} holds no image-text pairs")
-    root = Path(image_root) if image_root else path.parent
+    root = ImageRoot(Path(image_root) if image_root else path.parent, allow_outside)
     pairs = []
     for record in records:
         captions = captions_of(record)
         filename = record.get("filename") if isinstance(record, dict) else None
-        if captions and isinstance(filename, str) and filename:
-            pairs.append((root / filename, captions))
-    report_skipped(path, len(records) - len(pairs), len(records), "pairs")
+        if captions and isinstance(filename, str) and filename and (image := root.image(filename)) is not None:
+            pairs.append((image, captions))
+    root.report(path, "pairs", len(pairs))
+    report_skipped(path, len(records) - len(pairs) - len(root.outside), len(records), "pairs")
     return pairs
