@@ -82,7 +82,12 @@ def test_vqa_samples_carry_targets_and_official_scores(vqa_root):
     assert sample["image"].shape == (3, 32, 32) and sample["caption"] == "What color is it?"
     assert sample["vqa_targets"].tolist() == [0, 1, 0]
     assert sample["vqa_scores"].tolist() == pytest.approx([0, 1, 0])
-    assert data[2]["vqa_scores"].tolist() == pytest.approx([0, 0, 0])  # 6 humans said "two": verbatim, not "2"
+    # 6 humans said "two", 4 "3": they disagree, so the official code normalises them ("two" is "2"); the
+    # pre-2021 code processed only their punctuation, and "2" scored nothing
+    assert data[2]["vqa_scores"].tolist() == pytest.approx([0, 0, 1])
+    before = AnswerVocabulary(vocabulary.answers, "official_pre2021")
+    assert VQAQuestions(held_out, before, "min_n_over_3", LabelledSample(whole_image_transform(
+        AugmentSettings(aa=""), 32, False)), "VQA val2014")[2]["vqa_scores"].tolist() == pytest.approx([0, 0, 0])
 
 
 def test_vqa_mistakes_are_one_sentence(vqa_root, tmp_path):
