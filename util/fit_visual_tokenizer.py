@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--output {output} must end in .safetensors")
     if output.exists() and not args.overwrite:
         raise UserError(f"--output {output} already exists; pass --overwrite or choose another path")
+    for name, low in (("vocab_size", 2), ("max_images", 1), ("num_workers", 0), ("image_size", 1), ("patch_size", 1)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name} {getattr(args, name)}: must be at least {low}")
     if args.image_size % args.patch_size:
         raise UserError(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
     grid = args.image_size // args.patch_size
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     train_set, _ = build_image_datasets(data_cfg, (grid, grid))
     start = time.time()
     tokenizer = fit_kmeans_tokenizer(train_set, grid, args.vocab_size, args.max_images, seed=args.seed,
-                                     num_workers=args.num_workers)
+                                     num_workers=args.num_workers, vocab_flag="--vocab_size")
     save_kmeans_tokenizer(tokenizer, output, second)
     print(f"wrote {output}: {args.vocab_size} tokens, {grid}x{grid} grid at {second}px "
           f"({time.time() - start:.0f}s)")

@@ -83,9 +83,14 @@ def create_visual_tokenizer(kind: str, weight_path: str | Path | None, image_siz
     else:
         raise UserError(f"--d_vae_type {kind} is unknown; choose one of {', '.join(KINDS)}")
     if expected_grid is not None and grid != expected_grid:
-        raise UserError(f"the {kind} tokenizer gives a {grid}x{grid} token grid at --second_image_size {image_size} but the "
-                        f"backbone has {expected_grid}x{expected_grid} patches; use --second_image_size "
-                        f"{expected_grid * 8 if kind == 'dall-e' else image_size} or a tokenizer fitted for this grid")
+        if kind == "dall-e":  # one token per 8x8 pixels: the view size decides the grid
+            fix = f"use --second_image_size {expected_grid * 8}"
+        else:  # the grid was fixed when the tokenizer was fitted
+            fix = (f"fit a tokenizer for a {expected_grid}x{expected_grid} grid (util/fit_visual_tokenizer.py, or leave "
+                   f"out --d_vae_weight_path to fit one in the run), or give the backbone {grid}x{grid} patches")
+        raise UserError(f"the {kind} tokenizer {weight_path or ''} gives a {grid}x{grid} token grid at "
+                        f"--second_image_size {image_size} but the backbone has {expected_grid}x{expected_grid} "
+                        f"patches; {fix}")
     return tokenizer
 
 
