@@ -30,7 +30,7 @@ from custom_datasets.classification_data import recorded_transform  # noqa: E402
 from custom_datasets.image_folder import list_image_files  # noqa: E402
 from custom_datasets.image_io import is_image_file, open_rgb  # noqa: E402
 from serving import open_servable  # noqa: E402
-from serving.result_files import reason, write_results  # noqa: E402
+from serving.result_files import check_output, errors_path, reason, write_results  # noqa: E402
 
 
 def read_class_names(path: str | None, saved: list[str] | None, num_classes: int) -> list[str]:
@@ -63,13 +63,24 @@ def input_files(inputs: list[str]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         source = Path(item)
+        if not source.exists():
+            raise UserError(f"--input {source} does not exist; check the path")
         if source.is_file():
             if not is_image_file(source):
                 raise UserError(f"--input {source} is not an image file")
             files.append(source)
         else:
-            files.extend(list_image_files(source))
+            files.extend(list_image_files(source, "--input"))
     return files
+
+
+def check_arguments(args) -> None:
+    """Before anything is loaded or classified."""
+    if args.topk < 1:
+        raise UserError(f"--topk {args.topk}: list at least 1 answer per input")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
+    check_output(Path(args.output), args.overwrite)
 
 
 @cli_entry
@@ -81,13 +92,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--question", default=None, help="VQA checkpoints: the question asked about each image")
     p.add_argument("--statement", default=None, help="NLVR2 checkpoints: the statement judged against the two images")
     p.add_argument("--output", default="predictions.json")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--topk", type=int, default=5, help="answers listed per input (at least 1)")
     p.add_argument("--class_names", default=None, help=".txt (one per line) or .json list; default: the checkpoint's")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--mask_dir", default=None, help="segmentation checkpoints: where <name>_mask.png (class indices, "
                    "colour palette) and <name>_overlay.png go (default: next to --output, <output>_masks/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    check_arguments(args)
     files = input_files(args.input)
     servable = open_servable(args.checkpoint)
     task = servable.fusion_task
@@ -126,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     output = Path(args.output)
     write_results(output, results, failed)
     print(f"{len(results)} images classified, {len(failed)} unreadable; wrote {output}"
-          + (f" and {output.with_suffix('.errors.json')}" if failed else ""))
+          + (f" and {errors_path(output)}" if failed else ""))
     return {"predictions": results, "errors": failed}
 
 

@@ -18,6 +18,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from common.checkpoint_io import atomic_write, load_safetensors_file, save_safetensors  # noqa: E402
 from common.errors import UserError, cli_entry  # noqa: E402
 from custom_datasets.classification_data import recorded_transform  # noqa: E402
 from custom_datasets.image_folder import list_image_files  # noqa: E402
@@ -67,22 +68,25 @@ class Embedder:
         return torch.cat(out)
 
 
-def cached_image_embeddings(embedder: Embedder, checkpoint: str, folder: Path, cache_dir: Path):
-    """Embeddings of every readable image under `folder`, recomputed only when the checkpoint or the
-    file list changes."""
-    from safetensors.torch import load_file, save_file
+def file_state(path: Path) -> list:
+    """What changes when a file is replaced or edited in place: its size and modification time."""
+    info = path.stat()
+    return [str(path.resolve()), info.st_size, info.st_mtime_ns]
 
-    files = list_image_files(folder)
-    key = hashlib.sha1(json.dumps([str(Path(checkpoint).resolve()), Path(checkpoint).stat().st_mtime,
-                                   [str(f) for f in files]]).encode()).hexdigest()[:16]
+
+def cached_image_embeddings(embedder: Embedder, checkpoint: str, folder: Path, cache_dir: Path):
+    """Embeddings of every readable image under `folder`, recomputed when the checkpoint, the file
+    list or any file (replaced or edited in place: its size or modification time) changes."""
+    files = list_image_files(folder, "--images")
+    key = hashlib.sha1(json.dumps([file_state(Path(checkpoint))] + [file_state(f) for f in files]).encode()).hexdigest()[:16]
     cache = cache_dir / f"{key}.safetensors"
     index = cache.with_suffix(".json")
     if cache.is_file() and index.is_file():
-        return load_file(str(cache))["embeddings"], [Path(p) for p in json.loads(index.read_text())], []
+        return load_safetensors_file(cache)[0]["embeddings"], [Path(p) for p in json.loads(index.read_text())], []
     embeddings, kept, failed = embedder.images(files)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"embeddings": embeddings.contiguous()}, str(cache))
-    index.write_text(json.dumps([str(p) for p in kept]))
+    text = json.dumps([str(p) for p in kept])
+    atomic_write(index, lambda tmp: Path(tmp).write_text(text))  # the index first: an embedding file alone is unused
+    save_safetensors(cache, {"embeddings": embeddings})
     return embeddings, kept, failed
 
 
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache_dir", default="outputs/search_cache")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.topk < 1:
+        raise UserError(f"--topk {args.topk}: list at least 1 result per query")
     if not ((args.images and args.query) or (args.image_query and args.captions)):
         raise UserError("give --images DIR with --query TEXT (text -> images), or --image_query IMAGE with "
                         "--captions FILE (image -> captions)")
