@@ -28,6 +28,16 @@ def recall_at_k(similarity: torch.Tensor, text_to_image: torch.Tensor, ks=(1, 5,
     return out
 
 
+def trivial_recall_note(n_images: int, n_texts: int, ks=(1, 5, 10)) -> str | None:
+    """A sentence when some R@k is 1 by construction: k reaches the number of candidates, so every
+    candidate, the right one too, is in the top k."""
+    trivial = [k for k in ks if k >= n_images or k >= n_texts]
+    if not trivial:
+        return None
+    return (f"only {n_images} held-out images and {n_texts} captions: R@{'/'.join(map(str, trivial))} count every "
+            f"candidate as retrieved and mean nothing (1.000 for a random model); hold out more than {max(ks)} pairs")
+
+
 @dataclass
 class PairInputs:
     """The held-out inputs re-ranking feeds the fused forward, kept while they are embedded (so the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from common.checkpoint_io import Checkpoint
 from common.console import say
+from common.errors import UserError
 from models import create_model
 from models.downstream import DownstreamOptions, DownstreamTask, SegmentationOptions
 from models.head_loading import head_names, load_head_into
@@ -43,8 +44,9 @@ def make_task(cfg: FinetuneConfig, backbone, num_classes: int, text_tokenizer, g
     return task_cls(backbone, options)
 
 
-def load_task_heads(task: DownstreamTask, ckpt: Checkpoint) -> list[str]:
-    """Load the heads `ckpt` already has for this task (same shapes); report the rest."""
+def load_task_heads(task: DownstreamTask, ckpt: Checkpoint) -> tuple[list[str], list[str]]:
+    """Load the heads `ckpt` already has for this task (same shapes): (report lines, the heads that
+    start untrained)."""
     loaded = [f"backbone ({sum(1 for k in ckpt.model if k.startswith('backbone.'))} tensors)"]
     new = []
     for name in task.heads:
@@ -59,7 +61,8 @@ def load_task_heads(task: DownstreamTask, ckpt: Checkpoint) -> list[str]:
                     if name == "classifier" and "weight" in saved else "")
             new.append(name + note)
     ignored = sorted(set(head_names(ckpt.model)) - set(task.heads))
-    return [f"loaded: {', '.join(loaded)}", f"new: {', '.join(new) or 'none'}", f"ignored: {', '.join(ignored) or 'none'}"]
+    return ([f"loaded: {', '.join(loaded)}", f"new: {', '.join(new) or 'none'}", f"ignored: {', '.join(ignored) or 'none'}"],
+            new)
 
 
 def build_task(cfg: FinetuneConfig, ckpt: Checkpoint | None, num_classes: int, text_tokenizer=None,
@@ -80,7 +83,12 @@ def build_task(cfg: FinetuneConfig, ckpt: Checkpoint | None, num_classes: int, t
     backbone = create_model(m.model, pretrained=m.finetune, checkpoint=ckpt, img_size=m.input_size,
                             drop_path_rate=m.drop_path)
     task = make_task(cfg, backbone, num_classes, text_tokenizer, gather, ckpt.info.get("heads"), class_names)
-    return task, load_task_heads(task, ckpt)
+    report, untrained = load_task_heads(task, ckpt)
+    if cfg.run.eval and untrained:
+        raise UserError(f"--eval --finetune {m.finetune}: the checkpoint has no trained {', '.join(untrained)} for "
+                        f"--task {cfg.task} (it was not fine-tuned for it), so the evaluation would score untrained "
+                        f"weights; fine-tune it first (drop --eval), or pass a checkpoint fine-tuned for this task")
+    return task, report
 
 
 def text_tokenizer_for(cfg: FinetuneConfig, ckpt: Checkpoint | None):

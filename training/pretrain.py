@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from training.run_checkpoint import (
     run_state,
     save_run_checkpoint,
 )
+from training.resume_changes import TOKENIZER_DIGEST, keep_previous_settings, resume_changes, tokenizer_digest
 from training.scaffold import RunContext, checkpoint_due, last_step, run_eta
 from training.sharded_checkpoint import save_sharded_run_checkpoint
 from training.step import StepSettings, cause_of
@@ -62,6 +63,7 @@ class PretrainRun:
     weights: Weights
     trainable: dict[str, int]
     untrained: list[str]  # weight groups no run has trained yet, after this one (recorded in checkpoints)
+    resume_changes: list[str] = field(default_factory=list)  # settings a resume changed ('name old -> new')
 
     @property
     def backbone(self) -> VLMoBackbone:
@@ -88,12 +90,27 @@ def resolve_resume(cfg: PretrainConfig, ctx: RunContext) -> PretrainConfig:
     return cfg
 
 
+FINISHED_STAGE = ("stage_report.json", "adapters.safetensors", "merged_model.safetensors")
+
+
 def refuse_taken_output(cfg: PretrainConfig, ctx: RunContext) -> None:
-    """A folder holding a run is never overwritten. Checked after the data is (a wrong --data_path is
-    reported as such, even into a taken folder) and before anything is written there."""
-    if not cfg.model.resume and not cfg.run.eval and latest_checkpoint(ctx.output_dir) is not None:
+    """A folder holding a run, or what a finished stage left there (its report and handover files,
+    even with its checkpoints deleted), is never overwritten or appended to; `--auto_resume` starts
+    afresh in a folder whose run left only a log (it stopped before its first checkpoint). Checked
+    after the data is (a wrong --data_path is reported as such, even into a taken folder) and before
+    anything is written there."""
+    if cfg.model.resume or cfg.run.eval:
+        return
+    if latest_checkpoint(ctx.output_dir) is not None:
         raise UserError(f"--output_dir {ctx.output_dir} already holds checkpoints of a run; pass --auto_resume to "
                         f"continue it or choose another --output_dir (nothing is overwritten)")
+    left = [name for name in FINISHED_STAGE if (ctx.output_dir / name).exists()]
+    if left:
+        raise UserError(f"--output_dir {ctx.output_dir} already holds {', '.join(left)} of a finished stage; choose "
+                        f"another --output_dir for this one (nothing is overwritten)")
+    if (ctx.output_dir / "log.txt").exists() and not cfg.model.auto_resume:
+        raise UserError(f"--output_dir {ctx.output_dir} holds the log.txt of a run that stopped before its first "
+                        f"checkpoint; pass --auto_resume to start it again there, or choose another --output_dir")
 
 
 def limit_samples(data: PretrainData, cfg: PretrainConfig) -> None:
@@ -121,6 +138,9 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
         extra = weights.ckpt.extra if weights.ckpt is not None else {}
         carried = {part: extra[f"dall_e_{part}"] for part in ("encoder", "decoder") if extra.get(f"dall_e_{part}")}
         visual_tokenizer, cfg = build_visual_tokenizer(cfg, data.train, grid[0], ctx.device, carried)
+    changes = (resume_changes(weights.path, weights.ckpt.extra.get("args") or {}, flat_settings(cfg),
+                              weights.ckpt.extra.get(TOKENIZER_DIGEST), tokenizer_digest(visual_tokenizer))
+               if weights.continue_run and not weights.ckpt.extra.get("foreign_run") else [])
     mode = mode_cls(backbone, mode_options(cfg, visual_tokenizer))
     carried = attach_heads(mode, weights.ckpt)
     if cfg.lora.lora_rank:
@@ -143,7 +163,7 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
     if cfg.model.compile:  # after sharding: each compiled block keeps its FSDP hooks outside the graph
         compile_modules(backbone.blocks, visual_tokenizer)
     return PretrainRun(cfg, ctx, mode, model, data, grid, text_tokenizer, visual_tokenizer, carried, weights, trainable,
-                       untrained)
+                       untrained, changes)
 
 
 def still_untrained(mode: PretrainMode, weights: Weights) -> list[str]:
@@ -235,6 +255,12 @@ def describe_run(run: PretrainRun, optim: Optimization) -> None:
           + (f", text tokenizer {cfg.text.tokenizer} ({len(tt)} tokens)" if tt is not None else "")
           + f", {ctx.world} process(es), effective batch {optim.eff_batch}, lr {optim.settings.lr:.3g}, "
             f"amp {cfg.run.amp}, device {ctx.device}")
+    if run.resume_changes:
+        say(f"resuming with changed settings: {'; '.join(run.resume_changes)}")
+        if not cfg.run.eval:
+            kept = keep_previous_settings(ctx.output_dir, "args.yaml", optim.start_epoch - 1)
+            if kept is not None:
+                say(f"the settings of epochs up to {optim.start_epoch - 1} are kept in {kept}")
     save_settings(cfg, ctx.output_dir, "eval_args.yaml" if cfg.run.eval else "args.yaml")  # an eval never rewrites a run's files
 
 
@@ -253,7 +279,8 @@ def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dic
     cfg, ctx = run.cfg, run.ctx
     scaled = cfg.lora.reg_delta == "scaled"
     regularizer = (lambda: self_regularization(run.backbone, scaled)) if cfg.lora.self_regularization else None
-    lora_meta = {"lora": {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha}} if cfg.lora.lora_rank else None
+    record = {"lora": {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha}} if cfg.lora.lora_rank else {}
+    record[TOKENIZER_DIGEST] = tokenizer_digest(run.visual_tokenizer)  # what a resume checks its targets by
     skipped_total, stats, info, start = 0, {}, run.info(), time.time()
     for epoch in range(optim.start_epoch, cfg.optim.epochs):
         ctx.start_epoch(optim.train_loader, epoch)
@@ -271,14 +298,14 @@ def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dic
         if due and cfg.model.sharded_checkpoint:  # every rank writes its shards
             path = save_sharded_run_checkpoint(
                 run_checkpoint_path(ctx.output_dir, epoch), run.mode, optim.optimizer,
-                run_state(epoch, step, optim.scaler, run.backbone.cfg.to_dict(), flat_settings(cfg), lora_meta, info),
+                run_state(epoch, step, optim.scaler, run.backbone.cfg.to_dict(), flat_settings(cfg), record, info),
                 run.carried.tensors)
             say(f"saved {path} (sharded)")
         elif due:
             gathered = gathered_state(run.mode, optim.optimizer) if is_sharded(run.mode) else None  # every rank
             if ctx.is_main:
                 path = save_run_checkpoint(ctx.output_dir, epoch, step, run.mode, optim.optimizer, optim.scaler,
-                                           run.backbone.cfg.to_dict(), flat_settings(cfg), lora_meta,
+                                           run.backbone.cfg.to_dict(), flat_settings(cfg), record,
                                            run.carried.tensors, info=info, gathered=gathered)
                 say(f"saved {path}")
         if ctx.is_main:
@@ -302,7 +329,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         describe_run(run, optim)
         if run.cfg.run.eval:
             return evaluate_checkpoint(run, optim)
-        if run.weights.continue_run:
+        if run.weights.continue_run or run.cfg.model.auto_resume:  # epochs logged after the checkpoint are redone
             ctx.truncate_log(optim.start_epoch - 1)
         log_writer = ctx.tensorboard(run.cfg.run.log_dir, optim.start_epoch)
         try:

@@ -134,8 +134,8 @@ class RunContext:
         log_path = self.output_dir / "log.txt"
         if not self.is_main or not log_path.is_file():
             return
-        kept = [line for line in log_path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("epoch", -1) <= last_epoch]
+        kept = [line for line in log_path.read_text(errors="replace").splitlines(keepends=True)
+                if logged_epoch(line) is not None and logged_epoch(line) <= last_epoch]
         atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
     def finish(self) -> None:
@@ -152,6 +152,15 @@ def refuse_taken_output(output_dir: str | Path, evaluating: bool) -> None:
     if not evaluating and (Path(output_dir) / "log.txt").exists():
         raise UserError(f"--output_dir {output_dir} already holds a run (log.txt); choose another --output_dir "
                         f"(nothing is overwritten)")
+
+
+def logged_epoch(line: str) -> int | None:
+    """The epoch of a log.txt line; None for a line cut short (a run killed while writing it)."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return entry.get("epoch", -1) if isinstance(entry, dict) else None
 
 
 # TensorBoard's one x axis for every run: epoch x 1000 (training scalars at their fraction of the

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from common.console import say
 from custom_datasets import batch as B
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.pair_data import SyntheticCaptions
@@ -22,7 +23,7 @@ from custom_datasets.text_collate import CaptionCollator
 from custom_datasets.text_masking import masker_for
 from models.modes.image_mim import mim_logits
 from models.modes.text_mlm import mlm_logits
-from models.retrieval import pair_embeddings, recall_at_k
+from models.retrieval import pair_embeddings, recall_at_k, trivial_recall_note
 from training.batch import ALL_TENSOR_KEYS, BatchPreparer
 
 METRICS = ("image_mim_acc", "image_mim_loss", "image_knn_acc", "text_mlm_acc", "itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10",
@@ -117,6 +118,8 @@ def stage_report(backbone, heads: dict[str, nn.Module], probes: ProbeData, devic
     if probes.pairs is not None and text_tokenizer is not None and "itc_head" in heads:
         scores = score_pairs(backbone, heads["itc_head"], probes.pairs, text_tokenizer, max_text_len, batch_size, device)
         report.update(recall_at_k(*scores))
+        if (note := trivial_recall_note(*scores[0].shape)) is not None:
+            say(f"stage report: {note}")
     backbone.train(was_training)
     return report, scores
 

@@ -6,6 +6,8 @@ shortlist of k on the fused pair; both rankings are reported and the re-ranked m
 best epoch."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from models.backbone import VLMoBackbone
@@ -14,7 +16,10 @@ from models.heads import ITMHead, Pooler
 from models.modes.base import ModeOptions
 from models.modes.image_text_itc import ImageTextITC
 from models.modes.image_text_itm import itm_logits, matching_outputs
-from models.retrieval import PairInputs, pair_embeddings, recall_at_k, reranked_recalls
+from models.retrieval import PairInputs, pair_embeddings, recall_at_k, reranked_recalls, trivial_recall_note
+
+
+log = logging.getLogger(__name__)
 
 
 class ImageTextRetrieval(DownstreamTask):
@@ -36,6 +41,7 @@ class ImageTextRetrieval(DownstreamTask):
             self.heads, self.paths = ("itc_head", "pooler", "itm_head"), frozenset({"image", "text", "pair"})
             self.best_metric = "rerank_r_mean"
         self.steps = 0
+        self.said_trivial = False
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.model(batch)
@@ -55,6 +61,9 @@ class ImageTextRetrieval(DownstreamTask):
                                                self.options.max_text_len, batch_size, device, keep)
         similarity = images @ texts.t()
         recalls = recall_at_k(similarity, owner)
+        if (note := trivial_recall_note(*similarity.shape)) is not None and not self.said_trivial:
+            log.warning("retrieval: %s", note)
+            self.said_trivial = True  # once a run, not every epoch
         stats = {**recalls, "itc_r_mean": sum(recalls.values()) / len(recalls)}
         if self.rerank_k:
             pixels, ids, mask = keep.tensors()
