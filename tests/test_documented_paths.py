@@ -15,7 +15,8 @@ DOCUMENTED = re.compile(r"outputs/demo_(?:image_mim|chain)/[\w/.-]*checkpoint-\d
 def documented_paths() -> dict[str, set[str]]:
     """Each documented demo checkpoint path -> the files that mention it."""
     found: dict[str, set[str]] = {}
-    files = [ROOT / "README.md", *ROOT.glob("*.py"), *(ROOT / "util").glob("*.py"), *(ROOT / "training").glob("*.py")]
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *ROOT.glob("*.py"), *(ROOT / "util").glob("*.py"),
+             *(ROOT / "training").glob("*.py")]
     for path in files:
         for match in DOCUMENTED.findall(path.read_text()):
             found.setdefault(match, set()).add(path.name)

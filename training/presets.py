@@ -1,5 +1,5 @@
 """Defaults of other code bases, given by one flag (`--preset continual_transformer`): the values a
-ContinualTransformer user's commands assume. Explicit flags and `--config` still win. The README's
+ContinualTransformer user's commands assume. Explicit flags and `--config` still win. docs/continual_transformer.md's
 table "Defaults" is this dict."""
 from __future__ import annotations
 
