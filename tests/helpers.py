@@ -29,13 +29,6 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def colour_folders(root: Path, train: int, val: int, render_size: int, seed: int = 1) -> Path:
     """`root/{train,val}/<colour>/<i>.png`: synthetic scenes in one folder per colour of their first
     object (the ImageNet layout, 8 classes)."""
-    from custom_datasets.synthetic_world import LABELS, SyntheticWorld
+    from custom_datasets.synthetic_classification import write_synthetic_classification
 
-    for split, n in (("train", train), ("val", val)):
-        world = SyntheticWorld(split, n, seed=seed, render_size=render_size)
-        for i in range(n):
-            sample = world[i]
-            folder = root / split / LABELS[sample["label"]]
-            folder.mkdir(parents=True, exist_ok=True)
-            sample["image"].save(folder / f"{i}.png")
-    return root
+    return write_synthetic_classification(root, train, val, render_size, seed)
