@@ -309,6 +309,12 @@ class FinetuneOptimSettings:
     adamw_impl: str = adamw_impl_flag()
     model_ema: bool = flag(False, "keep an exponential moving average of the weights and evaluate it too")
     model_ema_decay: float = flag(0.9999, "EMA decay per optimizer step")
+    checkpoint_epoch: str = flag("best", "the epoch checkpoint-best.pth holds and the run reports: the best on the "
+                                         "model-selection split (or val), or the last (the end of the cosine "
+                                         "schedule: unbiased, and steadier than a choice made on a few dozen images)",
+                                 choices=("best", "last"))
+    lp_epochs: float = flag(0.0, "linear-probe warm start (LP-FT): for this many epochs only the task's heads train "
+                                 "(the backbone's lr is 0), then everything does", minimum=0)
 
 
 @dataclass(frozen=True)

@@ -134,11 +134,26 @@ def adapt_with_lora(task: DownstreamTask, rank: int, alpha: float) -> str:
     return f"LoRA rank {rank} alpha {alpha:g}: {trained / 1e6:.2f}M trainable parameters (adapters and heads)"
 
 
-def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float,
+                       heads: tuple[str, ...] = ()) -> list[dict]:
+    """timm's layer-decay groups; a group holding none of the `heads`' parameters is marked as the
+    backbone's (what a linear-probe warm start holds still)."""
     from timm.optim import param_groups_layer_decay
 
-    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=model.no_weight_decay(),
-                                    layer_decay=layer_decay)
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=layer_decay)
+    head_params = {id(p) for name in heads for p in getattr(model, name).parameters()}
+    for group in groups:
+        group["backbone"] = not any(id(p) in head_params for p in group["params"])
+    return groups
+
+
+def hold_backbone(optimizer: torch.optim.Optimizer, held: bool) -> None:
+    """LP-FT: the backbone's groups get lr 0 while `held` (their lr_scale is kept aside)."""
+    for group in optimizer.param_groups:
+        if group.get("backbone"):
+            group.setdefault("free_lr_scale", group.get("lr_scale", 1.0))
+            group["lr_scale"] = 0.0 if held else group["free_lr_scale"]
 
 
 def describe_run(run: FinetuneRun) -> None:
@@ -175,8 +190,8 @@ def build_training(run: FinetuneRun, model: torch.nn.Module) -> Training:
     val_loader = ctx.loader(run.data.val, opt.batch_size, cfg.data.num_workers, False, run.data.val_collate)
     eff_batch = opt.batch_size * opt.accum_iter * ctx.world
     lr = learning_rate(opt.lr, opt.blr, eff_batch)
-    optimizer = torch.optim.AdamW(layer_decay_groups(run.task.model, opt.weight_decay, cfg.model.layer_decay), lr=lr,
-                                  **adamw_options(opt.adamw_impl))
+    optimizer = torch.optim.AdamW(layer_decay_groups(run.task.model, opt.weight_decay, cfg.model.layer_decay,
+                                                     run.task.heads), lr=lr, **adamw_options(opt.adamw_impl))
     model_ema = None
     if opt.model_ema:
         from timm.utils import ModelEmaV3
@@ -278,14 +293,20 @@ def lora_record(cfg: FinetuneConfig) -> dict:
 
 @dataclass
 class BestEpoch:
-    """The epoch checkpoint-best holds: chosen on the selection split when there is one, else on val."""
+    """The epoch checkpoint-best holds: chosen on the selection split when there is one, else on val;
+    or, with `last_epoch`, that epoch (`--checkpoint_epoch last`)."""
     metric: str
     on_selection: bool
+    last_epoch: int | None = None
     chosen: float = -1.0  # the value it was chosen by
     test: float = -1.0  # its val-set value (what is reported)
     epoch: int = -1
 
     def offer(self, epoch: int, test_stats: dict, selection_stats: dict | None) -> bool:
+        if self.last_epoch is not None:
+            self.chosen = self.test = test_stats[self.metric]
+            self.epoch = epoch
+            return epoch == self.last_epoch
         value = (selection_stats if self.on_selection else test_stats)[self.metric]
         if value <= self.chosen:
             return False
@@ -293,6 +314,9 @@ class BestEpoch:
         return True
 
     def describe(self) -> str:
+        if self.last_epoch is not None:
+            return (f"kept the last epoch: test {self.metric} {self.test:.2f}" if self.epoch == self.last_epoch
+                    else "keeping the last epoch")
         if not self.on_selection:
             return f"best {self.metric} {self.test:.2f}"
         return f"best epoch {self.epoch} (selection {self.metric} {self.chosen:.2f}): test {self.metric} {self.test:.2f}"
@@ -302,7 +326,8 @@ def describe_recipe(run: FinetuneRun, training: Training) -> str:
     cfg, aug = run.cfg, run.cfg.augment
     recipe = (f"mixup {aug.mixup}, cutmix {aug.cutmix}, " if getattr(run.task, "mixup", None) is not None else "")
     recipe += f"smoothing {aug.smoothing}, " if hasattr(run.task, "criterion") else ""
-    where = (f"best epoch chosen on {len(run.data.selection)} training images held out"
+    where = ("the last epoch kept and reported" if cfg.optim.checkpoint_epoch == "last" else
+             f"best epoch chosen on {len(run.data.selection)} training images held out"
              if run.data.selection is not None else "best epoch chosen on val")
     return (f"recipe {aug.recipe}: effective batch {training.eff_batch}, lr {training.settings.lr:.3g}, layer decay "
             f"{cfg.model.layer_decay}, {recipe}ema {cfg.optim.model_ema}, amp {cfg.run.amp}, device "
@@ -324,11 +349,14 @@ def train_epochs(run: FinetuneRun, training: Training, model: torch.nn.Module) -
     log_writer = ctx.tensorboard(cfg.run.log_dir)
     if ctx.is_main:
         say(describe_recipe(run, training))
-    best = BestEpoch(metric, training.selection_loader is not None)
+    best = BestEpoch(metric, training.selection_loader is not None,
+                     cfg.optim.epochs - 1 if cfg.optim.checkpoint_epoch == "last" else None)
     stats, skipped, start = {}, 0, time.time()
     n_parameters = sum(p.numel() for p in run.task.parameters() if p.requires_grad)
     for epoch in range(cfg.optim.epochs):
         ctx.start_epoch(training.train_loader, epoch)
+        if cfg.optim.lp_epochs:
+            hold_backbone(training.optimizer, epoch < cfg.optim.lp_epochs)
         train_stats = train_one_epoch(model, run.task, training.train_loader, training.optimizer, ctx.device, epoch,
                                       training.settings, training.prepare, training.model_ema, training.scaler,
                                       log_writer, skipped)

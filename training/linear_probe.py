@@ -122,9 +122,12 @@ def run_linear_probe(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | No
     lr = learning_rate(opt.lr, opt.blr, opt.batch_size, "sgd")
     head, best, last = train_probe(train, val, num_classes, opt.epochs, lr, opt.batch_size, cfg.run.seed,
                                    output_dir / "log.txt", selection)
+    if opt.checkpoint_epoch == "last":  # the head saved is the last epoch's, and so is the figure reported
+        best = last
     save_weights(output_dir / "probe_head.safetensors", {f"probe.{k}": v for k, v in head.state_dict().items()},
                  backbone.cfg.to_dict(), {"probe_layer": str(layer)})
-    chosen_on = (f"chosen on {len(selection[1])} training images held out" if selection is not None
+    chosen_on = ("--checkpoint_epoch last" if opt.checkpoint_epoch == "last" else
+                 f"chosen on {len(selection[1])} training images held out" if selection is not None
                  else "chosen on the same val set")
     say(f"done: last epoch test acc1 {last['test_acc1']:.2f} (the saved head); best {best['test_acc1']:.2f} at epoch "
         f"{best['epoch']} ({chosen_on}); saved {output_dir / 'probe_head.safetensors'}")

@@ -31,10 +31,12 @@ def classification_criterion(options: DownstreamOptions, mixup: bool):
 
 
 def classification_outputs(task: DownstreamTask, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Training: the task's criterion (smoothing / soft Mixup targets). Evaluation: plain
+    """Training: the task's criterion (smoothing / soft Mixup targets), and top-1 on the training
+    views when the labels are hard (whether the recipe fits its training set). Evaluation: plain
     cross-entropy, top-1 and top-5."""
     if task.training:
-        return {"loss": task.criterion(logits, labels)}
+        fit = topk_accuracy(logits.detach(), labels, ks=(1,)) if labels.ndim == 1 else {}
+        return {"loss": task.criterion(logits, labels), **fit}
     return {"loss": F.cross_entropy(logits, labels), **topk_accuracy(logits, labels)}
 
 
