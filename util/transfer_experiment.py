@@ -1,18 +1,24 @@
-"""Does pretraining transfer? Fine-tune and linear-probe the same tiny backbone with identical
-settings from a pretrained checkpoint and from random init, over several seeds, and print one table
-against the majority class.
+"""Does pretraining pay? Fine-tune and linear-probe the same tiny backbone with identical settings
+from a pretrained checkpoint and from random init, over several seeds, and print them next to the
+baselines any user would try first, all on the same split: logistic regression and k-nearest
+neighbours on raw pixels and on a random init's frozen features, and the majority class.
 
     python util/transfer_experiment.py --pretrained outputs/demo_image_mim/checkpoint-9.pth \\
         --data_path ../shared/data/hymenoptera
 
-Both use the recipe `main_finetune.py` picks for the data (small_data below 5000 training images:
-the best epoch is chosen on held-out training images, so the val accuracy reported for it is
-unbiased); the last epoch is reported too.
+`--data_path synthetic` writes the synthetic world's labelled scenes (400 train / 400 val, colour
+of the first object, 8 classes) under --output_dir and adds the best accuracy any classifier can
+reach on them (two-object scenes do not show which object is first).
+
+Both use the recipe `main_finetune.py` picks for the data (small_data below 5000 training images).
+The baselines fit on the fine-tuning run's training images, choose their one hyperparameter on its
+model-selection images (20% of the training folder, held out by file name) and are scored on val.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -21,30 +27,73 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.errors import cli_entry  # noqa: E402
+import torch  # noqa: E402
+
+from common.errors import UserError, cli_entry  # noqa: E402
 from custom_datasets.classification_data import split_roots  # noqa: E402
 from custom_datasets.settings import FinetuneDataSettings  # noqa: E402
 from models.checkpoints import read_model_checkpoint  # noqa: E402
 from training.cli import finetune_config_from_argv  # noqa: E402
 from training.finetune import finetune  # noqa: E402
 
-COLUMNS = {"finetune_best": "fine-tune: val top-1 at the selected epoch", "finetune_last": "fine-tune: last epoch",
-           "probe_best": "linear probe: selected epoch", "probe_last": "linear probe: last epoch",
+SYNTHETIC_SIZES = (400, 400)  # labelled train / val scenes for --data_path synthetic
+COLUMNS = {"finetune": "fine-tune: val top-1 (the recipe's epoch)", "finetune_train": "fine-tune: train top-1, "
+           "last epoch", "probe": "linear probe: val top-1 (the recipe's epoch)",
            "loss": "fine-tune train loss, first → last epoch"}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", required=True, help="checkpoint of a pretraining run (any stage)")
-    p.add_argument("--data_path", required=True, help="folder with train/<class>/ and val/<class>/")
+    p.add_argument("--data_path", required=True, help="folder with train/<class>/ and val/<class>/, or 'synthetic'")
     p.add_argument("--output_dir", default="outputs/transfer_experiment", help="one folder per run and results.json "
                    "(default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed and init "
                    "(default: %(default)s)")
     p.add_argument("--finetune_epochs", type=int, default=30, help="(default: %(default)s)")
     p.add_argument("--probe_epochs", type=int, default=90, help="(default: %(default)s)")
+    p.add_argument("--finetune_flags", default="", help="more main_finetune.py flags for the fine-tuning runs, "
+                   "quoted as one argument (e.g. \"--blr 1e-2 --layer_decay 0.9\"): to measure a recipe change")
+    p.add_argument("--skip_random_init", action="store_true", help="fine-tune and probe only the pretrained backbone "
+                   "(the random-init runs of an earlier experiment on the same data, seeds and flags are the same runs)")
     p.add_argument("--num_workers", type=int, default=2, help="data loader processes (default: %(default)s)")
     return p
+
+
+def labelled_data(args, image_size: int) -> tuple[str, float | None]:
+    """(the folder to fine-tune on, the best accuracy possible on its val split when known)."""
+    if args.data_path != "synthetic":
+        return args.data_path, None
+    from custom_datasets.synthetic_classification import best_possible_accuracy, scenes, write_synthetic_classification
+
+    root = write_synthetic_classification(Path(args.output_dir) / "synthetic_data", *SYNTHETIC_SIZES, image_size)
+    return str(root), best_possible_accuracy([s for _, s in scenes("val", SYNTHETIC_SIZES[1], 1, False)])
+
+
+def baseline_results(data_path: str, cfg: dict, seeds: list[int]) -> dict[str, list[dict]]:
+    """The baselines on the fine-tuning split: raw pixels once (nothing random in them), a random
+    init's mean-pooled last-block features once per seed."""
+    from custom_datasets.classification_data import build_classification_datasets, eval_transform
+    from models import BackboneConfig, VLMoBackbone
+    from training.baselines import Split, baseline_rows, pixel_features
+    from training.linear_probe import extract_features
+
+    size = cfg.get("img_size", 224)
+    view = eval_transform(size)
+    train, val, selection = build_classification_datasets(
+        FinetuneDataSettings(data_path=data_path, model_selection_fraction=0.2), view, view)
+    num_classes = len(train.class_to_idx)
+    results = {name: [row] for name, row in baseline_rows(
+        {"raw pixels": tuple(pixel_features(d) for d in (train, selection, val))}, num_classes).items()}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        backbone = VLMoBackbone(BackboneConfig.from_dict(cfg)).eval()  # the pretrained architecture, random weights
+        last = backbone.cfg.depth - 1
+        features = tuple(Split(*extract_features(backbone, d, last, 64, torch.device("cpu")))
+                         for d in (train, selection, val))
+        for name, row in baseline_rows({"random-init features": features}, num_classes).items():
+            results.setdefault(name, []).append(row)
+    return results
 
 
 def majority_accuracy(data_path: str) -> float:
@@ -56,46 +105,84 @@ def majority_accuracy(data_path: str) -> float:
 
 def one_seed(args, weights: list[str], common: list[str], out: Path) -> dict:
     ft = finetune(finetune_config_from_argv(["--task", "image_classification", "--epochs", str(args.finetune_epochs),
-                                             "--output_dir", str(out / "finetune")] + common + weights))
+                                             "--output_dir", str(out / "finetune")] + common + weights
+                                            + shlex.split(args.finetune_flags)))
     lp = finetune(finetune_config_from_argv(["--task", "linear_probe", "--epochs", str(args.probe_epochs),
                                              "--output_dir", str(out / "probe")] + common + weights))
     log = [json.loads(line) for line in (out / "finetune" / "log.txt").read_text().splitlines()]
-    return {"finetune_best": ft["best_acc1"], "finetune_last": ft["test_acc1"], "probe_best": lp["best_acc1"],
-            "probe_last": lp["last_acc1"],
+    return {"finetune": ft["best_acc1"], "finetune_last": ft["test_acc1"], "finetune_train": log[-1].get("train_acc1"),
+            "probe": lp["best_acc1"], "probe_last": lp["last_acc1"],
             "loss_first": log[0]["train_loss"], "loss_last": log[-1]["train_loss"]}
 
 
+def mean(values: list[float]) -> float:
+    return statistics.mean(values)
+
+
 def spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    return f"{mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
-def print_table(results: dict[str, list[dict]], majority: float) -> None:
+def verdict(results: dict[str, list[dict]], baselines: dict[str, list[dict]]) -> str:
+    """One sentence: does the pretrained backbone, fine-tuned, beat the best baseline and random
+    init by more than the seeds' spread?"""
+    pre = [r["finetune"] for r in results["pretrained"]]
+    rivals = {name: [r["acc1"] for r in runs] for name, runs in baselines.items()}
+    if "random init" in results:
+        rivals["fine-tuned random init"] = [r["finetune"] for r in results["random init"]]
+    name, values = max(rivals.items(), key=lambda kv: mean(kv[1]))
+    margin = mean(pre) - mean(values)
+    noise = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (pre, values))
+    lead = f"the best rival ({name}, {mean(values):.1f})"
+    if margin > noise:
+        return (f"the pretrained backbone, fine-tuned, beats {lead} by {margin:+.1f} points, more than the larger seed "
+                f"spread (sample std {noise:.1f})")
+    return (f"the pretrained backbone, fine-tuned, does not clearly beat {lead}: {margin:+.1f} points, within the larger "
+            f"seed spread (sample std {noise:.1f})")
+
+
+def print_table(results: dict[str, list[dict]], majority: float, baselines: dict[str, list[dict]],
+                ceiling: float | None) -> None:
     print("| backbone | " + " | ".join(COLUMNS.values()) + " |\n|" + " --- |" * (len(COLUMNS) + 1))
     for init, runs in results.items():
-        cells = [spread([r[k] for r in runs]) for k in ("finetune_best", "finetune_last", "probe_best", "probe_last")]
-        loss = (f"{statistics.mean(r['loss_first'] for r in runs):.3f} → "
-                f"{statistics.mean(r['loss_last'] for r in runs):.3f}")
+        cells = [spread([r[k] for r in runs]) if runs[0][k] is not None else "" for k in list(COLUMNS)[:3]]
+        loss = f"{mean([r['loss_first'] for r in runs]):.3f} → {mean([r['loss_last'] for r in runs]):.3f}"
         print(f"| {init} | " + " | ".join(cells + [loss]) + " |")
-    print("| majority class | " + " | ".join([f"{majority:.1f}"] * 4) + " | |")
+    print("\n| baseline (same training images, tuned on the same selection split) | val top-1 | chosen |\n"
+          "| --- | --- | --- |")
+    for name, runs in baselines.items():
+        print(f"| {name} | {spread([r['acc1'] for r in runs])} | {', '.join(sorted({r['chosen'] for r in runs}))} |")
+    print(f"| majority class | {majority:.1f} | |")
+    if ceiling is not None:
+        print(f"| best possible (ambiguous scenes are a coin flip) | {ceiling:.1f} | |")
+    print("\n" + verdict(results, baselines))
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    if len(args.seeds) != len(set(args.seeds)):
+        raise UserError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: give each once")
     cfg = read_model_checkpoint(args.pretrained).backbone_config or {}
-    common = ["--data_path", args.data_path, "--input_size", str(cfg.get("img_size", 224)), "--num_workers",
+    start = time.time()
+    data_path, ceiling = labelled_data(args, cfg.get("img_size", 224))
+    common = ["--data_path", data_path, "--input_size", str(cfg.get("img_size", 224)), "--num_workers",
               str(args.num_workers), "--print_freq", "1000"]
     scratch = ["--model", "vlmo_tiny_patch16", "--patch_size", str(cfg.get("patch_size", 16))]
-    out, results, start = Path(args.output_dir), {}, time.time()
-    for init, weights in (("pretrained", ["--finetune", args.pretrained]), ("random init", scratch)):
+    out, results = Path(args.output_dir), {}
+    inits = [("pretrained", ["--finetune", args.pretrained])] + ([] if args.skip_random_init else [("random init", scratch)])
+    for init, weights in inits:
         results[init] = [one_seed(args, weights + ["--seed", str(seed)], common,
                                   out / f"{init.replace(' ', '_')}_seed{seed}") for seed in args.seeds]
-    majority = majority_accuracy(args.data_path)
+    majority = majority_accuracy(data_path)
+    baselines = baseline_results(data_path, cfg, args.seeds)
     print(f"\n{args.data_path}, {cfg.get('img_size')} px, seeds {args.seeds} (mean ± sample std), "
           f"{time.time() - start:.0f}s")
-    print_table(results, majority)
-    (out / "results.json").write_text(json.dumps({"majority": majority, **results}, indent=1))
-    return results
+    print_table(results, majority, baselines, ceiling)
+    summary = {"majority": majority, "best_possible": ceiling, **results, "baselines": baselines,
+               "verdict": verdict(results, baselines)}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 if __name__ == "__main__":
