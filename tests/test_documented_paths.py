@@ -45,3 +45,19 @@ def test_documented_demo_checkpoints_are_written_by_the_demos():
 def test_the_pattern_catches_a_wrong_example():
     assert "outputs/demo_image_mim/checkpoint-11.pth" not in demo_checkpoints()
     assert "outputs/demo_image_mim/checkpoint-9.pth" in demo_checkpoints()
+
+
+def test_every_shipped_config_parses_as_the_flags_would(tmp_path):
+    """Each `configs/*.yaml` goes through the same validation as flags; the small-data config needs
+    the user's folder and says so rather than falling back to built-in data."""
+    import pytest
+
+    from common.errors import UserError
+    from training.cli import pretrain_config_from_argv
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        cfg = pretrain_config_from_argv(["--config", str(path), "--data_path", "synthetic"])
+        assert cfg.exp_name == values["exp_name"] and cfg.optim.epochs == values["epochs"], path.name
+    with pytest.raises(UserError, match="needs data: pass --data_path IMAGE_FOLDER"):
+        pretrain_config_from_argv(["--config", str(ROOT / "configs" / "small_data_image_mim.yaml")])
