@@ -47,7 +47,7 @@ def test_the_pattern_catches_a_wrong_example():
     assert "outputs/demo_image_mim/checkpoint-9.pth" in demo_checkpoints()
 
 
-def test_every_shipped_config_parses_as_the_flags_would(tmp_path):
+def test_every_shipped_config_parses_as_the_flags_would():
     """Each `configs/*.yaml` goes through the same validation as flags; the small-data config needs
     the user's folder and says so rather than falling back to built-in data."""
     import pytest

@@ -37,6 +37,7 @@ from training.cli import finetune_config_from_argv  # noqa: E402
 from training.finetune import finetune  # noqa: E402
 
 SYNTHETIC_SIZES = (400, 400)  # labelled train / val scenes for --data_path synthetic
+SYNTHETIC_SEED = 1  # which scenes: the ceiling is computed on the very scenes written
 COLUMNS = {"finetune": "fine-tune: val top-1 (the recipe's epoch)", "finetune_train": "fine-tune: train top-1, "
            "last epoch", "probe": "linear probe: val top-1 (the recipe's epoch)",
            "loss": "fine-tune train loss, first → last epoch"}
@@ -66,8 +67,10 @@ def labelled_data(args, image_size: int) -> tuple[str, float | None]:
         return args.data_path, None
     from custom_datasets.synthetic_classification import best_possible_accuracy, scenes, write_synthetic_classification
 
-    root = write_synthetic_classification(Path(args.output_dir) / "synthetic_data", *SYNTHETIC_SIZES, image_size)
-    return str(root), best_possible_accuracy([s for _, s in scenes("val", SYNTHETIC_SIZES[1], 1, False)])
+    root = write_synthetic_classification(Path(args.output_dir) / "synthetic_data", *SYNTHETIC_SIZES, image_size,
+                                          SYNTHETIC_SEED)
+    val = scenes("val", SYNTHETIC_SIZES[1], SYNTHETIC_SEED, single_object=False)
+    return str(root), best_possible_accuracy([scene for _, scene in val])
 
 
 def baseline_results(data_path: str, cfg: dict, seeds: list[int]) -> dict[str, list[dict]]:
@@ -77,11 +80,13 @@ def baseline_results(data_path: str, cfg: dict, seeds: list[int]) -> dict[str, l
     from models import BackboneConfig, VLMoBackbone
     from training.baselines import Split, baseline_rows, pixel_features
     from training.linear_probe import extract_features
+    from training.recipes import SMALL_DATA
 
     size = cfg.get("img_size", 224)
     view = eval_transform(size)
     train, val, selection = build_classification_datasets(
-        FinetuneDataSettings(data_path=data_path, model_selection_fraction=0.2), view, view)
+        FinetuneDataSettings(data_path=data_path, model_selection_fraction=SMALL_DATA["model_selection_fraction"]),
+        view, view)
     num_classes = len(train.class_to_idx)
     results = {name: [row] for name, row in baseline_rows(
         {"raw pixels": tuple(pixel_features(d) for d in (train, selection, val))}, num_classes).items()}
@@ -142,7 +147,7 @@ def verdict(results: dict[str, list[dict]], baselines: dict[str, list[dict]]) ->
 
 
 def print_table(results: dict[str, list[dict]], majority: float, baselines: dict[str, list[dict]],
-                ceiling: float | None) -> None:
+                ceiling: float | None, conclusion: str) -> None:
     print("| backbone | " + " | ".join(COLUMNS.values()) + " |\n|" + " --- |" * (len(COLUMNS) + 1))
     for init, runs in results.items():
         cells = [spread([r[k] for r in runs]) if runs[0][k] is not None else "" for k in list(COLUMNS)[:3]]
@@ -155,7 +160,7 @@ def print_table(results: dict[str, list[dict]], majority: float, baselines: dict
     print(f"| majority class | {majority:.1f} | |")
     if ceiling is not None:
         print(f"| best possible (ambiguous scenes are a coin flip) | {ceiling:.1f} | |")
-    print("\n" + verdict(results, baselines))
+    print("\n" + conclusion)
 
 
 @cli_entry
@@ -178,9 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
     baselines = baseline_results(data_path, cfg, args.seeds)
     print(f"\n{args.data_path}, {cfg.get('img_size')} px, seeds {args.seeds} (mean ± sample std), "
           f"{time.time() - start:.0f}s")
-    print_table(results, majority, baselines, ceiling)
+    conclusion = verdict(results, baselines)
+    print_table(results, majority, baselines, ceiling, conclusion)
     summary = {"majority": majority, "best_possible": ceiling, **results, "baselines": baselines,
-               "verdict": verdict(results, baselines)}
+               "verdict": conclusion}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     return summary
 
