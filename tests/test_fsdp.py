@@ -137,7 +137,7 @@ def test_fsdp_refuses_self_regularization_with_the_reason(tmp_path, monkeypatch)
     from training.cli import pretrain_config_from_argv
 
     monkeypatch.setenv("RANK", "0")  # as under torchrun (without it --fsdp is refused first)
-    with pytest.raises(UserError, match="--fsdp with --self_regularization is not supported yet"):
+    with pytest.raises(UserError, match="--fsdp with --cl_method self_reg is not supported yet"):
         pretrain_config_from_argv(["--exp_name", "text_mlm", "--data_path", "synthetic", "--lora_rank", "4",
                                    "--self_regularization", "--fsdp",
                                    "--output_dir", str(tmp_path / "o")])

@@ -27,6 +27,7 @@ from models.config import FFN_KINDS
 from models.modes import PRETRAIN_MODES
 from models.registry import list_models
 from models.visual_tokenizers import KINDS as VISUAL_TOKENIZER_KINDS
+from training.continual import CL_METHODS
 from training.flag_checks import check_fsdp_launch, check_paths_exist, check_positive, check_pretrain_flags
 from training.optim import ADAMW_DEFAULT, ADAMW_IMPLS
 from training.recipes import RECIPE_TASKS
@@ -103,7 +104,7 @@ class LoraSettings:
     trainable_extra: tuple[str, ...] = flag((), "glob patterns of base parameters to train too, e.g. 'blocks.*.norm1.*'",
                                             nargs="*")
     self_regularization: bool = flag(False, "add λ·Σ||W ⊙ ΔW||² to the loss (needs --lora_rank)")
-    reg_loss_weight: float = flag(1.0, "λ of --self_regularization")
+    reg_loss_weight: float = flag(1.0, "λ of --self_regularization, and of the penalty of --cl_method l2, ewc or distill")
     save_merged_lora_model: bool = flag(False, "at the end write merged_model.safetensors (adapters merged, for the "
                                                "next stage)")
     lora_trainable: str | None = flag(None, "which LoRA factors train: both, A only or B only (B starts at zero, A "
@@ -112,6 +113,19 @@ class LoraSettings:
     reg_delta: str = flag("scaled", "the update the self-regularization penalises: scaled (alpha/rank x B A, what "
                                     "the model adds) or unscaled (B A, as ContinualTransformer)",
                           choices=("scaled", "unscaled"))
+
+
+@dataclass(frozen=True)
+class ContinualSettings:
+    cl_method: str | None = flag(None, "how the stage keeps what earlier stages taught: "
+                                 + "; ".join(f"{n}: {m.description}" for n, m in CL_METHODS.items()),
+                                 choices=tuple(CL_METHODS),
+                                 shown_default="self_reg with --self_regularization, else lora with --lora_rank, else full")
+    fisher_samples: int = flag(0, "at the end, estimate the diagonal Fisher information of this stage's objective on "
+                                  "about N training samples and write fisher.safetensors beside the checkpoints (what "
+                                  "--cl_method ewc in the next stage needs); 0: none", minimum=0)
+    wise_alpha: float = flag(0.5, "--cl_method wise: weight of the trained weights in (1 − α)·θ_prev + α·θ_new",
+                             minimum=0, below=1.0000001)
 
 
 @dataclass(frozen=True)
@@ -188,6 +202,7 @@ class PretrainConfig:
     text: TextSettings
     objectives: ObjectiveSettings
     lora: LoraSettings
+    continual: ContinualSettings
     visual_tokenizer: VisualTokenizerSettings
     views: ViewSettings
     optim: OptimSettings
@@ -209,6 +224,7 @@ PRETRAIN_GROUPS: dict[str, tuple[str, type]] = {
     "model": ("model", ModelSettings), "data": ("data", DataSettings), "text": ("text", TextSettings),
     "objectives": ("image-text contrastive and compound", ObjectiveSettings),
     "lora": ("LoRA and self-regularization", LoraSettings),
+    "continual": ("continual-learning method", ContinualSettings),
     "visual_tokenizer": ("visual tokenizer (MIM targets)", VisualTokenizerSettings),
     "views": ("masking and augmentation", ViewSettings), "optim": ("optimisation", OptimSettings),
     "run": ("run", PretrainRunSettings),
@@ -254,7 +270,10 @@ def resolve_pretrain_defaults(cfg: PretrainConfig) -> PretrainConfig:
         visual_tokenizer={"d_vae_type": kind, "d_vae_weight_path": weights, "visual_vocab_size": vocab,
                           "second_image_size": tok.second_image_size or cfg.model.image_size // 2},
         lora={"lora_alpha": cfg.lora.lora_alpha or cfg.lora.lora_rank or None,
-              "lora_trainable": d.lora_factors(cfg.lora.lora_trainable, cfg.run.preset, cfg.exp_name)})
+              "lora_trainable": d.lora_factors(cfg.lora.lora_trainable, cfg.run.preset, cfg.exp_name),
+              "self_regularization": cfg.lora.self_regularization or cfg.continual.cl_method == "self_reg"},
+        continual={"cl_method": d.continual_method(cfg.continual.cl_method, cfg.lora.self_regularization,
+                                                   cfg.lora.lora_rank)})
 
 
 def pretrain_config(namespace: argparse.Namespace) -> PretrainConfig:

@@ -69,3 +69,12 @@ def lora_factors(lora_trainable: str | None, preset: str | None, exp_name: str) 
     if preset == "continual_transformer" and exp_name in ("image_text_itc", "compound_pretrain"):
         return "B"
     return "both"
+
+
+def continual_method(cl_method: str | None, self_regularization: bool, lora_rank: int) -> str:
+    """--cl_method, or what the LoRA flags imply (as before the flag existed)."""
+    from training.continual import default_method
+
+    if cl_method is not None and self_regularization and cl_method != "self_reg":
+        raise UserError(f"--self_regularization is --cl_method self_reg; drop one of it and --cl_method {cl_method}")
+    return cl_method or default_method(self_regularization, lora_rank)

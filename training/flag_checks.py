@@ -104,6 +104,24 @@ def check_rates(lr: float | None, blr: float | None) -> None:
             raise UserError(f"--{name} {value} is not a learning rate; pass a positive number such as 1e-4")
 
 
+def check_continual_flags(cfg: "PretrainConfig") -> None:
+    from training.continual import CL_METHODS
+
+    name, rank = cfg.continual.cl_method, cfg.lora.lora_rank
+    method = CL_METHODS[name]
+    if method.adapters == "required" and not rank:
+        raise UserError(f"--cl_method {name} trains LoRA adapters; add --lora_rank R (e.g. 64)")
+    if method.adapters == "forbidden" and rank:
+        raise UserError(f"--cl_method {name} trains the whole backbone; drop --lora_rank {rank}")
+    if method.needs_previous and not (cfg.model.init_from or cfg.model.resume):
+        raise UserError(f"--cl_method {name} keeps a stage close to the previous stage's weights; pass them with "
+                        f"--init_from (a run checkpoint or merged_model.safetensors)")
+    if cfg.model.fsdp and (method.has_penalty or method.needs_previous or cfg.continual.fisher_samples):
+        what = "--fisher_samples" if cfg.continual.fisher_samples else f"--cl_method {name}"
+        raise UserError(f"--fsdp with {what} is not supported yet: it reads every block's weights outside the "
+                        f"forward, where FSDP keeps them sharded; drop --fsdp (DDP) for this stage")
+
+
 def check_pretrain_flags(cfg: "PretrainConfig") -> None:
     check_launch_flags(cfg.run)
     check_fsdp_launch(cfg.model.fsdp)
@@ -115,9 +133,7 @@ def check_pretrain_flags(cfg: "PretrainConfig") -> None:
                        "resume": cfg.model.resume})
     check_data_flags(cfg)
     check_lora_flags(cfg)
-    if cfg.model.fsdp and cfg.lora.self_regularization:
-        raise UserError("--fsdp with --self_regularization is not supported yet: the penalty reads every block's "
-                        "weights outside its forward, where FSDP keeps them sharded; drop --fsdp (DDP) for this stage")
+    check_continual_flags(cfg)
     if cfg.model.sharded_checkpoint and not cfg.model.fsdp:
         raise UserError("--sharded_checkpoint writes the shards of an --fsdp run; add --fsdp, or drop "
                         "--sharded_checkpoint (other runs write one ordinary file)")

@@ -18,7 +18,7 @@ from common.errors import UserError
 from custom_datasets.pretrain_data import PretrainData, build_pretrain_data
 from engine_pretrain import evaluate, train_one_epoch
 from models.backbone import VLMoBackbone
-from models.lora import add_lora, self_regularization
+from models.lora import add_lora
 from models.modes import ModeOptions, PretrainMode
 from models.pretrained import UNTRAINED, describe, weight_groups
 from models.registry import find_variant
@@ -27,6 +27,8 @@ from models.trainability import configure_trainable
 from training.batch import BatchPreparer
 from training.compilation import compile_modules
 from training.config import PretrainConfig
+from training.continual import CL_METHODS, ContinualMethod
+from training.continual.fisher import FISHER_FILE, estimate_fisher, save_fisher
 from training.finite import check_evaluation
 from training.fsdp import gathered_state, is_sharded, shard, unsharded_root
 from training.optim import adamw, amp_dtype, grad_scaler, learning_rate
@@ -63,11 +65,23 @@ class PretrainRun:
     weights: Weights
     trainable: dict[str, int]
     untrained: list[str]  # weight groups no run has trained yet, after this one (recorded in checkpoints)
+    method: ContinualMethod
     resume_changes: list[str] = field(default_factory=list)  # settings a resume changed ('name old -> new')
+    fisher_file: str | None = None  # the Fisher sidecar this stage wrote (named in its handover files)
 
     @property
     def backbone(self) -> VLMoBackbone:
         return self.mode.backbone
+
+    def starting_backbone(self) -> VLMoBackbone:
+        """The backbone as this stage's first start built it from --init_from (a resumed run's own
+        weights have moved since)."""
+        from training.config import replace
+        from training.weights import read_weights
+
+        cfg = replace(self.cfg, model={"resume": None})
+        vocab = len(self.text_tokenizer) if self.text_tokenizer is not None else None
+        return build_backbone(cfg, Weights(cfg.model.init_from, read_weights(cfg.model.init_from)), vocab)
 
     def info(self) -> dict[str, Any]:
         """The self-description every checkpoint of this stage carries."""
@@ -77,7 +91,9 @@ class PretrainRun:
         return compact(task=cfg.exp_name, heads={**self.carried.specs, **self.mode.head_specs()},
                        preprocessing=preprocessing(cfg.model.image_size, 1.0, cfg.views.imagenet_default_mean_and_std),
                        text_tokenizer=text, max_text_len=cfg.text.max_text_len if text else None,
-                       untrained=self.untrained)
+                       untrained=self.untrained,
+                       continual=compact(method=cfg.continual.cl_method, fisher=self.fisher_file,
+                                         wise_alpha=cfg.continual.wise_alpha if cfg.continual.cl_method == "wise" else None))
 
 
 def resolve_resume(cfg: PretrainConfig, ctx: RunContext) -> PretrainConfig:
@@ -162,8 +178,11 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
         model = ctx.wrap(mode, find_unused_parameters=not mode_cls.static_graph)
     if cfg.model.compile:  # after sharding: each compiled block keeps its FSDP hooks outside the graph
         compile_modules(backbone.blocks, visual_tokenizer)
-    return PretrainRun(cfg, ctx, mode, model, data, grid, text_tokenizer, visual_tokenizer, carried, weights, trainable,
-                       untrained, changes)
+    run = PretrainRun(cfg, ctx, mode, model, data, grid, text_tokenizer, visual_tokenizer, carried, weights, trainable,
+                      untrained, CL_METHODS[cfg.continual.cl_method](cfg), changes)
+    if not cfg.run.eval:
+        run.method.start(run)  # before the starting checkpoint is let go (build_optimization)
+    return run
 
 
 def still_untrained(mode: PretrainMode, weights: Weights) -> list[str]:
@@ -238,6 +257,15 @@ def data_description(cfg: PretrainConfig) -> str:
     return f"{kind} in {files}{root}"
 
 
+def method_note(cfg: PretrainConfig, method: ContinualMethod) -> str:
+    """The continual method in words, for methods other than the LoRA flags' own."""
+    if method.name in ("self_reg", "lora", "full"):
+        return ""
+    weight = f", λ {cfg.lora.reg_loss_weight:g}" if method.has_penalty else ""
+    alpha = f", α {cfg.continual.wise_alpha:g}" if method.name == "wise" else ""
+    return f"; continual method {method.name} ({method.description}{weight}{alpha})"
+
+
 def describe_run(run: PretrainRun, optim: Optimization) -> None:
     cfg, ctx = run.cfg, run.ctx
     if not ctx.is_main:
@@ -248,7 +276,8 @@ def describe_run(run: PretrainRun, optim: Optimization) -> None:
     say(f"{cfg.exp_name}: {variant} ({describe(run.backbone.cfg)}), {n_train / 1e6:.2f}M trainable parameters: "
           + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sorted(run.trainable.items()))
           + (f"; LoRA rank {cfg.lora.lora_rank} alpha {cfg.lora.lora_alpha:g}{factors}" if cfg.lora.lora_rank else "")
-          + (f", self-regularization weight {cfg.lora.reg_loss_weight:g}" if cfg.lora.self_regularization else ""))
+          + (f", self-regularization weight {cfg.lora.reg_loss_weight:g}" if cfg.lora.self_regularization else "")
+          + method_note(cfg, run.method))
     vt, tt = run.visual_tokenizer, run.text_tokenizer
     say(f"data: {data_description(cfg)} ({len(run.data.train)} train / {len(run.data.val)} val samples)"
           + (f", visual tokenizer {cfg.visual_tokenizer.d_vae_type} ({vt.vocab_size} tokens)" if vt is not None else "")
@@ -277,8 +306,7 @@ def evaluate_checkpoint(run: PretrainRun, optim: Optimization) -> dict[str, floa
 def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dict[str, Any], float]:
     """(the last epoch's statistics, seconds spent in the epochs)."""
     cfg, ctx = run.cfg, run.ctx
-    scaled = cfg.lora.reg_delta == "scaled"
-    regularizer = (lambda: self_regularization(run.backbone, scaled)) if cfg.lora.self_regularization else None
+    method = run.method
     record = {"lora": {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha}} if cfg.lora.lora_rank else {}
     record[TOKENIZER_DIGEST] = tokenizer_digest(run.visual_tokenizer)  # what a resume checks its targets by
     skipped_total, stats, info, start = 0, {}, run.info(), time.time()
@@ -286,7 +314,9 @@ def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dic
         ctx.start_epoch(optim.train_loader, epoch)
         run.mode.set_epoch(epoch)
         train_stats = train_one_epoch(run.model, optim.train_loader, optim.optimizer, ctx.device, epoch, optim.settings,
-                                      optim.prepare, optim.scaler, log_writer, skipped_total, regularizer=regularizer)
+                                      optim.prepare, optim.scaler, log_writer, skipped_total,
+                                      regularizer=method.penalty if method.has_penalty else None,
+                                      batch_regularizer=method.batch_penalty if method.has_penalty else None)
         skipped_total += int(train_stats.get("skipped_samples", 0))
         ctx.reseed_for_evaluation()
         test_stats = evaluate(run.model, optim.val_loader, ctx.device, optim.prepare, optim.settings.amp_dtype)
@@ -319,6 +349,22 @@ def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dic
     return stats, time.time() - start
 
 
+def end_of_stage(run: PretrainRun, optim: Optimization, stats: dict[str, Any]) -> None:
+    """On every rank, before the handover files: the method's last word (e.g. wise interpolation),
+    then the Fisher information of the final weights when asked for (its objective may gather)."""
+    run.method.finish(run)
+    samples = run.cfg.continual.fisher_samples
+    if samples:
+        fisher, batches = estimate_fisher(run, optim, samples)
+        if run.ctx.is_main:
+            path = run.ctx.output_dir / FISHER_FILE
+            save_fisher(path, fisher, run.cfg.exp_name, batches * run.ctx.world, samples)
+            say(f"saved {path} (diagonal Fisher information over {batches * run.ctx.world} batches, for "
+                f"--cl_method ewc in the next stage)")
+        run.fisher_file = FISHER_FILE
+        stats["fisher_batches"] = batches * run.ctx.world
+
+
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Build the stage, then evaluate (`--eval`) or train it; returns the last epoch's statistics
     (with the stage report). A training run holds its output folder until it ends."""
@@ -334,6 +380,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         log_writer = ctx.tensorboard(run.cfg.run.log_dir, optim.start_epoch)
         try:
             stats, seconds = train_epochs(run, optim, log_writer)
+            if stats:
+                end_of_stage(run, optim, stats)
             if stats and (ctx.is_main or is_sharded(run.mode)):  # sharded: every rank takes part, rank 0 writes
                 gathered = gathered_state(run.mode)[0] if is_sharded(run.mode) and run.cfg.lora.lora_rank else None
                 with unsharded_root(run.mode):

@@ -106,10 +106,12 @@ def scalars_of(out: dict[str, Any]) -> dict[str, torch.Tensor]:
 @dataclass
 class EpochHooks:
     """What an engine adds to the shared loop: a regularizer computed from the weights once per
-    optimizer step (weighted by `StepSettings.reg_loss_weight`, logged as `loss_reg`), and a
-    callback after each optimizer step (e.g. an EMA update)."""
+    optimizer step and one computed from every micro-batch (both weighted by
+    `StepSettings.reg_loss_weight`, logged together as `loss_reg`), and a callback after each
+    optimizer step (e.g. an EMA update)."""
 
     regularizer: Callable[[], torch.Tensor] | None = None
+    batch_regularizer: Callable[[Batch], torch.Tensor | None] | None = None  # from each micro-batch, same weight
     after_step: Callable[[], None] | None = None
     overflow_steps: int = 0  # fp16 steps the loss scaler skipped
 
@@ -120,13 +122,19 @@ def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, step,
     with gradient_sync(model, last_micro):
         with autocast(device, settings.amp_dtype):
             out = model(batch)
+            from_batch = hooks.batch_regularizer(batch) if hooks.batch_regularizer is not None else None
         loss = out["loss"]
         watch.note(loss, step, LOSS, out)
         scaled = loss / settings.accum_iter
         reg = None
-        if hooks.regularizer is not None and last_micro:
-            reg = settings.reg_loss_weight * hooks.regularizer()
-            scaled = scaled + reg
+        if from_batch is not None:
+            reg = settings.reg_loss_weight * from_batch.float()
+            scaled = scaled + reg / settings.accum_iter
+        weights_term = hooks.regularizer() if hooks.regularizer is not None and last_micro else None
+        if weights_term is not None:
+            weights_term = settings.reg_loss_weight * weights_term
+            reg = weights_term if reg is None else reg + weights_term
+            scaled = scaled + weights_term
         (scaler.scale(scaled) if scaler else scaled).backward()
     skipped_step = False
     if last_micro:

@@ -8,7 +8,8 @@ from PIL import Image, ImageDraw
 
 from visualization.canvas import BACKGROUND, INK, font
 
-COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # one per line, up to 10
 GRID_GREY = (225, 225, 225)
 
 

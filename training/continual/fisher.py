@@ -1,0 +1,81 @@
+"""The diagonal Fisher information of a stage's own objective at its final weights, for EWC in the
+next stage: the squared gradients of mini-batch losses with respect to every backbone weight,
+averaged over batches (Avalanche's estimate; per-sample gradients do not exist for a contrastive
+loss, whose negatives are the rest of the batch). For an adapted linear the gradient is taken with
+respect to the merged weight W + ΔW, which is what the next stage starts from. Written beside the
+stage's checkpoints as a safetensors sidecar; every rank takes part (the objective may gather)."""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from common import distributed as dist_util
+from common.checkpoint_io import load_safetensors_file, save_safetensors
+from common.errors import UserError
+from custom_datasets.batch import NUM_SKIPPED
+from models.lora import is_adapter_key, plain_names
+
+if TYPE_CHECKING:
+    from training.pretrain import Optimization, PretrainRun
+
+FISHER_FILE = "fisher.safetensors"
+
+
+def estimate_fisher(run: "PretrainRun", optim: "Optimization", samples: int) -> tuple[dict[str, torch.Tensor], int]:
+    """(plain backbone name -> mean squared gradient, batches used) over about `samples` training samples."""
+    mode, backbone = run.mode, run.backbone
+    batches = max(1, math.ceil(samples / (optim.train_loader.batch_size * run.ctx.world)))
+    params = {k: p for k, p in plain_names(dict(backbone.named_parameters())).items() if not is_adapter_key(k)}
+    was = {k: p.requires_grad for k, p in mode.named_parameters()}
+    was_training = mode.training
+    for p in mode.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+    used = 0
+    mode.eval()  # no dropout; a compound objective measures all of its parts
+    try:
+        for batch in itertools.islice(optim.train_loader, batches):
+            batch.pop(NUM_SKIPPED, None)
+            if not batch:
+                continue
+            loss = mode(optim.prepare(batch))["loss"]
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for (name, _), grad in zip(params.items(), grads):
+                if grad is not None:
+                    sums[name] += grad.float().pow(2)
+            used += 1
+    finally:
+        for name, p in mode.named_parameters():
+            p.requires_grad_(was[name])
+        mode.train(was_training)
+    total = dist_util.all_reduce_sum(torch.tensor(float(used), device=run.ctx.device)).item()
+    if total == 0:
+        raise UserError("--fisher_samples: every training batch was unreadable; no Fisher information to estimate")
+    return {k: (dist_util.all_reduce_sum(v) / total).cpu() for k, v in sums.items()}, used
+
+
+def save_fisher(path: Path, fisher: dict[str, torch.Tensor], objective: str, batches: int, samples: int) -> None:
+    save_safetensors(path, fisher, {"objective": objective, "batches": str(batches), "samples": str(samples),
+                                    "estimate": "mean squared mini-batch gradient"})
+
+
+def fisher_beside(start: str) -> Path:
+    return Path(start).parent / FISHER_FILE
+
+
+def load_fisher(start: str | None) -> dict[str, torch.Tensor]:
+    """The Fisher sidecar of the stage whose weights `start` (--init_from) holds."""
+    if not start:
+        raise UserError("--cl_method ewc needs the previous stage's weights: pass --init_from")
+    path = fisher_beside(start)
+    if not path.is_file():
+        raise UserError(f"--cl_method ewc needs the previous stage's Fisher information, {path}, which is missing; "
+                        f"run the previous stage with --fisher_samples N (e.g. 1024)")
+    tensors, _ = load_safetensors_file(path)
+    return tensors

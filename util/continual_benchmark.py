@@ -1,0 +1,295 @@
+"""Which way of not forgetting works, at what cost: every continual-learning method over the same
+chain (image MIM → text MLM → image-text ITC), for several seeds, scored on the accuracy matrix.
+
+    python util/continual_benchmark.py --quick                       # every method, one seed, ~15 min on 2 CPU cores
+    python util/continual_benchmark.py --methods self_reg lora l2 --seeds 0 1 2 --lambdas l2=30
+
+Per seed: a reference model (random init), one image MIM stage shared by all methods (it writes
+its Fisher information for ewc), then for each method its text and image-text stages. After
+every stage (and for the reference) one evaluation measures every probe the chain has data for
+(MIM accuracy and loss, k-NN, MLM accuracy, retrieval R@1/5/10), with the heads a stage has not
+trained yet freshly initialised as that stage would start them. Finished stages and rows found in
+--output_dir are reused. Writes results.json (per method: acc, bwt, fwt, forgetting, the last
+stage's score, costs; mean and std over seeds; the matrices), table.md and chart.png.
+Definitions: common/cl_metrics.py and docs/continual.md."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cl_metrics import summary  # noqa: E402
+from common.errors import UserError, cli_entry  # noqa: E402
+from custom_datasets.pair_data import caption_texts  # noqa: E402
+from models.text_tokenizer import train_wordpiece  # noqa: E402
+from training.continual import CL_METHODS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = (("text_mlm", "2_text_mlm"), ("image_text_itc", "3_image_text_itc"))
+OWNER = {"image_mim_acc": 1, "image_mim_loss": 1, "image_knn_acc": 1, "text_mlm_acc": 2, "itc_i2t_r1": 3,
+         "itc_i2t_r5": 3, "itc_i2t_r10": 3, "itc_t2i_r1": 3, "itc_t2i_r5": 3, "itc_t2i_r10": 3}
+DEFAULT_LAMBDAS = {"self_reg": 1e4, "l2": 30.0, "ewc": 1e6, "distill": 10.0}
+SIZES = {  # (train images, held-out, MIM epochs, MLM epochs, ITC epochs)
+    "default": (2000, 300, 10, 6, 8),
+    "quick": (600, 200, 4, 2, 3),
+}
+HEADLINE = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "new_task": "last stage"}
+
+
+def run_child(argv: list[str], log: Path) -> dict[str, float]:
+    """One stage or evaluation in its own process (its peak memory is its own); output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with log.open("w") as out:
+        child = subprocess.Popen([sys.executable, str(ROOT / "main_pretrain_cook.py"), *argv], stdout=out,
+                                 stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise UserError(f"a stage failed; its output is in {log}: {log.read_text().strip().splitlines()[-1:]}")
+    return {"seconds": round(time.time() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def common_flags(args: argparse.Namespace, seed: int, tokenizer: Path) -> list[str]:
+    train, val = args.sizes[:2]
+    return ["--model", "vlmo_tiny_patch16", "--image_size", "64", "--patch_size", "8", "--second_image_size", "32",
+            "--data_path", "synthetic", "--synthetic_train_size", str(train), "--synthetic_val_size", str(val),
+            "--synthetic_render_size", "64", "--min_crop_scale", "0.5", "--drop_path", "0", "--batch_size", "64",
+            "--num_workers", str(args.num_workers), "--print_freq", "1000", "--tokenizer", str(tokenizer),
+            "--seed", str(seed), "--save_per_epochs", "1000", "--no_pictures"]
+
+
+def write_reference(flags: list[str], path: Path) -> None:
+    """The chain's input: the backbone a from-scratch stage with these flags would build, as a file
+    that records every weight group as untrained."""
+    from common.checkpoint_io import save_weights
+    from models.pretrained import UNTRAINED, weight_groups
+    from training.cli import pretrain_config_from_argv
+    from training.tokenizers import build_text_tokenizer
+    from training.weights import Weights, build_backbone
+
+    cfg = pretrain_config_from_argv(flags + ["--exp_name", "image_mim", "--output_dir", str(path.parent / "unused")])
+    tokenizer, cfg = build_text_tokenizer(cfg)
+    import torch
+
+    torch.manual_seed(cfg.run.seed)
+    backbone = build_backbone(cfg, Weights(), len(tokenizer))
+    tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    save_weights(path, tensors, backbone.cfg.to_dict(), info={UNTRAINED: sorted(weight_groups(tensors))})
+
+
+def evaluate_row(flags: list[str], weights: Path, out: Path) -> dict[str, float]:
+    """Every probe of the chain on `weights` (compound_pretrain's evaluation holds all the heads)."""
+    report = out / "eval_report.json"
+    if not report.is_file():
+        run_child(flags + ["--exp_name", "compound_pretrain", "--eval", "--init_from", str(weights),
+                           "--output_dir", str(out)], out / "output.txt")
+    return json.loads(report.read_text())
+
+
+def run_stage(flags: list[str], out: Path) -> dict[str, float]:
+    """A stage (reused when its report exists); returns its cost."""
+    cost_file = out / "cost.json"
+    if (out / "stage_report.json").is_file() and cost_file.is_file():
+        return json.loads(cost_file.read_text())
+    cost = run_child(flags + ["--output_dir", str(out)], out.parent / f"{out.name}.output.txt")
+    cost.update(trainable_parameters(out), stored_parameters=stored_parameters(out))
+    cost_file.write_text(json.dumps(cost, indent=1))
+    return cost
+
+
+def trainable_parameters(out: Path) -> dict[str, int]:
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
+    return {"trainable_parameters": int(lines[-1]["n_parameters"])}
+
+
+def stored_parameters(out: Path) -> int:
+    """What a stage adds to keep: its adapters, or (full training) the whole model."""
+    from safetensors import safe_open
+
+    adapters = out / "adapters.safetensors"
+    if adapters.is_file():
+        with safe_open(str(adapters), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return trainable_parameters(out)["trainable_parameters"]
+
+
+def method_flags(args: argparse.Namespace, method: str) -> list[str]:
+    flags = ["--cl_method", method]
+    if method != "full":
+        flags += ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model"]
+    if method in args.lambdas:
+        flags += ["--reg_loss_weight", f"{args.lambdas[method]:g}"]
+    if method == "wise":
+        flags += ["--wise_alpha", f"{args.wise_alpha:g}"]
+    if method == "ewc":
+        flags += ["--fisher_samples", str(args.fisher_samples)]  # for the ITC stage's ewc
+    return flags
+
+
+def handover(stage_dir: Path, method: str, epochs: int) -> Path:
+    merged = stage_dir / "merged_model.safetensors"
+    return merged if merged.is_file() else stage_dir / f"checkpoint-{epochs - 1}.pth"
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
+    """{method: {"matrix", "summary", "cost"}} for one seed."""
+    train, _, mim_epochs, mlm_epochs, itc_epochs = args.sizes
+    root = Path(args.output_dir) / f"seed_{seed}"
+    tokenizer = root / "text_tokenizer"
+    if not (tokenizer / "vocab.txt").is_file():
+        train_wordpiece(caption_texts(["synthetic"], train, seed), 512, tokenizer)
+    flags = common_flags(args, seed, tokenizer)
+    reference = root / "0_reference" / "random_init.safetensors"
+    if not reference.is_file():
+        reference.parent.mkdir(parents=True, exist_ok=True)
+        write_reference(flags, reference)
+    print(f"seed {seed}: reference row", flush=True)
+    rows0 = [evaluate_row(flags, reference, root / "0_reference" / "row")]
+    mim = root / "1_image_mim"
+    mim_cost = run_stage(flags + ["--exp_name", "image_mim", "--epochs", str(mim_epochs), "--visual_vocab_size", "128",
+                                  "--init_from", str(reference), "--fisher_samples", str(args.fisher_samples)], mim)
+    flags += ["--d_vae_weight_path", str(mim / "visual_tokenizer.safetensors")]
+    mim_ckpt = mim / f"checkpoint-{mim_epochs - 1}.pth"
+    rows0.append(evaluate_row(flags, mim_ckpt, mim / "row"))
+    results = {}
+    for method in args.methods:
+        start, rows, costs = mim_ckpt, list(rows0), [mim_cost]
+        for (exp, folder), epochs, blr in zip(STAGES, (mlm_epochs, itc_epochs), ("5e-3", "2e-2")):
+            print(f"seed {seed}: {method} {exp}", flush=True)
+            stage = root / method / folder
+            extra = ["--batch_size", "32"] if exp == "image_text_itc" else []  # more steps, as demo_chain.py
+            costs.append(run_stage(flags + method_flags(args, method) + extra + [
+                "--exp_name", exp, "--epochs", str(epochs), "--blr", blr, "--init_from", str(start)], stage))
+            start = handover(stage, method, epochs)
+            rows.append(evaluate_row(flags, start, stage / "row"))
+        results[method] = {"matrix": rows, "summary": summary(rows, OWNER), "cost": costs}
+        (root / method / "matrix.json").write_text(json.dumps(results[method], indent=1))
+    return results
+
+
+def spread(values: list[float | None]) -> dict[str, float | None]:
+    kept = [v for v in values if v is not None]
+    if not kept:
+        return {"mean": None, "std": None}
+    return {"mean": statistics.mean(kept), "std": statistics.stdev(kept) if len(kept) > 1 else 0.0}
+
+
+def aggregate(per_seed: dict[int, dict[str, dict]], methods: list[str]) -> dict[str, dict]:
+    out = {}
+    for method in methods:
+        runs = [per_seed[s][method] for s in per_seed]
+        entry = {key: spread([r["summary"][key] for r in runs]) for key in ("acc", "bwt", "fwt", "forgetting")}
+        entry["new_task"] = spread([r["summary"]["task_scores"][-1][-1] for r in runs])
+        entry["probes_final"] = {p: spread([r["matrix"][-1].get(p) for r in runs]) for p in OWNER}
+        entry["cost"] = {key: spread([sum(c[key] for c in r["cost"][1:]) for r in runs])
+                         for key in ("seconds", "trainable_parameters", "stored_parameters")}
+        entry["cost"]["peak_rss_mb"] = spread([max(c["peak_rss_mb"] for c in r["cost"][1:]) for r in runs])
+        entry["matrices"] = {str(s): per_seed[s][method]["matrix"] for s in per_seed}
+        out[method] = entry
+    return out
+
+
+def _cell(stat: dict[str, float | None], digits: int = 3) -> str:
+    if stat["mean"] is None:
+        return ""
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}" if stat["std"] else f"{stat['mean']:.{digits}f}"
+
+
+def table(results: dict[str, dict], lambdas: dict[str, float], wise_alpha: float) -> str:
+    head = ["method", "λ / α", *HEADLINE.values(), "MIM loss (final)", "k-NN (final)", "MLM (final)",
+            "t2i R@5 (final)", "trainable (text + ITC)", "stored", "s (text + ITC)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for method, r in results.items():
+        knob = f"{lambdas[method]:g}" if method in lambdas else (f"α {wise_alpha:g}" if method == "wise" else "")
+        cells = [method, knob, *(_cell(r[k]) for k in HEADLINE),
+                 *(_cell(r["probes_final"][p]) for p in ("image_mim_loss", "image_knn_acc", "text_mlm_acc", "itc_t2i_r5")),
+                 f"{r['cost']['trainable_parameters']['mean'] / 1e6:.2f}M", f"{r['cost']['stored_parameters']['mean'] / 1e6:.2f}M",
+                 f"{r['cost']['seconds']['mean']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_chart(results: dict[str, dict], seed: str, out: Path) -> Path:
+    """Each probe across the chain (reference, then each stage), one line per method (one seed), as
+    a PNG and as TensorBoard scalars `continual/<probe>/<method>` with the stage as step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from visualization.canvas import save_picture
+    from visualization.stage_chart import stage_chart
+
+    probes = {"image_mim_loss": "image MIM loss", "image_knn_acc": "image k-NN accuracy", "text_mlm_acc": "text MLM "
+              "accuracy", "itc_t2i_r5": "text-to-image R@5"}
+    runs = {m: r["matrices"][seed] for m, r in results.items()}
+    writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=0)
+    for method, rows in runs.items():
+        for step, row in enumerate(rows):
+            for key in probes:
+                if key in row:
+                    writer.add_scalar(f"continual/{key}/{method}", row[key], step)
+    path = save_picture(stage_chart(["reference", "image MIM", "text MLM", "image-text"], runs, probes),
+                        out / "chart.png", writer, "continual/chart")
+    writer.close()
+    return path
+
+
+def parse_lambdas(items: list[str]) -> dict[str, float]:
+    lambdas = dict(DEFAULT_LAMBDAS)
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in DEFAULT_LAMBDAS or not value:
+            raise UserError(f"--lambdas {item}: write METHOD=VALUE with METHOD one of {', '.join(DEFAULT_LAMBDAS)}")
+        try:
+            lambdas[name] = float(value)
+        except ValueError:
+            raise UserError(f"--lambdas {item}: {value} is not a number") from None
+    return lambdas
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(CL_METHODS), choices=list(CL_METHODS),
+                   help="methods to compare (default: all registered)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of data, masks and init (default: 0)")
+    p.add_argument("--lambdas", nargs="*", default=[], metavar="METHOD=λ",
+                   help="penalty weights (default: " + " ".join(f"{k}={v:g}" for k, v in DEFAULT_LAMBDAS.items()) + ")")
+    p.add_argument("--wise_alpha", type=float, default=0.5, help="α of wise (default: %(default)s)")
+    p.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of every method but full (default: %(default)s)")
+    p.add_argument("--fisher_samples", type=int, default=512, help="samples of each Fisher estimate (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a smaller chain: 600 scenes, 4 + 2 + 3 epochs")
+    p.add_argument("--num_workers", type=int, default=2, help="data loader processes (default: %(default)s)")
+    p.add_argument("--output_dir", default=None, help="default: outputs/continual_benchmark[_quick]")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    args = parser().parse_args(argv)
+    args.lambdas = parse_lambdas(args.lambdas)
+    args.sizes = SIZES["quick" if args.quick else "default"]
+    args.output_dir = args.output_dir or f"outputs/continual_benchmark{'_quick' if args.quick else ''}"
+    out = Path(args.output_dir)
+    start = time.time()
+    per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
+    results = aggregate(per_seed, args.methods)
+    (out / "results.json").write_text(json.dumps(
+        {"settings": {"methods": args.methods, "seeds": args.seeds, "lambdas": args.lambdas, "wise_alpha": args.wise_alpha,
+                      "lora_rank": args.lora_rank, "sizes": args.sizes}, "methods": results}, indent=1))
+    text = table(results, args.lambdas, args.wise_alpha)
+    (out / "table.md").write_text(text + "\n")
+    print("\n" + text)
+    print(f"\nchart: {write_chart(results, str(args.seeds[0]), out)}; results: {out / 'results.json'}; "
+          f"{time.time() - start:.0f}s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
