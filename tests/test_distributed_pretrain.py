@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from custom_datasets.masking import BlockwiseMaskGenerator
@@ -111,3 +112,45 @@ def test_torchrun_two_processes_fine_tune(tmp_path):
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert len(log) == 1 and 0 <= log[0]["test_acc1"] <= 100
     assert (out / "checkpoint-best.pth").is_file()
+
+
+def _regularized_train(model, task, batches, method_name: str) -> None:
+    """Three steps with a continual method's penalty (weights-only l2, or per-batch distillation)."""
+    import dataclasses
+
+    from training.continual import CL_METHODS
+    from tests.test_cl_methods import _stand_in_run
+
+    method = CL_METHODS[method_name](None)
+    method.start(_stand_in_run(task.backbone))
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=SETTINGS.lr, weight_decay=0.05)
+    train_one_epoch(model, batches, optimizer, torch.device("cpu"), 0, dataclasses.replace(SETTINGS, reg_loss_weight=10.0),
+                    lambda b: b, steps_per_epoch=STEPS, regularizer=method.penalty, batch_regularizer=method.batch_penalty)
+
+
+def _regularized_ddp_worker(rank: int, world: int, out_path: str, method_name: str) -> None:
+    task = _task()
+    model = torch.nn.parallel.DistributedDataParallel(task)
+    per_rank = BATCH // world
+    shard = [{k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in b.items()} for b in _batches()]
+    _regularized_train(model, task, shard, method_name)
+    if rank == 0:
+        torch.save(task.state_dict(), out_path)
+
+
+@pytest.mark.parametrize("method_name", ["l2", "distill"])
+def test_a_regularized_stage_on_two_processes_matches_one_process(tmp_path, method_name):
+    """The penalty's gradient is the same on every rank (l2) or averaged like the loss's (distill,
+    whose batch halves' mean equals the whole batch's), so DDP gives the one-process weights."""
+    out = tmp_path / "ddp.pt"
+    run_in_processes(_regularized_ddp_worker, 2, str(out), method_name)
+    task = _task()
+    initial = {k: v.clone() for k, v in task.state_dict().items()}
+    _regularized_train(task, task, _batches(), method_name)
+    ddp = torch.load(out, weights_only=True)
+    for key, value in task.state_dict().items():
+        assert torch.allclose(ddp[key], value, atol=1e-5, rtol=0), key
+    assert sum(not torch.equal(v, initial[k]) for k, v in task.state_dict().items()) > 10
+    plain = _task()
+    _train(plain, plain, _batches())
+    assert any((v - plain.state_dict()[k]).abs().max() > 1e-6 for k, v in task.state_dict().items())  # the penalty acted

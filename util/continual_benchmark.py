@@ -40,7 +40,7 @@ OWNER = {"image_mim_acc": 1, "image_mim_loss": 1, "image_knn_acc": 1, "text_mlm_
 DEFAULT_LAMBDAS = {"self_reg": 1e4, "l2": 30.0, "ewc": 1e6, "distill": 10.0}
 SIZES = {  # (train images, held-out, MIM epochs, MLM epochs, ITC epochs)
     "default": (2000, 300, 10, 6, 8),
-    "quick": (600, 200, 4, 2, 3),
+    "quick": (1000, 200, 4, 3, 6),
 }
 HEADLINE = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "new_task": "last stage"}
 
@@ -264,7 +264,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wise_alpha", type=float, default=0.5, help="α of wise (default: %(default)s)")
     p.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of every method but full (default: %(default)s)")
     p.add_argument("--fisher_samples", type=int, default=512, help="samples of each Fisher estimate (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="a smaller chain: 600 scenes, 4 + 2 + 3 epochs")
+    p.add_argument("--quick", action="store_true", help="a smaller chain: 1000 scenes, 4 + 3 + 6 epochs")
+    p.add_argument("--train_size", type=int, help="synthetic training scenes (overrides the preset)")
+    p.add_argument("--val_size", type=int, help="held-out scenes every probe is measured on (overrides the preset)")
+    p.add_argument("--epochs", type=int, nargs=3, metavar=("MIM", "MLM", "ITC"), help="epochs of the three stages "
+                   "(overrides the preset)")
     p.add_argument("--num_workers", type=int, default=2, help="data loader processes (default: %(default)s)")
     p.add_argument("--output_dir", default=None, help="default: outputs/continual_benchmark[_quick]")
     return p
@@ -274,7 +278,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser().parse_args(argv)
     args.lambdas = parse_lambdas(args.lambdas)
-    args.sizes = SIZES["quick" if args.quick else "default"]
+    train, val, *epochs = SIZES["quick" if args.quick else "default"]
+    args.sizes = (args.train_size or train, args.val_size or val, *(args.epochs or epochs))
     args.output_dir = args.output_dir or f"outputs/continual_benchmark{'_quick' if args.quick else ''}"
     out = Path(args.output_dir)
     start = time.time()
