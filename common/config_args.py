@@ -146,6 +146,8 @@ def config_value(parser: argparse.ArgumentParser, action: argparse.Action, value
     """A `--config` value checked and converted exactly as the flag's value on the command line is:
     its type, range, choices and number of values."""
     if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if value is None and action.default is None:  # a three-way switch left unset (as args.yaml writes it)
+            return None
         if not isinstance(value, bool):
             raise UserError(f"{where} is a switch: write true or false, not {value!r}")
         return value

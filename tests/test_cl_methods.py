@@ -196,3 +196,45 @@ def test_the_old_flags_mean_the_same_methods(tmp_path, word_pieces):
     assert pretrain_config_from_argv(base).continual.cl_method == "full"
     chosen = pretrain_config_from_argv(base + ["--lora_rank", "4", "--cl_method", "self_reg"])
     assert chosen.lora.self_regularization
+
+
+@pytest.mark.parametrize("batch, ratio, sources", [(64, 0.25, 1), (64, 0.25, 2), (8, 0.5, 3), (32, 0.1, 2), (7, 0.3, 1)])
+def test_replay_takes_the_share_closest_to_the_ratio(batch, ratio, sources):
+    from training.continual.replay import replay_sizes
+
+    sizes = replay_sizes(batch, ratio, sources)
+    total = sum(sizes)
+    best = min(range(0, 4 * batch), key=lambda r: abs(r / (batch + r) - ratio))
+    assert abs(total / (batch + total) - ratio) <= abs(best / (batch + best) - ratio) + 1e-12
+    assert max(sizes) - min(sizes) <= 1 and len(sizes) == sources
+
+
+def test_replay_draws_the_earlier_stage_data_with_its_objective(tmp_path, word_pieces):
+    """A text stage after an image MIM stage on an image folder replays that folder's images as MIM
+    batches of the exact size, through the MIM head the checkpoint carries."""
+    from tests.helpers import colour_folders
+    from training.cli import pretrain_config_from_argv
+    from training.pretrain import build_run
+    from training.scaffold import RunContext
+
+    folder = colour_folders(tmp_path / "images", 24, 8, 32)
+    mim = tmp_path / "mim"
+    main(TINY + ["--data_path", str(folder), "--tokenizer", word_pieces, "--epochs", "1", "--output_dir", str(mim)])
+    cfg = pretrain_config_from_argv(TINY + SYNTH + [
+        "--tokenizer", word_pieces, "--exp_name", "text_mlm", "--lora_rank", "4", "--cl_method", "replay",
+        "--replay_ratio", "0.5", "--init_from", str(mim / "checkpoint-0.pth"), "--output_dir", str(tmp_path / "mlm")])
+    ctx = RunContext.start("cpu", str(tmp_path / "mlm"), 0, exclusive=False)
+    try:
+        run = build_run(cfg, ctx)
+        (source,) = run.method.sources
+        assert source.name == "image_mim" and source.size == 8  # 8 beside the stage's 8: the share 0.5 exactly
+        assert len(source.loader.dataset) == 30  # the MIM stage's training images: the folder's 32 less 2 held out
+        assert str(folder) in (mim / "file_index.txt").read_text().splitlines()[0]
+        batch = source.prepare(next(source.batches))
+        assert batch["image"].shape[0] == 8 and "visual_token_ids" in batch and "bool_masked_pos" in batch
+        assert source.mode.mim_head is run.carried.modules["mim_head"]
+        assert not any(p.requires_grad for p in source.mode.mim_head.parameters())
+        penalty = run.method.batch_penalty({})  # the next replayed batch's MIM loss, weight 8 / 8
+        assert penalty.requires_grad and 0 < penalty.item() < 10
+    finally:
+        ctx.finish()

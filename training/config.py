@@ -124,6 +124,8 @@ class ContinualSettings:
     fisher_samples: int = flag(0, "at the end, estimate the diagonal Fisher information of this stage's objective on "
                                   "about N training samples and write fisher.safetensors beside the checkpoints (what "
                                   "--cl_method ewc in the next stage needs); 0: none", minimum=0)
+    replay_ratio: float = flag(0.25, "--cl_method replay: share of each step's samples replayed from the earlier "
+                                     "stages (their data, objectives and heads)", minimum=0.01, below=0.99)
     wise_alpha: float = flag(0.5, "--cl_method wise: weight of the trained weights in (1 − α)·θ_prev + α·θ_new",
                              minimum=0, below=1.0000001)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,15 @@ class PretrainRun:
         cfg = replace(self.cfg, model={"resume": None})
         vocab = len(self.text_tokenizer) if self.text_tokenizer is not None else None
         return build_backbone(cfg, Weights(cfg.model.init_from, read_weights(cfg.model.init_from)), vocab)
+
+    def stage_config(self, folder: Path) -> PretrainConfig:
+        """The settings an earlier stage ran with (its args.yaml), e.g. to replay its data."""
+        from training.cli import pretrain_config_from_argv
+
+        return pretrain_config_from_argv(["--config", str(folder / "args.yaml"), "--output_dir", str(folder)])
+
+    def mode_options(self, visual_tokenizer) -> ModeOptions:
+        return mode_options(self.cfg, visual_tokenizer)
 
     def info(self) -> dict[str, Any]:
         """The self-description every checkpoint of this stage carries."""

@@ -7,11 +7,13 @@ from training.continual.distill import FeatureDistillation
 from training.continual.ewc import ElasticWeightConsolidation
 from training.continual.l2 import L2ToPrevious
 from training.continual.plain import FullFinetune, LoraOnly, SelfRegularization
+from training.continual.replay import ExperienceReplay
 from training.continual.wise import WeightInterpolation
 
 CL_METHODS: dict[str, type[ContinualMethod]] = {
     method.name: method for method in (SelfRegularization, LoraOnly, FullFinetune, L2ToPrevious,
-                                       ElasticWeightConsolidation, FeatureDistillation, WeightInterpolation)
+                                       ElasticWeightConsolidation, FeatureDistillation, ExperienceReplay,
+                                       WeightInterpolation)
 }
 
 
