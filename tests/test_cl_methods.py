@@ -18,8 +18,14 @@ from training.continual.ewc import ElasticWeightConsolidation
 from training.continual.fisher import FISHER_FILE
 from training.continual.l2 import L2ToPrevious
 from training.continual.wise import interpolate
-from tests.test_continual_cli import word_pieces  # noqa: F401 (a fixture)
 from tests.test_pretrain_cli import SYNTH, TINY
+from util.train_text_tokenizer import main as train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def word_pieces(tmp_path_factory):
+    return str(train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "200", "--output",
+                                str(tmp_path_factory.mktemp("tok") / "tok")]))
 
 
 def _lora_backbone(seed: int = 0):

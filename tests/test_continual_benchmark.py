@@ -25,7 +25,7 @@ def test_benchmark_end_to_end_and_reuse(tmp_path, capsys):
     assert saved["methods"]["ewc"]["bwt"]["mean"] == pytest.approx(expected["bwt"])
     assert matrix[1]["image_mim_loss"] < matrix[0]["image_mim_loss"]  # the MIM stage learned
     assert (out / "seed_0" / "1_image_mim" / "fisher.safetensors").is_file()
-    assert (out / "chart.png").is_file() and "| ewc |" in (out / "table.md").read_text()
+    assert (out / "chart.png").is_file() and (out / "stability_plasticity.png").is_file() and "| ewc |" in (out / "table.md").read_text()
     cost = results["ewc"]["cost"]
     assert cost["stored_parameters"]["mean"] < cost["trainable_parameters"]["mean"]  # adapters, not the model
     capsys.readouterr()

@@ -42,6 +42,7 @@ SIZES = {  # (train images, held-out, MIM epochs, MLM epochs, ITC epochs)
     "default": (2000, 300, 10, 6, 8),
     "quick": (1000, 200, 4, 3, 6),
 }
+JOINT = "joint"  # not a per-stage method: all the later stages' objectives at once, the upper bound
 HEADLINE = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "new_task": "last stage"}
 
 
@@ -135,7 +136,7 @@ def method_flags(args: argparse.Namespace, method: str) -> list[str]:
     return flags
 
 
-def handover(stage_dir: Path, method: str, epochs: int) -> Path:
+def handover(stage_dir: Path, epochs: int) -> Path:
     merged = stage_dir / "merged_model.safetensors"
     return merged if merged.is_file() else stage_dir / f"checkpoint-{epochs - 1}.pth"
 
@@ -162,6 +163,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     rows0.append(evaluate_row(flags, mim_ckpt, mim / "row"))
     results = {}
     for method in args.methods:
+        if method == JOINT:
+            results[method] = run_joint(args, seed, flags, mim_ckpt, rows0, mim_cost, root)
+            continue
         start, rows, costs = mim_ckpt, list(rows0), [mim_cost]
         for (exp, folder), epochs, blr in zip(STAGES, (mlm_epochs, itc_epochs), ("5e-3", "2e-2")):
             print(f"seed {seed}: {method} {exp}", flush=True)
@@ -169,11 +173,29 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
             extra = ["--batch_size", "32"] if exp == "image_text_itc" else []  # more steps, as demo_chain.py
             costs.append(run_stage(flags + method_flags(args, method) + extra + [
                 "--exp_name", exp, "--epochs", str(epochs), "--blr", blr, "--init_from", str(start)], stage))
-            start = handover(stage, method, epochs)
+            start = handover(stage, epochs)
             rows.append(evaluate_row(flags, start, stage / "row"))
         results[method] = {"matrix": rows, "summary": summary(rows, OWNER), "cost": costs}
         (root / method / "matrix.json").write_text(json.dumps(results[method], indent=1))
     return results
+
+
+def run_joint(args: argparse.Namespace, seed: int, flags: list[str], mim_ckpt: Path, rows0: list[dict],
+              mim_cost: dict, root: Path) -> dict:
+    """The upper bound: after the shared image stage, one compound stage that trains MIM, MLM and
+    ITC together on the pairs, for as many epochs as the text and image-text stages together, with
+    the same adapters. It has no row between the text and image-text stages (left empty)."""
+    _, _, _, mlm_epochs, itc_epochs = args.sizes
+    epochs = mlm_epochs + itc_epochs
+    stage = root / JOINT / "2_compound"
+    print(f"seed {seed}: joint compound_pretrain", flush=True)
+    cost = run_stage(flags + ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model", "--exp_name",
+                              "compound_pretrain", "--epochs", str(epochs), "--blr", "1e-2", "--batch_size", "32",
+                              "--init_from", str(mim_ckpt)], stage)
+    rows = [*rows0, {}, evaluate_row(flags, handover(stage, epochs), stage / "row")]
+    result = {"matrix": rows, "summary": summary(rows, OWNER), "cost": [mim_cost, cost]}
+    (root / JOINT / "matrix.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def spread(values: list[float | None]) -> dict[str, float | None]:
@@ -194,6 +216,7 @@ def aggregate(per_seed: dict[int, dict[str, dict]], methods: list[str]) -> dict[
                          for key in ("seconds", "trainable_parameters", "stored_parameters")}
         entry["cost"]["peak_rss_mb"] = spread([max(c["peak_rss_mb"] for c in r["cost"][1:]) for r in runs])
         entry["matrices"] = {str(s): per_seed[s][method]["matrix"] for s in per_seed}
+        entry["task_scores"] = [r["summary"]["task_scores"] for r in runs]
         out[method] = entry
     return out
 
@@ -241,6 +264,27 @@ def write_chart(results: dict[str, dict], seed: str, out: Path) -> Path:
     return path
 
 
+def write_tradeoff(results: dict[str, dict], out: Path) -> Path:
+    """The stability–plasticity picture: the last stage's score against the mean final score of the
+    earlier stages, one point per method (mean ± std over seeds)."""
+    from visualization.canvas import save_picture
+    from visualization.stability_plasticity import stability_plasticity
+
+    points = {}
+    for method, r in results.items():
+        kept = [statistics.mean(s[-1][:-1]) for s in r["task_scores"] if all(v is not None for v in s[-1][:-1])]
+        new = [s[-1][-1] for s in r["task_scores"]]
+        if kept and new:
+            points[method] = (*_mean_std(new), *_mean_std(kept))
+    picture = stability_plasticity(points, "learned by the last stage (image-text task score)",
+                                   "kept of the earlier stages (mean final image and text task score)")
+    return save_picture(picture, out / "stability_plasticity.png")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def parse_lambdas(items: list[str]) -> dict[str, float]:
     lambdas = dict(DEFAULT_LAMBDAS)
     for item in items:
@@ -256,8 +300,8 @@ def parse_lambdas(items: list[str]) -> dict[str, float]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(CL_METHODS), choices=list(CL_METHODS),
-                   help="methods to compare (default: all registered)")
+    p.add_argument("--methods", nargs="+", default=[*CL_METHODS, JOINT], choices=[*CL_METHODS, JOINT],
+                   help="methods to compare (default: all registered, and joint)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of data, masks and init (default: 0)")
     p.add_argument("--lambdas", nargs="*", default=[], metavar="METHOD=λ",
                    help="penalty weights (default: " + " ".join(f"{k}={v:g}" for k, v in DEFAULT_LAMBDAS.items()) + ")")
@@ -291,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     text = table(results, args.lambdas, args.wise_alpha)
     (out / "table.md").write_text(text + "\n")
     print("\n" + text)
-    print(f"\nchart: {write_chart(results, str(args.seeds[0]), out)}; results: {out / 'results.json'}; "
+    print(f"\nchart: {write_chart(results, str(args.seeds[0]), out)}; trade-off: {write_tradeoff(results, out)}; "
+          f"results: {out / 'results.json'}; "
           f"{time.time() - start:.0f}s")
     return results
 
