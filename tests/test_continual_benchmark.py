@@ -39,3 +39,20 @@ def test_lambdas_are_checked():
         main(["--lambdas", "ewc=lots"])
     with pytest.raises(SystemExit):
         main(["--lambdas", "full=3"])
+
+
+def test_sweeps_make_one_variant_per_value_each_in_its_own_folder():
+    from util.continual_benchmark import parser, parse_lambdas, variants
+
+    args = parser().parse_args(["--methods", "self_reg", "lora", "wise", "l2", "--wise_alpha", "0.3", "0.7",
+                                "--lambdas", "self_reg=100,1e4"])
+    args.lambdas = parse_lambdas(args.lambdas)
+    found = {v.name: (v.folder, v.flags) for v in variants(args)}
+    assert found == {
+        "self_reg λ=100": ("self_reg_lambda_100", ("--reg_loss_weight", "100")),
+        "self_reg λ=10000": ("self_reg_lambda_10000", ("--reg_loss_weight", "10000")),
+        "lora": ("lora", ()),
+        "wise α=0.3": ("wise_alpha_0.3", ("--wise_alpha", "0.3")),
+        "wise α=0.7": ("wise_alpha_0.7", ("--wise_alpha", "0.7")),
+        "l2": ("l2_lambda_30", ("--reg_loss_weight", "30")),  # the default λ, named in the folder all the same
+    }

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -123,15 +124,42 @@ def stored_parameters(out: Path) -> int:
     return trainable_parameters(out)["trainable_parameters"]
 
 
-def method_flags(args: argparse.Namespace, method: str) -> list[str]:
-    flags = ["--cl_method", method]
-    if method != "full":
+@dataclass(frozen=True)
+class Variant:
+    """One line of the comparison: a method with one value of its knob (λ, α or the replay share)."""
+
+    name: str  # as the tables and pictures show it
+    method: str
+    knob: str  # the knob in words ("" without one)
+    flags: tuple[str, ...]  # the stage flags that set it
+    folder: str  # named after the knob, so a finished stage is only reused for the same value
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    out = []
+    for method in args.methods:
+        knobs = {**{m: ("reg_loss_weight", "λ", "lambda", values) for m, values in args.lambdas.items()},
+                 "wise": ("wise_alpha", "α", "alpha", args.wise_alpha),
+                 "replay": ("replay_ratio", "ρ", "ratio", args.replay_ratio)}.get(method)
+        if knobs is None:
+            out.append(Variant(method, method, "", (), method))
+            continue
+        flag, symbol, word, values = knobs
+        for value in values:
+            name = method if len(values) == 1 else f"{method} {symbol}={value:g}"
+            out.append(Variant(name, method, f"{symbol} {value:g}", (f"--{flag}", f"{value:g}"),
+                               f"{method}_{word}_{value:g}"))
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise UserError("--methods names a method twice, or --lambdas gives one value twice")
+    return out
+
+
+def method_flags(args: argparse.Namespace, variant: Variant) -> list[str]:
+    flags = ["--cl_method", variant.method, *variant.flags]
+    if variant.method != "full":
         flags += ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model"]
-    if method in args.lambdas:
-        flags += ["--reg_loss_weight", f"{args.lambdas[method]:g}"]
-    if method == "wise":
-        flags += ["--wise_alpha", f"{args.wise_alpha:g}"]
-    if method == "ewc":
+    if variant.method == "ewc":
         flags += ["--fisher_samples", str(args.fisher_samples)]  # for the ITC stage's ewc
     return flags
 
@@ -162,21 +190,21 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     mim_ckpt = mim / f"checkpoint-{mim_epochs - 1}.pth"
     rows0.append(evaluate_row(flags, mim_ckpt, mim / "row"))
     results = {}
-    for method in args.methods:
-        if method == JOINT:
-            results[method] = run_joint(args, seed, flags, mim_ckpt, rows0, mim_cost, root)
+    for variant in variants(args):
+        if variant.method == JOINT:
+            results[variant.name] = run_joint(args, seed, flags, mim_ckpt, rows0, mim_cost, root)
             continue
         start, rows, costs = mim_ckpt, list(rows0), [mim_cost]
         for (exp, folder), epochs, blr in zip(STAGES, (mlm_epochs, itc_epochs), ("5e-3", "2e-2")):
-            print(f"seed {seed}: {method} {exp}", flush=True)
-            stage = root / method / folder
+            print(f"seed {seed}: {variant.name} {exp}", flush=True)
+            stage = root / variant.folder / folder
             extra = ["--batch_size", "32"] if exp == "image_text_itc" else []  # more steps, as demo_chain.py
-            costs.append(run_stage(flags + method_flags(args, method) + extra + [
+            costs.append(run_stage(flags + method_flags(args, variant) + extra + [
                 "--exp_name", exp, "--epochs", str(epochs), "--blr", blr, "--init_from", str(start)], stage))
             start = handover(stage, epochs)
             rows.append(evaluate_row(flags, start, stage / "row"))
-        results[method] = {"matrix": rows, "summary": summary(rows, OWNER), "cost": costs}
-        (root / method / "matrix.json").write_text(json.dumps(results[method], indent=1))
+        results[variant.name] = {"matrix": rows, "summary": summary(rows, OWNER), "cost": costs, "knob": variant.knob}
+        (root / variant.folder / "matrix.json").write_text(json.dumps(results[variant.name], indent=1))
     return results
 
 
@@ -205,9 +233,9 @@ def spread(values: list[float | None]) -> dict[str, float | None]:
     return {"mean": statistics.mean(kept), "std": statistics.stdev(kept) if len(kept) > 1 else 0.0}
 
 
-def aggregate(per_seed: dict[int, dict[str, dict]], methods: list[str]) -> dict[str, dict]:
+def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     out = {}
-    for method in methods:
+    for method in next(iter(per_seed.values())):
         runs = [per_seed[s][method] for s in per_seed]
         entry = {key: spread([r["summary"][key] for r in runs]) for key in ("acc", "bwt", "fwt", "forgetting")}
         entry["new_task"] = spread([r["summary"]["task_scores"][-1][-1] for r in runs])
@@ -217,6 +245,7 @@ def aggregate(per_seed: dict[int, dict[str, dict]], methods: list[str]) -> dict[
         entry["cost"]["peak_rss_mb"] = spread([max(c["peak_rss_mb"] for c in r["cost"][1:]) for r in runs])
         entry["matrices"] = {str(s): per_seed[s][method]["matrix"] for s in per_seed}
         entry["task_scores"] = [r["summary"]["task_scores"] for r in runs]
+        entry["knob"] = runs[0].get("knob", "")
         out[method] = entry
     return out
 
@@ -227,13 +256,12 @@ def _cell(stat: dict[str, float | None], digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}" if stat["std"] else f"{stat['mean']:.{digits}f}"
 
 
-def table(results: dict[str, dict], lambdas: dict[str, float], wise_alpha: float) -> str:
-    head = ["method", "λ / α", *HEADLINE.values(), "MIM loss (final)", "k-NN (final)", "MLM (final)",
+def table(results: dict[str, dict]) -> str:
+    head = ["method", "knob", *HEADLINE.values(), "MIM loss (final)", "k-NN (final)", "MLM (final)",
             "t2i R@5 (final)", "trainable (text + ITC)", "stored", "s (text + ITC)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for method, r in results.items():
-        knob = f"{lambdas[method]:g}" if method in lambdas else (f"α {wise_alpha:g}" if method == "wise" else "")
-        cells = [method, knob, *(_cell(r[k]) for k in HEADLINE),
+        cells = [method, r["knob"], *(_cell(r[k]) for k in HEADLINE),
                  *(_cell(r["probes_final"][p]) for p in ("image_mim_loss", "image_knn_acc", "text_mlm_acc", "itc_t2i_r5")),
                  f"{r['cost']['trainable_parameters']['mean'] / 1e6:.2f}M", f"{r['cost']['stored_parameters']['mean'] / 1e6:.2f}M",
                  f"{r['cost']['seconds']['mean']:.0f}"]
@@ -285,16 +313,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def parse_lambdas(items: list[str]) -> dict[str, float]:
-    lambdas = dict(DEFAULT_LAMBDAS)
+def parse_lambdas(items: list[str]) -> dict[str, list[float]]:
+    """`METHOD=V1,V2` items over the defaults (one value each)."""
+    lambdas = {k: [v] for k, v in DEFAULT_LAMBDAS.items()}
     for item in items:
-        name, _, value = item.partition("=")
-        if name not in DEFAULT_LAMBDAS or not value:
-            raise UserError(f"--lambdas {item}: write METHOD=VALUE with METHOD one of {', '.join(DEFAULT_LAMBDAS)}")
+        name, _, values = item.partition("=")
+        if name not in DEFAULT_LAMBDAS or not values:
+            raise UserError(f"--lambdas {item}: write METHOD=VALUE[,VALUE...] with METHOD one of {', '.join(DEFAULT_LAMBDAS)}")
         try:
-            lambdas[name] = float(value)
+            lambdas[name] = [float(v) for v in values.split(",")]
         except ValueError:
-            raise UserError(f"--lambdas {item}: {value} is not a number") from None
+            raise UserError(f"--lambdas {item}: {values} is not a list of numbers") from None
     return lambdas
 
 
@@ -304,8 +333,12 @@ def parser() -> argparse.ArgumentParser:
                    help="methods to compare (default: all registered, and joint)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of data, masks and init (default: 0)")
     p.add_argument("--lambdas", nargs="*", default=[], metavar="METHOD=λ",
-                   help="penalty weights (default: " + " ".join(f"{k}={v:g}" for k, v in DEFAULT_LAMBDAS.items()) + ")")
-    p.add_argument("--wise_alpha", type=float, default=0.5, help="α of wise (default: %(default)s)")
+                   help="penalty weights, several per method for a sweep (METHOD=V1,V2,...; default: "
+                   + " ".join(f"{k}={v:g}" for k, v in DEFAULT_LAMBDAS.items()) + ")")
+    p.add_argument("--wise_alpha", type=float, nargs="+", default=[0.5], help="α of wise; several make a sweep "
+                   "(default: 0.5)")
+    p.add_argument("--replay_ratio", type=float, nargs="+", default=[0.25], help="share of replayed samples; several "
+                   "make a sweep (default: 0.25)")
     p.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of every method but full (default: %(default)s)")
     p.add_argument("--fisher_samples", type=int, default=512, help="samples of each Fisher estimate (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a smaller chain: 1000 scenes, 4 + 3 + 6 epochs")
@@ -328,11 +361,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     out = Path(args.output_dir)
     start = time.time()
     per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
-    results = aggregate(per_seed, args.methods)
+    results = aggregate(per_seed)
     (out / "results.json").write_text(json.dumps(
         {"settings": {"methods": args.methods, "seeds": args.seeds, "lambdas": args.lambdas, "wise_alpha": args.wise_alpha,
+                      "replay_ratio": args.replay_ratio,
                       "lora_rank": args.lora_rank, "sizes": args.sizes}, "methods": results}, indent=1))
-    text = table(results, args.lambdas, args.wise_alpha)
+    text = table(results)
     (out / "table.md").write_text(text + "\n")
     print("\n" + text)
     print(f"\nchart: {write_chart(results, str(args.seeds[0]), out)}; trade-off: {write_tradeoff(results, out)}; "
