@@ -41,7 +41,7 @@ OWNER = {"image_mim_acc": 1, "image_mim_loss": 1, "image_knn_acc": 1, "text_mlm_
 DEFAULT_LAMBDAS = {"self_reg": 1e4, "l2": 30.0, "ewc": 1e6, "distill": 10.0}
 SIZES = {  # (train images, held-out, MIM epochs, MLM epochs, ITC epochs)
     "default": (2000, 300, 10, 6, 8),
-    "quick": (1000, 200, 4, 3, 6),
+    "quick": (600, 200, 4, 3, 6),
 }
 JOINT = "joint"  # not a per-stage method: all the later stages' objectives at once, the upper bound
 HEADLINE = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "new_task": "last stage"}
@@ -341,7 +341,7 @@ def parser() -> argparse.ArgumentParser:
                    "make a sweep (default: 0.25)")
     p.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of every method but full (default: %(default)s)")
     p.add_argument("--fisher_samples", type=int, default=512, help="samples of each Fisher estimate (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="a smaller chain: 1000 scenes, 4 + 3 + 6 epochs")
+    p.add_argument("--quick", action="store_true", help="a smaller chain: 600 scenes, 4 + 3 + 6 epochs")
     p.add_argument("--train_size", type=int, help="synthetic training scenes (overrides the preset)")
     p.add_argument("--val_size", type=int, help="held-out scenes every probe is measured on (overrides the preset)")
     p.add_argument("--epochs", type=int, nargs=3, metavar=("MIM", "MLM", "ITC"), help="epochs of the three stages "
