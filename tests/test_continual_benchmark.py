@@ -56,3 +56,37 @@ def test_sweeps_make_one_variant_per_value_each_in_its_own_folder():
         "wise α=0.7": ("wise_alpha_0.7", ("--wise_alpha", "0.7")),
         "l2": ("l2_lambda_30", ("--reg_loss_weight", "30")),  # the default λ, named in the folder all the same
     }
+
+
+@pytest.mark.slow
+def test_benchmark_on_real_data_files(tmp_path):
+    """A chain on files laid out as users have them (an image folder, a caption file, pairs naming
+    their images): every row measures MIM and retrieval on the held-out pairs and MLM on their
+    captions, and the text stage never sees a caption of the pairs."""
+    from tests.helpers import colour_folders
+
+    root = colour_folders(tmp_path / "scenes", 160, 0, 64)
+    images = sorted((root / "train").rglob("*.png"))
+    colours = {p: p.parent.name for p in images}
+    pairs = [{"caption": [f"a {colours[p]} thing", f"something {colours[p]}"], "filename": str(p.relative_to(root))}
+             for p in images]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    captions = [{"caption": f"the {c} one number {i}"} for i, c in enumerate(["red", "green", "blue"] * 40)]
+    captions += [{"caption": pairs[0]["caption"][0]}]  # also a caption of the pairs: left out of the text stage
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    out = tmp_path / "bench"
+    main(["--epochs", "1", "1", "1", "--num_workers", "0", "--lora_rank", "4", "--methods", "lora",
+          "--images", str(root / "train"), "--captions", str(tmp_path / "captions.json"),
+          "--pairs", str(tmp_path / "pairs.json"), "--pair_images", str(root), "--output_dir", str(out)])
+    matrix = json.loads((out / "results.json").read_text())["methods"]["lora"]["matrices"]["0"]
+    assert len(matrix) == 4
+    for row in matrix:
+        assert {"image_mim_loss", "text_mlm_acc", "itc_t2i_r5"} <= set(row) and "image_knn_acc" not in row
+    kept = json.loads((out / "text_stage_captions.json").read_text())
+    assert len(kept) == 120 and pairs[0]["caption"][0] not in {c["caption"] for c in kept}
+
+
+def test_real_data_needs_all_four_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path), "--output_dir", str(tmp_path / "b")])
+    assert "needs --captions --pairs --pair_images too" in capsys.readouterr().err

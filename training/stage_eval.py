@@ -127,7 +127,8 @@ def stage_report(backbone, heads: dict[str, nn.Module], probes: ProbeData, devic
 def build_probes(cfg: PretrainDataConfig, kind: str, grid: tuple[int, int], text_tokenizer, val_set: Dataset,
                  val_collate: Callable, limit: int = 500) -> ProbeData:
     """Synthetic runs probe every modality on the synthetic world's val split; runs on real data
-    probe what their held-out split holds (images, captions or pairs)."""
+    probe what their held-out split holds (images, captions or pairs; the captions of pairs too
+    when they are collated with MLM masks, as compound_pretrain's are)."""
     def cap(dataset):
         if isinstance(dataset, IterableDataset):  # streamed held-out shards are used whole
             return dataset
@@ -147,7 +148,9 @@ def build_probes(cfg: PretrainDataConfig, kind: str, grid: tuple[int, int], text
         return ProbeData(images=(val, val_collate))
     if kind == "text":
         return ProbeData(texts=(val, text_collate))
-    return ProbeData(images=(val, val_collate), pairs=(val, val_collate))
+    masked_captions = getattr(val_collate, "masker", None) is not None  # pairs collated for MLM too (compound)
+    return ProbeData(images=(val, val_collate), pairs=(val, val_collate),
+                     texts=(val, val_collate) if masked_captions else None)
 
 
 def format_report(report: dict[str, Any]) -> str:

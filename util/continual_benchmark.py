@@ -35,7 +35,7 @@ from models.text_tokenizer import train_wordpiece  # noqa: E402
 from training.continual import CL_METHODS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = (("text_mlm", "2_text_mlm"), ("image_text_itc", "3_image_text_itc"))
+STAGES = (("text_mlm", "2_text_mlm", "text"), ("image_text_itc", "3_image_text_itc", "pair"))
 OWNER = {"image_mim_acc": 1, "image_mim_loss": 1, "image_knn_acc": 1, "text_mlm_acc": 2, "itc_i2t_r1": 3,
          "itc_i2t_r5": 3, "itc_i2t_r10": 3, "itc_t2i_r1": 3, "itc_t2i_r5": 3, "itc_t2i_r10": 3}
 DEFAULT_LAMBDAS = {"self_reg": 1e4, "l2": 30.0, "ewc": 1e6, "distill": 10.0}
@@ -61,12 +61,54 @@ def run_child(argv: list[str], log: Path) -> dict[str, float]:
 
 
 def common_flags(args: argparse.Namespace, seed: int, tokenizer: Path) -> list[str]:
-    train, val = args.sizes[:2]
     return ["--model", "vlmo_tiny_patch16", "--image_size", "64", "--patch_size", "8", "--second_image_size", "32",
-            "--data_path", "synthetic", "--synthetic_train_size", str(train), "--synthetic_val_size", str(val),
-            "--synthetic_render_size", "64", "--min_crop_scale", "0.5", "--drop_path", "0", "--batch_size", "64",
+            "--min_crop_scale", "0.5", "--drop_path", "0", "--batch_size", "64",
             "--num_workers", str(args.num_workers), "--print_freq", "1000", "--tokenizer", str(tokenizer),
             "--seed", str(seed), "--save_per_epochs", "1000", "--no_pictures"]
+
+
+def data_flags(args: argparse.Namespace, kind: str) -> list[str]:
+    """What a stage of data kind `kind` ("image", "text", "pair") reads; the evaluation rows read
+    the pairs, whose held-out split every probe is measured on."""
+    if not args.real:
+        train, val = args.sizes[:2]
+        return ["--data_path", "synthetic", "--synthetic_train_size", str(train), "--synthetic_val_size", str(val),
+                "--synthetic_render_size", "64"]
+    return {"image": ["--data_path", args.images], "text": ["--data_file_path", str(args.text_file)],
+            "pair": ["--data_path", args.pair_images, "--data_file_path", args.pairs]}[kind]
+
+
+REAL_DATA = ("images", "captions", "pairs", "pair_images")
+
+
+def check_real_data(args: argparse.Namespace) -> bool:
+    """True when the chain reads real data (all four flags), False for the synthetic world."""
+    given = [name for name in REAL_DATA if getattr(args, name)]
+    if given and len(given) < len(REAL_DATA):
+        missing = [f"--{n}" for n in REAL_DATA if n not in given]
+        raise UserError(f"a chain on real data needs {' '.join(missing)} too (images for MIM, captions for MLM, pairs "
+                        f"and their image folder for ITC and for every evaluation)")
+    for name in given:
+        values = getattr(args, name)
+        for value in values if isinstance(values, list) else [values]:
+            if not Path(value).exists():
+                raise UserError(f"--{name} {value} does not exist; check the path")
+    return bool(given)
+
+
+def text_without_pair_captions(captions: list[str], pairs: str, out: Path) -> Path:
+    """The text stage's captions less every caption of the pairs, so that the MLM probe on the
+    held-out pairs' captions measures text never trained on."""
+    from custom_datasets.text_data import CaptionCorpus
+
+    held = set(CaptionCorpus([pairs]).texts())
+    kept = [{"caption": c} for c in CaptionCorpus(captions).texts() if c not in held]
+    path = out / "text_stage_captions.json"
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(kept))
+        print(f"text stage: {len(kept)} captions ({path}), none of them a caption of the pairs")
+    return path
 
 
 def write_reference(flags: list[str], path: Path) -> None:
@@ -89,7 +131,8 @@ def write_reference(flags: list[str], path: Path) -> None:
 
 
 def evaluate_row(flags: list[str], weights: Path, out: Path) -> dict[str, float]:
-    """Every probe of the chain on `weights` (compound_pretrain's evaluation holds all the heads)."""
+    """Every probe of the chain on `weights` (compound_pretrain's evaluation holds all the heads);
+    `flags` name the held-out pairs and the image stage's visual tokenizer."""
     report = out / "eval_report.json"
     if not report.is_file():
         run_child(flags + ["--exp_name", "compound_pretrain", "--eval", "--init_from", str(weights),
@@ -175,34 +218,35 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     root = Path(args.output_dir) / f"seed_{seed}"
     tokenizer = root / "text_tokenizer"
     if not (tokenizer / "vocab.txt").is_file():
-        train_wordpiece(caption_texts(["synthetic"], train, seed), 512, tokenizer)
+        sources = [str(args.text_file), args.pairs] if args.real else ["synthetic"]
+        train_wordpiece(caption_texts(sources, train, seed), 512 if not args.real else 4000, tokenizer)
     flags = common_flags(args, seed, tokenizer)
     reference = root / "0_reference" / "random_init.safetensors"
     if not reference.is_file():
         reference.parent.mkdir(parents=True, exist_ok=True)
-        write_reference(flags, reference)
-    print(f"seed {seed}: reference row", flush=True)
-    rows0 = [evaluate_row(flags, reference, root / "0_reference" / "row")]
+        write_reference(flags + data_flags(args, "image"), reference)
     mim = root / "1_image_mim"
-    mim_cost = run_stage(flags + ["--exp_name", "image_mim", "--epochs", str(mim_epochs), "--visual_vocab_size", "128",
+    mim_cost = run_stage(flags + data_flags(args, "image") + ["--exp_name", "image_mim", "--epochs", str(mim_epochs), "--visual_vocab_size", "128",
                                   "--init_from", str(reference), "--fisher_samples", str(args.fisher_samples)], mim)
-    flags += ["--d_vae_weight_path", str(mim / "visual_tokenizer.safetensors")]
+    flags += ["--d_vae_weight_path", str(mim / "visual_tokenizer.safetensors")]  # the MIM targets of every later row
+    evaluation = flags + data_flags(args, "pair")
     mim_ckpt = mim / f"checkpoint-{mim_epochs - 1}.pth"
-    rows0.append(evaluate_row(flags, mim_ckpt, mim / "row"))
+    print(f"seed {seed}: reference and image MIM rows", flush=True)
+    rows0 = [evaluate_row(evaluation, reference, root / "0_reference" / "row"), evaluate_row(evaluation, mim_ckpt, mim / "row")]
     results = {}
     for variant in variants(args):
         if variant.method == JOINT:
             results[variant.name] = run_joint(args, seed, flags, mim_ckpt, rows0, mim_cost, root)
             continue
         start, rows, costs = mim_ckpt, list(rows0), [mim_cost]
-        for (exp, folder), epochs, blr in zip(STAGES, (mlm_epochs, itc_epochs), ("5e-3", "2e-2")):
+        for (exp, folder, kind), epochs, blr in zip(STAGES, (mlm_epochs, itc_epochs), ("5e-3", "2e-2")):
             print(f"seed {seed}: {variant.name} {exp}", flush=True)
             stage = root / variant.folder / folder
             extra = ["--batch_size", "32"] if exp == "image_text_itc" else []  # more steps, as demo_chain.py
-            costs.append(run_stage(flags + method_flags(args, variant) + extra + [
+            costs.append(run_stage(flags + data_flags(args, kind) + method_flags(args, variant) + extra + [
                 "--exp_name", exp, "--epochs", str(epochs), "--blr", blr, "--init_from", str(start)], stage))
             start = handover(stage, epochs)
-            rows.append(evaluate_row(flags, start, stage / "row"))
+            rows.append(evaluate_row(evaluation, start, stage / "row"))
         results[variant.name] = {"matrix": rows, "summary": summary(rows, OWNER), "cost": costs, "knob": variant.knob}
         (root / variant.folder / "matrix.json").write_text(json.dumps(results[variant.name], indent=1))
     return results
@@ -217,10 +261,10 @@ def run_joint(args: argparse.Namespace, seed: int, flags: list[str], mim_ckpt: P
     epochs = mlm_epochs + itc_epochs
     stage = root / JOINT / "2_compound"
     print(f"seed {seed}: joint compound_pretrain", flush=True)
-    cost = run_stage(flags + ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model", "--exp_name",
+    cost = run_stage(flags + data_flags(args, "pair") + ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model", "--exp_name",
                               "compound_pretrain", "--epochs", str(epochs), "--blr", "1e-2", "--batch_size", "32",
                               "--init_from", str(mim_ckpt)], stage)
-    rows = [*rows0, {}, evaluate_row(flags, handover(stage, epochs), stage / "row")]
+    rows = [*rows0, {}, evaluate_row(flags + data_flags(args, "pair"), handover(stage, epochs), stage / "row")]
     result = {"matrix": rows, "summary": summary(rows, OWNER), "cost": [mim_cost, cost]}
     (root / JOINT / "matrix.json").write_text(json.dumps(result, indent=1))
     return result
@@ -341,6 +385,13 @@ def parser() -> argparse.ArgumentParser:
                    "make a sweep (default: 0.25)")
     p.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of every method but full (default: %(default)s)")
     p.add_argument("--fisher_samples", type=int, default=512, help="samples of each Fisher estimate (default: %(default)s)")
+    p.add_argument("--images", help="real data: the image MIM stage's image folder (with --captions, --pairs, "
+                   "--pair_images; default: the embedded synthetic world)")
+    p.add_argument("--captions", nargs="+", help="real data: the text MLM stage's caption files (captions that are "
+                   "also captions of --pairs are left out)")
+    p.add_argument("--pairs", help="real data: the image-text pairs (a caption file naming images), for the ITC stage "
+                   "and, through their held-out split, for every evaluation")
+    p.add_argument("--pair_images", help="real data: the folder the pairs' image names are relative to")
     p.add_argument("--quick", action="store_true", help="a smaller chain: 600 scenes, 4 + 3 + 6 epochs")
     p.add_argument("--train_size", type=int, help="synthetic training scenes (overrides the preset)")
     p.add_argument("--val_size", type=int, help="held-out scenes every probe is measured on (overrides the preset)")
@@ -357,8 +408,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args.lambdas = parse_lambdas(args.lambdas)
     train, val, *epochs = SIZES["quick" if args.quick else "default"]
     args.sizes = (args.train_size or train, args.val_size or val, *(args.epochs or epochs))
-    args.output_dir = args.output_dir or f"outputs/continual_benchmark{'_quick' if args.quick else ''}"
+    args.real = check_real_data(args)
+    args.output_dir = args.output_dir or f"outputs/continual_benchmark{'_real' if args.real else ''}{'_quick' if args.quick else ''}"
     out = Path(args.output_dir)
+    args.text_file = text_without_pair_captions(args.captions, args.pairs, out) if args.real else None
     start = time.time()
     per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
     results = aggregate(per_seed)
