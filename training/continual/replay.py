@@ -58,8 +58,13 @@ def earlier_stage_folders(start: str | None) -> list[Path]:
 
 
 def _cycle(loader) -> Iterator[dict[str, Any]]:
+    """The loader's batches without end, in a new order each pass (a distributed sampler is told)."""
+    passes = 0
     while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(passes)
         yield from loader
+        passes += 1
 
 
 class ExperienceReplay(ContinualMethod):
