@@ -3,8 +3,9 @@
 R[i][p] is probe p measured after stage i; row 0 is the reference b (the chain's input, before any
 stage), rows 1..T the stages. Each probe belongs to the stage that trains it (`owner[p]` in 1..T);
 a probe no stage trains is shown but not scored. A stage's *task score* is the mean of its probes
-whose values are fractions (accuracies, recalls); losses are not averaged with them but are scored
-per probe, negated so that higher is better everywhere (`LOWER_IS_BETTER`).
+whose values are fractions (accuracies, recalls, `mim_gain`), except `UNSCORED` ones; losses are not
+averaged with them but are scored per probe, negated so that higher is better everywhere
+(`LOWER_IS_BETTER`).
 
 With s(t) the task score of stage t measured after stage i, written S[i][t]:
 - ACC = mean_t S[T][t]                                      (final average)
@@ -20,6 +21,9 @@ from statistics import mean
 from typing import Any
 
 LOWER_IS_BETTER = frozenset({"image_mim_loss"})
+# shown, not scored: an argmax over visual tokens that include near-duplicate background colours,
+# which can rise while the MIM loss worsens (a backbone drifting towards the most frequent token)
+UNSCORED = frozenset({"image_mim_acc"})
 
 Matrix = list[dict[str, float]]
 
@@ -33,13 +37,19 @@ def is_fraction(probe: str) -> bool:
     return probe not in LOWER_IS_BETTER
 
 
+def mim_gain(loss: float, vocab_size: int) -> float:
+    """1 − loss / ln(vocab): 0 for a uniform guess over the visual tokens, 1 for certainty on the
+    right one; the MIM loss as a score in the task scores' scale, without the argmax's blind spots."""
+    return 1 - loss / math.log(vocab_size)
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def task_score(row: dict[str, float], probes: list[str]) -> float | None:
     """Mean of the row's fraction-valued probes among `probes` (None when it has none of them)."""
-    values = [row[p] for p in probes if is_fraction(p) and _finite(row.get(p))]
+    values = [row[p] for p in probes if is_fraction(p) and p not in UNSCORED and _finite(row.get(p))]
     return mean(values) if values else None
 
 

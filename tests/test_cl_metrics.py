@@ -1,7 +1,9 @@
 """The continual-learning metrics on a matrix computed by hand."""
 import pytest
 
-from common.cl_metrics import summary
+import math
+
+from common.cl_metrics import mim_gain, summary
 
 MATRIX = [  # reference, then after image MIM, text MLM, image-text ITC
     {"image_knn_acc": 0.4, "image_mim_acc": 0.0, "image_mim_loss": 5.0, "text_mlm_acc": 0.0, "itc_t2i_r5": 0.02},
@@ -14,12 +16,19 @@ OWNER = {"image_knn_acc": 1, "image_mim_acc": 1, "image_mim_loss": 1, "text_mlm_
 
 def test_summary_matches_hand_computation():
     s = summary(MATRIX, OWNER)
-    # task scores (fractions only): image = mean(k-NN, MIM acc) -> 0.2, 0.5, 0.35, 0.275
-    assert s["task_scores"][3] == pytest.approx([0.275, 0.4, 0.3])
-    assert s["acc"] == pytest.approx((0.275 + 0.4 + 0.3) / 3)
-    assert s["bwt"] == pytest.approx(((0.275 - 0.5) + (0.4 - 0.6)) / 2)
+    # task scores (fractions only, MIM accuracy left out): image = k-NN -> 0.4, 0.6, 0.5, 0.45
+    assert s["task_scores"][3] == pytest.approx([0.45, 0.4, 0.3])
+    assert s["acc"] == pytest.approx((0.45 + 0.4 + 0.3) / 3)
+    assert s["bwt"] == pytest.approx(((0.45 - 0.6) + (0.4 - 0.6)) / 2)
     assert s["fwt"] == pytest.approx(((0.1 - 0.0) + (0.05 - 0.02)) / 2)
-    assert s["forgetting"] == pytest.approx(((0.5 - 0.275) + (0.6 - 0.4)) / 2)
+    assert s["forgetting"] == pytest.approx(((0.6 - 0.45) + (0.6 - 0.4)) / 2)
+    assert s["probes"]["image_mim_acc"]["bwt"] == pytest.approx(0.1 - 0.4)  # shown per probe all the same
+
+
+def test_mim_gain_is_zero_for_a_uniform_guess_and_one_for_certainty():
+    assert mim_gain(math.log(128), 128) == pytest.approx(0.0)
+    assert mim_gain(0.0, 128) == 1.0
+    assert mim_gain(math.log(128) / 2, 128) == pytest.approx(0.5)
 
 
 def test_losses_are_turned_round_per_probe():
@@ -47,6 +56,6 @@ def test_no_forgetting_gives_zero_and_missing_probes_are_skipped():
 
 def test_one_stage_has_no_backward_metrics():
     s = summary(MATRIX[:2], OWNER)
-    assert s["bwt"] is None and s["forgetting"] is None and s["acc"] == pytest.approx(0.5)
+    assert s["bwt"] is None and s["forgetting"] is None and s["acc"] == pytest.approx(0.6)
     with pytest.raises(ValueError):
         summary(MATRIX[:1], OWNER)
