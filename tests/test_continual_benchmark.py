@@ -9,7 +9,7 @@ import pytest
 from common.cl_metrics import summary
 from util.continual_benchmark import OWNER, main
 
-TINY = ["--train_size", "64", "--val_size", "32", "--epochs", "1", "1", "1", "--num_workers", "0",
+TINY = ["--train_size", "128", "--val_size", "32", "--epochs", "3", "1", "1", "--num_workers", "0",
         "--fisher_samples", "64", "--lora_rank", "4"]
 
 
