@@ -45,6 +45,11 @@ def _stand_in_run(backbone, init_from: str = "unused") -> SimpleNamespace:
                                                lora=SimpleNamespace(lora_rank=4)))
 
 
+def _base_weights(backbone):
+    """A copy of the base weights by plain name (what the stage starts from), adapters left out."""
+    return {k: v.clone() for k, v in plain_names(backbone.state_dict()).items() if not is_adapter_key(k)}
+
+
 def _move(backbone, seed: int = 1):
     """A known step: every B to random values, the text embedding shifted by 0.1."""
     gen = torch.Generator().manual_seed(seed)
@@ -67,7 +72,7 @@ def _deltas(backbone, before):
 
 def test_ewc_penalty_is_zero_at_the_start_and_the_fisher_weighted_sum_after_a_step(tmp_path):
     backbone = _lora_backbone()
-    before = {k: v.clone() for k, v in plain_names(backbone.state_dict()).items() if not is_adapter_key(k)}
+    before = _base_weights(backbone)
     gen = torch.Generator().manual_seed(2)
     fisher = {k: torch.rand(v.shape, generator=gen) for k, v in before.items()}
     save_safetensors(tmp_path / FISHER_FILE, fisher)
@@ -87,7 +92,7 @@ def test_ewc_without_the_sidecar_says_how_to_make_it(tmp_path):
 
 def test_l2_penalty_is_the_squared_change_of_what_trains():
     backbone = _lora_backbone()
-    before = {k: v.clone() for k, v in plain_names(backbone.state_dict()).items() if not is_adapter_key(k)}
+    before = _base_weights(backbone)
     method = L2ToPrevious(None)
     method.start(_stand_in_run(backbone))
     assert method.penalty().item() == 0.0
@@ -119,11 +124,16 @@ def _merged(backbone):
     return {k: v.clone() for k, v in merged.items()}  # not views of the live weights
 
 
-def test_wise_at_alpha_one_and_zero_gives_back_its_inputs_exactly():
+def _trained_from_anchor():
+    """(an adapted backbone after a known step, its starting weights, its merged trained weights)."""
     backbone = _lora_backbone()
-    anchor = {k: v.clone() for k, v in plain_names(backbone.state_dict()).items() if not is_adapter_key(k)}
+    anchor = _base_weights(backbone)
     _move(backbone)
-    trained = _merged(backbone)
+    return backbone, anchor, _merged(backbone)
+
+
+def test_wise_at_alpha_one_and_zero_gives_back_its_inputs_exactly():
+    backbone, anchor, trained = _trained_from_anchor()
     interpolate(backbone, anchor, 1.0)
     assert all(torch.equal(trained[k], v) for k, v in _merged(backbone).items())
     interpolate(backbone, anchor, 0.0)
@@ -131,10 +141,7 @@ def test_wise_at_alpha_one_and_zero_gives_back_its_inputs_exactly():
 
 
 def test_wise_halfway_is_the_mean_of_the_two_models():
-    backbone = _lora_backbone()
-    anchor = {k: v.clone() for k, v in plain_names(backbone.state_dict()).items() if not is_adapter_key(k)}
-    _move(backbone)
-    trained = _merged(backbone)
+    backbone, anchor, trained = _trained_from_anchor()
     interpolate(backbone, anchor, 0.5)
     for key, value in _merged(backbone).items():
         assert torch.allclose(value, (anchor[key] + trained[key]) / 2, atol=1e-6), key

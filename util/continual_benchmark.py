@@ -33,6 +33,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 from custom_datasets.pair_data import caption_texts  # noqa: E402
 from models.text_tokenizer import train_wordpiece  # noqa: E402
 from training.continual import CL_METHODS  # noqa: E402
+from training.flag_checks import check_paths_exist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (("text_mlm", "2_text_mlm", "text"), ("image_text_itc", "3_image_text_itc", "pair"))
@@ -89,11 +90,7 @@ def check_real_data(args: argparse.Namespace) -> bool:
         missing = [f"--{n}" for n in REAL_DATA if n not in given]
         raise UserError(f"a chain on real data needs {' '.join(missing)} too (images for MIM, captions for MLM, pairs "
                         f"and their image folder for ITC and for every evaluation)")
-    for name in given:
-        values = getattr(args, name)
-        for value in values if isinstance(values, list) else [values]:
-            if not Path(value).exists():
-                raise UserError(f"--{name} {value} does not exist; check the path")
+    check_paths_exist({name: getattr(args, name) for name in given})
     return bool(given)
 
 
@@ -102,19 +99,22 @@ def text_without_pair_captions(captions: list[str], pairs: str, out: Path) -> Pa
     held-out pairs' captions measures text never trained on."""
     from custom_datasets.text_data import CaptionCorpus
 
+    path = out / "text_stage_captions.json"
+    if path.is_file():  # written by an earlier run of this benchmark (its stages were trained on it)
+        return path
     held = set(CaptionCorpus([pairs]).texts())
     kept = [{"caption": c} for c in CaptionCorpus(captions).texts() if c not in held]
-    path = out / "text_stage_captions.json"
-    if not path.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(kept))
-        print(f"text stage: {len(kept)} captions ({path}), none of them a caption of the pairs")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(kept))
+    print(f"text stage: {len(kept)} captions ({path}), none of them a caption of the pairs")
     return path
 
 
 def write_reference(flags: list[str], path: Path) -> None:
     """The chain's input: the backbone a from-scratch stage with these flags would build, as a file
     that records every weight group as untrained."""
+    import torch
+
     from common.checkpoint_io import save_weights
     from models.pretrained import UNTRAINED, weight_groups
     from training.cli import pretrain_config_from_argv
@@ -123,8 +123,6 @@ def write_reference(flags: list[str], path: Path) -> None:
 
     cfg = pretrain_config_from_argv(flags + ["--exp_name", "image_mim", "--output_dir", str(path.parent / "unused")])
     tokenizer, cfg = build_text_tokenizer(cfg)
-    import torch
-
     torch.manual_seed(cfg.run.seed)
     backbone = build_backbone(cfg, Weights(), len(tokenizer))
     tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
@@ -154,17 +152,18 @@ def run_stage(flags: list[str], out: Path) -> dict[str, float]:
     if (out / "stage_report.json").is_file() and cost_file.is_file():
         return json.loads(cost_file.read_text())
     cost = run_child(flags + ["--output_dir", str(out)], out.parent / f"{out.name}.output.txt")
-    cost.update(trainable_parameters(out), stored_parameters=stored_parameters(out))
+    trainable = trainable_parameters(out)
+    cost.update(trainable_parameters=trainable, stored_parameters=stored_parameters(out, trainable))
     cost_file.write_text(json.dumps(cost, indent=1))
     return cost
 
 
-def trainable_parameters(out: Path) -> dict[str, int]:
+def trainable_parameters(out: Path) -> int:
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
-    return {"trainable_parameters": int(lines[-1]["n_parameters"])}
+    return int(lines[-1]["n_parameters"])
 
 
-def stored_parameters(out: Path) -> int:
+def stored_parameters(out: Path, trainable: int) -> int:
     """What a stage adds to keep: its adapters, or (full training) the whole model."""
     from safetensors import safe_open
 
@@ -172,7 +171,7 @@ def stored_parameters(out: Path) -> int:
     if adapters.is_file():
         with safe_open(str(adapters), framework="pt") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return trainable_parameters(out)["trainable_parameters"]
+    return trainable
 
 
 @dataclass(frozen=True)
@@ -244,7 +243,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     results = {}
     for variant in variants(args):
         if variant.method == JOINT:
-            results[variant.name] = run_joint(args, seed, flags, mim_ckpt, rows0, mim_cost, root)
+            results[variant.name] = run_joint(args, seed, flags, evaluation, mim_ckpt, rows0, mim_cost, root)
             continue
         start, rows, costs = mim_ckpt, list(rows0), [mim_cost]
         for (exp, folder, kind), epochs, blr in zip(STAGES, (mlm_epochs, itc_epochs), ("5e-3", "2e-2")):
@@ -260,8 +259,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     return results
 
 
-def run_joint(args: argparse.Namespace, seed: int, flags: list[str], mim_ckpt: Path, rows0: list[dict],
-              mim_cost: dict, root: Path) -> dict:
+def run_joint(args: argparse.Namespace, seed: int, flags: list[str], evaluation: list[str], mim_ckpt: Path,
+              rows0: list[dict], mim_cost: dict, root: Path) -> dict:
     """The upper bound: after the shared image stage, one compound stage that trains MIM, MLM and
     ITC together on the pairs, for as many epochs as the text and image-text stages together, with
     the same adapters. It has no row between the text and image-text stages (left empty)."""
@@ -272,7 +271,7 @@ def run_joint(args: argparse.Namespace, seed: int, flags: list[str], mim_ckpt: P
     cost = run_stage(flags + data_flags(args, "pair") + ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model", "--exp_name",
                               "compound_pretrain", "--epochs", str(epochs), "--blr", "1e-2", "--batch_size", "32",
                               "--init_from", str(mim_ckpt)], stage)
-    rows = [*rows0, {}, evaluate_row(flags + data_flags(args, "pair"), handover(stage, epochs), stage / "row")]
+    rows = [*rows0, {}, evaluate_row(evaluation, handover(stage, epochs), stage / "row")]
     result = {"matrix": rows, "summary": summary(rows, OWNER), "cost": [mim_cost, cost]}
     (root / JOINT / "matrix.json").write_text(json.dumps(result, indent=1))
     return result

@@ -52,7 +52,7 @@ def previously_trained(run: "PretrainRun") -> set[str] | None:
     ckpt = run.weights.ckpt
     if ckpt is None or run.weights.continue_run:
         return None
-    names = [f"backbone.{k}" for k in base_state(run.backbone)]
+    names = [f"backbone.{k}" for k in plain_names(run.backbone.state_dict()) if not is_adapter_key(k)]
     return weight_groups(names) - set(ckpt.info.get(UNTRAINED, []))
 
 
@@ -71,6 +71,11 @@ def changes(backbone: nn.Module, anchor: dict[str, torch.Tensor],
             continue
         if name in anchor and anchor[name].shape == param.shape:
             yield name, param - anchor[name].to(param.device, param.dtype)
+
+
+def summed(terms: list[torch.Tensor], backbone: nn.Module) -> torch.Tensor:
+    """The sum of a penalty's terms; zero on the backbone's device when nothing trains."""
+    return torch.stack(terms).sum() if terms else next(backbone.parameters()).new_zeros(())
 
 
 def _in(name: str, groups: set[str] | None) -> bool:

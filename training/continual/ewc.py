@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from common.console import say
-from training.continual.anchors import changes, previous_state
+from training.continual.anchors import changes, previous_state, summed
 from training.continual.base import ContinualMethod
 from training.continual.fisher import fisher_beside, load_fisher
 
@@ -33,4 +33,4 @@ class ElasticWeightConsolidation(ContinualMethod):
     def penalty(self) -> torch.Tensor:
         terms = [(self.fisher[k] * delta.pow(2)).sum() for k, delta in changes(self.backbone, self.anchor)
                  if k in self.fisher]
-        return torch.stack(terms).sum() if terms else next(self.backbone.parameters()).new_zeros(())
+        return summed(terms, self.backbone)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from training.continual.anchors import changes, previous_state, previously_trained
+from training.continual.anchors import changes, previous_state, previously_trained, summed
 from training.continual.base import ContinualMethod
 
 
@@ -21,4 +21,4 @@ class L2ToPrevious(ContinualMethod):
 
     def penalty(self) -> torch.Tensor:
         terms = [delta.pow(2).sum() for _, delta in changes(self.backbone, self.anchor, self.groups)]
-        return torch.stack(terms).sum() if terms else next(self.backbone.parameters()).new_zeros(())
+        return summed(terms, self.backbone)

@@ -75,28 +75,27 @@ class ExperienceReplay(ContinualMethod):
 
     def start(self, run: "PretrainRun") -> None:
         ratio = run.cfg.continual.replay_ratio
-        objectives: dict[str, Path] = {}
+        objectives: dict[str, tuple[Path, Any]] = {}  # objective -> (its stage folder, that stage's settings)
         for folder in earlier_stage_folders(run.cfg.model.init_from):
-            exp = run.stage_config(folder).exp_name
-            if exp != run.cfg.exp_name and exp not in objectives:
-                objectives[exp] = folder
+            cfg = run.stage_config(folder)
+            if cfg.exp_name != run.cfg.exp_name and cfg.exp_name not in objectives:
+                objectives[cfg.exp_name] = (folder, cfg)
         if not objectives:
             raise UserError(f"--cl_method replay found no earlier stage with another objective behind --init_from "
                             f"{run.cfg.model.init_from} (it follows the args.yaml of each stage folder); start from a "
                             f"stage's checkpoint or merged_model.safetensors in its own folder")
         sizes = replay_sizes(run.cfg.optim.batch_size, ratio, len(objectives))
         self.batch = run.cfg.optim.batch_size
-        self.sources = [self._source(run, exp, folder, size) for (exp, folder), size in zip(objectives.items(), sizes)
-                        if size > 0]
+        self.sources = [self._source(run, exp, folder, cfg, size)
+                        for (exp, (folder, cfg)), size in zip(objectives.items(), sizes) if size > 0]
         say(f"replay: {' + '.join(f'{s.size} {s.name} samples ({s.folder})' for s in self.sources)} beside each "
             f"{self.batch} of this stage (share {sum(sizes) / (self.batch + sum(sizes)):.3f}, asked {ratio:g})")
 
-    def _source(self, run: "PretrainRun", exp: str, folder: Path, size: int) -> ReplaySource:
+    def _source(self, run: "PretrainRun", exp: str, folder: Path, cfg, size: int) -> ReplaySource:
         from custom_datasets.pretrain_data import build_pretrain_data
         from models.modes import PRETRAIN_MODES
         from models.visual_tokenizers import create_visual_tokenizer
 
-        cfg = run.stage_config(folder)
         mode_cls = PRETRAIN_MODES[exp]
         tokenizer = None
         if mode_cls.needs_visual_tokens:

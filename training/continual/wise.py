@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from common.console import say
-from models.lora import ADAPTER, lora_layers, plain_names
+from models.lora import ADAPTER, is_adapter_key, lora_layers, plain_names
 from training.continual.anchors import previous_state
 from training.continual.base import ContinualMethod
 
@@ -34,6 +34,6 @@ def interpolate(backbone: torch.nn.Module, anchor: dict[str, torch.Tensor], alph
         adapted.add(f"{name}.weight")
         layer.lora_B[ADAPTER].weight.mul_(alpha)
     for name, param in plain_names(dict(backbone.named_parameters())).items():
-        if name in adapted or name not in anchor or ".lora_" in name or anchor[name].shape != param.shape:
+        if name in adapted or name not in anchor or is_adapter_key(name) or anchor[name].shape != param.shape:
             continue
         param.copy_(torch.lerp(anchor[name].to(param.device, param.dtype), param, alpha))  # exact at α = 0 and 1
