@@ -11,6 +11,8 @@ import re
 import torch
 from torch import nn
 
+from common.sharded_tensors import is_dtensor, local_part, summed_over_shards, whole_for_local_rows
+
 # full-match regex on module names of the backbone; `patch_embed.proj` does not match
 TARGET_MODULES = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp(_imag|_text|_vl)?\.(fc1|fc2))"
 ADAPTER = "default"
@@ -34,22 +36,25 @@ def lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def delta_weight(layer: nn.Module) -> torch.Tensor:
-    """ΔW = scaling · B · A of one adapted linear, shaped like its weight."""
+    """ΔW = scaling · B · A of one adapted linear, shaped like its weight; under FSDP, the rows of
+    ΔW this process holds of its weight (B's rows and all of A, which is small)."""
     a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight  # [r, in], [out, r]
-    return layer.scaling[ADAPTER] * (b @ a)
+    return layer.scaling[ADAPTER] * (local_part(b) @ whole_for_local_rows(a))
 
 
 def self_regularization(module: nn.Module, scaled: bool = True) -> torch.Tensor:
     """Σ over adapted layers of ||W ⊙ ΔW||²_F: an adapter may change a weight little where the
     pretrained weight is large (where the old knowledge lives). `scaled=False` penalises B·A
-    without the alpha/rank scaling, as ContinualTransformer does (its λ is ours times rank²/alpha²)."""
-    terms = []
+    without the alpha/rank scaling, as ContinualTransformer does (its λ is ours times rank²/alpha²).
+    Under FSDP each process sums its own rows, and the total is summed over the processes."""
+    terms, sharded = [], False
     for _, layer in lora_layers(module):
         delta = delta_weight(layer) if scaled else delta_weight(layer) / layer.scaling[ADAPTER]
-        terms.append((layer.base_layer.weight * delta).pow(2).sum())
+        terms.append((local_part(layer.base_layer.weight) * delta).pow(2).sum())
+        sharded = sharded or is_dtensor(layer.base_layer.weight)
     if not terms:
         raise ValueError("self_regularization needs a model with LoRA adapters")
-    return torch.stack(terms).sum()
+    return summed_over_shards(torch.stack(terms).sum(), sharded)
 
 
 # ---- plain-named state dicts -------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from common import distributed as dist_util
 from common.confusion_matrix import PER_CLASS_IOU
 from common.errors import UserError
-from training.fsdp import is_sharded, local_part
+from common.sharded_tensors import local_part
+from training.fsdp import is_sharded
 
 
 def likely_cause(lr: float, amp_dtype: torch.dtype | None, clip_grad: float | None) -> str:

@@ -116,10 +116,10 @@ def check_continual_flags(cfg: "PretrainConfig") -> None:
     if method.needs_previous and not (cfg.model.init_from or cfg.model.resume):
         raise UserError(f"--cl_method {name} keeps a stage close to the previous stage's weights; pass them with "
                         f"--init_from (a run checkpoint or merged_model.safetensors)")
-    if cfg.model.fsdp and (method.has_penalty or method.needs_previous or cfg.continual.fisher_samples):
-        what = "--fisher_samples" if cfg.continual.fisher_samples else f"--cl_method {name}"
-        raise UserError(f"--fsdp with {what} is not supported yet: it reads every block's weights outside the "
-                        f"forward, where FSDP keeps them sharded; drop --fsdp (DDP) for this stage")
+    if cfg.model.fsdp and cfg.continual.fisher_samples:
+        raise UserError("--fisher_samples squares each process's own mini-batch gradients, which --fsdp never holds "
+                        "whole (it reduce-scatters them as they are made); estimate the Fisher information in a "
+                        "stage without --fsdp (DDP), or drop --fisher_samples")
 
 
 def check_pretrain_flags(cfg: "PretrainConfig") -> None:

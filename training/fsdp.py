@@ -17,7 +17,6 @@ from common.distributed import broadcast_from_main, mean_over_ranks
 from common.errors import UserError
 from common.sharded_checkpoint import position_keyed
 
-
 def shard(model: nn.Module, blocks: nn.ModuleList) -> None:
     """Every block its own unit (its parameters are gathered just for its forward and backward),
     the rest (embeddings, heads) the root unit. Every rank first takes rank 0's weights, as DDP
@@ -35,7 +34,6 @@ def shard(model: nn.Module, blocks: nn.ModuleList) -> None:
         if param.requires_grad:
             param.register_hook(mean_over_ranks)
 
-
 def share_main_buffers(model: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm's running statistics) into every rank, before the model is
     evaluated: each rank's statistics follow its own batches (on CPU, where there is no
@@ -44,33 +42,16 @@ def share_main_buffers(model: nn.Module) -> None:
     with those the checkpoint (rank 0's) holds. Every rank must call it."""
     broadcast_from_main(list(model.buffers()))
 
-
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
-
-
-def full_tensor(value: torch.Tensor) -> torch.Tensor:
-    """A DTensor gathered (every rank must call this), a plain tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return value.full_tensor() if isinstance(value, DTensor) else value
-
-
-def local_part(value: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (no communication), a plain tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return value.to_local() if isinstance(value, DTensor) else value
-
 
 def parameter_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The names of the optimizer's parameters in its own order: the ids `optimizer.state_dict()`
     uses are positions in this list."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
 
 def gathered_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
     """(model state, optimizer state) as full CPU tensors on rank 0 (empty elsewhere); every rank
@@ -84,7 +65,6 @@ def gathered_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     by_name = get_optimizer_state_dict(model, optimizer, options=options)
     return model_state, position_keyed(by_name) if by_name else {}
 
-
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """A position-keyed optimizer state (any run's checkpoint) into the sharded optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -97,7 +77,6 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
     by_name = {"state": {names[int(i)]: value for i, value in saved["state"].items()},
                "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-
 
 @contextlib.contextmanager
 def unsharded_root(model: nn.Module) -> Iterator[None]:

@@ -17,9 +17,9 @@ from common import distributed as dist_util
 from common.errors import UserError
 from common.lr_sched import lr_at, set_lr
 from common.metrics import ProgressPrinter, ScalarAverager, host_values
+from common.sharded_tensors import full_tensor
 from custom_datasets.batch import NUM_SKIPPED, batch_size
 from training.finite import GRADIENTS, LOSS, FinitenessWatch, check_weights, likely_cause
-from training.fsdp import full_tensor
 from training.scaffold import first_step
 
 Batch = dict[str, Any]
@@ -120,6 +120,8 @@ def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, step,
                  watch: FinitenessWatch) -> dict[str, torch.Tensor]:
     last_micro = is_last_micro_batch(settings, step, total)
     with gradient_sync(model, last_micro):
+        # before the forward, while FSDP holds every weight in its shards (after it, the root's are whole)
+        weights_term = hooks.regularizer() if hooks.regularizer is not None and last_micro else None
         with autocast(device, settings.amp_dtype):
             out = model(batch)
             from_batch = hooks.batch_regularizer(batch) if hooks.batch_regularizer is not None else None
@@ -130,7 +132,6 @@ def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, step,
         if from_batch is not None:
             reg = settings.reg_loss_weight * from_batch.float()
             scaled = scaled + reg / settings.accum_iter
-        weights_term = hooks.regularizer() if hooks.regularizer is not None and last_micro else None
         if weights_term is not None:
             weights_term = settings.reg_loss_weight * weights_term
             reg = weights_term if reg is None else reg + weights_term

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from common.console import say
-from training.continual.anchors import changes, previous_state, summed
+from common.sharded_tensors import rows_like
+from training.continual.anchors import changes, own_weights, previous_state, summed
 from training.continual.base import ContinualMethod
 from training.continual.fisher import fisher_beside, load_fisher
 
@@ -21,9 +22,9 @@ class ElasticWeightConsolidation(ContinualMethod):
         self.backbone = run.backbone
         fisher = load_fisher(run.cfg.model.init_from)
         self.anchor = previous_state(run)
-        trained = dict(changes(self.backbone, self.anchor))
-        self.fisher = {k: f.to(run.ctx.device) for k, f in fisher.items()
-                       if k in trained and f.shape == trained[k].shape}
+        trained, own = dict(changes(self.backbone, self.anchor)), own_weights(self.backbone)
+        rows = {k: rows_like(f, own[k]) for k, f in fisher.items() if k in trained and f.shape == own[k].shape}
+        self.fisher = {k: f.to(run.ctx.device) for k, f in rows.items()}  # under FSDP: this process's rows
         uncovered = sorted(set(trained) - set(self.fisher))
         say(f"ewc: Fisher information of {fisher_beside(run.cfg.model.init_from)} on {len(self.fisher)} of the "
             f"{len(trained)} trained weights" + (f" (none for {', '.join(uncovered[:4])}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from common.console import say
+from common.sharded_tensors import local_part
 from models.lora import ADAPTER, is_adapter_key, lora_layers, plain_names
 from training.continual.anchors import previous_state
 from training.continual.base import ContinualMethod
@@ -34,6 +35,7 @@ def interpolate(backbone: torch.nn.Module, anchor: dict[str, torch.Tensor], alph
         adapted.add(f"{name}.weight")
         layer.lora_B[ADAPTER].weight.mul_(alpha)
     for name, param in plain_names(dict(backbone.named_parameters())).items():
-        if name in adapted or name not in anchor or is_adapter_key(name) or anchor[name].shape != param.shape:
+        rows = local_part(param)  # under FSDP this process's rows, as the anchor holds
+        if name in adapted or name not in anchor or is_adapter_key(name) or anchor[name].shape != rows.shape:
             continue
-        param.copy_(torch.lerp(anchor[name].to(param.device, param.dtype), param, alpha))  # exact at α = 0 and 1
+        rows.copy_(torch.lerp(anchor[name].to(rows.device, rows.dtype), rows, alpha))  # exact at α = 0 and 1
