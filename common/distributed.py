@@ -50,6 +50,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def every_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when `flag` is true on every rank (every rank must call it)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def broadcast_from_main(tensors) -> None:
     """Rank 0's values into every rank's `tensors`, in place (what DDP does to a model it wraps)."""
     if is_distributed():

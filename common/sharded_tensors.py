@@ -58,6 +58,17 @@ def rows_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return part
 
 
+def whole_from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which every rank holds the rows of its shard of `like` (every rank
+    must call this when `like` is sharded); `rows` itself when `like` is not sharded."""
+    if not is_dtensor(like):
+        return rows
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(rows, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
 def summed_over_shards(local_total: torch.Tensor, sharded: bool) -> torch.Tensor:
     """A penalty whose value is its sum over every rank's rows and whose gradient is this rank's
     own rows' (each shard's gradient comes from its rows alone). Every rank must call it when

@@ -132,18 +132,20 @@ def test_torchrun_fsdp_trains_itc_whose_logit_scale_fully_shard_cannot_shard(tmp
     assert scale.ndim == 0 and abs(scale.item() - math.log(1 / 0.07)) > 1e-3  # trained away from its init
 
 
-def test_fsdp_refuses_a_fisher_estimate_with_the_reason(tmp_path, monkeypatch):
-    """Regularized stages run sharded (tests/test_fsdp_continual.py); the Fisher estimate squares
-    per-process gradients, which FSDP never holds whole."""
+def test_fsdp_refuses_only_a_lora_stages_fisher_estimate(tmp_path, monkeypatch):
+    """Regularized stages and a full stage's Fisher estimate run sharded
+    (tests/test_fsdp_continual.py); a LoRA stage's Fisher is of its merged weights, whose gradients
+    FSDP never makes."""
     from common.errors import UserError
     from training.cli import pretrain_config_from_argv
 
     monkeypatch.setenv("RANK", "0")  # as under torchrun (without it --fsdp is refused first)
-    with pytest.raises(UserError, match="--fisher_samples squares each process's own mini-batch gradients"):
-        pretrain_config_from_argv(["--exp_name", "image_mim", "--data_path", "synthetic", "--fisher_samples", "64",
-                                   "--fsdp", "--output_dir", str(tmp_path / "o")])
-    pretrain_config_from_argv(["--exp_name", "text_mlm", "--data_path", "synthetic", "--lora_rank", "4",
-                               "--self_regularization", "--fsdp", "--output_dir", str(tmp_path / "o")])
+    flags = ["--exp_name", "text_mlm", "--data_path", "synthetic", "--fisher_samples", "64", "--fsdp",
+             "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(UserError, match="--fisher_samples of a LoRA stage is the Fisher information of its merged"):
+        pretrain_config_from_argv([*flags, "--lora_rank", "4", "--self_regularization"])
+    pretrain_config_from_argv(flags)
+    pretrain_config_from_argv([*flags[:4], *flags[6:], "--lora_rank", "4", "--self_regularization"])
 
 
 def _run_weights(path):

@@ -140,3 +140,46 @@ def test_torchrun_fsdp_replay_stage_writes_the_weights_ddp_writes(tmp_path):
     assert weights["fsdp"].keys() == weights["ddp"].keys()
     for key, value in weights["ddp"].items():
         assert torch.allclose(weights["fsdp"][key].float(), value.float(), atol=1e-6, rtol=0), key
+
+
+class _Loader(list):
+    @property
+    def batch_size(self) -> int:
+        return len(self[0]["image"])
+
+
+def _fisher_of(task, batches, world: int) -> dict[str, torch.Tensor]:
+    from training.continual.fisher import estimate_fisher
+
+    run = SimpleNamespace(mode=task, backbone=task.backbone, ctx=SimpleNamespace(world=world, device=torch.device("cpu")))
+    fisher, used = estimate_fisher(run, SimpleNamespace(train_loader=_Loader(batches), prepare=lambda b: b),
+                                   BATCH * STEPS)
+    assert used == STEPS
+    return fisher
+
+
+def _fisher_worker(rank: int, world: int, out_path: str) -> None:
+    from training.fsdp import shard
+
+    task = _task()
+    shard(task, task.backbone.blocks)
+    per_rank = BATCH // world
+    fisher = _fisher_of(task, [{k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in b.items()} for b in _batches()],
+                        world)
+    if rank == 0:
+        torch.save(fisher, out_path)
+
+
+def test_fsdp_fisher_is_the_one_process_estimate_on_the_global_batch(tmp_path):
+    """Under FSDP the squared gradient is the global batch's (FSDP never holds a process's own): two
+    processes give one process's Fisher on the combined batches, for every weight that trains."""
+    run_in_processes(_fisher_worker, 2, str(tmp_path / "fisher.pt"))
+    sharded = torch.load(tmp_path / "fisher.pt", weights_only=True)
+    task = _task()
+    whole = _fisher_of(task, _batches(), 1)
+    trained = {k for k, p in plain_names(dict(task.backbone.named_parameters())).items() if p.requires_grad}
+    assert set(sharded) == trained and len(trained) > 20
+    for key, value in sharded.items():
+        assert torch.allclose(value, whole[key], rtol=1e-4, atol=1e-12), key
+    assert sum(whole[k].sum() for k in trained) > 0
+    assert all(whole[k].sum() == 0 for k in set(whole) - trained)  # the frozen text path: no gradient either way

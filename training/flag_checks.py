@@ -116,10 +116,10 @@ def check_continual_flags(cfg: "PretrainConfig") -> None:
     if method.needs_previous and not (cfg.model.init_from or cfg.model.resume):
         raise UserError(f"--cl_method {name} keeps a stage close to the previous stage's weights; pass them with "
                         f"--init_from (a run checkpoint or merged_model.safetensors)")
-    if cfg.model.fsdp and cfg.continual.fisher_samples:
-        raise UserError("--fisher_samples squares each process's own mini-batch gradients, which --fsdp never holds "
-                        "whole (it reduce-scatters them as they are made); estimate the Fisher information in a "
-                        "stage without --fsdp (DDP), or drop --fisher_samples")
+    if cfg.model.fsdp and cfg.continual.fisher_samples and rank:
+        raise UserError("--fisher_samples of a LoRA stage is the Fisher information of its merged weights, whose "
+                        "gradients --fsdp never makes (the base weights are frozen); estimate it in a stage without "
+                        "--fsdp (DDP), or drop --fisher_samples")
 
 
 def check_pretrain_flags(cfg: "PretrainConfig") -> None:

@@ -3,19 +3,22 @@ next stage: the squared gradients of mini-batch losses with respect to every bac
 averaged over batches (Avalanche's estimate; per-sample gradients do not exist for a contrastive
 loss, whose negatives are the rest of the batch). For an adapted linear the gradient is taken with
 respect to the merged weight W + ΔW, which is what the next stage starts from. Written beside the
-stage's checkpoints as a safetensors sidecar; every rank takes part (the objective may gather)."""
+stage's checkpoints as a safetensors sidecar; every rank takes part (the objective may gather).
+Under FSDP, which reduce-scatters gradients as they are made, the squared gradient is the global
+batch's (one process with the global batch gives the same) and only the trained weights have one."""
 from __future__ import annotations
 
 import itertools
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from common import distributed as dist_util
 from common.checkpoint_io import load_safetensors_file, save_safetensors
 from common.errors import UserError
+from common.sharded_tensors import is_dtensor, local_part, whole_from_rows
 from custom_datasets.batch import NUM_SKIPPED
 from models.lora import is_adapter_key, plain_names
 
@@ -30,18 +33,35 @@ def estimate_fisher(run: "PretrainRun", optim: "Optimization", samples: int) -> 
     mode, backbone = run.mode, run.backbone
     batches = max(1, math.ceil(samples / (optim.train_loader.batch_size * run.ctx.world)))
     params = {k: p for k, p in plain_names(dict(backbone.named_parameters())).items() if not is_adapter_key(k)}
-    was = {k: p.requires_grad for k, p in mode.named_parameters()}
     was_training = mode.training
+    mode.eval()  # no dropout; a compound objective measures all of its parts
+    try:
+        if any(is_dtensor(p) for p in params.values()):
+            return _sharded_estimate(run, optim, batches, params)
+        return _per_process_estimate(run, optim, batches, params)
+    finally:
+        mode.train(was_training)
+
+
+def _batches(optim: "Optimization", count: int) -> Iterator[dict]:
+    for batch in itertools.islice(optim.train_loader, count):
+        batch.pop(NUM_SKIPPED, None)
+        yield batch
+
+
+def _per_process_estimate(run, optim, batches: int, params: dict[str, torch.Tensor]):
+    """Each process squares its own mini-batches' gradients (of every backbone weight, frozen or
+    not); the squares are averaged over all processes' batches."""
+    mode = run.mode
+    was = {k: p.requires_grad for k, p in mode.named_parameters()}
     for p in mode.parameters():
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     used = 0
-    mode.eval()  # no dropout; a compound objective measures all of its parts
     try:
-        for batch in itertools.islice(optim.train_loader, batches):
-            batch.pop(NUM_SKIPPED, None)
+        for batch in _batches(optim, batches):
             if not batch:
                 continue
             loss = mode(optim.prepare(batch))["loss"]
@@ -53,11 +73,36 @@ def estimate_fisher(run: "PretrainRun", optim: "Optimization", samples: int) -> 
     finally:
         for name, p in mode.named_parameters():
             p.requires_grad_(was[name])
-        mode.train(was_training)
     total = dist_util.all_reduce_sum(torch.tensor(float(used), device=run.ctx.device)).item()
-    if total == 0:
-        raise UserError("--fisher_samples: every training batch was unreadable; no Fisher information to estimate")
+    _require_batches(total)
     return {k: (dist_util.all_reduce_sum(v) / total).cpu() for k, v in sums.items()}, used
+
+
+def _sharded_estimate(run, optim, batches: int, params: dict[str, torch.Tensor]):
+    """Under FSDP: the gradient FSDP makes, each process's rows of the mean gradient of the global
+    batch (all processes' mini-batches together), squared, for the weights that train (FSDP makes
+    none for a frozen one). The same estimate as one process with the global batch."""
+    mode = run.mode
+    trained = {k: p for k, p in params.items() if p.requires_grad}
+    sums = {k: torch.zeros_like(local_part(p), dtype=torch.float32) for k, p in trained.items()}
+    used = 0
+    for batch in _batches(optim, batches):
+        if not dist_util.every_rank(bool(batch), run.ctx.device):  # the forward gathers: all or none
+            continue
+        mode.zero_grad(set_to_none=True)
+        mode(optim.prepare(batch))["loss"].backward()
+        for name, p in trained.items():
+            if p.grad is not None:
+                sums[name] += local_part(p.grad).float().pow(2)
+        used += 1
+    mode.zero_grad(set_to_none=True)
+    _require_batches(used)
+    return {k: (whole_from_rows(v, trained[k]) / used).cpu() for k, v in sums.items()}, used
+
+
+def _require_batches(count: float) -> None:
+    if count == 0:
+        raise UserError("--fisher_samples: every training batch was unreadable; no Fisher information to estimate")
 
 
 def save_fisher(path: Path, fisher: dict[str, torch.Tensor], objective: str, batches: int, samples: int) -> None:
