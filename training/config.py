@@ -134,7 +134,8 @@ class ContinualSettings:
 class VisualTokenizerSettings:
     d_vae_type: str | None = flag(None, "MIM target tokenizer", choices=VISUAL_TOKENIZER_KINDS,
                                   shown_default=f"dall-e when {DALL_E_FOLDER}/ holds encoder.pkl, else kmeans")
-    d_vae_weight_path: str | None = flag(None, "dall-e: folder with encoder.pkl; kmeans: a fitted .safetensors",
+    d_vae_weight_path: str | None = flag(None, "dall-e: folder with encoder.pkl; kmeans: a fitted .safetensors; "
+                                         "vqkd: BEiT v2's vqkd_*.pth or a util/train_vqkd.py .safetensors",
                                          shown_default=f"dall-e: {DALL_E_FOLDER}; kmeans: fit one on the training data")
     second_image_size: int | None = flag(None, "tokenizer view (px)", shown_default="--image_size // 2")
     visual_vocab_size: int | None = flag(None, "visual tokens: clusters of a k-means tokenizer the run fits; with "

@@ -58,8 +58,9 @@ def visual_tokenizer_choice(d_vae_type: str | None, path: str | None, folder: st
             say(f"visual tokenizer: the DALL-E encoder in {folder}/ (pass --d_vae_type kmeans to fit one instead)")
     if d_vae_type == "dall-e" and not path and Path(folder).is_dir():
         path = folder
-    # a DALL-E encoder knows its vocabulary (a given --img_vocab_size is checked against it)
-    return d_vae_type, path, vocab if vocab is not None or d_vae_type == "dall-e" else DEFAULT_VISUAL_VOCAB
+    # a DALL-E encoder or a VQ-KD codebook knows its vocabulary (a given --img_vocab_size is checked against it)
+    known = vocab is not None or d_vae_type in ("dall-e", "vqkd")
+    return d_vae_type, path, vocab if known else DEFAULT_VISUAL_VOCAB
 
 
 def lora_factors(lora_trainable: str | None, preset: str | None, exp_name: str) -> str:

@@ -90,7 +90,9 @@ def build_visual_tokenizer(cfg: PretrainConfig, train_set: Dataset, grid: int, d
             f"tokenizer that run trained with)")
     tokenizer = create_visual_tokenizer(tok.d_vae_type, cfg.visual_tokenizer.d_vae_weight_path, tok.second_image_size,
                                         expected_grid=grid, carried_dall_e=carried_dall_e)
-    if tok.visual_vocab_size is not None and tok.d_vae_type == "dall-e" and tokenizer.vocab_size != tok.visual_vocab_size:
-        raise UserError(f"--img_vocab_size {tok.visual_vocab_size} but the DALL-E encoder has {tokenizer.vocab_size} "
-                        f"tokens; drop the flag or pass the matching encoder")
+    if tok.visual_vocab_size is not None and tok.d_vae_type in ("dall-e", "vqkd") \
+            and tokenizer.vocab_size != tok.visual_vocab_size:
+        what = "DALL-E encoder" if tok.d_vae_type == "dall-e" else "VQ-KD codebook"
+        raise UserError(f"--img_vocab_size {tok.visual_vocab_size} but the {what} has {tokenizer.vocab_size} "
+                        f"tokens; drop the flag or pass the matching tokenizer")
     return tokenizer.to(device), cfg

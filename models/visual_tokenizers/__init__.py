@@ -17,7 +17,7 @@ from common.errors import UserError
 from models.visual_tokenizers.dall_e import DalleEncoder, map_pixels
 from models.visual_tokenizers.kmeans import KMeansTokenizer
 
-KINDS = ("dall-e", "kmeans")
+KINDS = ("dall-e", "kmeans", "vqkd")
 
 
 class DalleTokenizer(nn.Module):
@@ -80,11 +80,21 @@ def create_visual_tokenizer(kind: str, weight_path: str | Path | None, image_siz
             raise UserError("--d_vae_type kmeans needs --d_vae_weight_path FILE (or leave it out in main_pretrain_cook.py to fit one)")
         tokenizer = load_kmeans_tokenizer(weight_path)
         grid = tokenizer.grid
+    elif kind == "vqkd":
+        from models.visual_tokenizers.vqkd import load_vqkd_tokenizer
+
+        if weight_path is None:
+            raise UserError("--d_vae_type vqkd needs --d_vae_weight_path FILE (BEiT v2's vqkd_encoder_base_decoder_*.pth, "
+                            "or one python util/train_vqkd.py wrote)")
+        tokenizer = load_vqkd_tokenizer(weight_path)
+        grid = image_size // tokenizer.patch_size
     else:
         raise UserError(f"--d_vae_type {kind} is unknown; choose one of {', '.join(KINDS)}")
     if expected_grid is not None and grid != expected_grid:
         if kind == "dall-e":  # one token per 8x8 pixels: the view size decides the grid
             fix = f"use --second_image_size {expected_grid * 8}"
+        elif kind == "vqkd":  # one token per encoder patch: the view size decides the grid
+            fix = f"use --second_image_size {expected_grid * tokenizer.patch_size}"
         else:  # the grid was fixed when the tokenizer was fitted
             fix = (f"fit a tokenizer for a {expected_grid}x{expected_grid} grid (util/fit_visual_tokenizer.py, or leave "
                    f"out --d_vae_weight_path to fit one in the run), or give the backbone {grid}x{grid} patches")
