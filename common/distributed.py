@@ -14,6 +14,8 @@ def init_distributed(device: str) -> tuple[int, int, int]:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_initialized():  # joined already (a library call inside a launched script or test harness)
+        return rank, world, local
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
     backend = "nccl" if device.startswith("cuda") else "gloo"

@@ -139,3 +139,13 @@ def load_vqkd_tokenizer(path: str | Path) -> VqkdTokenizer:
     tokenizer.load_state_dict({k: tensors.get(k, own[k]) for k in own})
     tokenizer.info.setdefault("left_out", sorted({k.split(".")[0] for k in tensors} - {k.split(".")[0] for k in own}))
     return tokenizer.eval().requires_grad_(False)
+
+
+def save_vqkd_tokenizer(tokenizer: VqkdTokenizer, path: str | Path, info: dict) -> None:
+    """The tokenizer part (BEiT v2's key layout) as safetensors; the metadata holds the encoder's
+    shape and `info` (teacher, image size, training), which the loader returns as `.info`."""
+    from common.checkpoint_io import save_safetensors
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}
+    save_safetensors(path, tensors, {"kind": KIND, "encoder": json.dumps(tokenizer.encoder.shape.to_dict()),
+                                     "info": json.dumps(info)})

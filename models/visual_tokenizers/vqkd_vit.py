@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 HEAD_DIM = 64  # every released VQ-KD ViT (768 wide, 12 heads); the width alone then gives the heads
+# encoders util/train_vqkd.py builds: name -> (width, depth); base is BEiT v2's
+VQKD_VARIANTS = {"vqkd_tiny": (192, 4), "vqkd_small": (384, 8), "vqkd_base": (768, 12)}
 
 
 @dataclass(frozen=True)
