@@ -43,6 +43,7 @@ class ConversionReport:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     fresh: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)  # specs of heads shapes cannot tell
 
     def lines(self) -> list[str]:
         out = [f"mapped {len(self.mapped)} source tensors"]
@@ -219,8 +220,38 @@ def _stack_rel_pos_tables(t: dict[str, torch.Tensor], src: BackboneConfig, dst: 
     return table
 
 
+def _patch_aggregation(t: dict[str, torch.Tensor], src: BackboneConfig, dst: BackboneConfig, early_layers: int | None,
+                       out: dict[str, torch.Tensor], report: ConversionReport) -> None:
+    """BEiT v2's `cls_pt_layers` (already renamed into `out`): their relative position tables (each
+    block's own plus the shared one, both of which BEiT v2 adds) stacked into the head's table, and
+    the head's spec, whose early layer the file does not say (BEiT v2's recipes: depth − 3)."""
+    layers = sorted({int(m.group(1)) for k in t if (m := re.match(r"cls_pt_layers\.(\d+)\.", k))})
+    if not layers:
+        return
+    early = early_layers if early_layers is not None else src.depth - 3
+    if not 1 <= early <= dst.depth:
+        raise UserError(f"--early_layers {early}: the model has blocks 1..{dst.depth}")
+    if dst.use_rel_pos_bias:
+        shared = t.get("rel_pos_bias.relative_position_bias_table")
+        tables = []
+        for i in layers:
+            own = t.get(f"cls_pt_layers.{i}.attn.relative_position_bias_table")
+            tables.append(own + shared if own is not None and shared is not None else own if own is not None else shared)
+        table = torch.cat(tables, 1)  # [R, head_layers*heads]
+        if src.grid_size != dst.grid_size:
+            table = rp.resize_image_table(table, src.grid_size, dst.grid_size)
+        out["cls_pt_head.relative_position_bias_table"] = table
+    shared_head = "cls_pt_lm_head.weight" not in t
+    vocab_source = "lm_head.weight" if shared_head else "cls_pt_lm_head.weight"
+    vocab = t[vocab_source].shape[0] if vocab_source in t else None
+    report.heads["cls_pt_head"] = {"kind": "patch_aggregation", "backbone": dst.to_dict(), "early_layers": early,
+                                   "head_layers": len(layers), "shared_lm_head": shared_head, "vocab_size": vocab}
+    report.notes.append(f"BEiT v2's patch aggregation ({len(layers)} blocks after block {early}) kept as cls_pt_head: an "
+                        f"image MIM stage with --early_layers {early} trains it, other stages carry it unused")
+
+
 def convert(src: SourceWeights, src_cfg: BackboneConfig, dst_cfg: BackboneConfig,
-            seed: int = 0) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+            seed: int = 0, early_layers: int | None = None) -> tuple[dict[str, torch.Tensor], ConversionReport]:
     """Canonical source tensors -> prefixed tensors of this project, plus a report. Entries the
     source lacks come from a model initialised with `seed`, so conversion is reproducible."""
     torch.manual_seed(seed)
@@ -258,6 +289,7 @@ def convert(src: SourceWeights, src_cfg: BackboneConfig, dst_cfg: BackboneConfig
     if dst_cfg.use_rel_pos_bias:
         out["backbone.relative_position_bias_table"] = _stack_rel_pos_tables(
             t, src_cfg, dst_cfg, fresh["backbone.relative_position_bias_table"], report)
+    _patch_aggregation(t, src_cfg, dst_cfg, early_layers, out, report)
     if "backbone.pos_embed" in out and src_cfg.grid_size != dst_cfg.grid_size:
         out["backbone.pos_embed"] = rp.resize_abs_pos_embed(out["backbone.pos_embed"], src_cfg.grid_size, dst_cfg.grid_size)
         report.notes.append(f"interpolated absolute position embedding {src_cfg.grid_size} -> {dst_cfg.grid_size} patches")

@@ -61,6 +61,11 @@ CANONICAL_KEYS: tuple[str, ...] = (
     r"blocks\.\d+\.attn\.(query|key|value)\.weight",
     r"blocks\.\d+\.(norm1|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)", r"blocks\.\d+\.gamma_(1|2)",
     r"norm\.(weight|bias)", r"fc_norm\.(weight|bias)", r"lm_head\.(weight|bias)", r"head\.(weight|bias)",
+    # BEiT v2's patch aggregation (pretraining checkpoints): blocks after an early layer, own norm / LM head
+    r"cls_pt_layers\.\d+\.attn\.relative_position_(bias_table|index)",
+    r"cls_pt_layers\.\d+\.attn\.(q_bias|v_bias|qkv\.weight|proj\.weight|proj\.bias)",
+    r"cls_pt_layers\.\d+\.(norm1|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)", r"cls_pt_layers\.\d+\.gamma_(1|2)",
+    r"cls_pt_(norm|lm_head)\.(weight|bias)",
 )
 
 # Canonical -> ours. FFN keys (norm2, mlp) go through FFN_EXPERTS; tables are stacked separately.
@@ -73,6 +78,8 @@ CANONICAL_TO_OURS: tuple[tuple[str, str], ...] = (
     (r"lm_head\.(weight|bias)", r"mim_head.proj.\1"),
     (r"fc_norm\.(weight|bias)", r"pooler_norm.\1"),
     (r"head\.(weight|bias)", r"classifier.\1"),
+    (r"cls_pt_layers\.(\d+)\.(.+)", r"cls_pt_head.cls_pt_layers.\1.\2"),  # its blocks' FFN is BEiT's (shared)
+    (r"cls_pt_(norm|lm_head)\.(weight|bias)", r"cls_pt_head.cls_pt_\1.\2"),
 )
 
 # The BEiT FFN (norm2 + mlp) feeds every expert of a multiway block.

@@ -144,12 +144,14 @@ class VLMoBackbone(nn.Module):
         index = getattr(self, "image_position_index", None)
         return self._run_blocks(x, self._bias(index), None, Modality.IMAGE, apply_norm=apply_norm)
 
-    def image_block_outputs(self, images: torch.Tensor, indices: tuple[int, ...]) -> list[torch.Tensor]:
+    def image_block_outputs(self, images: torch.Tensor, indices: tuple[int, ...],
+                            bool_masked_pos: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The `[B, 1+N, D]` outputs of the given blocks (0-based, before the final norm), the
-        multi-level features dense prediction reads (BEiT segmentation: blocks 3, 5, 7, 11 of 12)."""
+        multi-level features dense prediction reads (BEiT segmentation: blocks 3, 5, 7, 11 of 12)
+        and BEiT v2's patch aggregation (an early block and the last, of masked images)."""
         if not indices or min(indices) < 0 or max(indices) >= len(self.blocks):
             raise ValueError(f"block indices {indices} must lie in 0..{len(self.blocks) - 1}")
-        x = self._embed_image(images, None)
+        x = self._embed_image(images, bool_masked_pos)
         collect: dict[int, torch.Tensor] = dict.fromkeys(indices)
         index = getattr(self, "image_position_index", None)
         self._run_blocks(x, self._bias(index), None, Modality.IMAGE, apply_norm=False, collect=collect)

@@ -94,6 +94,13 @@ class ObjectiveSettings:
                                   "(VLMo's MLM) instead of from the text alone (ContinualTransformer's)")
     disable_aggregate_itc: bool = flag(False, "ITC negatives from this rank only (ContinualTransformer's flag; the "
                                               "same as --no-aggregate_itc)")
+    early_layers: int | None = flag(None, "image_mim: BEiT v2's patch aggregation, the top [CLS] with this block's "
+                                          "patch tokens (1-based; BEiT v2 base: 9) through --head_layers more blocks "
+                                          "also predicts the masked tokens", shown_default="off", minimum=1)
+    head_layers: int = flag(2, "image_mim with --early_layers: blocks of the patch aggregation head", minimum=1)
+    shared_lm_head: bool = flag(True, "image_mim with --early_layers: the aggregation predicts through the final "
+                                      "norm and MIM head (BEiT v2's default) instead of its own",
+                                action=argparse.BooleanOptionalAction)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,9 @@ def check_pretrain_flags(cfg: "PretrainConfig") -> None:
     check_data_flags(cfg)
     check_lora_flags(cfg)
     check_continual_flags(cfg)
+    if cfg.objectives.early_layers is not None and cfg.exp_name != "image_mim":
+        raise UserError(f"--early_layers adds BEiT v2's patch aggregation to image MIM; drop it for --exp_name "
+                        f"{cfg.exp_name}")
     if cfg.model.sharded_checkpoint and not cfg.model.fsdp:
         raise UserError("--sharded_checkpoint writes the shards of an --fsdp run; add --fsdp, or drop "
                         "--sharded_checkpoint (other runs write one ordinary file)")

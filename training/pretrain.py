@@ -210,7 +210,9 @@ def mode_options(cfg: PretrainConfig, visual_tokenizer) -> ModeOptions:
                        gather=dist_util.gather_with_grad if obj.aggregate_itc else (lambda x: x),
                        mim_conduct_prob=obj.mim_conduct_prob, mlm_conduct_prob=obj.mlm_conduct_prob,
                        itc_conduct_prob=obj.itc_conduct_prob, itm_conduct_prob=obj.itm_conduct_prob,
-                       fused_mlm=obj.fused_mlm, seed=cfg.run.seed)
+                       fused_mlm=obj.fused_mlm, seed=cfg.run.seed,
+                       patch_aggregation=None if obj.early_layers is None else
+                       (obj.early_layers, obj.head_layers, obj.shared_lm_head))
 
 
 @dataclass

@@ -20,8 +20,12 @@ DEFINING = {
     "exp_name": "the objective", "d_vae_type": "the MIM targets", "visual_vocab_size": "the MIM targets",
     "second_image_size": "the MIM targets", "tokenizer": "the text vocabulary", "lora_rank": "the adapters",
     "lora_alpha": "the adapters' scaling", "lora_trainable": "which adapter factors train",
-    "reg_delta": "the self-regularization penalty",
+    "reg_delta": "the self-regularization penalty", "early_layers": "the MIM heads (BEiT v2's patch aggregation)",
+    "head_layers": "the MIM heads (BEiT v2's patch aggregation)",
+    "shared_lm_head": "the MIM heads (BEiT v2's patch aggregation)",
 }
+# defining settings older checkpoints do not record: their runs had these values
+RECORDED_SINCE = {"early_layers": None, "head_layers": 2, "shared_lm_head": True}
 # compared by the tokenizer's content instead, or belonging to where and how the run prints and writes
 NOT_COMPARED = frozenset({"d_vae_weight_path", "output_dir", "log_dir", "resume", "auto_resume", "init_from",
                           "num_workers", "print_freq", "pin_mem", "no_pin_mem", "no_pictures", "eval", "local_rank",
@@ -45,6 +49,7 @@ def resume_changes(path: str, recorded: dict[str, Any], current: dict[str, Any],
                         f"{current.get('d_vae_weight_path')} now, with other weights): its MIM head predicts that "
                         f"tokenizer's tokens; resume with --d_vae_weight_path {where}, or start a new stage from it "
                         f"with --init_from")
+    recorded = {**RECORDED_SINCE, **recorded}
     for name, meaning in DEFINING.items():
         if name in recorded and name in current and recorded[name] != current[name]:
             raise UserError(f"--resume {path} was trained with --{name} {recorded[name]}, this run has {current[name]}: "

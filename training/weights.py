@@ -103,7 +103,8 @@ class CarriedHeads:
 
 
 def _layout(spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in spec.items() if k not in ("embed_dim", "vocab_size")}
+    # sizes (and the backbone settings a patch aggregation head copies) are the run's own
+    return {k: v for k, v in spec.items() if k not in ("embed_dim", "vocab_size", "backbone")}
 
 
 def attach_heads(mode: nn.Module, ckpt: Checkpoint | None) -> CarriedHeads:

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ContinualTransformer run checkpoint carries the DALL-E tokenizer it trained with: write its "
                         "encoder (and decoder) here as encoder.safetensors (decoder.safetensors), a folder that "
                         "--d_vae_weight_path reads")
+    p.add_argument("--early_layers", type=int, default=None,
+                   help="BEiT v2 pretraining checkpoints: the block whose patch tokens its patch aggregation "
+                        "(cls_pt_layers) reads (default: depth - 3, BEiT v2's 9 of 12 and 21 of 24)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return p
 
@@ -133,13 +136,14 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--vlffn_start_layer_index places VLMo's vision-language expert; add --ffn multiway")
     dst_cfg = target_config(src_cfg, args.model, args.image_size, args.ffn, args.vocab_size, args.max_text_len_of_initckpt,
                             args.vlffn_start_layer_index)
-    tensors, report = convert(src, src_cfg, dst_cfg, seed=args.seed)
+    tensors, report = convert(src, src_cfg, dst_cfg, seed=args.seed, early_layers=args.early_layers)
     print(f"source: {source} ({src.kind}, {len(src.tensors)} tensors): {describe(src_cfg)}")
     print(f"target: {describe(dst_cfg)}")
     for line in report.lines():
         print("  " + line)
     untrained = sorted(weight_groups(report.fresh))  # e.g. the text path, which BEiT does not have
-    save_weights(output, tensors, dst_cfg.to_dict(), {"source": str(source)}, {UNTRAINED: untrained})
+    info = {UNTRAINED: untrained, **({"heads": report.heads} if report.heads else {})}
+    save_weights(output, tensors, dst_cfg.to_dict(), {"source": str(source)}, info)
     print(f"wrote {output}")
 
 

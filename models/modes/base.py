@@ -38,6 +38,7 @@ class ModeOptions:
     itc_conduct_prob: float = 1.0
     itm_conduct_prob: float = 0.0
     fused_mlm: bool = False  # compound_pretrain: MLM reads the caption fused with its image (VLMo)
+    patch_aggregation: tuple[int, int, bool] | None = None  # image_mim: BEiT v2's (early, head layers, shared head)
     seed: int = 0
 
 
