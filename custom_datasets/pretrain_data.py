@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from common.errors import UserError
 from custom_datasets import batch as B
@@ -20,6 +20,7 @@ from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.file_index import index_folder
 from custom_datasets.image_folder import ImageFiles
 from custom_datasets.masking import BlockwiseMaskGenerator, RandomMaskGenerator, default_num_mask_patches
+from custom_datasets.mixing import SEPARATOR, MixedSources, check_weights, split_sources
 from custom_datasets.pair_data import ImageCaptionPairs, SyntheticCaptions
 from custom_datasets.settings import SYNTHETIC, PretrainDataConfig
 from custom_datasets.split import file_key, record_keys, require_training_left, split_held_out
@@ -101,6 +102,8 @@ def build_image_datasets(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tupl
     if is_synthetic(cfg):
         return (SyntheticWorld("train", data.synthetic_train_size, cfg.seed, data.synthetic_render_size, train_build),
                 SyntheticWorld("val", data.synthetic_val_size, cfg.seed, data.synthetic_render_size, val_build))
+    if SEPARATOR in data.data_path:
+        return build_mixed_image_datasets(cfg, train_build, val_build)
     bands = parse_bands(data.bands)
     root = Path(data.data_path)
     cache = Path(cfg.index_cache) if cfg.index_cache else None
@@ -112,6 +115,26 @@ def build_image_datasets(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tupl
     require_training_left(len(train), len(table), f"--data_path {root}", "--eval_data_path")
     train_set = ImageFiles(root, train_build, bands, table, train)
     return train_set, ImageFiles(root, val_build, bands, table, np.flatnonzero(table.held_out), scaler=train_set.scaler)
+
+
+def build_mixed_image_datasets(cfg: PretrainDataConfig, train_build, val_build) -> tuple[Dataset, Dataset]:
+    """`--data_path "A::B" --data_weights 3 1`: each folder split as a single one would be; the
+    training sources mixed with the weights, the held-out images of all of them together."""
+    data = cfg.data
+    roots = split_sources(data.data_path)
+    weights = check_weights(roots, data.data_weights)
+    if data.eval_data_path:
+        raise UserError("--eval_data_path with several --data_path sources: leave it out (each source holds out a "
+                        "--val_fraction of its own) or mix the sources into one folder")
+    bands = parse_bands(data.bands)
+    trains, vals = [], []
+    for root in map(Path, roots):
+        table = index_folder(root, None, held_out_fraction=data.val_fraction)
+        train = np.flatnonzero(~table.held_out)
+        require_training_left(len(train), len(table), f"--data_path {root}", "--val_fraction 0")
+        trains.append(ImageFiles(root, train_build, bands, table, train))
+        vals.append(ImageFiles(root, val_build, bands, table, np.flatnonzero(table.held_out), scaler=trains[-1].scaler))
+    return MixedSources(trains, weights, roots), ConcatDataset(vals)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from common.errors import UserError
+from custom_datasets.mixing import split_sources
 
 if TYPE_CHECKING:
     from training.config import PretrainConfig
@@ -127,7 +128,13 @@ def check_pretrain_flags(cfg: "PretrainConfig") -> None:
     check_fsdp_launch(cfg.model.fsdp)
     check_weight_flags(cfg)
     data = cfg.data.data_path if cfg.data.data_path != "synthetic" and not cfg.text.webdataset else None
-    check_paths_exist({"data_path": data, "data_file_path": cfg.text.data_file_path, "eval_data_path":
+    sources = split_sources(data) if data else []
+    if cfg.data.data_weights and len(sources) < 2:
+        raise UserError("--data_weights mixes several sources: give them as --data_path \"A::B\"")
+    if len(sources) > 1 and cfg.mode.data_kind != "image":
+        raise UserError(f"--data_path \"A::B\" mixes image folders; --exp_name {cfg.exp_name} reads "
+                        f"{cfg.mode.data_kind} data (mix its files into one list instead)")
+    check_paths_exist({"data_path": sources or None, "data_file_path": cfg.text.data_file_path, "eval_data_path":
                        None if cfg.text.webdataset else cfg.data.eval_data_path,
                        "eval_data_file_path": cfg.text.eval_data_file_path, "init_from": cfg.model.init_from,
                        "resume": cfg.model.resume})

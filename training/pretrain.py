@@ -16,6 +16,7 @@ from common import distributed as dist_util
 from common.config_args import flat_settings, save_settings
 from common.console import say
 from common.errors import UserError
+from custom_datasets.mixing import MixedSources
 from custom_datasets.pretrain_data import PretrainData, build_pretrain_data
 from engine_pretrain import evaluate, train_one_epoch
 from models.backbone import VLMoBackbone
@@ -140,7 +141,9 @@ def refuse_taken_output(cfg: PretrainConfig, ctx: RunContext) -> None:
 
 
 def limit_samples(data: PretrainData, cfg: PretrainConfig) -> None:
-    if cfg.data.max_train_samples and not isinstance(data.train, IterableDataset):
+    if cfg.data.max_train_samples and isinstance(data.train, MixedSources):  # the epoch, not the first source
+        data.train.epoch_size = min(cfg.data.max_train_samples, data.train.epoch_size)
+    elif cfg.data.max_train_samples and not isinstance(data.train, IterableDataset):
         data.train = Subset(data.train, range(min(cfg.data.max_train_samples, len(data.train))))
     if cfg.data.max_val_samples and not isinstance(data.val, IterableDataset):
         data.val = Subset(data.val, range(min(cfg.data.max_val_samples, len(data.val))))

@@ -21,6 +21,7 @@ from common.console import say
 from common.errors import UserError
 from common.run_lock import RunLock
 from common.json_records import json_record
+from custom_datasets.mixing import MixedSources, MixtureSampler
 
 
 def seed_everything(seed: int) -> None:
@@ -77,7 +78,9 @@ class RunContext:
             return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                               drop_last=train, pin_memory=pin)
         sampler = None
-        if dist_util.is_distributed():
+        if isinstance(dataset, MixedSources) and train:
+            sampler = MixtureSampler(dataset, self.rank, self.world, self.seed)
+        elif dist_util.is_distributed():
             sampler = DistributedSampler(dataset, shuffle=train, seed=self.seed)
         elif train and seeded_shuffle:
             sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
@@ -91,8 +94,10 @@ class RunContext:
         seed_everything(self.seed + self.rank + 1000 * epoch)
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
-        elif isinstance(loader.sampler, DistributedSampler):
+        elif isinstance(loader.sampler, (DistributedSampler, MixtureSampler)):
             loader.sampler.set_epoch(epoch)
+            if isinstance(loader.sampler, MixtureSampler) and self.is_main:
+                say(f"data mix of epoch {epoch}: {loader.sampler.data.describe()}")
         elif isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is not None:
             loader.sampler.generator.manual_seed(self.seed + epoch)
 
