@@ -47,8 +47,11 @@ def probe(env: dict) -> list[str]:
 
 
 def test_a_cpu_without_native_bf16_runs_fp32_under_auto():
+    """With oneDNN capped at AVX2, bf16 is not clearly faster than fp32 (measured: 4x slower on an
+    AVX2-only EPYC, 1.0-1.15x on an EPYC with avx512_bf16; the ratio depends on the machine, the
+    decision does not), so auto computes in fp32."""
     lines = probe({"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"})
-    assert float(lines[0]) < 1 and lines[-1] == "none"  # emulated bf16: slower, so fp32
+    assert float(lines[0]) < AUTO_MARGIN and lines[-1] == "none"
 
 
 def test_the_measurement_decides_on_this_cpu():

@@ -254,6 +254,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
             print(f"seed {seed}: {variant.name} {exp}", flush=True)
             stage = root / variant.folder / folder
             extra = ["--batch_size", "32"] if exp == "image_text_itc" else []  # more steps, as demo_chain.py
+            if args.real and exp == "text_mlm":  # the stage's own per-epoch check (the rows are measured apart)
+                extra += ["--max_val_samples", "1000"]
             costs.append(run_stage(flags + data_flags(args, kind) + method_flags(args, variant) + extra + [
                 "--exp_name", exp, "--epochs", str(epochs), "--blr", blr, "--init_from", str(start)], stage))
             start = handover(stage, epochs)
