@@ -75,7 +75,8 @@ def _fisher_beside(folder) -> None:
     save_safetensors(folder / FISHER_FILE, {k: torch.rand(v.shape, generator=gen) * 100 for k, v in base.items()})
 
 
-@pytest.mark.parametrize("method_name", list(CASES))
+@pytest.mark.parametrize("method_name", [pytest.param(m, marks=pytest.mark.slow) if m in ("l2", "distill", "wise") else m
+                                         for m in CASES])  # by default the two that sum shards of merged ΔW
 def test_a_regularized_stage_under_fsdp_matches_one_process(tmp_path, method_name):
     _fisher_beside(tmp_path)
     run_in_processes(_fsdp_worker, 2, str(tmp_path / "fsdp.pt"), method_name, str(tmp_path))
@@ -116,6 +117,7 @@ def test_rows_like_takes_the_rows_each_process_holds(tmp_path):
             assert torch.equal(saved["rows"][key], value), (rank, key)
 
 
+@pytest.mark.slow  # two torchrun runs, ~30 s
 def test_torchrun_fsdp_replay_stage_writes_the_weights_ddp_writes(tmp_path):
     """The CLI end to end: a text stage replaying the image stage's MIM batches (a second objective
     through the sharded backbone, with its frozen carried head), under --fsdp and under DDP, from

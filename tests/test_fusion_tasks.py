@@ -159,6 +159,7 @@ def test_vqa_learns_above_the_majority_answer(tmp_path, word_pieces):
     assert stats["best_vqa_acc"] > baseline + 10, (stats["best_vqa_acc"], majority, baseline)
 
 
+@pytest.mark.slow  # ~40 s; test_nlvr2_end_to_end_judges_from_the_checkpoint_and_the_export covers the path by default
 def test_nlvr2_learns_above_chance(tmp_path, word_pieces):
     """Half the statements are true; from random init about 280 steps get well above 50%."""
     data = synthetic.write_synthetic_nlvr2(tmp_path / "data", 1500, 200, size=32)
