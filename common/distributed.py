@@ -23,6 +23,19 @@ def init_distributed(device: str) -> tuple[int, int, int]:
     return rank, world, local
 
 
+def placement() -> str:
+    """Where the processes run, as torchrun describes it: 'N process(es)', and across several
+    nodes 'N processes on M nodes (this is node K, HOST)'."""
+    import socket
+
+    world = world_size()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    nodes = max(1, world // max(local, 1))
+    if nodes == 1:
+        return f"{world} process(es)"
+    return f"{world} processes on {nodes} nodes (this is node {os.environ.get('GROUP_RANK', '?')}, {socket.gethostname()})"
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -297,7 +297,7 @@ def describe_run(run: PretrainRun, optim: Optimization) -> None:
     say(f"data: {data_description(cfg)} ({len(run.data.train)} train / {len(run.data.val)} val samples)"
           + (f", visual tokenizer {cfg.visual_tokenizer.d_vae_type} ({vt.vocab_size} tokens)" if vt is not None else "")
           + (f", text tokenizer {cfg.text.tokenizer} ({len(tt)} tokens)" if tt is not None else "")
-          + f", {ctx.world} process(es), effective batch {optim.eff_batch}, lr {optim.settings.lr:.3g}, "
+          + f", {dist_util.placement()}, effective batch {optim.eff_batch}, lr {optim.settings.lr:.3g}, "
             f"amp {cfg.run.amp}, device {ctx.device}")
     if run.resume_changes:
         say(f"resuming with changed settings: {'; '.join(run.resume_changes)}")
