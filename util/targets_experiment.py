@@ -1,0 +1,173 @@
+"""Which MIM targets teach the most? The same image MIM pretraining (configs/small_data_image_mim.yaml:
+the tiny model at 64 px, the same epochs, data and seed) with each kind of visual token, then the
+same transfer and segmentation experiments on each backbone:
+
+    kmeans   the run's own k-means tokenizer (colour and extent: what the project used so far)
+    vqkd     a VQ-KD tokenizer trained by util/train_vqkd.py on the same images, to reconstruct the
+             --teacher's patch features (BEiT v2's semantic targets; the teacher: a stage of the chain)
+    dall-e   a DALL-E-format encoder with random weights (pixel codes in OpenAI's layout, untrained:
+             the control a random tokenizer gives), when asked for
+
+    python util/targets_experiment.py --teacher outputs/demo_chain/s3_itc/checkpoint-7.pth
+    python util/targets_experiment.py --teacher T --data_path ../shared/data/flickr8k_1k/images \\
+        --labelled ../shared/data/hymenoptera --quick
+
+Every step is a subprocess whose output is reused when found (rerun the command to continue).
+Writes results.json and a table: per target, held-out MIM accuracy, pretraining time, fine-tuning
+and linear-probe top-1 (mean ± std over --seeds) and segmentation mIoU on the synthetic world."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.errors import UserError, cli_entry  # noqa: E402
+from training.flag_checks import check_paths_exist  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("kmeans", "vqkd", "dall-e")
+QUICK = {"mim_epochs": 4, "vqkd_epochs": 2, "train_size": 400, "finetune_epochs": 4, "probe_epochs": 6,
+         "seg_epochs": 2, "seg_scenes": (120, 60)}
+FULL = {"mim_epochs": 50, "vqkd_epochs": 10, "train_size": 2000, "finetune_epochs": 30, "probe_epochs": 90,
+        "seg_epochs": 16, "seg_scenes": (600, 200)}
+
+
+def run(argv: list[str], log: Path, done: Path) -> float:
+    """A step in its own process unless `done` exists; its seconds (0 when reused)."""
+    if done.exists():
+        return 0.0
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with log.open("w") as out:
+        status = subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+    if status != 0:
+        raise UserError(f"a step failed; its output is in {log}: {log.read_text().strip().splitlines()[-1:]}")
+    return round(time.time() - start, 1)
+
+
+def tokenizer_flags(args, target: str, root: Path, size: dict) -> list[str]:
+    """The MIM stage's target flags, making the tokenizer first where one is needed."""
+    if target == "kmeans":
+        return ["--d_vae_type", "kmeans", "--second_image_size", "32"]
+    if target == "vqkd":
+        path = root / "vqkd.safetensors"
+        run([str(ROOT / "util/train_vqkd.py"), "--teacher", args.teacher, "--data_path", args.data_path, "--output",
+             str(path), "--image_size", "64", "--patch_size", "8", "--epochs", str(size["vqkd_epochs"]),
+             "--codebook_size", "128", "--synthetic_train_size", str(size["train_size"]), "--seed", str(args.seed),
+             "--num_workers", str(args.num_workers)], root / "vqkd.output.txt", path)
+        return ["--d_vae_type", "vqkd", "--d_vae_weight_path", str(path), "--second_image_size", "64"]
+    folder = root / "random_dall_e"
+    if not (folder / "encoder.safetensors").is_file():
+        write_random_dall_e(folder, args.seed)
+    return ["--d_vae_type", "dall-e", "--d_vae_weight_path", str(folder), "--second_image_size", "64"]
+
+
+def write_random_dall_e(folder: Path, seed: int) -> None:
+    """A DALL-E encoder in OpenAI's layout (one token per 8 x 8 pixels), small and untrained."""
+    import torch
+
+    from models.visual_tokenizers.dall_e import DalleEncoder, DalleEncoderConfig
+    from models.visual_tokenizers.dall_e_loader import save_dalle_part
+
+    torch.manual_seed(seed)
+    cfg = DalleEncoderConfig(n_hid=16, n_blk_per_group=1, vocab_size=128)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_dalle_part(folder / "encoder.safetensors", DalleEncoder(cfg).state_dict(), cfg)
+
+
+def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
+    root = Path(args.output_dir) / target
+    flags = tokenizer_flags(args, target, root, size)
+    out = root / "mim"
+    epochs = size["mim_epochs"]
+    ckpt = out / f"checkpoint-{epochs - 1}.pth"
+    seconds = run([str(ROOT / "main_pretrain_cook.py"), "--config", str(ROOT / "configs/small_data_image_mim.yaml"),
+                   "--data_path", args.data_path, "--synthetic_train_size", str(size["train_size"]), "--epochs",
+                   str(epochs), "--save_per_epochs", str(epochs), "--seed", str(args.seed), "--num_workers",
+                   str(args.num_workers), "--no_pictures", "--output_dir", str(out), *flags],
+                  root / "mim.output.txt", ckpt)
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
+    return ckpt, {"mim_acc": log[-1].get("test_acc_mim"), "pretrain_seconds": seconds or None}
+
+
+def downstream(args, target: str, ckpt: Path, size: dict, with_random_init: bool) -> dict:
+    root = Path(args.output_dir) / target
+    seeds = [str(s) for s in args.seeds]
+    transfer, seg = root / "transfer", root / "segmentation"
+    run([str(ROOT / "util/transfer_experiment.py"), "--pretrained", str(ckpt), "--data_path", args.labelled,
+         "--output_dir", str(transfer), "--seeds", *seeds, "--finetune_epochs", str(size["finetune_epochs"]),
+         "--probe_epochs", str(size["probe_epochs"]), "--num_workers", str(args.num_workers),
+         *([] if with_random_init else ["--skip_random_init"])], root / "transfer.output.txt", transfer / "results.json")
+    scenes = size["seg_scenes"]
+    run([str(ROOT / "util/segmentation_experiment.py"), "--pretrained", str(ckpt), "--output_dir", str(seg), "--seeds",
+         *seeds, "--epochs", str(size["seg_epochs"]), "--train_scenes", str(scenes[0]), "--val_scenes", str(scenes[1]),
+         "--num_workers", str(args.num_workers)], root / "segmentation.output.txt", seg / "results.json")
+    return {"transfer": json.loads((transfer / "results.json").read_text()),
+            "segmentation": json.loads((seg / "results.json").read_text())}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def table(results: dict) -> str:
+    rows = ["| targets | held-out MIM acc | fine-tune top-1 | linear probe top-1 | segmentation mIoU |",
+            "| --- | --- | --- | --- | --- |"]
+    for target, r in results.items():
+        pre = r["transfer"]["pretrained"]
+        seg = r["segmentation"]["pretrained"]
+        rows.append(f"| {target} | {r['mim_acc']:.3f} | {spread([x['finetune'] for x in pre])} | "
+                    f"{spread([x['probe'] for x in pre])} | {spread([x['best_mIoU'] for x in seg])} |")
+    first = next(iter(results.values()))
+    for name, key in (("random init", "random init"),):
+        if key in first["transfer"]:
+            runs, seg = first["transfer"][key], first["segmentation"][key]
+            rows.append(f"| {name} | | {spread([x['finetune'] for x in runs])} | {spread([x['probe'] for x in runs])} | "
+                        f"{spread([x['best_mIoU'] for x in seg])} |")
+    return "\n".join(rows)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="the VQ-KD teacher: a checkpoint of any stage")
+    p.add_argument("--data_path", default="synthetic", help="unlabelled pretraining images (default: synthetic)")
+    p.add_argument("--labelled", default="synthetic", help="the transfer experiment's labelled folder (default: "
+                                                            "the synthetic world's)")
+    p.add_argument("--targets", nargs="+", choices=TARGETS, default=["kmeans", "vqkd"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the downstream runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pretraining and tokenizers")
+    p.add_argument("--quick", action="store_true", help="a small run of every step (smoke test)")
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--output_dir", default=None, help="default: outputs/targets_experiment[_quick]")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    check_paths_exist({"teacher": args.teacher, "data_path": None if args.data_path == "synthetic" else args.data_path,
+                       "labelled": None if args.labelled == "synthetic" else args.labelled})
+    size = QUICK if args.quick else FULL
+    args.output_dir = args.output_dir or f"outputs/targets_experiment{'_quick' if args.quick else ''}"
+    results = {}
+    for i, target in enumerate(args.targets):
+        ckpt, pre = pretrain(args, target, size)
+        results[target] = {**pre, **downstream(args, target, ckpt, size, with_random_init=i == 0)}
+        print(f"{target}: done", flush=True)
+    text = table(results)
+    print(text)
+    out = Path(args.output_dir)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(text + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
