@@ -8,7 +8,7 @@ same transfer and segmentation experiments on each backbone:
     dall-e   a DALL-E-format encoder with random weights (pixel codes in OpenAI's layout, untrained:
              the control a random tokenizer gives), when asked for
 
-    python util/targets_experiment.py --teacher outputs/demo_chain/s3_itc/checkpoint-7.pth
+    python util/targets_experiment.py --teacher outputs/demo_chain/3_image_text_itc_lambda_10000/checkpoint-7.pth
     python util/targets_experiment.py --teacher T --data_path ../shared/data/flickr8k_1k/images \\
         --labelled ../shared/data/hymenoptera --quick
 
