@@ -1,7 +1,8 @@
 """Train a VQ-KD visual tokenizer (BEiT v2's semantic MIM targets) on your images, with any model this
 project loads as the teacher; the MIM stage then reads it with --d_vae_type vqkd.
 
-    python util/train_vqkd.py --data_path DIR --teacher outputs/demo_chain/3_image_text_itc_lambda_10000/checkpoint-7.pth --output checkpoints/vqkd.safetensors \\
+    python util/train_vqkd.py --data_path DIR --output checkpoints/vqkd.safetensors \\
+        --teacher outputs/demo_chain/3_image_text_itc_lambda_10000/checkpoint-7.pth \\
         --model vqkd_tiny --image_size 64 --patch_size 8 --epochs 10
     python main_pretrain_cook.py --exp_name image_mim --d_vae_type vqkd --d_vae_weight_path checkpoints/vqkd.safetensors \\
         --second_image_size 64 ...
