@@ -166,7 +166,7 @@ def build_webdataset_pairs(cfg: PretrainDataConfig, train_build, val_build) -> t
 
     text, data = cfg.text, cfg.data
     train = WebDatasetPairs(expand_shards(data.data_path), require_num_samples(text.train_num_samples), train_build,
-                            seed=cfg.seed)
+                            seed=cfg.seed, resampled=text.dataset_resampled, shuffle_buffer=text.shuffle_buffer)
     if text.eval_data_file_path:
         return train, ImageCaptionPairs(read_pairs(text.eval_data_file_path, None, data.allow_outside_data_path), val_build)
     if data.eval_data_path:

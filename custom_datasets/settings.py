@@ -53,6 +53,10 @@ class TextSettings:
     webdataset: bool = flag(False, "image-text pairs from WebDataset tar shards: --data_path DIR, glob or "
                                    "shards/{00000..00099}.tar")
     train_num_samples: int | None = flag(None, "pairs in the --webdataset shards (the epoch length)")
+    dataset_resampled: bool = flag(False, "--webdataset: each reader draws whole shards with replacement (open_clip's "
+                                          "--dataset-resampled) instead of splitting them")
+    shuffle_buffer: int = flag(0, "--webdataset: shuffle samples through a buffer of this many (0: the shards' "
+                                  "order)", minimum=0)
     train_data_upsampling_factors: str | None = flag(None, "not supported: refused with what to do instead")
     max_text_len: int = flag(40, "tokens per caption, [CLS] and [SEP] included")
     max_text_len_of_initckpt: int = flag(196, "text positions of a model built from scratch")

@@ -74,3 +74,57 @@ def test_cli_trains_itc_on_shards(tmp_path):
     with pytest.raises(SystemExit):
         main(TINY + ["--exp_name", "image_text_itc", "--webdataset", "--data_path", str(shards), "--tokenizer", str(tok),
                      "--output_dir", str(tmp_path / "x")])
+
+
+def _captions(data: WebDatasetPairs, epoch: int = 0) -> list[str | None]:
+    data.set_epoch(epoch)
+    return [None if s is None else s["caption"] for s in data]
+
+
+def test_pipe_commands_stream_the_same_samples_as_the_files(tmp_path):
+    make_shards(tmp_path / "wds")
+    commands = expand_shards(f"pipe:cat {tmp_path / 'wds'}/{{00000..00002}}.tar")
+    files = expand_shards(str(tmp_path / "wds"))
+    assert commands == [f"pipe:cat {f}" for f in files]
+    for command, path in zip(commands, files):
+        streamed, read = list(read_shard(command)), list(read_shard(path))
+        assert [s and s["caption"] for s in streamed] == [s and s["caption"] for s in read] and len(read) == 6
+    assert list(read_shard(f"pipe:cat {tmp_path / 'missing.tar'}")) == []  # a failing command: logged, no samples
+
+
+def test_resampled_shards_are_drawn_with_replacement_and_seeded(tmp_path):
+    shards = expand_shards(str(make_shards(tmp_path / "wds", bad=0)))
+    build = lambda image, key=None: {}  # noqa: E731
+    data = WebDatasetPairs(shards, 30, build, seed=3, resampled=True)
+    first = _captions(data)
+    assert len(first) == 30 and max(first.count(c) for c in set(first)) >= 2  # 30 from 18 samples: repeats
+    assert _captions(WebDatasetPairs(shards, 30, build, seed=3, resampled=True)) == first
+    assert _captions(data, epoch=1) != first
+    assert all(first[i].split(" item")[0] == first[i + 1].split(" item")[0] for i in range(5))  # whole shards
+
+
+def test_a_shuffle_buffer_reorders_the_stream_deterministically(tmp_path):
+    shards = expand_shards(str(make_shards(tmp_path / "wds", bad=0)))
+    build = lambda image, key=None: {}  # noqa: E731
+    plain = _captions(WebDatasetPairs(shards, 18, build, shuffle=False))
+    buffered = _captions(WebDatasetPairs(shards, 18, build, shuffle=False, shuffle_buffer=8))
+    assert buffered != plain and set(buffered) <= set(plain) and len(set(buffered)) > 12
+    assert _captions(WebDatasetPairs(shards, 18, build, shuffle=False, shuffle_buffer=8)) == buffered
+
+
+def test_cli_streams_resampled_shards_through_a_command(tmp_path, capsys):
+    make_shards(tmp_path / "wds")
+    val = make_shards(tmp_path / "val", n_shards=1, bad=0)
+    from util.train_text_tokenizer import main as train_tokenizer
+
+    tok = train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "100", "--output", str(tmp_path / "tok")])
+    out = tmp_path / "run"
+    main(TINY + ["--exp_name", "image_text_itc", "--webdataset", "--data_path",
+                 f"pipe:cat {tmp_path / 'wds'}/{{00000..00002}}.tar", "--train_num_samples", "16",
+                 "--dataset_resampled", "--shuffle_buffer", "4", "--eval_data_path", str(val), "--tokenizer", str(tok),
+                 "--epochs", "1", "--output_dir", str(out)])
+    assert "test_acc_i2t" in json.loads((out / "log.txt").read_text().splitlines()[0])
+    with pytest.raises(SystemExit):
+        main(TINY + ["--exp_name", "image_mim", "--data_path", "synthetic", "--dataset_resampled", "--output_dir",
+                     str(tmp_path / "x")])
+    assert "--dataset_resampled and --shuffle_buffer shape a --webdataset stream" in capsys.readouterr().err

@@ -53,6 +53,9 @@ def check_data_flags(cfg: "PretrainConfig") -> None:
                         "first with util/fit_visual_tokenizer.py and pass --d_vae_weight_path")
     if not 0 < text.mlm_probability < 1:
         raise UserError("--mlm_probability must be between 0 and 1")
+    if (text.dataset_resampled or text.shuffle_buffer) and not text.webdataset:
+        raise UserError("--dataset_resampled and --shuffle_buffer shape a --webdataset stream of shards; add "
+                        "--webdataset, or drop them (folders and pair files are shuffled whole every epoch)")
     if text.train_data_upsampling_factors:
         raise UserError("--train_data_upsampling_factors is not supported: write the sources' shards into one list "
                         "for --data_path, repeating a source's shards to sample it more often")
