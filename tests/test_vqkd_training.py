@@ -167,3 +167,33 @@ def test_ddp_keeps_one_codebook_and_one_model_on_every_process(tmp_path, teacher
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
     assert states[0]["tokenizer.quantize.embedding.initted"].item() == 1
+
+
+@pytest.mark.parametrize("layout", ["timm", "huggingface"])
+def test_a_beit_in_timm_or_hugging_face_layout_teaches_as_its_conversion_does(tmp_path, layout):
+    """A teacher given as a timm state dict or an HF folder gives the features of its converted file."""
+    import timm
+    import transformers
+
+    from models import create_model
+    from tests.helpers import randomize_
+    from training.vqkd_teacher import Teacher
+    from util.convert_beit_ckpt import main as convert
+
+    if layout == "timm":
+        ref = randomize_(timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                           embed_dim=64, depth=2, num_heads=4, num_classes=0), scale=0.1)
+        source = tmp_path / "timm_beit.pth"
+        torch.save(ref.state_dict(), source)
+    else:
+        cfg = transformers.BeitConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                                      image_size=32, patch_size=8, layer_norm_eps=1e-6, use_mask_token=True)
+        source = tmp_path / "hf_beit"
+        randomize_(transformers.BeitForMaskedImageModeling(cfg), scale=0.1).save_pretrained(source)
+    convert(["--input", str(source), "--output", str(tmp_path / "converted.safetensors")])
+    teacher = Teacher(source, grid=4)
+    images = torch.rand(2, 3, 32, 32)
+    converted = create_model(None, pretrained=str(tmp_path / "converted.safetensors")).eval()
+    with torch.no_grad():
+        expected = converted.encode_image((images - 0.5) / 0.5)[:, 1:]
+    assert torch.allclose(teacher(images), expected, atol=1e-5) and teacher.dim == 64
