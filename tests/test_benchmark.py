@@ -65,7 +65,7 @@ def test_loader_mode_times_every_stage_and_sums_them(capsys):
     threads = torch.get_num_threads()
     benchmark.main(["--mode", "loader", "--num_images", "4", "--batch_size", "2", "--image_size", "64"])
     assert torch.get_num_threads() == threads  # later work in this process keeps its threads (and numbers)
-    out = capsys.readouterr().out
+    out, streamed = capsys.readouterr().out.split("streamed from tar shards")
     rows = {r[0]: float(r[1]) for r in table_rows(out)}
     stages = [k for k in rows if "whole" not in k and "draft" not in k and "of which" not in k]
     assert len(stages) == 4 and all(v > 0 for v in rows.values())
@@ -73,6 +73,10 @@ def test_loader_mode_times_every_stage_and_sums_them(capsys):
     as_read = [k for k in rows if "as the loader reads it" in k]
     assert len(as_read) == 1 and "% of crops" in as_read[0] and rows[as_read[0]] > 0
     assert "needs" in out and "workers" in out and "decoding every image at full size" in out
+    shards = {r[0]: r[1:] for r in table_rows("|" + streamed.split("\n|", 1)[1])}
+    assert list(shards) == ["read + decode from a local tar shard", "read + decode from a pipe:cat of the shard",
+                            "read + decode over HTTP from a loopback server (pipe:curl)"]
+    assert all(float(ms) > 0 and int(workers) >= 1 for ms, _, workers in shards.values())
 
 
 def test_tokenizer_mode_reports_speed_and_agreement_with_fp32(capsys):

@@ -412,11 +412,59 @@ def loader_stages(count: int, image_size: int, batch_size: int, jpeg_folder: str
                 paths, as_the_loader_reads),
         }
         stages["reduced"] = sum(reduced) / len(reduced)
+        stages["shards"] = shard_rows(paths)
     n = len(images)
     stages["source"] = (f"{n} JPEGs from {jpeg_folder} (mean {sum(i.width for i in images) / n:.0f}x"
                         f"{sum(i.height for i in images) / n:.0f})" if jpeg_folder
                         else f"{n} generated {jpeg_size[0]}x{jpeg_size[1]} JPEGs (quality 90)")
     return stages
+
+
+def write_shard(paths: list[Path], shard: Path) -> None:
+    """The JPEGs as one img2dataset-layout tar shard (KEY.jpg + KEY.txt)."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard, "w") as tar:
+        for i, path in enumerate(paths):
+            tar.add(path, arcname=f"{i:09d}.jpg")
+            caption = tarfile.TarInfo(f"{i:09d}.txt")
+            caption.size = len(b"a photo")
+            tar.addfile(caption, io.BytesIO(b"a photo"))
+
+
+def shard_rows(paths: list[Path]) -> dict[str, float]:
+    """Seconds per sample reading and decoding the JPEGs from a tar shard: a local file, the stream
+    of `pipe:cat`, and `pipe:curl` from an HTTP server on the loopback interface (the transport of
+    shards kept in object storage)."""
+    import socket
+    import tempfile
+
+    from custom_datasets.webdataset_pairs import read_shard
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "00000.tar"
+        write_shard(paths, shard)
+        for name, source in (("local tar shard", shard), ("pipe:cat of the shard", f"pipe:cat {shard}")):
+            start = time.perf_counter()
+            read = sum(1 for sample in read_shard(source) if sample is not None)
+            rows[f"read + decode from a {name}"] = (time.perf_counter() - start) / max(read, 1)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1.0)  # the server binds
+            start = time.perf_counter()
+            read = sum(1 for sample in read_shard(f"pipe:curl -sf http://127.0.0.1:{port}/00000.tar")
+                       if sample is not None)
+            rows["read + decode over HTTP from a loopback server (pipe:curl)"] = (time.perf_counter() - start) / max(read, 1)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    return rows
 
 
 def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: float,
@@ -433,7 +481,7 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
     finally:
         torch.set_num_threads(threads)  # this process's other work keeps its threads (and its numbers)
     print(f"image-MIM input pipeline, {stages.pop('source')}, one worker (1 thread)")
-    reduced = stages.pop("reduced")
+    reduced, shards = stages.pop("reduced"), stages.pop("shards")
     as_read = stages.pop("decode + two views as the loader reads (draft where the crop allows)")
     mask_and_collate = sum(v for k, v in stages.items() if k.startswith(("block mask", "collate")))
     full = sum(v for k, v in stages.items() if "draft" not in k and "of which" not in k)
@@ -446,6 +494,11 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
           f"{100 * reduced:.0f}% of crops) | {loader * 1e3:.2f} | {1 / loader:.0f} |")
     print(f"\na device consuming {target_rate:,.0f} images/s needs {math.ceil(target_rate * loader):d} such workers "
           f"(one core each; {math.ceil(target_rate * full):d} decoding every image at full size)")
+    print("\nstreamed from tar shards instead of files (the same JPEGs; full-size decode, one worker):\n"
+          "| source | ms per image | images/s | workers for the device |\n| --- | --- | --- | --- |")
+    for name, seconds in shards.items():
+        per_sample = seconds + full - stages["decode (PIL, full size)"]  # the views, mask and collate as above
+        print(f"| {name} | {seconds * 1e3:.2f} | {1 / seconds:.0f} | {math.ceil(target_rate * per_sample):d} |")
 
 
 def tokenizer_benchmark(batch_size: int, image_size: int, rounds: int, steps: int) -> None:
