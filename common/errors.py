@@ -35,5 +35,22 @@ def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        except RuntimeError as err:
+            if not peer_lost(err):
+                raise
+            first = str(err).strip().splitlines()[0][:200]
+            print(f"error: another process of this run stopped (its node or process died: {first}); this one stops "
+                  f"too. Start the run again with --auto_resume to continue from its last checkpoint", file=sys.stderr)
+            raise SystemExit(3) from None
 
     return wrapper
+
+
+PEER_LOST = ("Connection reset by peer", "Connection closed", "Connection was likely closed", "Broken pipe")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """A collective failed because another process of the run is gone (gloo / NCCL / the store)."""
+    import torch.distributed as dist
+
+    return isinstance(err, getattr(dist, "DistNetworkError", ())) or any(p in str(err) for p in PEER_LOST)
