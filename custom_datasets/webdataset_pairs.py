@@ -49,14 +49,13 @@ def expand_shards(spec: str) -> list[Path | str]:
     path = Path(spec)
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
+    elif re.search(r"\{(\d+)\.\.(\d+)\}", spec):
+        shards = [Path(n) for n in _brace_range(spec)]
+        missing = [s for s in shards if not s.is_file()]
+        if missing:
+            raise UserError(f"--data_path {spec}: shard {missing[0]} does not exist ({len(missing)} missing)")
     else:
-        if re.search(r"\{(\d+)\.\.(\d+)\}", spec):
-            shards = [Path(n) for n in _brace_range(spec)]
-            missing = [s for s in shards if not s.is_file()]
-            if missing:
-                raise UserError(f"--data_path {spec}: shard {missing[0]} does not exist ({len(missing)} missing)")
-        else:
-            shards = sorted(Path(p) for p in glob.glob(spec))
+        shards = sorted(Path(p) for p in glob.glob(spec))
     if not shards:
         raise UserError(f"--data_path {spec} matches no .tar shards; pass a folder of shards, a glob or a "
                         f"brace range such as shards/{{00000..00099}}.tar")

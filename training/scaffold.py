@@ -96,7 +96,7 @@ class RunContext:
             loader.dataset.set_epoch(epoch)
         elif isinstance(loader.sampler, (DistributedSampler, MixtureSampler)):
             loader.sampler.set_epoch(epoch)
-            if isinstance(loader.sampler, MixtureSampler) and self.is_main:
+            if isinstance(loader.sampler, MixtureSampler):  # say() prints on rank 0
                 say(f"data mix of epoch {epoch}: {loader.sampler.data.describe()}")
         elif isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is not None:
             loader.sampler.generator.manual_seed(self.seed + epoch)

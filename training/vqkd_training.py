@@ -137,7 +137,9 @@ def resume_from(run: VqkdRun) -> None:
 
 def train_step(run: VqkdRun, images: torch.Tensor, epoch_float: float) -> dict[str, float]:
     cfg, quantizer = run.cfg, run.model.tokenizer.quantize
-    if kmeans_init_(quantizer, run.model.encode(images)[0].detach().flatten(0, 1), run.gen):
+    if not quantizer.embedding.initted.item():  # the first step only: the encoder's vectors start the codes
+        with torch.no_grad():
+            kmeans_init_(quantizer, run.model.encode(images)[0].flatten(0, 1), run.gen)
         say(f"codebook: {cfg.codebook_size} codes from k-means of the first batch's vectors")
     set_lr(run.optimizer, lr_at(epoch_float, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs))
     out = run.wrapped(images, run.teacher(images))

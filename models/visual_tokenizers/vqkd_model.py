@@ -6,6 +6,7 @@ term ||sg(e) − z||² (β = 1, gradients pass the codes straight through). Only
 written out; the decoder serves training alone."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,7 @@ class VqkdAutoencoder(nn.Module):
         quant_loss = F.mse_loss(codes.detach(), z)
         z_q = z + (codes - z).detach()  # straight through
         b, n, d = z_q.shape
-        grid = self.shape.encoder.grid if n == self.shape.encoder.grid ** 2 else int(n ** 0.5)
+        grid = math.isqrt(n)
         decoded = self.decoder.patch_tokens(z_q.transpose(1, 2).reshape(b, d, grid, grid).contiguous())
         rec_loss = cosine_distance(self.decode_task_layer(decoded), target)
         return {"loss": rec_loss + quant_loss, "rec_loss": rec_loss.detach(), "quant_loss": quant_loss.detach(),

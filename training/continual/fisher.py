@@ -18,9 +18,10 @@ import torch
 from common import distributed as dist_util
 from common.checkpoint_io import load_safetensors_file, save_safetensors
 from common.errors import UserError
-from common.sharded_tensors import is_dtensor, local_part, whole_from_rows
+from common.sharded_tensors import local_part, whole_from_rows
 from custom_datasets.batch import NUM_SKIPPED
 from models.lora import is_adapter_key, plain_names
+from training.continual.anchors import is_sharded_backbone
 
 if TYPE_CHECKING:
     from training.pretrain import Optimization, PretrainRun
@@ -36,7 +37,7 @@ def estimate_fisher(run: "PretrainRun", optim: "Optimization", samples: int) -> 
     was_training = mode.training
     mode.eval()  # no dropout; a compound objective measures all of its parts
     try:
-        if any(is_dtensor(p) for p in params.values()):
+        if is_sharded_backbone(backbone):
             return _sharded_estimate(run, optim, batches, params)
         return _per_process_estimate(run, optim, batches, params)
     finally:
