@@ -113,6 +113,10 @@ def downstream(args, target: str, ckpt: Path, size: dict, with_random_init: bool
             "segmentation": json.loads((seg / "results.json").read_text())}
 
 
+def _sized(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
@@ -143,6 +147,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the downstream runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the pretraining and tokenizers")
     p.add_argument("--quick", action="store_true", help="a small run of every step (smoke test)")
+    for key, value in FULL.items():  # each size on its own, to fit a run to one's machine
+        p.add_argument(f"--{key}", type=int, nargs=len(value) if isinstance(value, tuple) else None, default=None,
+                       help=f"(default: {value}; --quick: {QUICK[key]})")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--output_dir", default=None, help="default: outputs/targets_experiment[_quick]")
     return p
@@ -153,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     check_paths_exist({"teacher": args.teacher, "data_path": None if args.data_path == "synthetic" else args.data_path,
                        "labelled": None if args.labelled == "synthetic" else args.labelled})
-    size = QUICK if args.quick else FULL
+    size = {key: value if getattr(args, key) is None else _sized(getattr(args, key))
+            for key, value in (QUICK if args.quick else FULL).items()}
     args.output_dir = args.output_dir or f"outputs/targets_experiment{'_quick' if args.quick else ''}"
     results = {}
     for i, target in enumerate(args.targets):
@@ -165,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(text + "\n")
+    (out / "sizes.json").write_text(json.dumps(size))  # the budget every row had
     return results
 
 
