@@ -21,12 +21,15 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
                     scaler: torch.amp.GradScaler | None = None, log_writer=None, skipped_so_far: int = 0,
                     steps_per_epoch: int | None = None,
                     regularizer: Callable[[], torch.Tensor] | None = None,
-                    batch_regularizer: Callable[[Batch], torch.Tensor | None] | None = None) -> dict[str, float]:
+                    batch_regularizer: Callable[[Batch], torch.Tensor | None] | None = None,
+                    at_step_end=None, resumed=None) -> dict[str, float]:
     """`regularizer` (e.g. LoRA self-regularization) is computed from the weights once per optimizer
     step, on its last micro-batch; `batch_regularizer` (e.g. feature distillation) from every
-    micro-batch; both are weighted by `settings.reg_loss_weight` and logged as `loss_reg`."""
+    micro-batch; both are weighted by `settings.reg_loss_weight` and logged as `loss_reg`.
+    `at_step_end` / `resumed`: mid-epoch checkpoints and resuming from one (training/step_checkpoints.py)."""
     return train_epoch(model, loader, optimizer, device, epoch, settings, prepare, scaler, log_writer, skipped_so_far,
-                       steps_per_epoch, EpochHooks(regularizer=regularizer, batch_regularizer=batch_regularizer))
+                       steps_per_epoch, EpochHooks(regularizer=regularizer, batch_regularizer=batch_regularizer,
+                                                   at_step_end=at_step_end), resumed)
 
 
 @torch.no_grad()

@@ -28,6 +28,16 @@ class ScalarAverager:
             self.sums[key] = self.sums.get(key, 0.0) + value * weight
             self.counts[key] += weight
 
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        """This rank's sums and counts as floats (exact: the sums are float64), for a mid-epoch checkpoint."""
+        keys = sorted(self.sums)
+        return {"sums": dict(zip(keys, host_values({k: self.sums[k] for k in keys}, torch.float64).values())),
+                "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        self.sums = dict(state["sums"])  # floats: the next update adds its tensor to them as before
+        self.counts = defaultdict(float, state["counts"])
+
     def global_average(self, device: torch.device) -> dict[str, float]:
         keys = sorted(self.sums)
         sums = [torch.as_tensor(self.sums[k], dtype=torch.float64).to(device) for k in keys]
@@ -38,10 +48,10 @@ class ScalarAverager:
         return {k: values[i] / max(values[n + i], 1e-12) for i, k in enumerate(keys)}
 
 
-def host_values(scalars: dict[str, float | torch.Tensor]) -> dict[str, float]:
+def host_values(scalars: dict[str, float | torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """0-d tensors and floats as floats, reading all device tensors back in one transfer."""
     tensors = {k: v for k, v in scalars.items() if isinstance(v, torch.Tensor)}
-    read = dict(zip(tensors, torch.stack([v.detach().float() for v in tensors.values()]).tolist())) if tensors else {}
+    read = dict(zip(tensors, torch.stack([v.detach().to(dtype) for v in tensors.values()]).tolist())) if tensors else {}
     return {k: read[k] if k in read else float(v) for k, v in scalars.items()}
 
 

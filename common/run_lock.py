@@ -1,7 +1,9 @@
 """One run per output folder. A run holds an exclusive `flock` on `.lock-rank<R>` in its output
 folder for its whole life; the kernel releases it on any exit, kill -9 included, so a lock file
 left by a dead process is stale and simply taken over. A second run on the same folder stops with
-one sentence naming the run that holds it."""
+one sentence naming the run that holds it. A forked child (a data-loader worker) closes its copy of
+the lock at once: otherwise workers orphaned by a kill -9 of their run would hold the folder for the
+seconds they take to notice, and an immediate --auto_resume would be refused."""
 from __future__ import annotations
 
 import fcntl
@@ -11,6 +13,20 @@ import time
 from pathlib import Path
 
 from common.errors import UserError
+
+_HELD: set[int] = set()  # lock descriptors this process holds
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD):  # closing a copy keeps the parent's lock (flock ends with the last copy or LOCK_UN)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class RunLock:
@@ -37,11 +53,13 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         self.fd = fd
+        _HELD.add(fd)
         return self
 
     def release(self) -> None:
         if self.fd is None:
             return
+        _HELD.discard(self.fd)
         try:
             self.path.unlink(missing_ok=True)
         finally:

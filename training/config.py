@@ -198,6 +198,12 @@ class RunSettings:
 class PretrainRunSettings(RunSettings):
     save_per_epochs: int = flag(5, "write checkpoint-<epoch>.pth every N epochs (and after the last)", minimum=1)
     save_epochs_from_zero: bool = flag(False, "save epochs 0, N, 2N, ... (ContinualTransformer) instead of N-1, 2N-1, ...")
+    save_every_steps: int | None = flag(None, "also write checkpoint-<epoch>-step<batches>.pth every N optimizer steps; "
+                                              "--auto_resume continues from one exactly (the same batches and "
+                                              "weights as a run never stopped; the loader's workers then restart "
+                                              "each epoch)", minimum=1, shown_default="epoch checkpoints only")
+    keep_last_checkpoints: int = flag(2, "step checkpoints kept (older ones, and those an epoch checkpoint "
+                                         "supersedes, are removed)", minimum=1)
     no_pictures: bool = flag(False, "do not draw pictures/ at the end of the stage (MIM reconstructions, retrieval "
                                     "examples; also written to TensorBoard)")
     start_epoch: int = flag(0, "epoch a new run starts at (the lr schedule is taken from there); a resumed run "

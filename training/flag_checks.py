@@ -113,6 +113,10 @@ def check_continual_flags(cfg: "PretrainConfig") -> None:
 
     name, rank = cfg.continual.cl_method, cfg.lora.lora_rank
     method = CL_METHODS[name]
+    if cfg.run.save_every_steps and name == "replay":
+        raise UserError("--save_every_steps cannot be combined with --cl_method replay yet (the replayed stages' "
+                        "data streams are not recorded mid-epoch, so a resume would not be exact); use epoch "
+                        "checkpoints (--save_per_epochs) for replay stages")
     if method.adapters == "required" and not rank:
         raise UserError(f"--cl_method {name} trains LoRA adapters; add --lora_rank R (e.g. 64)")
     if method.adapters == "forbidden" and rank:

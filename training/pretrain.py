@@ -38,6 +38,7 @@ from training.pretrain_finish import finish_stage, report_stage
 from training.run_checkpoint import (
     latest_checkpoint,
     load_run_state,
+    prune_step_checkpoints,
     load_run_weights,
     run_checkpoint_path,
     run_state,
@@ -47,6 +48,7 @@ from training.resume_changes import TOKENIZER_DIGEST, keep_previous_settings, re
 from training.scaffold import RunContext, checkpoint_due, last_step, run_eta
 from training.sharded_checkpoint import save_sharded_run_checkpoint
 from training.step import StepSettings, cause_of
+from training.step_checkpoints import MID_EPOCH, StepCheckpointer, note_world_change, resumed_progress
 from training.tokenizers import build_text_tokenizer, build_visual_tokenizer
 from training.weights import CarriedHeads, Weights, attach_heads, build_backbone, resolve_weights
 
@@ -228,13 +230,14 @@ class Optimization:
     prepare: BatchPreparer
     start_epoch: int
     eff_batch: int
+    mid_epoch: dict[str, Any] | None = None  # where a step checkpoint left the epoch it resumes (step_checkpoints.py)
 
 
 def build_optimization(run: PretrainRun) -> Optimization:
     cfg, ctx, opt = run.cfg, run.ctx, run.cfg.optim
     pin = cfg.data.pin_mem
     train_loader = ctx.loader(run.data.train, opt.batch_size, cfg.data.num_workers, True, run.data.train_collate,
-                              pin_memory=pin)
+                              pin_memory=pin, persistent_workers=not cfg.run.save_every_steps)
     val_loader = ctx.loader(run.data.val, opt.batch_size, cfg.data.num_workers, False, run.data.val_collate,
                             pin_memory=pin)
     if len(train_loader) == 0:
@@ -245,16 +248,19 @@ def build_optimization(run: PretrainRun) -> Optimization:
     warmup = opt.warmup_steps / len(train_loader) if opt.warmup_steps is not None else opt.warmup_epochs
     optimizer = adamw(run.mode, lr, opt.weight_decay, tuple(opt.opt_betas), opt.adamw_impl)
     scaler = grad_scaler(cfg.run.amp, ctx.device)
-    start_epoch = cfg.run.start_epoch
+    start_epoch, mid_epoch = cfg.run.start_epoch, None
     if run.weights.continue_run:
         start_epoch = load_run_state(run.weights.path, run.mode, optimizer, scaler, run.weights.ckpt)
+        mid_epoch = run.weights.ckpt.extra.get(MID_EPOCH)
+        note_world_change(run.weights.path, run.weights.ckpt.extra.get("world_size"), ctx.world, mid_epoch)
     run.weights.ckpt = None  # not held in memory for the whole run
     settings = StepSettings(lr=lr, min_lr=opt.min_lr, warmup_epochs=warmup, epochs=opt.epochs,
                             accum_iter=opt.accum_iter, clip_grad=opt.clip_grad, amp_dtype=amp_dtype(cfg.run.amp),
                             print_freq=cfg.run.print_freq, max_bad_samples=cfg.data.max_bad_samples,
                             reg_loss_weight=cfg.lora.reg_loss_weight)
     prepare = BatchPreparer(ctx.device, cfg.mode.batch_keys, run.visual_tokenizer)
-    return Optimization(train_loader, val_loader, optimizer, scaler, settings, prepare, start_epoch, eff_batch)
+    return Optimization(train_loader, val_loader, optimizer, scaler, settings, prepare, start_epoch, eff_batch,
+                        mid_epoch)
 
 
 def data_description(cfg: PretrainConfig) -> str:
@@ -318,41 +324,58 @@ def evaluate_checkpoint(run: PretrainRun, optim: Optimization) -> dict[str, floa
     return stats
 
 
+def write_checkpoint(run: PretrainRun, optim: Optimization, epoch: int, step: int, name: str | None,
+                     record: dict[str, Any]) -> None:
+    """A run checkpoint after `epoch` (named by it, or by `name` within the next one): every rank
+    writes its shards of a sharded checkpoint; a sharded model is gathered by every rank; rank 0 writes."""
+    cfg, ctx = run.cfg, run.ctx
+    state = run_state(epoch, step, optim.scaler, run.backbone.cfg.to_dict(), flat_settings(cfg), record, run.info())
+    if cfg.model.sharded_checkpoint:
+        path = save_sharded_run_checkpoint(run_checkpoint_path(ctx.output_dir, epoch, name), run.mode,
+                                           optim.optimizer, state, run.carried.tensors)
+        say(f"saved {path} (sharded)")
+        return
+    gathered = gathered_state(run.mode, optim.optimizer) if is_sharded(run.mode) else None  # every rank
+    if ctx.is_main:
+        path = save_run_checkpoint(ctx.output_dir, epoch, step, run.mode, optim.optimizer, optim.scaler,
+                                   run.backbone.cfg.to_dict(), flat_settings(cfg), record, run.carried.tensors,
+                                   name=name, info=run.info(), gathered=gathered)
+        say(f"saved {path}")
+
+
 def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dict[str, Any], float]:
     """(the last epoch's statistics, seconds spent in the epochs)."""
     cfg, ctx = run.cfg, run.ctx
     method = run.method
     record = {"lora": {"rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha}} if cfg.lora.lora_rank else {}
     record[TOKENIZER_DIGEST] = tokenizer_digest(run.visual_tokenizer)  # what a resume checks its targets by
-    skipped_total, stats, info, start = 0, {}, run.info(), time.time()
+    record["world_size"] = ctx.world  # a resume with another number of processes says what changes
+    skipped_total, stats, start = 0, {}, time.time()
+    steps = StepCheckpointer(run, optim, lambda *a: write_checkpoint(run, optim, *a[:3], {**record, **a[3]})) \
+        if cfg.run.save_every_steps else None
     for epoch in range(optim.start_epoch, cfg.optim.epochs):
         ctx.start_epoch(optim.train_loader, epoch)
         run.mode.set_epoch(epoch)
+        resumed = None
+        if epoch == optim.start_epoch:
+            resumed, skipped_total = resumed_progress(run, optim.mid_epoch)
+        if steps is not None:
+            steps.start_epoch(epoch, skipped_total)
         train_stats = train_one_epoch(run.model, optim.train_loader, optim.optimizer, ctx.device, epoch, optim.settings,
                                       optim.prepare, optim.scaler, log_writer, skipped_total,
                                       regularizer=method.penalty if method.has_penalty else None,
-                                      batch_regularizer=method.batch_penalty if method.has_penalty else None)
+                                      batch_regularizer=method.batch_penalty if method.has_penalty else None,
+                                      at_step_end=steps, resumed=resumed)
         skipped_total += int(train_stats.get("skipped_samples", 0))
         ctx.reseed_for_evaluation()
         test_stats = evaluate(run.model, optim.val_loader, ctx.device, optim.prepare, optim.settings.amp_dtype)
         check_evaluation(test_stats, epoch, cause_of(optim.settings))
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()},
                  "epoch": epoch, "n_parameters": sum(run.trainable.values())}
-        due = checkpoint_due(epoch, cfg.optim.epochs, cfg.run.save_per_epochs, cfg.run.save_epochs_from_zero)
-        step = (epoch + 1) * len(optim.train_loader)
-        if due and cfg.model.sharded_checkpoint:  # every rank writes its shards
-            path = save_sharded_run_checkpoint(
-                run_checkpoint_path(ctx.output_dir, epoch), run.mode, optim.optimizer,
-                run_state(epoch, step, optim.scaler, run.backbone.cfg.to_dict(), flat_settings(cfg), record, info),
-                run.carried.tensors)
-            say(f"saved {path} (sharded)")
-        elif due:
-            gathered = gathered_state(run.mode, optim.optimizer) if is_sharded(run.mode) else None  # every rank
-            if ctx.is_main:
-                path = save_run_checkpoint(ctx.output_dir, epoch, step, run.mode, optim.optimizer, optim.scaler,
-                                           run.backbone.cfg.to_dict(), flat_settings(cfg), record,
-                                           run.carried.tensors, info=info, gathered=gathered)
-                say(f"saved {path}")
+        if checkpoint_due(epoch, cfg.optim.epochs, cfg.run.save_per_epochs, cfg.run.save_epochs_from_zero):
+            write_checkpoint(run, optim, epoch, (epoch + 1) * len(optim.train_loader), None, record)
+            if cfg.run.save_every_steps and ctx.is_main:  # the step checkpoints before it are superseded
+                prune_step_checkpoints(ctx.output_dir, cfg.run.keep_last_checkpoints)
         if ctx.is_main:
             for key, value in test_stats.items():
                 log_writer.add_scalar(f"test/{key}", value, last_step(epoch + 1))

@@ -29,7 +29,8 @@ RECORDED_SINCE = {"early_layers": None, "head_layers": 2, "shared_lm_head": True
 # compared by the tokenizer's content instead, or belonging to where and how the run prints and writes
 NOT_COMPARED = frozenset({"d_vae_weight_path", "output_dir", "log_dir", "resume", "auto_resume", "init_from",
                           "num_workers", "print_freq", "pin_mem", "no_pin_mem", "no_pictures", "eval", "local_rank",
-                          "dist_url", "world_size", "start_epoch"})
+                          "dist_url", "world_size", "start_epoch", "save_every_steps",
+                          "keep_last_checkpoints"})
 TOKENIZER_DIGEST = "visual_tokenizer_digest"
 
 

@@ -3,7 +3,9 @@ plain tensors and types only, written atomically; and resuming from them. A shar
 checkpoint is a folder of the same name (training/sharded_checkpoint.py) and reads back the same."""
 from __future__ import annotations
 
+import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ from common.sharded_checkpoint import OPTIMIZER_SHARDS, load_optimizer_shards, r
 from models.checkpoints import read_model_checkpoint
 from models.lora import load_plain_state, plain_names
 
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+# checkpoint-<epoch>.pth: after that epoch; checkpoint-<epoch>-step<B>.pth: within it, after its first B batches
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pth$")
 
 
 def run_checkpoint_path(output_dir: str | Path, epoch: int, name: str | None = None) -> Path:
@@ -57,9 +60,32 @@ def save_run_checkpoint(output_dir: str | Path, epoch: int, step: int, model: to
     return path
 
 
+def step_checkpoint_name(epoch: int, batches_done: int) -> str:
+    return f"{epoch}-step{batches_done}"
+
+
+def _progress(path: Path) -> tuple[int, float] | None:
+    """(epoch, batches done in it; inf for an epoch checkpoint), the order in which checkpoints were written."""
+    m = CHECKPOINT_RE.search(path.name)
+    return (int(m.group(1)), int(m.group(2)) if m.group(2) else math.inf) if m else None
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*.pth") if (m := CHECKPOINT_RE.search(p.name))]
+    found = [(order, p) for p in Path(output_dir).glob("checkpoint-*.pth") if (order := _progress(p)) is not None]
     return max(found)[1] if found else None
+
+
+def prune_step_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Removes step checkpoints written before the newest epoch checkpoint and all but the newest
+    `keep` of the rest (a sharded one is a folder); returns what it removed."""
+    found = sorted((order, p) for p in Path(output_dir).glob("checkpoint-*.pth") if (order := _progress(p)) is not None)
+    last_epoch = max((order for order, _ in found if order[1] == math.inf), default=(-1, math.inf))
+    steps = [(order, p) for order, p in found if order[1] != math.inf]
+    live = [p for order, p in steps if order > last_epoch]
+    removed = [p for order, p in steps if order < last_epoch] + live[:max(len(live) - keep, 0)]
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return removed
 
 
 def load_run_weights(path: str | Path, model: torch.nn.Module, ckpt: Checkpoint) -> None:

@@ -70,7 +70,8 @@ class RunContext:
                                                          find_unused_parameters=find_unused_parameters)
 
     def loader(self, dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate: Callable,
-               seeded_shuffle: bool = True, pin_memory: bool | None = None) -> DataLoader:
+               seeded_shuffle: bool = True, pin_memory: bool | None = None,
+               persistent_workers: bool = True) -> DataLoader:
         """A DataLoader that shards across ranks. Training data is shuffled with a generator re-seeded
         every epoch (`seeded_shuffle`) or by the global RNG, which `start_epoch` seeds."""
         pin = self.device.type == "cuda" if pin_memory is None else pin_memory
@@ -86,11 +87,13 @@ class RunContext:
             sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and sampler is None,
                           num_workers=num_workers, collate_fn=collate, drop_last=train, pin_memory=pin,
-                          persistent_workers=num_workers > 0)
+                          persistent_workers=persistent_workers and num_workers > 0)
 
     def start_epoch(self, loader: DataLoader, epoch: int) -> None:
-        """Data order, augmentation and masks are functions of (seed, rank, epoch): a resumed run
-        continues exactly where a straight run would be."""
+        """Data order, augmentation and masks are functions of (seed, rank, epoch), so a resumed run
+        continues where a straight run would be: exactly with --num_workers 0 or --save_every_steps
+        (workers restarted each epoch); persistent workers carry their augmentation state from one
+        epoch into the next, which a resumed run draws afresh (same order, other crops and masks)."""
         seed_everything(self.seed + self.rank + 1000 * epoch)
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)

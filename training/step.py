@@ -8,12 +8,13 @@ finiteness watch are read every --print_freq steps (console, TensorBoard) and at
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 
 from common import distributed as dist_util
+from common import rng_state
 from common.errors import UserError
 from common.lr_sched import lr_at, set_lr
 from common.metrics import ProgressPrinter, ScalarAverager, host_values
@@ -114,6 +115,22 @@ class EpochHooks:
     batch_regularizer: Callable[[Batch], torch.Tensor | None] | None = None  # from each micro-batch, same weight
     after_step: Callable[[], None] | None = None
     overflow_steps: int = 0  # fp16 steps the loss scaler skipped
+    # after each optimizer step but an epoch's last: (batches done, a snapshot of the epoch so far) -> a
+    # mid-epoch checkpoint when one is due (the snapshot reads the device, so it is only taken then)
+    at_step_end: Callable[[int, Callable[[], "EpochProgress"]], None] | None = None
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands after an optimizer step, on one rank: what a mid-epoch checkpoint holds
+    so that a resumed run trains the epoch's remaining batches and ends with the straight run's
+    weights and averages. `rng`: the generators right after that step (common/rng_state.py)."""
+
+    batches_done: int
+    averager: dict[str, Any] = field(default_factory=dict)
+    skipped: int = 0
+    overflow_steps: int = 0
+    rng: dict[str, Any] = field(default_factory=dict)
 
 
 def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, step, total,
@@ -164,18 +181,28 @@ def report_step(progress: ProgressPrinter, log_writer, scalars: dict[str, float]
 def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, settings: StepSettings, prepare: Callable[[Batch], Batch],
                     scaler: torch.amp.GradScaler | None = None, log_writer=None, skipped_so_far: int = 0,
-                    steps_per_epoch: int | None = None, hooks: EpochHooks | None = None) -> dict[str, float]:
+                    steps_per_epoch: int | None = None, hooks: EpochHooks | None = None,
+                    resumed: EpochProgress | None = None) -> dict[str, float]:
     """One pass over `loader`; returns sample-weighted averages of every scalar over all ranks, the
-    number of skipped samples and the last lr."""
+    number of skipped samples and the last lr. `resumed`: the epoch's first `batches_done` batches
+    were trained before a mid-epoch checkpoint; they are read again (so that the loader's workers
+    draw what they drew then) but not trained on, and the epoch goes on from the checkpoint's state."""
     model.train()
     hooks = hooks or EpochHooks()
     total = steps_per_epoch or len(loader)  # type: ignore[arg-type]
-    averager, skipped = ScalarAverager(), 0
+    averager, skipped, skip = ScalarAverager(), 0, 0
+    if resumed is not None:
+        averager.load_state_dict(resumed.averager)
+        skipped, skip, hooks.overflow_steps = resumed.skipped, resumed.batches_done, resumed.overflow_steps
     progress = ProgressPrinter(f"Epoch [{epoch}]", total, settings.print_freq)
     watch = FinitenessWatch(device)
     optimizer.zero_grad(set_to_none=True)
     try:
         for step, batch in enumerate(loader):
+            if step < skip:
+                if step + 1 == skip:  # the generators as they were right after the checkpoint's step
+                    rng_state.restore(resumed.rng)
+                continue
             skipped += int(batch.pop(NUM_SKIPPED, 0))
             check_bad_samples(settings, skipped_so_far + skipped)
             schedule_lr(optimizer, settings, epoch, step, total)
@@ -190,6 +217,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
                 report_step(progress, log_writer, host_values(scalars), optimizer, epoch, step, total, n)
             else:
                 progress.count(n)
+            if hooks.at_step_end is not None and step + 1 < total and is_last_micro_batch(settings, step, total):
+                hooks.at_step_end(step + 1, lambda: _snapshot(step + 1, averager, skipped, hooks, watch, epoch, settings))
     except RuntimeError:  # a NaN that reached a kernel which refuses it (e.g. sampling): name the first bad step
         watch.check(epoch, cause_of(settings))
         raise
@@ -201,3 +230,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
         stats["amp_skipped_steps"] = float(hooks.overflow_steps)
     check_weights(model, epoch, cause_of(settings))
     return stats
+
+
+def _snapshot(batches_done: int, averager: ScalarAverager, skipped: int, hooks: EpochHooks, watch: FinitenessWatch,
+              epoch: int, settings: StepSettings) -> EpochProgress:
+    """The epoch so far; a non-finite loss or gradient since the last check stops the run here
+    instead of going into a checkpoint."""
+    watch.check(epoch, cause_of(settings))
+    return EpochProgress(batches_done, averager.state_dict(), skipped, hooks.overflow_steps, rng_state.capture())

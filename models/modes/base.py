@@ -76,3 +76,10 @@ class PretrainMode(HoldsBackbone, nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         """Modes with per-step random choices re-seed them here (identical on every rank)."""
+
+    def step_state(self) -> dict:
+        """Those per-step choices' state within an epoch, for a mid-epoch checkpoint (plain values)."""
+        return {}
+
+    def load_step_state(self, state: dict) -> None:
+        """After `set_epoch`, where a mid-epoch checkpoint left the epoch's choices."""

@@ -52,6 +52,13 @@ class CompoundPretrain(PretrainMode):
     def set_epoch(self, epoch: int) -> None:
         self.draws = random.Random(f"{self.options.seed}:{epoch}")
 
+    def step_state(self) -> dict:
+        return {"draws": self.draws.getstate()}
+
+    def load_step_state(self, state: dict) -> None:
+        version, internal, gauss = state["draws"]
+        self.draws.setstate((version, tuple(internal), gauss))
+
     def draw(self) -> tuple[bool, bool, bool, bool]:
         """(MIM, MLM, ITC, ITM) for this step; evaluation measures all of them."""
         o = self.options

@@ -107,6 +107,12 @@ class ImageTextITM(PretrainMode):
     def set_epoch(self, epoch: int) -> None:
         self.steps = epoch * 1_000_003  # distinct draws per epoch, the same on every rank
 
+    def step_state(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_step_state(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_batch(batch)
         if self.training:

@@ -1,0 +1,79 @@
+"""`--save_every_steps N`: a resumable checkpoint every N optimizer steps, written within the epoch
+(`checkpoint-<epoch>-step<batches>.pth`) beside the epoch checkpoints, the newest
+`--keep_last_checkpoints` kept. Besides what an epoch checkpoint holds it records where the epoch
+stands on every rank (batches done, the running averages, skipped samples, the random generators)
+and the mode's per-step choices, so that `--auto_resume` trains the epoch's remaining batches in
+the straight run's order and ends with its weights. The loader's workers restart every epoch in
+such a run: persistent workers would carry their random state from one epoch into the next, which a
+resumed run cannot rebuild."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Callable
+
+from common import distributed as dist_util
+from common.console import say
+from common.errors import UserError
+from training.run_checkpoint import prune_step_checkpoints, step_checkpoint_name
+from training.step import EpochProgress
+
+if TYPE_CHECKING:
+    from training.pretrain import Optimization, PretrainRun
+
+MID_EPOCH = "mid_epoch"  # the checkpoint entry a step checkpoint adds
+
+
+class StepCheckpointer:
+    """Called after each optimizer step (EpochHooks.at_step_end); writes a checkpoint when one is due."""
+
+    def __init__(self, run: "PretrainRun", optim: "Optimization",
+                 save: Callable[[int, int, str, dict[str, Any]], None]) -> None:
+        self.run, self.every, self.save = run, run.cfg.run.save_every_steps, save
+        self.batches = len(optim.train_loader)
+        self.accum = run.cfg.optim.accum_iter
+        self.epoch, self.skipped_before = 0, 0
+
+    def start_epoch(self, epoch: int, skipped_before: int) -> None:
+        self.epoch, self.skipped_before = epoch, skipped_before
+
+    def optimizer_steps(self, epoch: int, batches_done: int) -> int:
+        return epoch * math.ceil(self.batches / self.accum) + math.ceil(batches_done / self.accum)
+
+    def __call__(self, batches_done: int, snapshot: Callable[[], EpochProgress]) -> None:
+        if self.optimizer_steps(self.epoch, batches_done) % self.every:
+            return
+        ranks = dist_util.gather_objects(asdict(snapshot()))  # every rank's generators and partial sums
+        state = {"epoch": self.epoch, "batches_done": batches_done, "world_size": dist_util.world_size(),
+                 "ranks": ranks, "mode": self.run.mode.step_state(), "skipped_before": self.skipped_before}
+        self.save(self.epoch - 1, self.epoch * self.batches + batches_done,
+                  step_checkpoint_name(self.epoch, batches_done), {MID_EPOCH: state})
+        if self.run.ctx.is_main:
+            prune_step_checkpoints(self.run.ctx.output_dir, self.run.cfg.run.keep_last_checkpoints)
+
+
+def resumed_progress(run: "PretrainRun", state: dict[str, Any] | None) -> tuple[EpochProgress | None, int]:
+    """(this rank's place in the resumed epoch, the unreadable samples skipped before it) from a
+    step checkpoint's entry; a different number of processes is refused (the epoch's order and each
+    rank's share of it would change mid-way)."""
+    if not state:
+        return None, 0
+    world = dist_util.world_size()
+    if state["world_size"] != world:
+        raise UserError(f"--resume {run.weights.path} was written within epoch {state['epoch']} by "
+                        f"{state['world_size']} processes and this run has {world}: the rest of that epoch cannot "
+                        f"be split the same way; resume with {state['world_size']} processes, or from an epoch "
+                        f"checkpoint (checkpoint-<epoch>.pth), where any number may continue")
+    run.mode.load_step_state(state["mode"])
+    say(f"continuing epoch {state['epoch']} after its first {state['batches_done']} batches (read again, not "
+        f"trained on, so that the data and random draws continue as they were)")
+    return EpochProgress(**state["ranks"][dist_util.rank()]), int(state["skipped_before"])
+
+
+def note_world_change(path, recorded: int | None, world: int, mid_epoch: dict | None) -> None:
+    """An epoch checkpoint continues with any number of processes; what changes is said."""
+    if recorded is None or recorded == world or mid_epoch:  # a mid-epoch one is checked by resumed_progress
+        return
+    say(f"note: {path} was written by {recorded} processes and this run has {world}: the effective batch (and an lr "
+        f"given as --blr, scaled from it) and each epoch's data order differ from a run that kept {recorded}; the "
+        f"weights, optimizer state and schedule position carry on")
