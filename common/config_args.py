@@ -14,6 +14,7 @@ from typing import Any, Callable
 import yaml
 
 from common.errors import UserError
+from common.url_secrets import masked_url
 
 _NO_DEFAULT_SHOWN = object()
 
@@ -193,7 +194,16 @@ def flat_settings(config: Any) -> dict[str, Any]:
             out.update(value)
         else:
             out[key] = value
-    return out
+    return {key: _masked(value) for key, value in out.items()}
+
+
+def _masked(value: Any) -> Any:
+    """A URL's password or presigned query is never recorded (common/url_secrets.py)."""
+    if isinstance(value, str):
+        return masked_url(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_masked(v) for v in value)
+    return value
 
 
 def save_settings(config: Any, output_dir: str | Path, name: str = "args.yaml") -> None:

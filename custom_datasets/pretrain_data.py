@@ -162,16 +162,22 @@ def build_text_datasets(cfg: PretrainDataConfig) -> tuple[Dataset, Dataset]:
 def build_webdataset_pairs(cfg: PretrainDataConfig, train_build, val_build) -> tuple[Dataset, Dataset]:
     """Training pairs streamed from tar shards; held-out pairs from --eval_data_file_path (JSON) or
     --eval_data_path (shards, counted once)."""
+    from custom_datasets.shard_sources import public_form
     from custom_datasets.webdataset_pairs import WebDatasetPairs, count_samples, expand_shards, require_num_samples
 
     text, data = cfg.text, cfg.data
-    train = WebDatasetPairs(expand_shards(data.data_path), require_num_samples(text.train_num_samples), train_build,
-                            seed=cfg.seed, resampled=text.dataset_resampled, shuffle_buffer=text.shuffle_buffer)
+    specs = split_sources(data.data_path)
+    reading = {"retries": text.shard_retries, "timeout": text.shard_timeout}
+    train = WebDatasetPairs([expand_shards(spec) for spec in specs], require_num_samples(text.train_num_samples),
+                            train_build, seed=cfg.seed, resampled=text.dataset_resampled,
+                            shuffle_buffer=text.shuffle_buffer, weights=check_weights(specs, data.data_weights),
+                            names=[public_form(spec) for spec in specs], **reading)
     if text.eval_data_file_path:
         return train, ImageCaptionPairs(read_pairs(text.eval_data_file_path, None, data.allow_outside_data_path), val_build)
     if data.eval_data_path:
         shards = expand_shards(data.eval_data_path)
-        return train, WebDatasetPairs(shards, count_samples(shards), val_build, seed=cfg.seed, shuffle=False)
+        return train, WebDatasetPairs(shards, count_samples(shards, **reading), val_build, seed=cfg.seed, shuffle=False,
+                                      **reading)
     raise UserError("--webdataset needs held-out pairs: --eval_data_path SHARDS or --eval_data_file_path PAIRS.json")
 
 

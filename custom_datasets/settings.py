@@ -21,8 +21,9 @@ def allow_outside_flag():
 class DataSettings:
     data_path: str | None = flag(None, "image folder (searched recursively); text modes: a caption file; "
                                        "'synthetic' for the embedded world", shown_default="none: required")
-    data_weights: tuple[float, ...] | None = flag(None, "image sources given as --data_path \"A::B\": each one's share "
-                                                       "of every epoch, e.g. 3 1", nargs="+", shown_default="equal")
+    data_weights: tuple[float, ...] | None = flag(None, "sources given as --data_path \"A::B\" (image folders or "
+                                                       "--webdataset shards): each one's share of every epoch, e.g. 3 1",
+                                                  nargs="+", shown_default="equal")
     eval_data_path: str | None = flag(None, "held-out images", shown_default="a --val_fraction of --data_path")
     val_fraction: float = flag(0.05, "fraction of --data_path held out (deterministic by file name)", minimum=0,
                                 below=1)
@@ -50,13 +51,17 @@ class TextSettings:
         None, "captions (.json list / .jsonl / .txt) or image-text pairs (.json/.jsonl with filename)", nargs="+",
         shown_default="the synthetic world")
     eval_data_file_path: str | None = flag(None, "held-out captions / pairs", shown_default="a --val_fraction")
-    webdataset: bool = flag(False, "image-text pairs from WebDataset tar shards: --data_path DIR, glob or "
-                                   "shards/{00000..00099}.tar")
+    webdataset: bool = flag(False, "image-text pairs from WebDataset tar shards: --data_path DIR, glob, "
+                                   "shards/{00000..00099}.tar, pipe:COMMAND, or s3:// gs:// https:// URLs (fsspec)")
     train_num_samples: int | None = flag(None, "pairs in the --webdataset shards (the epoch length)")
     dataset_resampled: bool = flag(False, "--webdataset: each reader draws whole shards with replacement (open_clip's "
                                           "--dataset-resampled) instead of splitting them")
     shuffle_buffer: int = flag(0, "--webdataset: shuffle samples through a buffer of this many (0: the shards' "
                                   "order)", minimum=0)
+    shard_retries: int = flag(3, "--webdataset: times a remote shard or pipe: command whose stream breaks (dropped "
+                                 "connection, timeout, object gone) is opened again before it is skipped", minimum=0)
+    shard_timeout: float = flag(60.0, "--webdataset: seconds a remote shard may take to connect, and between two reads",
+                                minimum=0.1)
     train_data_upsampling_factors: str | None = flag(None, "not supported: refused with what to do instead")
     max_text_len: int = flag(40, "tokens per caption, [CLS] and [SEP] included")
     max_text_len_of_initckpt: int = flag(196, "text positions of a model built from scratch")

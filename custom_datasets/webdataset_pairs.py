@@ -1,21 +1,20 @@
 """Image-caption pairs from WebDataset tar shards (the CC3M/CC12M layout img2dataset writes):
 members `KEY.jpg|png|webp` + `KEY.txt` or `KEY.json` (`{"caption": ...}`) grouped by key.
 
-Read with the standard library (no extra dependency). Each epoch yields exactly `num_samples /
+Read with the `webdataset` library's tar iterator (shard_sources.py says where shards come from:
+files, commands, object stores). Each epoch yields exactly `num_samples /
 world_size` samples per rank, so every rank runs the same number of steps (no DDP hang): shards
 are split over all (rank, worker) readers when there are enough of them, otherwise every reader
 walks the shards and keeps every n-th sample; readers cycle their shards when they run out."""
 from __future__ import annotations
 
-import contextlib
-import glob
 import io
+import itertools
 import json
 import logging
 import random
-import re
-import subprocess
 import tarfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,42 +23,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from common import distributed as dist_util
 from common.errors import UserError
+from custom_datasets.mixing import exact_counts
+from custom_datasets.shard_sources import expand_shards, is_local, open_shard, public_form, stream_errors
 from custom_datasets.text_data import captions_of
+
+__all__ = ["WebDatasetPairs", "count_samples", "expand_shards", "read_shard", "require_num_samples"]
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-PIPE = "pipe:"  # a shell command whose standard output is the tar stream (webdataset's and open_clip's spelling)
-
-
-def _brace_range(spec: str) -> list[str]:
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
-    if not match:
-        return [spec]
-    lo, hi = match.group(1), match.group(2)
-    return [spec[:match.start()] + str(i).zfill(len(lo)) + spec[match.end():] for i in range(int(lo), int(hi) + 1)]
-
-
-def expand_shards(spec: str) -> list[Path | str]:
-    """`DIR`, a glob (`shards/*.tar`), a brace range (`shards/{00000..00099}.tar`) or a command
-    (`pipe:curl -s https://host/shards/{00000..00099}.tar`, one command per shard) -> shards."""
-    if spec.startswith(PIPE):
-        return _brace_range(spec)
-    path = Path(spec)
-    if path.is_dir():
-        shards = sorted(path.glob("*.tar"))
-    elif re.search(r"\{(\d+)\.\.(\d+)\}", spec):
-        shards = [Path(n) for n in _brace_range(spec)]
-        missing = [s for s in shards if not s.is_file()]
-        if missing:
-            raise UserError(f"--data_path {spec}: shard {missing[0]} does not exist ({len(missing)} missing)")
-    else:
-        shards = sorted(Path(p) for p in glob.glob(spec))
-    if not shards:
-        raise UserError(f"--data_path {spec} matches no .tar shards; pass a folder of shards, a glob or a "
-                        f"brace range such as shards/{{00000..00099}}.tar")
-    return shards
+RETRIES, TIMEOUT = 3, 60.0  # defaults of --shard_retries and --shard_timeout
 
 
 def _caption(raw: bytes, suffix: str) -> str | list[str]:
@@ -70,70 +44,92 @@ def _caption(raw: bytes, suffix: str) -> str | list[str]:
     return text.strip()
 
 
-@contextlib.contextmanager
-def open_tar(shard: Path | str) -> Iterator[tarfile.TarFile]:
-    """A shard file, or the stream a `pipe:` command writes (read in order, as it arrives)."""
-    if not str(shard).startswith(PIPE):
-        with tarfile.open(shard) as tar:
-            yield tar
-        return
-    command = str(shard)[len(PIPE):]
-    process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _pair(parts: dict[str, bytes], shard: Path | str) -> dict[str, Any] | None:
+    """`{"image": PIL, "caption": ...}` from one key's members, None when it cannot be decoded."""
+    image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+    text = next(((parts[e], e) for e in (".txt", ".json") if e in parts), None)
+    if image is None or text is None:
+        return None
     try:
-        with tarfile.open(fileobj=process.stdout, mode="r|*") as tar:
-            yield tar
-    finally:
-        process.stdout.close()
-        if process.wait() != 0:
-            log.warning("shard command %r ended with status %s: %s", command, process.returncode,
-                        process.stderr.read().decode(errors="replace").strip()[-300:])
-        process.stderr.close()
+        caption = _caption(*text)
+        if not captions_of({"caption": caption}):  # nothing to learn from an empty caption
+            return None
+        return {"image": Image.open(io.BytesIO(image)).convert("RGB"), "caption": caption}
+    except Exception as err:  # noqa: BLE001 - a bad member is skipped and counted
+        log.debug("skipping a bad sample in %s: %s", public_form(shard), err)
+        return None
 
 
-def read_shard(path: Path | str) -> Iterator[dict[str, Any] | None]:
-    """`{"image": PIL, "caption": ...}` per complete key, None for a sample that cannot be decoded."""
-    def finish(parts: dict[str, bytes]) -> dict[str, Any] | None:
-        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-        text = next(((parts[e], e) for e in (".txt", ".json") if e in parts), None)
-        if image is None or text is None:
-            return None
-        try:
-            caption = _caption(*text)
-            if not captions_of({"caption": caption}):  # nothing to learn from an empty caption
-                return None
-            return {"image": Image.open(io.BytesIO(image)).convert("RGB"), "caption": caption}
-        except Exception as err:  # noqa: BLE001 - a bad member is skipped and counted
-            log.debug("skipping a bad sample in %s: %s", path, err)
-            return None
+def _samples(stream, shard: Path | str, keep_partial: bool) -> Iterator[dict[str, Any] | None]:
+    """The shard's samples in order: members streamed by webdataset's tar iterator and grouped by
+    its key convention (`KEY.EXT`, the key up to the name's first dot, as img2dataset writes them).
+    `keep_partial`: the sample being read when the stream breaks is given (complete or None) before
+    the error (when the shard will not be read again)."""
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
     key, parts = None, {}
     try:
-        with open_tar(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                stem, dot, ext = member.name.rpartition(".")
-                if key is not None and stem != key:
-                    yield finish(parts)
-                    parts = {}
-                key = stem
-                parts["." + ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError) as err:
-        log.warning("shard %s is unreadable or truncated (%s); skipping the rest of it", path, err)
+        for member in tar_file_iterator(stream):
+            stem, ext = base_plus_ext(member["fname"])
+            if stem is None:
+                continue
+            if key is not None and stem != key:
+                yield _pair(parts, shard)
+                parts = {}
+            key = stem
+            parts["." + ext.lower()] = member["data"]
+    except Exception:
+        if parts and keep_partial:
+            yield _pair(parts, shard)
+        raise
     if parts:
-        yield finish(parts)
+        yield _pair(parts, shard)
+
+
+def read_shard(shard: Path | str, retries: int = RETRIES, timeout: float = TIMEOUT) -> Iterator[dict[str, Any] | None]:
+    """`{"image": PIL, "caption": ...}` per key, None for a sample that cannot be decoded. A local
+    file that is unreadable or cut short gives what it holds; a remote shard or command whose
+    stream breaks (a dropped connection, a timeout, an object gone) is opened again up to
+    `retries` times, going on after the samples already given, then skipped with a warning."""
+    given = 0
+    for attempt in range(retries + 1):
+        try:
+            with open_shard(shard, timeout) as stream:
+                last = is_local(shard) or attempt == retries
+                for index, sample in enumerate(_samples(stream, shard, keep_partial=last)):
+                    if index >= given:
+                        given += 1
+                        yield sample
+            return
+        except (tarfile.TarError, OSError) if is_local(shard) else stream_errors() as err:
+            if is_local(shard) or attempt == retries:
+                log.warning("shard %s is unreadable or cut short (%s: %s) after %d tries; skipping the rest of it "
+                            "(%d samples read)", public_form(shard), type(err).__name__, err, attempt + 1, given)
+                return
+            log.warning("shard %s: %s: %s; trying again (%d of %d)", public_form(shard), type(err).__name__, err,
+                        attempt + 1, retries)
+            time.sleep(min(0.5 * 2 ** attempt, 8.0))
 
 
 class WebDatasetPairs(IterableDataset):
     """Exactly `num_samples // world_size` samples per rank and epoch (call `set_epoch` each epoch).
-    `resampled`: each reader draws whole shards with replacement (open_clip's --dataset-resampled),
-    seeded by (seed, epoch, reader); `shuffle_buffer` N: samples leave through a buffer of N from
-    which a seeded random one is taken as each new one arrives (0: the shards' own order)."""
+    `shards`: one source's shards, or several sources' (a list of lists, `--data_path "A::B"`) mixed
+    by `weights`: each reader takes from source k exactly its share w_k / Σw of its samples (largest
+    remainders), spread evenly through its stream; every source is split over the readers (or
+    resampled) on its own. `resampled`: each reader draws whole shards with replacement (open_clip's
+    --dataset-resampled), seeded by (seed, epoch, reader); `shuffle_buffer` N: samples leave through
+    a buffer of N from which a seeded random one is taken as each new one arrives (0: the shards'
+    own order). `retries` / `timeout`: how a broken remote stream is retried (read_shard)."""
 
-    def __init__(self, shards: list[Path | str], num_samples: int, build: Callable[[Image.Image], dict[str, Any]],
-                 seed: int = 0, shuffle: bool = True, resampled: bool = False, shuffle_buffer: int = 0) -> None:
-        self.shards, self.build, self.seed, self.shuffle = shards, build, seed, shuffle
-        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+    def __init__(self, shards: list, num_samples: int, build: Callable[[Image.Image], dict[str, Any]],
+                 seed: int = 0, shuffle: bool = True, resampled: bool = False, shuffle_buffer: int = 0,
+                 weights: list[float] | None = None, names: list[str] | None = None, retries: int = RETRIES,
+                 timeout: float = TIMEOUT) -> None:
+        self.sources = [list(s) for s in shards] if shards and isinstance(shards[0], (list, tuple)) else [list(shards)]
+        self.weights = list(weights) if weights else [1.0] * len(self.sources)
+        self.names = names or [f"source {k}" for k in range(len(self.sources))]
+        self.build, self.seed, self.shuffle = build, seed, shuffle
+        self.resampled, self.shuffle_buffer, self.retries, self.timeout = resampled, shuffle_buffer, retries, timeout
         self.per_rank = num_samples // dist_util.world_size()
         self.epoch = 0
 
@@ -143,16 +139,30 @@ class WebDatasetPairs(IterableDataset):
     def __len__(self) -> int:
         return self.per_rank
 
+    def quota(self, worker: int, workers: int) -> int:
+        return self.per_rank // workers + (1 if worker < self.per_rank % workers else 0)
+
+    def mix(self, workers: int) -> list[int]:
+        """Samples of each source one rank reads per epoch (what its readers' schedules add up to)."""
+        per_reader = [exact_counts(self.quota(w, workers), self.weights) for w in range(workers)]
+        return [sum(column) for column in zip(*per_reader)]
+
+    def describe_mix(self, workers: int) -> str:
+        counts = self.mix(max(workers, 1))
+        total = max(sum(counts), 1)
+        return (", ".join(f"{name} {n} ({100 * n / total:.1f}%)" for name, n in zip(self.names, counts)) + " per rank"
+                + (" (before the shuffle buffer, which mixes neighbouring samples)" if self.shuffle_buffer > 1 else ""))
+
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         readers, reader = dist_util.world_size() * workers, dist_util.rank() * workers + worker
-        quota = self.per_rank // workers + (1 if worker < self.per_rank % workers else 0)
-        order = list(self.shards)
-        if self.shuffle:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        quota = self.quota(worker, workers)
         rng = random.Random(f"{self.seed}:{self.epoch}:{reader}")
-        stream = self._resampled(order, rng) if self.resampled else self._split(order, readers, reader)
+        streams = [self._source_stream(k, readers, reader, rng) for k in range(len(self.sources))]
+        stream = streams[0]
+        if len(streams) > 1:  # endless: a shuffle buffer reads ahead of the quota
+            stream = (next(streams[k]) for k in itertools.cycle(_interleaved(exact_counts(quota, self.weights))))
         if self.shuffle_buffer > 1:
             stream = _through_buffer(stream, self.shuffle_buffer, rng)
         for produced, (seen, sample) in enumerate(stream):
@@ -160,8 +170,21 @@ class WebDatasetPairs(IterableDataset):
                 return
             yield None if sample is None else {**self.build(sample["image"], seen), "caption": sample["caption"]}
 
-    @staticmethod
-    def _split(order: list, readers: int, reader: int) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    def _source_stream(self, k: int, readers: int, reader: int, rng: random.Random) -> Iterator:
+        """Source k's endless stream for this reader (one source: the seeds it always had)."""
+        tag = "" if len(self.sources) == 1 else f":source{k}"
+        order = list(self.sources[k])
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}{tag}").shuffle(order)
+        if self.resampled:
+            own = rng if not tag else random.Random(f"{self.seed}:{self.epoch}:{reader}{tag}")
+            return self._resampled(order, own)
+        return self._split(order, readers, reader)
+
+    def _read(self, shard: Path | str) -> Iterator[dict[str, Any] | None]:
+        return read_shard(shard, self.retries, self.timeout)
+
+    def _split(self, order: list, readers: int, reader: int) -> Iterator[tuple[int, dict[str, Any] | None]]:
         """This reader's part of the shards (whole shards when there are enough, else every
         readers-th sample), cycled."""
         if len(order) >= readers:
@@ -171,25 +194,30 @@ class WebDatasetPairs(IterableDataset):
         while True:
             seen = 0
             for shard in mine:
-                for sample in read_shard(shard):
+                for sample in self._read(shard):
                     seen += 1
                     if keep(seen - 1):
                         yield seen, sample
             if seen == 0:
                 raise UserError(f"the shards given to --data_path hold no samples for reader {reader}")
 
-    @staticmethod
-    def _resampled(order: list, rng: random.Random) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    def _resampled(self, order: list, rng: random.Random) -> Iterator[tuple[int, dict[str, Any] | None]]:
         seen, empty_draws = 0, 0
         while True:
             before = seen
-            for sample in read_shard(rng.choice(order)):
+            for sample in self._read(rng.choice(order)):
                 seen += 1
                 yield seen, sample
             empty_draws = empty_draws + 1 if seen == before else 0
             if empty_draws > 3 * len(order):
                 raise UserError("the shards given to --data_path hold no samples (every draw of --dataset_resampled "
                                 "came back empty)")
+
+
+def _interleaved(counts: list[int]) -> list[int]:
+    """Source ids with these counts, each source's spread evenly over the sequence (by the midpoints
+    (j + 1/2) / count_k), so any stretch of the stream holds about the sources' shares."""
+    return [k for _, k in sorted(((j + 0.5) / n, k) for k, n in enumerate(counts) for j in range(n))]
 
 
 def _through_buffer(stream: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -204,8 +232,8 @@ def _through_buffer(stream: Iterator, size: int, rng: random.Random) -> Iterator
         buffer[index] = item
 
 
-def count_samples(shards: list[Path]) -> int:
-    return sum(1 for shard in shards for _ in read_shard(shard))
+def count_samples(shards: list[Path | str], retries: int = RETRIES, timeout: float = TIMEOUT) -> int:
+    return sum(1 for shard in shards for _ in read_shard(shard, retries, timeout))
 
 
 def require_num_samples(num_samples: int | None) -> int:

@@ -75,7 +75,9 @@ def test_loader_mode_times_every_stage_and_sums_them(capsys):
     assert "needs" in out and "workers" in out and "decoding every image at full size" in out
     shards = {r[0]: r[1:] for r in table_rows("|" + streamed.split("\n|", 1)[1])}
     assert list(shards) == ["read + decode from a local tar shard", "read + decode from a pipe:cat of the shard",
-                            "read + decode over HTTP from a loopback server (pipe:curl)"]
+                            "read + decode over HTTP from a loopback server (pipe:curl)",
+                            "read + decode over HTTP from a loopback server (fsspec)",
+                            "read + decode from a loopback S3 server (moto; fsspec/s3fs)"]
     assert all(float(ms) > 0 and int(workers) >= 1 for ms, _, workers in shards.values())
 
 

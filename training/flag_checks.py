@@ -136,7 +136,8 @@ def check_pretrain_flags(cfg: "PretrainConfig") -> None:
     check_weight_flags(cfg)
     data = cfg.data.data_path if cfg.data.data_path != "synthetic" and not cfg.text.webdataset else None
     sources = split_sources(data) if data else []
-    if cfg.data.data_weights and len(sources) < 2:
+    shard_sources = split_sources(cfg.data.data_path) if cfg.text.webdataset and cfg.data.data_path else []
+    if cfg.data.data_weights and len(sources) < 2 and len(shard_sources) < 2:
         raise UserError("--data_weights mixes several sources: give them as --data_path \"A::B\"")
     if len(sources) > 1 and cfg.mode.data_kind != "image":
         raise UserError(f"--data_path \"A::B\" mixes image folders; --exp_name {cfg.exp_name} reads "

@@ -16,6 +16,7 @@ from common import distributed as dist_util
 from common.config_args import flat_settings, save_settings
 from common.console import say
 from common.errors import UserError
+from common.url_secrets import masked_url
 from custom_datasets.mixing import MixedSources
 from custom_datasets.pretrain_data import PretrainData, build_pretrain_data
 from engine_pretrain import evaluate, train_one_epoch
@@ -269,7 +270,7 @@ def data_description(cfg: PretrainConfig) -> str:
     if cfg.data.data_path == "synthetic" and not cfg.text.data_file_path:
         return f"{kind} of the embedded synthetic world"
     if cfg.text.webdataset:
-        return f"{kind} in the WebDataset shards {cfg.data.data_path}"
+        return f"{kind} in the WebDataset shards {masked_url(cfg.data.data_path)}"
     files = " ".join(cfg.text.data_file_path or ())
     if cfg.mode.data_kind == "image":
         return f"{kind} in {cfg.data.data_path}"

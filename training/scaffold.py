@@ -97,6 +97,8 @@ class RunContext:
         seed_everything(self.seed + self.rank + 1000 * epoch)
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
+            if len(getattr(loader.dataset, "sources", ())) > 1:  # mixed shard sources (say() prints on rank 0)
+                say(f"data mix of epoch {epoch}: {loader.dataset.describe_mix(loader.num_workers)}")
         elif isinstance(loader.sampler, (DistributedSampler, MixtureSampler)):
             loader.sampler.set_epoch(epoch)
             if isinstance(loader.sampler, MixtureSampler):  # say() prints on rank 0

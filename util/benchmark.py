@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -433,38 +434,75 @@ def write_shard(paths: list[Path], shard: Path) -> None:
             tar.addfile(caption, io.BytesIO(b"a photo"))
 
 
+def _loopback_server(argv: list[str], cwd: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """A server process on a free loopback port (`{port}` in argv), once it accepts connections."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, *[a.format(port=port) for a in argv]], cwd=cwd, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    for _ in range(300):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return server, port
+        time.sleep(0.1)
+    server.kill()
+    raise RuntimeError(f"{argv[1]} did not start on the loopback interface")
+
+
+def _seconds_per_sample(source) -> float:
+    from custom_datasets.webdataset_pairs import read_shard
+
+    start = time.perf_counter()
+    read = sum(1 for sample in read_shard(source) if sample is not None)
+    return (time.perf_counter() - start) / max(read, 1)
+
+
 def shard_rows(paths: list[Path]) -> dict[str, float]:
     """Seconds per sample reading and decoding the JPEGs from a tar shard: a local file, the stream
-    of `pipe:cat`, and `pipe:curl` from an HTTP server on the loopback interface (the transport of
-    shards kept in object storage)."""
-    import socket
+    of `pipe:cat`, an HTTP server on the loopback interface (through `pipe:curl` and through
+    fsspec), and an S3-compatible server on loopback (moto, through fsspec/s3fs; when installed)."""
+    import importlib.util
     import tempfile
-
-    from custom_datasets.webdataset_pairs import read_shard
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "00000.tar"
         write_shard(paths, shard)
         for name, source in (("local tar shard", shard), ("pipe:cat of the shard", f"pipe:cat {shard}")):
-            start = time.perf_counter()
-            read = sum(1 for sample in read_shard(source) if sample is not None)
-            rows[f"read + decode from a {name}"] = (time.perf_counter() - start) / max(read, 1)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rows[f"read + decode from a {name}"] = _seconds_per_sample(source)
+        server, port = _loopback_server(["-m", "http.server", "{port}", "--bind", "127.0.0.1"], tmp)
         try:
-            time.sleep(1.0)  # the server binds
-            start = time.perf_counter()
-            read = sum(1 for sample in read_shard(f"pipe:curl -sf http://127.0.0.1:{port}/00000.tar")
-                       if sample is not None)
-            rows["read + decode over HTTP from a loopback server (pipe:curl)"] = (time.perf_counter() - start) / max(read, 1)
+            url = f"http://127.0.0.1:{port}/00000.tar"
+            rows["read + decode over HTTP from a loopback server (pipe:curl)"] = _seconds_per_sample(f"pipe:curl -sf {url}")
+            rows["read + decode over HTTP from a loopback server (fsspec)"] = _seconds_per_sample(url)
         finally:
             server.terminate()
             server.wait(timeout=10)
+        if importlib.util.find_spec("moto") and importlib.util.find_spec("s3fs"):
+            rows["read + decode from a loopback S3 server (moto; fsspec/s3fs)"] = _s3_row(shard, tmp)
     return rows
+
+
+def _s3_row(shard: Path, tmp: str) -> float:
+    import boto3
+
+    env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark", "AWS_DEFAULT_REGION": "us-east-1"}
+    server, port = _loopback_server(["-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"], tmp)
+    saved = dict(os.environ)
+    os.environ.update(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="benchmark")
+        client.upload_file(str(shard), "benchmark", "00000.tar")
+        return _seconds_per_sample("s3://benchmark/00000.tar")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: float,

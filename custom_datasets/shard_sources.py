@@ -1,0 +1,165 @@
+"""Where tar shards come from, and opening one as a byte stream:
+
+    shards/ | shards/*.tar | shards/{00000..00099}.tar        local files
+    pipe:COMMAND                                              the command's standard output (one per shard)
+    s3://bucket/prefix/{00000..00099}.tar | s3://bucket/prefix/*.tar
+    gs://... | https://host/path/{00000..00099}.tar           object stores and HTTP, through fsspec
+
+Remote shards are read through fsspec (s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://),
+with bounded connect and read timeouts; credentials and endpoints come from the environment as
+each client expects (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, ...), never
+from the command line. `public_form` hides what a URL may carry that is secret (a password, a
+presigned query) wherever a shard is named in a log line."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import re
+import subprocess
+from pathlib import Path
+from typing import IO, Iterator
+from urllib.parse import urlsplit
+
+from common.errors import UserError
+from common.url_secrets import masked_url
+
+log = logging.getLogger(__name__)
+PIPE = "pipe:"  # a shell command whose standard output is the tar stream (webdataset's and open_clip's spelling)
+REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+CLIENTS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
+BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def is_remote(shard: Path | str) -> bool:
+    return isinstance(shard, str) and bool(REMOTE.match(shard)) and not shard.startswith("file://")
+
+
+def is_local(shard: Path | str) -> bool:
+    return not is_remote(shard) and not str(shard).startswith(PIPE)
+
+
+def public_form(shard: Path | str) -> str:
+    """The shard as it may be printed: no password, no query string (a presigned URL's signature)."""
+    return masked_url(str(shard))
+
+
+def _brace_range(spec: str) -> list[str]:
+    match = BRACES.search(spec)
+    if not match:
+        return [spec]
+    lo, hi = match.group(1), match.group(2)
+    return [spec[:match.start()] + str(i).zfill(len(lo)) + spec[match.end():] for i in range(int(lo), int(hi) + 1)]
+
+
+def expand_shards(spec: str) -> list[Path | str]:
+    """`DIR`, a glob (`shards/*.tar`), a brace range (`shards/{00000..00099}.tar`), a command
+    (`pipe:curl -s https://host/shards/{00000..00099}.tar`, one command per shard) or a URL (a
+    brace range, or a glob listed through the store) -> shards."""
+    if spec.startswith(PIPE):
+        return _brace_range(spec)
+    if is_remote(spec):
+        return _remote_shards(spec)
+    path = Path(spec)
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+    elif BRACES.search(spec):
+        shards = [Path(n) for n in _brace_range(spec)]
+        missing = [s for s in shards if not s.is_file()]
+        if missing:
+            raise UserError(f"--data_path {spec}: shard {missing[0]} does not exist ({len(missing)} missing)")
+    else:
+        shards = sorted(Path(p) for p in glob.glob(spec))
+    if not shards:
+        raise UserError(f"--data_path {spec} matches no .tar shards; pass a folder of shards, a glob or a "
+                        f"brace range such as shards/{{00000..00099}}.tar")
+    return shards
+
+
+def _filesystem(url: str):
+    protocol = urlsplit(url).scheme.lower()
+    try:
+        import fsspec
+
+        return fsspec.filesystem(protocol)
+    except ImportError as err:
+        client = CLIENTS.get(protocol, f"the fsspec implementation of {protocol}://")
+        raise UserError(f"shards at {public_form(url)} are read through fsspec and {client}, which is not installed "
+                        f"({err}); pip install {client.split()[0]}") from None
+    except ValueError:
+        raise UserError(f"--data_path {public_form(url)}: fsspec knows no {protocol}:// store; use s3://, gs://, "
+                        f"https:// or a pipe: command") from None
+
+
+def _remote_shards(spec: str) -> list[str]:
+    if BRACES.search(spec) or not any(c in spec for c in "*?["):
+        return _brace_range(spec)  # listed as given: a missing shard is retried, then skipped and counted
+    fs = _filesystem(spec)
+    scheme = urlsplit(spec).scheme
+    try:
+        fs.invalidate_cache()  # fsspec keeps listings per process; the store may have changed since
+        found = sorted(fs.glob(spec))
+    except Exception as err:  # noqa: BLE001 - the store's own error, said in one sentence
+        raise UserError(f"--data_path {public_form(spec)} could not be listed ({type(err).__name__}: {err}); check "
+                        f"the address and the credentials in the environment") from None
+    shards = [f if REMOTE.match(f) else f"{scheme}://{f}" for f in found if f.endswith(".tar")]
+    if not shards:
+        raise UserError(f"--data_path {public_form(spec)} matches no .tar shards")
+    return shards
+
+
+@contextlib.contextmanager
+def open_shard(shard: Path | str, timeout: float) -> Iterator[IO[bytes]]:
+    """The shard's bytes, read in order as they arrive: a file, a command's output, or a remote
+    object (connect and read each bounded by `timeout` seconds)."""
+    if is_remote(shard):
+        with _open_remote(str(shard), timeout) as stream:
+            yield stream
+        return
+    if not str(shard).startswith(PIPE):
+        with open(shard, "rb") as stream:
+            yield stream
+        return
+    command = str(shard)[len(PIPE):]
+    process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield process.stdout
+    finally:
+        process.stdout.close()
+        if process.wait() != 0:
+            log.warning("shard command %r ended with status %s: %s", command, process.returncode,
+                        process.stderr.read().decode(errors="replace").strip()[-300:])
+        process.stderr.close()
+
+
+def _open_remote(url: str, timeout: float):
+    import fsspec
+
+    protocol = urlsplit(url).scheme.lower()
+    options: dict = {}
+    if protocol in ("s3", "s3a"):
+        options = {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                                     "retries": {"max_attempts": 1}}}  # the reader retries the whole shard
+    elif protocol in ("http", "https"):
+        import aiohttp
+
+        options = {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout,
+                                                                      sock_read=timeout)}}
+    elif protocol in ("gs", "gcs"):
+        options = {"timeout": timeout}
+    _filesystem(url)  # a missing client is one sentence, not an ImportError from a worker
+    return fsspec.open(url, "rb", **options)
+
+
+def stream_errors() -> tuple[type[BaseException], ...]:
+    """What a broken stream raises (worth opening the shard again); anything else is a bug and is raised."""
+    import tarfile
+
+    errors: list[type[BaseException]] = [OSError, EOFError, tarfile.TarError, TimeoutError]
+    for module, names in (("aiohttp", ("ClientError",)), ("botocore.exceptions", ("BotoCoreError", "ClientError"))):
+        try:
+            imported = __import__(module, fromlist=list(names))
+            errors += [getattr(imported, name) for name in names]
+        except ImportError:
+            pass
+    return tuple(errors)
