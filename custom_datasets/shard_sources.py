@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import logging
 import re
 import subprocess
@@ -114,7 +115,7 @@ def open_shard(shard: Path | str, timeout: float) -> Iterator[IO[bytes]]:
     object (connect and read each bounded by `timeout` seconds)."""
     if is_remote(shard):
         with _open_remote(str(shard), timeout) as stream:
-            yield stream
+            yield ReadAhead(stream)
         return
     if not str(shard).startswith(PIPE):
         with open(shard, "rb") as stream:
@@ -143,12 +144,36 @@ def _open_remote(url: str, timeout: float):
     elif protocol in ("http", "https"):
         import aiohttp
 
-        options = {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout,
-                                                                      sock_read=timeout)}}
+        # block_size 0: one GET read as it arrives (a shard is read once, in order; servers without
+        # range requests, such as python's http.server, serve it too)
+        options = {"block_size": 0, "client_kwargs": {"timeout": aiohttp.ClientTimeout(
+            total=None, sock_connect=timeout, sock_read=timeout)}}
     elif protocol in ("gs", "gcs"):
         options = {"timeout": timeout}
     _filesystem(url)  # a missing client is one sentence, not an ImportError from a worker
     return fsspec.open(url, "rb", **options)
+
+
+class ReadAhead(io.RawIOBase):
+    """Reads a remote file in large chunks: tarfile asks for 10 KB at a time, and each read of an
+    fsspec file is a round trip to its event loop's thread (measured: 1.1 ms more per photo over
+    loopback HTTP without it)."""
+
+    def __init__(self, stream, chunk: int = 4 << 20) -> None:
+        self.stream, self.chunk, self.buffer, self.at = stream, chunk, b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            out, self.buffer, self.at = self.buffer[self.at:] + self.stream.read(), b"", 0
+            return out
+        if len(self.buffer) - self.at < n:  # keep what is left, then one large read
+            self.buffer, self.at = self.buffer[self.at:] + self.stream.read(max(self.chunk, n)), 0
+        out = self.buffer[self.at:self.at + n]
+        self.at += len(out)
+        return out
 
 
 def stream_errors() -> tuple[type[BaseException], ...]:

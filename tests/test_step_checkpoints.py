@@ -163,3 +163,24 @@ def test_optimizer_steps_count_whole_accumulated_steps():
     counter.batches, counter.accum = 7, 2  # 4 optimizer steps per epoch, the last of one batch
     assert [counter.optimizer_steps(0, b) for b in (2, 4, 6)] == [1, 2, 3]
     assert counter.optimizer_steps(1, 2) == 4 + 1
+
+
+def test_resampled_shards_resume_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
+    """A --webdataset stream (resampled, through a shuffle buffer, two workers) resumed from a step
+    checkpoint reads the same samples as the run that never stopped."""
+    from tests.test_webdataset import make_shards
+    from util.train_text_tokenizer import main as train_tokenizer
+
+    tok = train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "100", "--output", str(tmp_path / "tok")])
+    argv = TINY + ["--exp_name", "image_text_itc", "--webdataset", "--data_path", str(make_shards(tmp_path / "wds")),
+                   "--train_num_samples", "32", "--dataset_resampled", "--shuffle_buffer", "4", "--eval_data_path",
+                   str(make_shards(tmp_path / "val", n_shards=1, bad=0)), "--tokenizer", str(tok), "--epochs", "2",
+                   "--save_every_steps", "1", "--save_per_epochs", "5", "--num_workers", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        _keep_every_checkpoint(patch.setattr)
+        main(argv + ["--output_dir", str(straight)])
+    resumed.mkdir()
+    main(argv + ["--output_dir", str(resumed), "--resume", str(straight / "checkpoint-1-step2.pth")])
+    _same_weights(straight / "checkpoint-1.pth", resumed / "checkpoint-1.pth")
+    assert _log(resumed) == _log(straight)[1:]
