@@ -13,6 +13,7 @@ TINY = ["--train_size", "128", "--val_size", "32", "--epochs", "3", "1", "1", "-
         "--fisher_samples", "64", "--lora_rank", "4"]
 
 
+@pytest.mark.slow  # 42 s: over the default suite's budget; the flag checks and sweeps stay in it
 def test_benchmark_end_to_end_and_reuse(tmp_path, capsys):
     out = tmp_path / "bench"
     results = main(TINY + ["--methods", "ewc", "--output_dir", str(out)])
