@@ -85,8 +85,10 @@ def test_s3_shards_by_brace_range_and_by_listing_read_as_the_files_do(shards, s3
         assert _signature(read_shard(url, timeout=10)) == _signature(read_shard(file))
 
 
-def test_http_shards_read_as_the_files_do(shards, tmp_path):
+def test_http_shards_read_as_the_files_do_and_a_run_streams_them(shards, tmp_path):
     """http.server answers no range requests: a shard longer than fsspec's blocks (5 MB) is one GET."""
+    from util.train_text_tokenizer import main as train_tokenizer
+
     import tarfile
 
     folder = tmp_path / "served"
@@ -105,6 +107,13 @@ def test_http_shards_read_as_the_files_do(shards, tmp_path):
         urls = expand_shards(f"http://127.0.0.1:{port}/{{00000..00003}}.tar")
         for file, url in zip(expand_shards(str(folder)), urls):
             assert _signature(read_shard(url, timeout=10)) == _signature(read_shard(file))
+        tok = train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "100", "--output", str(tmp_path / "tok")])
+        out = tmp_path / "run"
+        main(TINY + ["--exp_name", "image_text_itc", "--webdataset", "--data_path",
+                     f"http://127.0.0.1:{port}/{{00000..00002}}.tar", "--train_num_samples", "16", "--eval_data_path",
+                     str(make_shards(tmp_path / "val", n_shards=1, bad=0)), "--tokenizer", str(tok), "--epochs", "1",
+                     "--output_dir", str(out)])
+        assert json.loads((out / "log.txt").read_text().splitlines()[0])["train_skipped_samples"] == 1
     finally:
         server.kill()
 
