@@ -39,8 +39,8 @@ from training.pretrain_finish import finish_stage, report_stage
 from training.run_checkpoint import (
     latest_checkpoint,
     load_run_state,
-    prune_step_checkpoints,
     load_run_weights,
+    prune_step_checkpoints,
     run_checkpoint_path,
     run_state,
     save_run_checkpoint,
@@ -352,8 +352,11 @@ def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dic
     record[TOKENIZER_DIGEST] = tokenizer_digest(run.visual_tokenizer)  # what a resume checks its targets by
     record["world_size"] = ctx.world  # a resume with another number of processes says what changes
     skipped_total, stats, start = 0, {}, time.time()
-    steps = StepCheckpointer(run, optim, lambda *a: write_checkpoint(run, optim, *a[:3], {**record, **a[3]})) \
-        if cfg.run.save_every_steps else None
+
+    def save_within_epoch(epoch: int, step: int, name: str, extra: dict[str, Any]) -> None:
+        write_checkpoint(run, optim, epoch, step, name, {**record, **extra})
+
+    steps = StepCheckpointer(run, optim, save_within_epoch) if cfg.run.save_every_steps else None
     for epoch in range(optim.start_epoch, cfg.optim.epochs):
         ctx.start_epoch(optim.train_loader, epoch)
         run.mode.set_epoch(epoch)
@@ -416,7 +419,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             return evaluate_checkpoint(run, optim)
         if run.weights.continue_run or run.cfg.model.auto_resume:  # epochs logged after the checkpoint are redone
             ctx.truncate_log(optim.start_epoch - 1)
-        log_writer = ctx.tensorboard(run.cfg.run.log_dir, optim.start_epoch)
+        done = optim.mid_epoch["batches_done"] / len(optim.train_loader) if optim.mid_epoch else 0.0
+        log_writer = ctx.tensorboard(run.cfg.run.log_dir, optim.start_epoch, done)
         try:
             stats, seconds = train_epochs(run, optim, log_writer)
             if stats:

@@ -110,14 +110,16 @@ class RunContext:
         """Held-out masks are the same in every evaluation."""
         seed_everything(self.seed + self.rank)
 
-    def tensorboard(self, log_dir: str, start_epoch: int = 0):
-        """The main process's TensorBoard writer. A run resumed at `start_epoch` purges what the
-        interrupted run logged from there on, so re-run epochs are not drawn twice."""
+    def tensorboard(self, log_dir: str, start_epoch: int = 0, done_in_epoch: float = 0.0):
+        """The main process's TensorBoard writer. A run resumed at `start_epoch` (after the share
+        `done_in_epoch` of it, from a mid-epoch checkpoint) purges what the interrupted run logged
+        from there on, so re-run steps are not drawn twice."""
         if not self.is_main:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(log_dir=log_dir, purge_step=first_step(start_epoch) if start_epoch else None)
+        purge = first_step(start_epoch) + int(done_in_epoch * 1000)
+        return SummaryWriter(log_dir=log_dir, purge_step=purge if purge else None)
 
     def append_log(self, stats: dict) -> None:
         """One JSON line per epoch in `log.txt` (main process)."""
