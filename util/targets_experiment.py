@@ -91,7 +91,7 @@ def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
     seconds = run([str(ROOT / "main_pretrain_cook.py"), "--config", str(ROOT / "configs/small_data_image_mim.yaml"),
                    "--data_path", args.data_path, "--synthetic_train_size", str(size["train_size"]), "--epochs",
                    str(epochs), "--save_per_epochs", str(epochs), "--seed", str(args.seed), "--num_workers",
-                   str(args.num_workers), "--no_pictures", "--output_dir", str(out), *flags],
+                   str(args.num_workers), "--no_pictures", "--output_dir", str(out), "--auto_resume", *flags],
                   root / "mim.output.txt", ckpt)
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
     return ckpt, {"mim_acc": log[-1].get("test_acc_mim"), "pretrain_seconds": seconds or None}
