@@ -184,3 +184,21 @@ def test_resampled_shards_resume_mid_epoch_to_the_same_weights(tmp_path, monkeyp
     main(argv + ["--output_dir", str(resumed), "--resume", str(straight / "checkpoint-1-step2.pth")])
     _same_weights(straight / "checkpoint-1.pth", resumed / "checkpoint-1.pth")
     assert _log(resumed) == _log(straight)[1:]
+
+
+def test_an_image_folder_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
+    """The same as the synthetic world's kill test, on PNG files in folders (the file reader, its
+    index and held-out split), resumed from a step checkpoint with two loader workers."""
+    from tests.helpers import colour_folders
+
+    folder = colour_folders(tmp_path / "images", 48, 8, 32)
+    argv = TINY + ["--data_path", str(folder / "train"), "--val_fraction", "0.25", "--epochs", "2",
+                   "--save_every_steps", "2", "--save_per_epochs", "5", "--num_workers", "2", "--drop_path", "0.1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        _keep_every_checkpoint(patch.setattr)
+        main(argv + ["--output_dir", str(straight)])
+    resumed.mkdir()
+    main(argv + ["--output_dir", str(resumed), "--resume", str(straight / "checkpoint-1-step2.pth")])
+    _same_weights(straight / "checkpoint-1.pth", resumed / "checkpoint-1.pth")
+    assert _log(resumed) == _log(straight)[1:]
