@@ -225,3 +225,17 @@ def test_the_verdict_without_random_init_compares_with_the_baselines_only():
     result = verdict({"pretrained": [{"finetune": 70.0}, {"finetune": 72.0}]},
                      {"k-nearest neighbours on raw pixels": [{"acc1": 60.0}]})
     assert "beats the best rival (k-nearest neighbours on raw pixels, 60.0) by +11.0 points" in result
+
+
+def test_an_experiment_run_is_reused_when_finished_and_set_aside_when_interrupted(tmp_path):
+    from util.experiment_runs import finished_or_run
+
+    calls = []
+    run = lambda: calls.append(1) or {"acc": 71.5}  # noqa: E731
+    folder = tmp_path / "pretrained_seed0"
+    folder.mkdir()
+    (folder / "log.txt").write_text("an interrupted run's line\n")
+    assert finished_or_run(folder, run) == {"acc": 71.5} and len(calls) == 1
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("pretrained_seed0.interrupted-")]
+    assert len(aside) == 1 and (aside[0] / "log.txt").read_text() == "an interrupted run's line\n"  # nothing lost
+    assert finished_or_run(folder, run) == {"acc": 71.5} and len(calls) == 1  # reused, not run again

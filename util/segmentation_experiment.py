@@ -29,6 +29,7 @@ from custom_datasets.synthetic_segmentation import write_synthetic_segmentation 
 from models.checkpoints import read_model_checkpoint  # noqa: E402
 from training.cli import finetune_config_from_argv  # noqa: E402
 from training.finetune import finetune  # noqa: E402
+from util.experiment_runs import finished_or_run  # noqa: E402
 
 METRICS = ("mIoU", "mAcc", "aAcc")
 
@@ -59,6 +60,10 @@ def all_background(data: Path, num_classes: int) -> dict[str, float]:
 
 
 def one_run(args, weights: list[str], common: list[str], out: Path) -> dict:
+    return finished_or_run(out, lambda: _segment(weights, common, out))
+
+
+def _segment(weights: list[str], common: list[str], out: Path) -> dict:
     stats = finetune(finetune_config_from_argv(["--task", "semantic_segmentation", "--output_dir", str(out)]
                                                + common + weights))
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]

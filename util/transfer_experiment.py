@@ -35,6 +35,7 @@ from custom_datasets.settings import FinetuneDataSettings  # noqa: E402
 from models.checkpoints import read_model_checkpoint  # noqa: E402
 from training.cli import finetune_config_from_argv  # noqa: E402
 from training.finetune import finetune  # noqa: E402
+from util.experiment_runs import finished_or_run  # noqa: E402
 
 SYNTHETIC_SIZES = (400, 400)  # labelled train / val scenes for --data_path synthetic
 SYNTHETIC_SEED = 1  # which scenes: the ceiling is computed on the very scenes written
@@ -109,6 +110,10 @@ def majority_accuracy(data_path: str) -> float:
 
 
 def one_seed(args, weights: list[str], common: list[str], out: Path) -> dict:
+    return finished_or_run(out, lambda: _fine_tune_and_probe(args, weights, common, out))
+
+
+def _fine_tune_and_probe(args, weights: list[str], common: list[str], out: Path) -> dict:
     ft = finetune(finetune_config_from_argv(["--task", "image_classification", "--epochs", str(args.finetune_epochs),
                                              "--output_dir", str(out / "finetune")] + common + weights
                                             + shlex.split(args.finetune_flags)))
