@@ -186,6 +186,7 @@ def test_resampled_shards_resume_mid_epoch_to_the_same_weights(tmp_path, monkeyp
     assert _log(resumed) == _log(straight)[1:]
 
 
+@pytest.mark.slow  # the kill test covers the same path on the synthetic world's images
 def test_an_image_folder_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
     """The same as the synthetic world's kill test, on PNG files in folders (the file reader, its
     index and held-out split), resumed from a step checkpoint with two loader workers."""
