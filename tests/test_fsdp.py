@@ -162,6 +162,7 @@ def _run_weights(path):
     return ckpt.model, ckpt.extra
 
 
+@pytest.mark.slow  # 34 s; the other FSDP tests stay in the default suite
 def test_sharded_checkpoints_hold_what_the_gathered_file_holds_and_load_anywhere(tmp_path):
     from models import create_model
 

@@ -153,6 +153,7 @@ def test_fine_tuning_at_another_crop_size_interpolates_positions_and_keeps_the_h
     assert "loaded: backbone (72 tensors), seg_head" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 40 s; the other segmentation CLI tests stay in the default suite
 def test_fine_tuning_learns_more_than_the_all_background_answer(tmp_path):
     """A few epochs separate the shapes from the background: mIoU above predicting class 0
     everywhere, on held-out scenes."""

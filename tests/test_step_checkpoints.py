@@ -165,6 +165,7 @@ def test_optimizer_steps_count_whole_accumulated_steps():
     assert counter.optimizer_steps(1, 2) == 4 + 1
 
 
+@pytest.mark.slow  # 21 s; the default kill test covers the mechanism
 def test_resampled_shards_resume_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
     """A --webdataset stream (resampled, through a shuffle buffer, two workers) resumed from a step
     checkpoint reads the same samples as the run that never stopped."""
