@@ -93,9 +93,9 @@ def _filesystem(url: str):
 
 
 def _remote_shards(spec: str) -> list[str]:
+    fs = _filesystem(spec)  # here, once: a missing client is one sentence at start, not an error in a worker
     if BRACES.search(spec) or not any(c in spec for c in "*?["):
         return _brace_range(spec)  # listed as given: a missing shard is retried, then skipped and counted
-    fs = _filesystem(spec)
     scheme = urlsplit(spec).scheme
     try:
         fs.invalidate_cache()  # fsspec keeps listings per process; the store may have changed since
@@ -150,7 +150,6 @@ def _open_remote(url: str, timeout: float):
             total=None, sock_connect=timeout, sock_read=timeout)}}
     elif protocol in ("gs", "gcs"):
         options = {"timeout": timeout}
-    _filesystem(url)  # a missing client is one sentence, not an ImportError from a worker
     return fsspec.open(url, "rb", **options)
 
 

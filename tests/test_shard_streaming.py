@@ -19,6 +19,7 @@ import pytest
 import yaml
 from torch.utils.data import DataLoader
 
+from common.errors import UserError
 from common.url_secrets import masked_url
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.webdataset_pairs import WebDatasetPairs, expand_shards, read_shard
@@ -265,3 +266,14 @@ def test_args_yaml_records_a_presigned_url_without_its_signature(tmp_path):
                                             "--train_num_samples", "16", "--output_dir", str(tmp_path)])
     recorded = yaml.safe_dump(flat_settings(cfg))
     assert SECRET not in recorded and "https://host/{00000..00002}.tar?***" in recorded
+
+
+def test_a_missing_storage_client_is_one_sentence_when_the_shards_are_listed(monkeypatch):
+    import fsspec
+
+    def missing(protocol, **kw):
+        raise ImportError(f"Install s3fs to access {protocol}")
+
+    monkeypatch.setattr(fsspec, "filesystem", missing)
+    with pytest.raises(UserError, match=r"read through fsspec and s3fs, which is not installed .*pip install s3fs"):
+        expand_shards("s3://bucket/wds/{00000..00002}.tar")  # at start, in the main process, not in a loader worker
