@@ -4,14 +4,16 @@ environment, where each storage client looks for them; a URL that held some is r
 from __future__ import annotations
 
 import re
+from os import PathLike
 from urllib.parse import urlsplit, urlunsplit
 
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
-def masked_url(value: str) -> str:
-    """`value` with a URL's password and query replaced by ***; anything else unchanged. A source
-    list (`A::B`) is masked part by part."""
+def masked_url(value: str | PathLike) -> str:
+    """`value` with a URL's password and query replaced by ***; anything else (a path) as it is. A
+    source list (`A::B`) is masked part by part."""
+    value = str(value)
     if "::" in value:
         return "::".join(masked_url(part) for part in value.split("::"))
     if not URL.match(value):

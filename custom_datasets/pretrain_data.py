@@ -162,7 +162,7 @@ def build_text_datasets(cfg: PretrainDataConfig) -> tuple[Dataset, Dataset]:
 def build_webdataset_pairs(cfg: PretrainDataConfig, train_build, val_build) -> tuple[Dataset, Dataset]:
     """Training pairs streamed from tar shards; held-out pairs from --eval_data_file_path (JSON) or
     --eval_data_path (shards, counted once)."""
-    from custom_datasets.shard_sources import public_form
+    from common.url_secrets import masked_url
     from custom_datasets.webdataset_pairs import WebDatasetPairs, count_samples, expand_shards, require_num_samples
 
     text, data = cfg.text, cfg.data
@@ -171,7 +171,7 @@ def build_webdataset_pairs(cfg: PretrainDataConfig, train_build, val_build) -> t
     train = WebDatasetPairs([expand_shards(spec) for spec in specs], require_num_samples(text.train_num_samples),
                             train_build, seed=cfg.seed, resampled=text.dataset_resampled,
                             shuffle_buffer=text.shuffle_buffer, weights=check_weights(specs, data.data_weights),
-                            names=[public_form(spec) for spec in specs], **reading)
+                            names=[masked_url(spec) for spec in specs], **reading)
     if text.eval_data_file_path:
         return train, ImageCaptionPairs(read_pairs(text.eval_data_file_path, None, data.allow_outside_data_path), val_build)
     if data.eval_data_path:

@@ -8,7 +8,7 @@
 Remote shards are read through fsspec (s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://),
 with bounded connect and read timeouts; credentials and endpoints come from the environment as
 each client expects (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, ...), never
-from the command line. `public_form` hides what a URL may carry that is secret (a password, a
+from the command line. `masked_url` hides what a URL may carry that is secret (a password, a
 presigned query) wherever a shard is named in a log line."""
 from __future__ import annotations
 
@@ -38,11 +38,6 @@ def is_remote(shard: Path | str) -> bool:
 
 def is_local(shard: Path | str) -> bool:
     return not is_remote(shard) and not str(shard).startswith(PIPE)
-
-
-def public_form(shard: Path | str) -> str:
-    """The shard as it may be printed: no password, no query string (a presigned URL's signature)."""
-    return masked_url(str(shard))
 
 
 def _brace_range(spec: str) -> list[str]:
@@ -85,10 +80,10 @@ def _filesystem(url: str):
         return fsspec.filesystem(protocol)
     except ImportError as err:
         client = CLIENTS.get(protocol, f"the fsspec implementation of {protocol}://")
-        raise UserError(f"shards at {public_form(url)} are read through fsspec and {client}, which is not installed "
+        raise UserError(f"shards at {masked_url(url)} are read through fsspec and {client}, which is not installed "
                         f"({err}); pip install {client.split()[0]}") from None
     except ValueError:
-        raise UserError(f"--data_path {public_form(url)}: fsspec knows no {protocol}:// store; use s3://, gs://, "
+        raise UserError(f"--data_path {masked_url(url)}: fsspec knows no {protocol}:// store; use s3://, gs://, "
                         f"https:// or a pipe: command") from None
 
 
@@ -101,11 +96,11 @@ def _remote_shards(spec: str) -> list[str]:
         fs.invalidate_cache()  # fsspec keeps listings per process; the store may have changed since
         found = sorted(fs.glob(spec))
     except Exception as err:  # noqa: BLE001 - the store's own error, said in one sentence
-        raise UserError(f"--data_path {public_form(spec)} could not be listed ({type(err).__name__}: {err}); check "
+        raise UserError(f"--data_path {masked_url(spec)} could not be listed ({type(err).__name__}: {err}); check "
                         f"the address and the credentials in the environment") from None
     shards = [f if REMOTE.match(f) else f"{scheme}://{f}" for f in found if f.endswith(".tar")]
     if not shards:
-        raise UserError(f"--data_path {public_form(spec)} matches no .tar shards")
+        raise UserError(f"--data_path {masked_url(spec)} matches no .tar shards")
     return shards
 
 

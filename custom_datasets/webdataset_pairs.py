@@ -23,8 +23,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from common import distributed as dist_util
 from common.errors import UserError
+from common.url_secrets import masked_url
 from custom_datasets.mixing import exact_counts
-from custom_datasets.shard_sources import expand_shards, is_local, open_shard, public_form, stream_errors
+from custom_datasets.shard_sources import expand_shards, is_local, open_shard, stream_errors
 from custom_datasets.text_data import captions_of
 
 __all__ = ["WebDatasetPairs", "count_samples", "expand_shards", "read_shard", "require_num_samples"]
@@ -56,7 +57,7 @@ def _pair(parts: dict[str, bytes], shard: Path | str) -> dict[str, Any] | None:
             return None
         return {"image": Image.open(io.BytesIO(image)).convert("RGB"), "caption": caption}
     except Exception as err:  # noqa: BLE001 - a bad member is skipped and counted
-        log.debug("skipping a bad sample in %s: %s", public_form(shard), err)
+        log.debug("skipping a bad sample in %s: %s", masked_url(shard), err)
         return None
 
 
@@ -104,9 +105,9 @@ def read_shard(shard: Path | str, retries: int = RETRIES, timeout: float = TIMEO
         except (tarfile.TarError, OSError) if is_local(shard) else stream_errors() as err:
             if is_local(shard) or attempt == retries:
                 log.warning("shard %s is unreadable or cut short (%s: %s) after %d tries; skipping the rest of it "
-                            "(%d samples read)", public_form(shard), type(err).__name__, err, attempt + 1, given)
+                            "(%d samples read)", masked_url(shard), type(err).__name__, err, attempt + 1, given)
                 return
-            log.warning("shard %s: %s: %s; trying again (%d of %d)", public_form(shard), type(err).__name__, err,
+            log.warning("shard %s: %s: %s; trying again (%d of %d)", masked_url(shard), type(err).__name__, err,
                         attempt + 1, retries)
             time.sleep(min(0.5 * 2 ** attempt, 8.0))
 
