@@ -21,15 +21,10 @@ def capture() -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any]) -> None:
-    random.setstate(_as_python_state(state["python"]))
+    random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def _as_python_state(value) -> tuple:
-    """random.setstate wants tuples; a checkpoint may give the state back with lists."""
-    version, internal, gauss = value
-    return version, tuple(internal), gauss

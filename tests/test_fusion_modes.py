@@ -163,3 +163,16 @@ def test_compound_fused_mlm_reads_the_words_from_the_pair():
             expected = (loss_and_accuracy(*fused_mlm_logits(mode.backbone, mode.mlm_head, batch)) if fused
                         else mlm_loss(mode.backbone, mode.mlm_head, batch))
         assert torch.allclose(out["loss_mlm"], expected[0])
+
+
+def test_compound_draws_continue_from_a_mid_epoch_checkpoint_state(tmp_path):
+    """step_state goes into a step checkpoint (read with weights_only); a mode given it back after
+    set_epoch draws what the uninterrupted one draws next."""
+    mode, resumed = _compound(0.5).train(), _compound(0.5).train()
+    mode.set_epoch(3)
+    for _ in range(7):
+        mode.draw()
+    torch.save({"mode": mode.step_state()}, tmp_path / "state.pth")
+    resumed.set_epoch(3)
+    resumed.load_step_state(torch.load(tmp_path / "state.pth", weights_only=True)["mode"])
+    assert [resumed.draw() for _ in range(20)] == [mode.draw() for _ in range(20)]

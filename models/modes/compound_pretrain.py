@@ -56,8 +56,7 @@ class CompoundPretrain(PretrainMode):
         return {"draws": self.draws.getstate()}
 
     def load_step_state(self, state: dict) -> None:
-        version, internal, gauss = state["draws"]
-        self.draws.setstate((version, tuple(internal), gauss))
+        self.draws.setstate(state["draws"])
 
     def draw(self) -> tuple[bool, bool, bool, bool]:
         """(MIM, MLM, ITC, ITM) for this step; evaluation measures all of them."""
