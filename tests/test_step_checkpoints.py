@@ -73,20 +73,27 @@ def _keep_every_checkpoint(patch=setattr) -> None:
         patch(module, "prune_step_checkpoints", lambda *a: [])
 
 
+def _resumed_equals_straight(argv, tmp_path, monkeypatch, step_checkpoint: str):
+    """A straight run that keeps its step checkpoints, then a run resumed from `step_checkpoint` of
+    it: both end with the same weights, and the resumed log is the straight one from that epoch on."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        _keep_every_checkpoint(patch.setattr)
+        main(argv + ["--output_dir", str(straight)])
+    resumed.mkdir()
+    main(argv + ["--output_dir", str(resumed), "--resume", str(straight / step_checkpoint)])
+    _same_weights(straight / "checkpoint-1.pth", resumed / "checkpoint-1.pth")
+    epoch = int(step_checkpoint.split("-")[1])
+    assert _log(resumed) == _log(straight)[epoch:]
+    return straight
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_checkpoints_only_whole_optimizer_steps(tmp_path, monkeypatch):
     argv = RUN + ["--accum_iter", "2", "--save_every_steps", "1", "--save_per_epochs", "5"]
-    with monkeypatch.context() as patch:
-        _keep_every_checkpoint(patch.setattr)
-        main(argv + ["--output_dir", str(tmp_path / "straight")])
-    straight = tmp_path / "straight"
+    straight = _resumed_equals_straight(argv, tmp_path, monkeypatch, "checkpoint-0-step4.pth")
     names = sorted(p.name for p in straight.glob("checkpoint-*-step*.pth"))
     assert names == [f"checkpoint-{e}-step{b}.pth" for e in (0, 1) for b in (2, 4, 6)]  # not the last batch
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    main(argv + ["--output_dir", str(resumed), "--resume", str(straight / "checkpoint-0-step4.pth")])
-    _same_weights(straight / "checkpoint-1.pth", resumed / "checkpoint-1.pth")
-    assert _log(resumed) == _log(straight)
 
 
 def _two_process_run(rank, world, argv, keep_every_checkpoint):
@@ -177,14 +184,7 @@ def test_resampled_shards_resume_mid_epoch_to_the_same_weights(tmp_path, monkeyp
                    "--train_num_samples", "32", "--dataset_resampled", "--shuffle_buffer", "4", "--eval_data_path",
                    str(make_shards(tmp_path / "val", n_shards=1, bad=0)), "--tokenizer", str(tok), "--epochs", "2",
                    "--save_every_steps", "1", "--save_per_epochs", "5", "--num_workers", "2"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    with monkeypatch.context() as patch:
-        _keep_every_checkpoint(patch.setattr)
-        main(argv + ["--output_dir", str(straight)])
-    resumed.mkdir()
-    main(argv + ["--output_dir", str(resumed), "--resume", str(straight / "checkpoint-1-step2.pth")])
-    _same_weights(straight / "checkpoint-1.pth", resumed / "checkpoint-1.pth")
-    assert _log(resumed) == _log(straight)[1:]
+    _resumed_equals_straight(argv, tmp_path, monkeypatch, "checkpoint-1-step2.pth")
 
 
 @pytest.mark.slow  # the kill test covers the same path on the synthetic world's images
@@ -196,11 +196,4 @@ def test_an_image_folder_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeyp
     folder = colour_folders(tmp_path / "images", 48, 8, 32)
     argv = TINY + ["--data_path", str(folder / "train"), "--val_fraction", "0.25", "--epochs", "2",
                    "--save_every_steps", "2", "--save_per_epochs", "5", "--num_workers", "2", "--drop_path", "0.1"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    with monkeypatch.context() as patch:
-        _keep_every_checkpoint(patch.setattr)
-        main(argv + ["--output_dir", str(straight)])
-    resumed.mkdir()
-    main(argv + ["--output_dir", str(resumed), "--resume", str(straight / "checkpoint-1-step2.pth")])
-    _same_weights(straight / "checkpoint-1.pth", resumed / "checkpoint-1.pth")
-    assert _log(resumed) == _log(straight)[1:]
+    _resumed_equals_straight(argv, tmp_path, monkeypatch, "checkpoint-1-step2.pth")
