@@ -10,8 +10,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,26 +22,14 @@ from common.url_secrets import masked_url
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.webdataset_pairs import WebDatasetPairs, expand_shards, read_shard
 from main_pretrain_cook import main
-from tests.distributed_harness import free_port
 from tests.test_pretrain_cli import TINY
 from tests.test_webdataset import make_shards
+from util.loopback_server import start_loopback_server
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 SECRET = "s3cr3t-value-never-printed"
-
-
-def _serve(argv: list[str], port: int, env: dict | None = None) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, **(env or {})})
-    start = time.time()
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return server
-        assert server.poll() is None and time.time() - start < 30, "the loopback server did not start"
-        time.sleep(0.1)
 
 
 def _signature(samples) -> list:
@@ -61,10 +47,9 @@ def s3(shards):
     finds it and its credentials through the environment, as boto does."""
     import boto3
 
-    port = free_port()
+    server, port = start_loopback_server(["-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"])
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
-    server = _serve(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     client = boto3.client("s3")
@@ -102,8 +87,8 @@ def test_http_shards_read_as_the_files_do_and_a_run_streams_them(shards, tmp_pat
             padding = tarfile.TarInfo(member.name.split(".")[0] + ".bin")
             padding.size = 2 << 20
             big.addfile(padding, __import__("io").BytesIO(os.urandom(padding.size)))
-    port = free_port()
-    server = _serve(["-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)], port)
+    server, port = start_loopback_server(["-m", "http.server", "{port}", "--bind", "127.0.0.1", "--directory",
+                                          str(folder)])
     try:
         urls = expand_shards(f"http://127.0.0.1:{port}/{{00000..00003}}.tar")
         for file, url in zip(expand_shards(str(folder)), urls):

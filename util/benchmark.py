@@ -434,24 +434,6 @@ def write_shard(paths: list[Path], shard: Path) -> None:
             tar.addfile(caption, io.BytesIO(b"a photo"))
 
 
-def _loopback_server(argv: list[str], cwd: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
-    """A server process on a free loopback port (`{port}` in argv), once it accepts connections."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, *[a.format(port=port) for a in argv]], cwd=cwd, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-    for _ in range(300):
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return server, port
-        time.sleep(0.1)
-    server.kill()
-    raise RuntimeError(f"{argv[1]} did not start on the loopback interface")
-
-
 def _seconds_per_sample(source, warm: bool = False) -> float:
     """`warm`: read the shard once untimed first (fsspec's imports and session: ~0.15 s once per
     worker, not per shard)."""
@@ -471,13 +453,15 @@ def shard_rows(paths: list[Path]) -> dict[str, float]:
     import importlib.util
     import tempfile
 
+    from util.loopback_server import start_loopback_server
+
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "00000.tar"
         write_shard(paths, shard)
         for name, source in (("local tar shard", shard), ("pipe:cat of the shard", f"pipe:cat {shard}")):
             rows[f"read + decode from a {name}"] = _seconds_per_sample(source)
-        server, port = _loopback_server(["-m", "http.server", "{port}", "--bind", "127.0.0.1"], tmp)
+        server, port = start_loopback_server(["-m", "http.server", "{port}", "--bind", "127.0.0.1"], tmp)
         try:
             url = f"http://127.0.0.1:{port}/00000.tar"
             rows["read + decode over HTTP from a loopback server (pipe:curl)"] = _seconds_per_sample(f"pipe:curl -sf {url}")
@@ -493,8 +477,10 @@ def shard_rows(paths: list[Path]) -> dict[str, float]:
 def _s3_row(shard: Path, tmp: str) -> float:
     import boto3
 
+    from util.loopback_server import start_loopback_server
+
     env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark", "AWS_DEFAULT_REGION": "us-east-1"}
-    server, port = _loopback_server(["-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"], tmp)
+    server, port = start_loopback_server(["-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"], tmp)
     saved = dict(os.environ)
     os.environ.update(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     try:
