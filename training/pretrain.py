@@ -330,8 +330,8 @@ def write_checkpoint(run: PretrainRun, optim: Optimization, epoch: int, step: in
     """A run checkpoint after `epoch` (named by it, or by `name` within the next one): every rank
     writes its shards of a sharded checkpoint; a sharded model is gathered by every rank; rank 0 writes."""
     cfg, ctx = run.cfg, run.ctx
-    state = run_state(epoch, step, optim.scaler, run.backbone.cfg.to_dict(), flat_settings(cfg), record, run.info())
     if cfg.model.sharded_checkpoint:
+        state = run_state(epoch, step, optim.scaler, run.backbone.cfg.to_dict(), flat_settings(cfg), record, run.info())
         path = save_sharded_run_checkpoint(run_checkpoint_path(ctx.output_dir, epoch, name), run.mode,
                                            optim.optimizer, state, run.carried.tensors)
         say(f"saved {path} (sharded)")
