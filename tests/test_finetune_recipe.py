@@ -239,3 +239,36 @@ def test_an_experiment_run_is_reused_when_finished_and_set_aside_when_interrupte
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("pretrained_seed0.interrupted-")]
     assert len(aside) == 1 and (aside[0] / "log.txt").read_text() == "an interrupted run's line\n"  # nothing lost
     assert finished_or_run(folder, run) == {"acc": 71.5} and len(calls) == 1  # reused, not run again
+
+
+def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, monkeypatch):
+    """Every target's pretraining, then every transfer, then every segmentation (the longest step last),
+    and the random-init rows of both downstream steps with the first target only."""
+    import util.targets_experiment as experiment
+
+    steps = []
+
+    def fake_run(argv, log, done):
+        script, flags = argv[0].rsplit("/", 1)[-1], argv[1:]
+        target = log.parent.name
+        steps.append((script, target, "--skip_random_init" in flags))
+        done.parent.mkdir(parents=True, exist_ok=True)
+        if script == "main_pretrain_cook.py":
+            (done.parent / "log.txt").write_text(json.dumps({"test_acc_mim": 0.5}) + "\n")
+        key = "finetune" if script == "transfer_experiment.py" else "best_mIoU"
+        rows = {"pretrained": [{key: 1.0, "probe": 2.0}]}
+        if "--skip_random_init" not in flags:
+            rows["random init"] = [{key: 0.5, "probe": 0.5}]
+        done.write_text(json.dumps(rows))
+        return 1.0
+
+    monkeypatch.setattr(experiment, "run", fake_run)
+    monkeypatch.setattr(experiment, "write_random_dall_e", lambda folder, seed: None)
+    teacher = tmp_path / "teacher.pth"
+    teacher.write_bytes(b"")
+    experiment.main(["--teacher", str(teacher), "--targets", "kmeans", "dall-e", "--output_dir", str(tmp_path / "out")])
+    assert steps == [("main_pretrain_cook.py", "kmeans", False), ("main_pretrain_cook.py", "dall-e", False),
+                     ("transfer_experiment.py", "kmeans", False), ("transfer_experiment.py", "dall-e", True),
+                     ("segmentation_experiment.py", "kmeans", False), ("segmentation_experiment.py", "dall-e", True)]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| dall-e | 0.500 | 1.0 | 2.0 | 1.0 |" in table and "| random init | | 0.5 | 0.5 | 0.5 |" in table

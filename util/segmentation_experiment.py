@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and init (default: %(default)s)")
     p.add_argument("--decoder_channels", type=int, default=64, help="UPerNet width (default: %(default)s)")
     p.add_argument("--num_workers", type=int, default=2, help="data loader processes (default: %(default)s)")
+    p.add_argument("--skip_random_init", action="store_true", help="fine-tune only the pretrained backbone (the "
+                   "random-init rows do not depend on it: a comparison of several backbones needs them once)")
     return p
 
 
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
               "--print_freq", "1000"] + (["--lr", str(args.lr)] if args.lr else [])
     scratch = ["--model", "vlmo_tiny_patch16", "--patch_size", str(cfg.get("patch_size", 16))]
     results = {}
-    for init, weights in (("pretrained", ["--finetune", args.pretrained]), ("random init", scratch)):
+    inits = [("pretrained", ["--finetune", args.pretrained])] + ([] if args.skip_random_init else [("random init", scratch)])
+    for init, weights in inits:
         results[init] = [one_run(args, weights + ["--seed", str(seed)], common,
                                  out / f"{init.replace(' ', '_')}_seed{seed}") for seed in args.seeds]
     names = (data / "class_names.txt").read_text().split()

@@ -97,20 +97,23 @@ def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
     return ckpt, {"mim_acc": log[-1].get("test_acc_mim"), "pretrain_seconds": seconds or None}
 
 
-def downstream(args, target: str, ckpt: Path, size: dict, with_random_init: bool) -> dict:
-    root = Path(args.output_dir) / target
-    seeds = [str(s) for s in args.seeds]
-    transfer, seg = root / "transfer", root / "segmentation"
+def transfer(args, target: str, ckpt: Path, size: dict, with_random_init: bool) -> dict:
+    out = Path(args.output_dir) / target / "transfer"
     run([str(ROOT / "util/transfer_experiment.py"), "--pretrained", str(ckpt), "--data_path", args.labelled,
-         "--output_dir", str(transfer), "--seeds", *seeds, "--finetune_epochs", str(size["finetune_epochs"]),
+         "--output_dir", str(out), "--seeds", *map(str, args.seeds), "--finetune_epochs", str(size["finetune_epochs"]),
          "--probe_epochs", str(size["probe_epochs"]), "--num_workers", str(args.num_workers),
-         *([] if with_random_init else ["--skip_random_init"])], root / "transfer.output.txt", transfer / "results.json")
+         *([] if with_random_init else ["--skip_random_init"])], out.with_suffix(".output.txt"), out / "results.json")
+    return json.loads((out / "results.json").read_text())
+
+
+def segmentation(args, target: str, ckpt: Path, size: dict, with_random_init: bool) -> dict:
+    out = Path(args.output_dir) / target / "segmentation"
     scenes = size["seg_scenes"]
-    run([str(ROOT / "util/segmentation_experiment.py"), "--pretrained", str(ckpt), "--output_dir", str(seg), "--seeds",
-         *seeds, "--epochs", str(size["seg_epochs"]), "--train_scenes", str(scenes[0]), "--val_scenes", str(scenes[1]),
-         "--num_workers", str(args.num_workers)], root / "segmentation.output.txt", seg / "results.json")
-    return {"transfer": json.loads((transfer / "results.json").read_text()),
-            "segmentation": json.loads((seg / "results.json").read_text())}
+    run([str(ROOT / "util/segmentation_experiment.py"), "--pretrained", str(ckpt), "--output_dir", str(out), "--seeds",
+         *map(str, args.seeds), "--epochs", str(size["seg_epochs"]), "--train_scenes", str(scenes[0]), "--val_scenes",
+         str(scenes[1]), "--num_workers", str(args.num_workers), *([] if with_random_init else ["--skip_random_init"])],
+        out.with_suffix(".output.txt"), out / "results.json")
+    return json.loads((out / "results.json").read_text())
 
 
 def _sized(value):
@@ -163,11 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
     size = {key: value if getattr(args, key) is None else _sized(getattr(args, key))
             for key, value in (QUICK if args.quick else FULL).items()}
     args.output_dir = args.output_dir or f"outputs/targets_experiment{'_quick' if args.quick else ''}"
-    results = {}
-    for i, target in enumerate(args.targets):
-        ckpt, pre = pretrain(args, target, size)
-        results[target] = {**pre, **downstream(args, target, ckpt, size, with_random_init=i == 0)}
-        print(f"{target}: done", flush=True)
+    # In phases, cheapest answers first: every target's pretraining, then every transfer, then every
+    # segmentation (the longest step); the random-init rows once, with the first target.
+    pretrained = {target: pretrain(args, target, size) for target in args.targets}
+    results = {target: dict(pre) for target, (_, pre) in pretrained.items()}
+    for step in (transfer, segmentation):
+        for i, (target, (ckpt, _)) in enumerate(pretrained.items()):
+            results[target][step.__name__] = step(args, target, ckpt, size, with_random_init=i == 0)
+            print(f"{target}: {step.__name__} done", flush=True)
     text = table(results)
     print(text)
     out = Path(args.output_dir)
