@@ -9,7 +9,8 @@ scored on val), next to the same on a random init's features and on raw pixels.
         --recipe base= --recipe "mask 0.5=--num_mask_patches 32" --recipe "vocab 512=--visual_vocab_size 512"
 
 The CPU time of each run (its processes and their loader workers) is measured; a checkpoint's cost
-is that time pro rata to its epoch. Runs are reused when finished (rerun the command to continue).
+is that time pro rata to its epoch. A recipe may set its own --epochs (a longer schedule is another
+recipe: its learning rate decays over its own length). Runs are reused when finished (rerun the command to continue).
 Confirm the winner with util/transfer_experiment.py (fine-tuning, several seeds): a frozen probe
 ranks recipes, it does not measure fine-tuning."""
 from __future__ import annotations
@@ -132,7 +133,7 @@ def score_checkpoints(args, name: str, cost: dict) -> list[dict]:
             rows.append({"recipe": name, "epochs": 0, "cpu_minutes": 0.0, "mim_acc": None,
                          **frozen_scores(VLMoBackbone(backbone.cfg), data, num_classes)})  # its random init
         rows.append({"recipe": name, "epochs": epoch + 1, "cpu_minutes": round(cost["cpu_seconds"] / 60 * (epoch + 1)
-                                                                                / args.epochs, 1),
+                                                                                / len(log), 1),
                      "mim_acc": log.get(epoch, {}).get("test_acc_mim"), **frozen_scores(backbone, data, num_classes)})
     return rows
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [row for name in flags for row in score_checkpoints(args, name, costs[name])]
     from models.checkpoints import read_model_checkpoint
 
-    first = Path(args.output_dir) / next(iter(flags)).replace(" ", "_") / f"checkpoint-{args.epochs - 1}.pth"
+    first = next((Path(args.output_dir) / next(iter(flags)).replace(" ", "_")).glob("checkpoint-*.pth"))
     pixels = pixel_scores(args.labelled, (read_model_checkpoint(first).backbone_config or {}).get("img_size", 224))
     text = table(rows, flags, pixels)
     print(text)
