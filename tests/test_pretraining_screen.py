@@ -50,3 +50,10 @@ def test_a_malformed_recipe_is_refused(spec, says):
 def test_a_recipe_given_twice_is_refused():
     with pytest.raises(UserError, match="given twice"):
         screen.recipes(["a=", "a=--epochs 2"])
+
+
+def test_a_resumed_run_shows_its_cost_as_a_lower_bound():
+    row = {"recipe": "a", "epochs": 10, "cpu_minutes": 3.0, "mim_acc": 0.5, "logistic": 60.0, "knn": 55.0}
+    pixels = {"logistic": 50.0, "knn": 45.0}
+    assert "| a | `(config)` | 10 | ≥ 3.0 | 0.500 |" in screen.table([{**row, "cpu_complete": False}], {"a": []}, pixels)
+    assert "| a | `(config)` | 10 | 3.0 | 0.500 |" in screen.table([{**row, "cpu_complete": True}], {"a": []}, pixels)

@@ -9,7 +9,8 @@ scored on val), next to the same on a random init's features and on raw pixels.
         --recipe base= --recipe "mask 0.5=--num_mask_patches 32" --recipe "vocab 512=--visual_vocab_size 512"
 
 The CPU time of each run (its processes and their loader workers) is measured; a checkpoint's cost
-is that time pro rata to its epoch. A recipe may set its own --epochs (a longer schedule is another
+is that time pro rata to its epoch ("≥" where a run was resumed: its interrupted part is not
+counted). A recipe may set its own --epochs (a longer schedule is another
 recipe: its learning rate decays over its own length). Runs are reused when finished (rerun the command to continue).
 Confirm the winner with util/transfer_experiment.py (fine-tuning, several seeds): a frozen probe
 ranks recipes, it does not measure fine-tuning."""
@@ -132,8 +133,8 @@ def score_checkpoints(args, name: str, cost: dict) -> list[dict]:
             torch.manual_seed(args.seed)
             rows.append({"recipe": name, "epochs": 0, "cpu_minutes": 0.0, "mim_acc": None,
                          **frozen_scores(VLMoBackbone(backbone.cfg), data, num_classes)})  # its random init
-        rows.append({"recipe": name, "epochs": epoch + 1, "cpu_minutes": round(cost["cpu_seconds"] / 60 * (epoch + 1)
-                                                                                / len(log), 1),
+        rows.append({"recipe": name, "epochs": epoch + 1, "cpu_complete": cost["complete"],
+                     "cpu_minutes": round(cost["cpu_seconds"] / 60 * (epoch + 1) / len(log), 1),
                      "mim_acc": log.get(epoch, {}).get("test_acc_mim"), **frozen_scores(backbone, data, num_classes)})
     return rows
 
@@ -153,8 +154,9 @@ def table(rows: list[dict], flags: dict[str, list[str]], pixels: dict[str, float
     for r in rows:
         mim = "" if r["mim_acc"] is None else f"{r['mim_acc']:.3f}"
         label = "0 (random init)" if r["epochs"] == 0 else str(r["epochs"])
+        cpu = ("" if r.get("cpu_complete", True) else "≥ ") + f"{r['cpu_minutes']:.1f}"  # resumed: part uncounted
         lines.append(f"| {r['recipe']} | `{' '.join(flags[r['recipe']]) or '(config)'}` | {label} | "
-                     f"{r['cpu_minutes']:.1f} | {mim} | {r['logistic']:.1f} | {r['knn']:.1f} |")
+                     f"{cpu} | {mim} | {r['logistic']:.1f} | {r['knn']:.1f} |")
     lines.append(f"| raw pixels | | | | | {pixels['logistic']:.1f} | {pixels['knn']:.1f} |")
     return "\n".join(lines)
 
