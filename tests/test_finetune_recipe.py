@@ -272,3 +272,12 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
                      ("segmentation_experiment.py", "kmeans", False), ("segmentation_experiment.py", "dall-e", True)]
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| dall-e | 0.500 | 1.0 | 2.0 | 1.0 |" in table and "| random init | | 0.5 | 0.5 | 0.5 |" in table
+
+
+def test_finetune_flags_take_a_single_flag_as_their_value():
+    from util.transfer_experiment import flags_value_joined, parser
+
+    for value in ("--use_cls", "--lp_epochs 5"):
+        args = parser().parse_args(flags_value_joined(["--pretrained", "p", "--data_path", "d", "--finetune_flags",
+                                                       value, "--seeds", "0"]))
+        assert args.finetune_flags == value and args.seeds == [0]

@@ -62,6 +62,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def flags_value_joined(argv: list[str]) -> list[str]:
+    """`--finetune_flags --use_cls` as `--finetune_flags=--use_cls`: argparse takes a value that looks
+    like a flag of its own (one word starting with '-') for a missing value."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--finetune_flags":
+            out[i:i + 2] = [f"--finetune_flags={out[i + 1]}", None]
+    return [arg for arg in out if arg is not None]
+
+
 def labelled_data(args, image_size: int) -> tuple[str, float | None]:
     """(the folder to fine-tune on, the best accuracy possible on its val split when known)."""
     if args.data_path != "synthetic":
@@ -170,7 +180,7 @@ def print_table(results: dict[str, list[dict]], majority: float, baselines: dict
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(flags_value_joined(sys.argv[1:] if argv is None else argv))
     if len(args.seeds) != len(set(args.seeds)):
         raise UserError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: give each once")
     cfg = read_model_checkpoint(args.pretrained).backbone_config or {}
