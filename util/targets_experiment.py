@@ -88,9 +88,10 @@ def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
     out = root / "mim"
     epochs = size["mim_epochs"]
     ckpt = out / f"checkpoint-{epochs - 1}.pth"
+    # a checkpoint every 10 epochs (the last one always): an interrupted stage resumes, not restarts
     seconds = run([str(ROOT / "main_pretrain_cook.py"), "--config", str(ROOT / "configs/small_data_image_mim.yaml"),
                    "--data_path", args.data_path, "--synthetic_train_size", str(size["train_size"]), "--epochs",
-                   str(epochs), "--save_per_epochs", str(epochs), "--seed", str(args.seed), "--num_workers",
+                   str(epochs), "--save_per_epochs", str(min(10, epochs)), "--seed", str(args.seed), "--num_workers",
                    str(args.num_workers), "--no_pictures", "--output_dir", str(out), "--auto_resume", *flags],
                   root / "mim.output.txt", ckpt)
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
