@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from common.errors import UserError, cli_entry  # noqa: E402
 from training.flag_checks import check_paths_exist  # noqa: E402
+from util.transfer_experiment import baseline_splits, frozen_features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COST = "run_cost.json"
@@ -91,25 +92,11 @@ def pretrain(args, name: str, flags: list[str]) -> dict:
     return cost
 
 
-def splits(labelled: str, image_size: int):
-    from custom_datasets.classification_data import build_classification_datasets, eval_transform
-    from custom_datasets.settings import FinetuneDataSettings
-    from training.recipes import SMALL_DATA
+def frozen_scores(features: tuple, num_classes: int, name: str) -> dict[str, float]:
+    """Val top-1 of the transfer experiment's two baselines on these (train, selection, val) features."""
+    from training.baselines import baseline_rows
 
-    view = eval_transform(image_size)
-    train, val, selection = build_classification_datasets(
-        FinetuneDataSettings(data_path=labelled, model_selection_fraction=SMALL_DATA["model_selection_fraction"]),
-        view, view)
-    return (train, selection, val), len(train.class_to_idx)
-
-
-def frozen_scores(backbone, data, num_classes: int, name: str = "features") -> dict[str, float]:
-    from training.baselines import Split, baseline_rows
-    from training.linear_probe import extract_features
-
-    feats = tuple(Split(*extract_features(backbone.eval(), d, backbone.cfg.depth - 1, 64, torch.device("cpu")))
-                  for d in data)
-    rows = baseline_rows({name: feats}, num_classes)
+    rows = baseline_rows({name: features}, num_classes)
     return {"logistic": rows[f"logistic regression on {name}"]["acc1"],
             "knn": rows[f"k-nearest neighbours on {name}"]["acc1"]}
 
@@ -129,23 +116,22 @@ def score_checkpoints(args, name: str, cost: dict) -> list[dict]:
         backbone = VLMoBackbone(config_from_checkpoint(ckpt))
         load_backbone_weights(backbone, str(path), ckpt)
         if data is None:
-            data, num_classes = splits(args.labelled, backbone.cfg.img_size)
+            data, num_classes = baseline_splits(args.labelled, backbone.cfg.img_size)
             torch.manual_seed(args.seed)
-            rows.append({"recipe": name, "epochs": 0, "cpu_minutes": 0.0, "mim_acc": None,
-                         **frozen_scores(VLMoBackbone(backbone.cfg), data, num_classes)})  # its random init
+            rows.append({"recipe": name, "epochs": 0, "cpu_minutes": 0.0, "mim_acc": None,  # its random init
+                         **frozen_scores(frozen_features(VLMoBackbone(backbone.cfg), data), num_classes, "features")})
         rows.append({"recipe": name, "epochs": epoch + 1, "cpu_complete": cost["complete"],
                      "cpu_minutes": round(cost["cpu_seconds"] / 60 * (epoch + 1) / len(log), 1),
-                     "mim_acc": log.get(epoch, {}).get("test_acc_mim"), **frozen_scores(backbone, data, num_classes)})
+                     "mim_acc": log.get(epoch, {}).get("test_acc_mim"),
+                     **frozen_scores(frozen_features(backbone, data), num_classes, "features")})
     return rows
 
 
 def pixel_scores(labelled: str, image_size: int) -> dict[str, float]:
-    from training.baselines import baseline_rows, pixel_features
+    from training.baselines import pixel_features
 
-    data, num_classes = splits(labelled, image_size)
-    rows = baseline_rows({"raw pixels": tuple(pixel_features(d) for d in data)}, num_classes)
-    return {"logistic": rows["logistic regression on raw pixels"]["acc1"],
-            "knn": rows["k-nearest neighbours on raw pixels"]["acc1"]}
+    data, num_classes = baseline_splits(labelled, image_size)
+    return frozen_scores(tuple(pixel_features(d) for d in data), num_classes, "raw pixels")
 
 
 def table(rows: list[dict], flags: dict[str, list[str]], pixels: dict[str, float]) -> str:

@@ -65,11 +65,11 @@ def parser() -> argparse.ArgumentParser:
 def flags_value_joined(argv: list[str]) -> list[str]:
     """`--finetune_flags --use_cls` as `--finetune_flags=--use_cls`: argparse takes a value that looks
     like a flag of its own (one word starting with '-') for a missing value."""
-    out = list(argv)
-    for i, arg in enumerate(out[:-1]):
-        if arg == "--finetune_flags":
-            out[i:i + 2] = [f"--finetune_flags={out[i + 1]}", None]
-    return [arg for arg in out if arg is not None]
+    joined, rest = [], iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg == "--finetune_flags" else None
+        joined.append(arg if value is None else f"{arg}={value}")  # a missing value stays argparse's error
+    return joined
 
 
 def labelled_data(args, image_size: int) -> tuple[str, float | None]:
@@ -84,30 +84,41 @@ def labelled_data(args, image_size: int) -> tuple[str, float | None]:
     return str(root), best_possible_accuracy([scene for _, scene in val])
 
 
-def baseline_results(data_path: str, cfg: dict, seeds: list[int]) -> dict[str, list[dict]]:
-    """The baselines on the fine-tuning split: raw pixels once (nothing random in them), a random
-    init's mean-pooled last-block features once per seed."""
+def baseline_splits(data_path: str, image_size: int) -> tuple[tuple, int]:
+    """(train, selection, val) as the fine-tuning runs split the folder, all in the held-out view,
+    and the number of classes."""
     from custom_datasets.classification_data import build_classification_datasets, eval_transform
-    from models import BackboneConfig, VLMoBackbone
-    from training.baselines import Split, baseline_rows, pixel_features
-    from training.linear_probe import extract_features
     from training.recipes import SMALL_DATA
 
-    size = cfg.get("img_size", 224)
-    view = eval_transform(size)
+    view = eval_transform(image_size)
     train, val, selection = build_classification_datasets(
         FinetuneDataSettings(data_path=data_path, model_selection_fraction=SMALL_DATA["model_selection_fraction"]),
         view, view)
-    num_classes = len(train.class_to_idx)
+    return (train, selection, val), len(train.class_to_idx)
+
+
+def frozen_features(backbone, splits: tuple) -> tuple:
+    """Each split's mean-pooled last-block features `Split(x, y)`."""
+    from training.baselines import Split
+    from training.linear_probe import extract_features
+
+    last = backbone.cfg.depth - 1
+    return tuple(Split(*extract_features(backbone.eval(), d, last, 64, torch.device("cpu"))) for d in splits)
+
+
+def baseline_results(data_path: str, cfg: dict, seeds: list[int]) -> dict[str, list[dict]]:
+    """The baselines on the fine-tuning split: raw pixels once (nothing random in them), a random
+    init's mean-pooled last-block features once per seed."""
+    from models import BackboneConfig, VLMoBackbone
+    from training.baselines import baseline_rows, pixel_features
+
+    splits, num_classes = baseline_splits(data_path, cfg.get("img_size", 224))
     results = {name: [row] for name, row in baseline_rows(
-        {"raw pixels": tuple(pixel_features(d) for d in (train, selection, val))}, num_classes).items()}
+        {"raw pixels": tuple(pixel_features(d) for d in splits)}, num_classes).items()}
     for seed in seeds:
         torch.manual_seed(seed)
-        backbone = VLMoBackbone(BackboneConfig.from_dict(cfg)).eval()  # the pretrained architecture, random weights
-        last = backbone.cfg.depth - 1
-        features = tuple(Split(*extract_features(backbone, d, last, 64, torch.device("cpu")))
-                         for d in (train, selection, val))
-        for name, row in baseline_rows({"random-init features": features}, num_classes).items():
+        backbone = VLMoBackbone(BackboneConfig.from_dict(cfg))  # the pretrained architecture, random weights
+        for name, row in baseline_rows({"random-init features": frozen_features(backbone, splits)}, num_classes).items():
             results.setdefault(name, []).append(row)
     return results
 
