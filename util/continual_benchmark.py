@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from custom_datasets.pair_data import caption_texts  # noqa: E402
 from models.text_tokenizer import train_wordpiece  # noqa: E402
 from training.continual import CL_METHODS  # noqa: E402
 from training.flag_checks import check_paths_exist  # noqa: E402
+from util.experiment_runs import run_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (("text_mlm", "2_text_mlm", "text"), ("image_text_itc", "3_image_text_itc", "pair"))
@@ -50,16 +49,9 @@ HEADLINE = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting"
 
 
 def run_child(argv: list[str], log: Path) -> dict[str, float]:
-    """One stage or evaluation in its own process (its peak memory is its own); output to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with log.open("w") as out:
-        child = subprocess.Popen([sys.executable, str(ROOT / "main_pretrain_cook.py"), *argv], stdout=out,
-                                 stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise UserError(f"a stage failed; its output is in {log}: {log.read_text().strip().splitlines()[-1:]}")
-    return {"seconds": round(time.time() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    """One stage or evaluation of main_pretrain_cook.py in its own process; output to `log`."""
+    cost = run_script([str(ROOT / "main_pretrain_cook.py"), *argv], log)
+    return {"seconds": cost["seconds"], "peak_rss_mb": cost["peak_rss_mb"]}
 
 
 def common_flags(args: argparse.Namespace, seed: int, tokenizer: Path) -> list[str]:

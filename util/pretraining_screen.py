@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -33,6 +30,7 @@ import torch  # noqa: E402
 
 from common.errors import UserError, cli_entry  # noqa: E402
 from training.flag_checks import check_paths_exist  # noqa: E402
+from util.experiment_runs import run_script  # noqa: E402
 from util.transfer_experiment import baseline_splits, frozen_features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,11 +64,6 @@ def recipes(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def pretrain(args, name: str, flags: list[str]) -> dict:
     """Run one recipe unless it finished before; its CPU and wall seconds."""
     out = Path(args.output_dir) / name.replace(" ", "_")
@@ -78,16 +71,11 @@ def pretrain(args, name: str, flags: list[str]) -> dict:
         return json.loads((out / COST).read_text())
     out.mkdir(parents=True, exist_ok=True)
     resumed = any(out.glob("checkpoint-*.pth"))  # its earlier part ran in another process: not counted
-    argv = [sys.executable, str(ROOT / "main_pretrain_cook.py"), "--config", args.config, "--data_path", args.data_path,
+    argv = [str(ROOT / "main_pretrain_cook.py"), "--config", args.config, "--data_path", args.data_path,
             "--epochs", str(args.epochs), "--save_per_epochs", str(args.every), "--seed", str(args.seed),
             "--num_workers", str(args.num_workers), "--no_pictures", "--auto_resume", "--output_dir", str(out), *flags]
-    cpu, wall = children_cpu_seconds(), time.time()
-    with (out / "output.txt").open("a") as log:
-        status = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    if status != 0:
-        raise UserError(f"recipe {name!r} failed; its output is in {out / 'output.txt'}")
-    cost = {"cpu_seconds": round(children_cpu_seconds() - cpu, 1), "wall_seconds": round(time.time() - wall, 1),
-            "complete": not resumed}
+    ran = run_script(argv, out / "output.txt", append=True)
+    cost = {"cpu_seconds": ran["cpu_seconds"], "wall_seconds": ran["seconds"], "complete": not resumed}
     (out / COST).write_text(json.dumps(cost))
     return cost
 

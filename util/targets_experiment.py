@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.errors import UserError, cli_entry  # noqa: E402
+from common.errors import cli_entry  # noqa: E402
 from training.flag_checks import check_paths_exist  # noqa: E402
+from util.experiment_runs import run_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("kmeans", "vqkd", "dall-e")
@@ -41,15 +40,7 @@ FULL = {"mim_epochs": 50, "vqkd_epochs": 10, "train_size": 2000, "finetune_epoch
 
 def run(argv: list[str], log: Path, done: Path) -> float:
     """A step in its own process unless `done` exists; its seconds (0 when reused)."""
-    if done.exists():
-        return 0.0
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with log.open("w") as out:
-        status = subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
-    if status != 0:
-        raise UserError(f"a step failed; its output is in {log}: {log.read_text().strip().splitlines()[-1:]}")
-    return round(time.time() - start, 1)
+    return 0.0 if done.exists() else run_script(argv, log)["seconds"]
 
 
 def tokenizer_flags(args, target: str, root: Path, size: dict) -> list[str]:
