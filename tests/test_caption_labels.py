@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from common.errors import UserError
+from custom_datasets.text_data import read_pairs
 from util import caption_labels
 
 DOG, PERSON = "dog=dog,dogs,puppy", "person=man,woman,child"
@@ -46,6 +47,9 @@ def test_the_folder_it_writes_is_split_by_name_and_lists_its_val_images(tmp_path
     assert {p.name for p in (out / "val" / "dog").iterdir()} <= {n for n in captions if n.startswith("dog")}
     listed = (out / "val_images.txt").read_text().split()
     assert sorted(p.rsplit("/", 1)[-1] for p in listed) == sorted(val)
+    kept = read_pairs(out / "pairs_without_val.json", tmp_path / "data")  # every pair but the val images'
+    assert sorted(image.name for image, _ in kept) == sorted(set(captions) - val)
+    assert all(caps == captions[image.name] for image, caps in kept)
 
     more = dict(captions) | {f"dog{i}.png": ["a dog"] * 3 for i in range(30, 60)}
     again = caption_labels.main(["--captions", str(write_pairs(tmp_path / "more", more)), "--class", DOG, "--class",

@@ -1,7 +1,9 @@
 """A labelled image set from image-text pairs: an image gets class C when at least --min_votes of
 its captions name one of C's words and at most --max_other_votes name another class's (so an
 image both classes describe is left out). Writes ImageFolder's layout, OUTPUT/{train,val}/<class>/,
-as links to the images, and OUTPUT/val_images.txt, the val images to keep out of pretraining.
+as links to the images, OUTPUT/val_images.txt, the val images to keep out of pretraining, and
+OUTPUT/pairs_without_val.json, the pairs less those images (file names relative to the same root),
+for an image-text stage or a VQ-KD teacher that must not see the val images' captions.
 
     python util/caption_labels.py --captions ../shared/data/flickr8k_1k/captions.json \\
         --class "dog=dog,dogs,puppy,puppies" --class "person=man,men,woman,women,boy,girl,child,people" \\
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import re
@@ -70,10 +73,10 @@ def in_val(path: Path, fraction: float) -> bool:
     return digest / 0xFFFFFFFF < fraction
 
 
-def assign(args, classes: dict[str, re.Pattern]) -> dict[str, dict[str, list[Path]]]:
+def assign(args, classes: dict[str, re.Pattern], pairs) -> dict[str, dict[str, list[Path]]]:
     """split -> class -> images; checked before anything is written."""
     members: dict[str, list[Path]] = {name: [] for name in classes}
-    for image, captions in read_pairs(args.captions, args.image_root):
+    for image, captions in pairs:
         if (name := label(captions, classes, args.min_votes, args.max_other_votes)) is not None:
             members[name].append(image)
     rng = random.Random(args.seed)
@@ -92,6 +95,13 @@ def assign(args, classes: dict[str, re.Pattern]) -> dict[str, dict[str, list[Pat
     return splits
 
 
+def write_pairs_without(path: Path, pairs, left_out: set[str], args) -> None:
+    root = Path(args.image_root or Path(args.captions).parent).resolve()
+    kept = [{"caption": captions, "filename": os.path.relpath(image.resolve(), root)}
+            for image, captions in pairs if str(image.resolve()) not in left_out]
+    path.write_text(json.dumps(kept))
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
     args = parser().parse_args(argv)
@@ -101,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
         raise UserError(f"--output {out} is not empty: give a new folder (nothing is overwritten)")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction {args.val_fraction} must lie between 0 and 1")
-    splits = assign(args, classes)
+    pairs = read_pairs(args.captions, args.image_root)
+    splits = assign(args, classes, pairs)
     for split, per_class in splits.items():
         for name, images in per_class.items():
             (out / split / name).mkdir(parents=True, exist_ok=True)
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
                 os.symlink(image.resolve(), out / split / name / image.name)
     val_images = sorted(str(image.resolve()) for images in splits["val"].values() for image in images)
     (out / "val_images.txt").write_text("".join(f"{path}\n" for path in val_images))
+    write_pairs_without(out / "pairs_without_val.json", pairs, set(val_images), args)
     counts = {split: {name: len(images) for name, images in per.items()} for split, per in splits.items()}
     print(f"wrote {out}: " + "; ".join(f"{split} " + ", ".join(f"{n} {c}" for n, c in sorted(per.items()))
                                        for split, per in counts.items()))
