@@ -273,6 +273,13 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| dall-e | 0.500 | 1.0 | 2.0 | 1.0 |" in table and "| random init | | 0.5 | 0.5 | 0.5 |" in table
 
+    steps.clear()  # --steps transfer: no segmentation (a photo backbone's run), its cells blank
+    experiment.main(["--teacher", str(teacher), "--targets", "kmeans", "--steps", "transfer", "--output_dir",
+                     str(tmp_path / "photos")])
+    assert [script for script, _, _ in steps] == ["main_pretrain_cook.py", "transfer_experiment.py"]
+    table = (tmp_path / "photos" / "table.md").read_text()
+    assert "| kmeans | 0.500 | 1.0 | 2.0 |  |" in table and "| random init | | 0.5 | 0.5 |  |" in table
+
 
 def test_finetune_flags_take_a_single_flag_as_their_value():
     from util.transfer_experiment import flags_value_joined, parser

@@ -11,6 +11,8 @@ same transfer and segmentation experiments on each backbone:
     python util/targets_experiment.py --teacher outputs/demo_chain/3_image_text_itc_lambda_10000/checkpoint-7.pth
     python util/targets_experiment.py --teacher T --data_path ../shared/data/flickr8k_1k/images \\
         --labelled ../shared/data/hymenoptera --quick
+    python util/targets_experiment.py --teacher PHOTO_TEACHER --data_path PHOTOS \\
+        --labelled outputs/flickr_dog_person --steps transfer    # photos: no synthetic segmentation
 
 Every step is a subprocess whose output is reused when found (rerun the command to continue).
 Writes results.json and a table: per target, held-out MIM accuracy, pretraining time, fine-tuning
@@ -108,6 +110,9 @@ def segmentation(args, target: str, ckpt: Path, size: dict, with_random_init: bo
     return json.loads((out / "results.json").read_text())
 
 
+STEPS = {"transfer": transfer, "segmentation": segmentation}
+
+
 def _sized(value):
     return tuple(value) if isinstance(value, list) else value
 
@@ -120,16 +125,19 @@ def table(results: dict) -> str:
     rows = ["| targets | held-out MIM acc | fine-tune top-1 | linear probe top-1 | segmentation mIoU |",
             "| --- | --- | --- | --- | --- |"]
     for target, r in results.items():
-        pre = r["transfer"]["pretrained"]
-        seg = r["segmentation"]["pretrained"]
-        rows.append(f"| {target} | {r['mim_acc']:.3f} | {spread([x['finetune'] for x in pre])} | "
-                    f"{spread([x['probe'] for x in pre])} | {spread([x['best_mIoU'] for x in seg])} |")
+        rows.append(f"| {target} | {r['mim_acc']:.3f} | {cells(r, 'pretrained')} |")
     first = next(iter(results.values()))
-    if "random init" in first["transfer"]:  # run with the first target only
-        runs, seg = first["transfer"]["random init"], first["segmentation"]["random init"]
-        rows.append(f"| random init | | {spread([x['finetune'] for x in runs])} | {spread([x['probe'] for x in runs])} | "
-                    f"{spread([x['best_mIoU'] for x in seg])} |")
+    if "random init" in first.get("transfer", first.get("segmentation", {})):  # run with the first target only
+        rows.append(f"| random init | | {cells(first, 'random init')} |")
     return "\n".join(rows)
+
+
+def cells(result: dict, row: str) -> str:
+    """Fine-tune, probe and mIoU cells of one row; blank for a step not run (--steps)."""
+    transfer, seg = result.get("transfer", {}).get(row), result.get("segmentation", {}).get(row)
+    return " | ".join(["", ""] if transfer is None else [spread([x["finetune"] for x in transfer]),
+                                                           spread([x["probe"] for x in transfer])]) + \
+        " | " + ("" if seg is None else spread([x["best_mIoU"] for x in seg]))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -139,6 +147,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--labelled", default="synthetic", help="the transfer experiment's labelled folder (default: "
                                                             "the synthetic world's)")
     p.add_argument("--targets", nargs="+", choices=TARGETS, default=["kmeans", "vqkd"])
+    p.add_argument("--steps", nargs="+", choices=("transfer", "segmentation"), default=["transfer", "segmentation"],
+                   help="downstream experiments after pretraining (segmentation is on the synthetic world's scenes "
+                        "whatever --data_path is; default: both)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the downstream runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the pretraining and tokenizers")
     p.add_argument("--quick", action="store_true", help="a small run of every step (smoke test)")
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     # segmentation (the longest step); the random-init rows once, with the first target.
     pretrained = {target: pretrain(args, target, size) for target in args.targets}
     results = {target: dict(pre) for target, (_, pre) in pretrained.items()}
-    for step in (transfer, segmentation):
+    for step in (STEPS[name] for name in args.steps):
         for i, (target, (ckpt, _)) in enumerate(pretrained.items()):
             results[target][step.__name__] = step(args, target, ckpt, size, with_random_init=i == 0)
             print(f"{target}: {step.__name__} done", flush=True)
