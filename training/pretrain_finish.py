@@ -2,6 +2,7 @@
 baseline, and the stage report (what the backbone still knows and what it learned)."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -95,4 +96,19 @@ def finish_stage(run: "PretrainRun", optim: "Optimization", stats: dict[str, Any
                     f"token: {baseline:.3f}; uniform chance: {1 / run.visual_tokenizer.vocab_size:.4f})")
         stats["majority_baseline"] = baseline
     say(summary)
+    if (warning := contrastive_at_chance(stats, run.cfg.optim.batch_size * run.ctx.world)) is not None:
+        say(warning)
     stats["stage_report"] = report_stage(run, writer=writer)
+
+
+def contrastive_at_chance(stats: dict[str, Any], global_batch: int) -> str | None:
+    """A sentence when the last epoch's image-text contrastive loss is still that of embeddings that
+    tell nothing apart (ln of the batch's candidates): a collapsed or untrained stage says so, since
+    its loss stays finite and nothing else would fail."""
+    loss = stats.get("train_loss_itc")
+    chance = math.log(global_batch) if global_batch > 1 else None
+    if loss is None or chance is None or loss < 0.98 * chance:
+        return None
+    return (f"warning: the image-text contrastive loss ended at {loss:.3f}, chance level for {global_batch} candidates "
+            f"(ln {global_batch} = {chance:.3f}): the stage learned nothing (its embeddings may have collapsed to "
+            f"one); lower --blr / --lr, lengthen --warmup_epochs or train longer")
