@@ -246,12 +246,15 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
     and the random-init rows of both downstream steps with the first target only."""
     import util.targets_experiment as experiment
 
-    steps = []
+    steps, seeds = [], {}
 
     def fake_run(argv, log, done):
         script, flags = argv[0].rsplit("/", 1)[-1], argv[1:]
         target = log.parent.name
         steps.append((script, target, "--skip_random_init" in flags))
+        if "--seeds" in flags:  # the values up to the next flag
+            rest = flags[flags.index("--seeds") + 1:]
+            seeds[script] = rest[:next((i for i, f in enumerate(rest) if f.startswith("--")), len(rest))]
         done.parent.mkdir(parents=True, exist_ok=True)
         if script == "main_pretrain_cook.py":
             (done.parent / "log.txt").write_text(json.dumps({"test_acc_mim": 0.5}) + "\n")
@@ -270,6 +273,8 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
     assert steps == [("main_pretrain_cook.py", "kmeans", False), ("main_pretrain_cook.py", "dall-e", False),
                      ("transfer_experiment.py", "kmeans", False), ("transfer_experiment.py", "dall-e", True),
                      ("segmentation_experiment.py", "kmeans", False), ("segmentation_experiment.py", "dall-e", True)]
+    # transfer over three seeds, segmentation (15-30 min a run) over the segmentation experiment's one
+    assert seeds == {"transfer_experiment.py": ["0", "1", "2"], "segmentation_experiment.py": ["0"]}
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| dall-e | 0.500 | 1.0 | 2.0 | 1.0 |" in table and "| random init | | 0.5 | 0.5 | 0.5 |" in table
 

@@ -16,7 +16,8 @@ same transfer and segmentation experiments on each backbone:
 
 Every step is a subprocess whose output is reused when found (rerun the command to continue).
 Writes results.json and a table: per target, held-out MIM accuracy, pretraining time, fine-tuning
-and linear-probe top-1 (mean ± std over --seeds) and segmentation mIoU on the synthetic world."""
+and linear-probe top-1 (mean ± std over --seeds) and segmentation mIoU on the synthetic world (over
+--seg_seeds, one by default)."""
 from __future__ import annotations
 
 import argparse
@@ -104,7 +105,7 @@ def segmentation(args, target: str, ckpt: Path, size: dict, with_random_init: bo
     out = Path(args.output_dir) / target / "segmentation"
     scenes = size["seg_scenes"]
     run([str(ROOT / "util/segmentation_experiment.py"), "--pretrained", str(ckpt), "--output_dir", str(out), "--seeds",
-         *map(str, args.seeds), "--epochs", str(size["seg_epochs"]), "--train_scenes", str(scenes[0]), "--val_scenes",
+         *map(str, args.seg_seeds), "--epochs", str(size["seg_epochs"]), "--train_scenes", str(scenes[0]), "--val_scenes",
          str(scenes[1]), "--num_workers", str(args.num_workers), *([] if with_random_init else ["--skip_random_init"])],
         out.with_suffix(".output.txt"), out / "results.json")
     return json.loads((out / "results.json").read_text())
@@ -150,7 +151,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", nargs="+", choices=("transfer", "segmentation"), default=["transfer", "segmentation"],
                    help="downstream experiments after pretraining (segmentation is on the synthetic world's scenes "
                         "whatever --data_path is; default: both)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the downstream runs")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the transfer runs")
+    p.add_argument("--seg_seeds", nargs="+", type=int, default=[0], help="seeds of the segmentation runs (15-30 min "
+                   "each on 2 CPU cores; default: %(default)s, the segmentation experiment's own default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pretraining and tokenizers")
     p.add_argument("--quick", action="store_true", help="a small run of every step (smoke test)")
     for key, value in FULL.items():  # each size on its own, to fit a run to one's machine
