@@ -248,7 +248,9 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
 
     steps, seeds = [], {}
 
-    def fake_run(argv, log, done):
+    def fake_run(argv, log, done):  # as experiment.run: a finished step is reused
+        if done.exists():
+            return 0.0
         script, flags = argv[0].rsplit("/", 1)[-1], argv[1:]
         target = log.parent.name
         steps.append((script, target, "--skip_random_init" in flags))
@@ -259,9 +261,10 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
         if script == "main_pretrain_cook.py":
             (done.parent / "log.txt").write_text(json.dumps({"test_acc_mim": 0.5}) + "\n")
         key = "finetune" if script == "transfer_experiment.py" else "best_mIoU"
-        rows = {"pretrained": [{key: 1.0, "probe": 2.0}]}
+        n = len(seeds.get(script, [0]))  # one row per seed, as the experiments write them
+        rows = {"pretrained": [{key: 1.0, "probe": 2.0}] * n}
         if "--skip_random_init" not in flags:
-            rows["random init"] = [{key: 0.5, "probe": 0.5}]
+            rows["random init"] = [{key: 0.5, "probe": 0.5}] * n
         done.write_text(json.dumps(rows))
         return 1.0
 
@@ -276,14 +279,23 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
     # transfer over three seeds, segmentation (15-30 min a run) over the segmentation experiment's one
     assert seeds == {"transfer_experiment.py": ["0", "1", "2"], "segmentation_experiment.py": ["0"]}
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| dall-e | 0.500 | 1.0 | 2.0 | 1.0 |" in table and "| random init | | 0.5 | 0.5 | 0.5 |" in table
+    assert "| dall-e | 0.500 | 1.0 ± 0.0 | 2.0 ± 0.0 | 1.0 |" in table
+    assert "| random init | | 0.5 ± 0.0 | 0.5 ± 0.0 | 0.5 |" in table
+
+    steps.clear()  # more segmentation seeds: the one-seed summary is set aside, not taken for theirs
+    experiment.main(["--teacher", str(teacher), "--targets", "kmeans", "dall-e", "--seg_seeds", "0", "1",
+                     "--output_dir", str(tmp_path / "out")])
+    assert [s for s, _, _ in steps] == ["segmentation_experiment.py"] * 2
+    assert seeds["segmentation_experiment.py"] == ["0", "1"]
+    assert (tmp_path / "out" / "kmeans" / "segmentation" / "results.1-seeds.json").is_file()
+    assert "| kmeans | 0.500 | 1.0 ± 0.0 | 2.0 ± 0.0 | 1.0 ± 0.0 |" in (tmp_path / "out" / "table.md").read_text()
 
     steps.clear()  # --steps transfer: no segmentation (a photo backbone's run), its cells blank
     experiment.main(["--teacher", str(teacher), "--targets", "kmeans", "--steps", "transfer", "--output_dir",
                      str(tmp_path / "photos")])
     assert [script for script, _, _ in steps] == ["main_pretrain_cook.py", "transfer_experiment.py"]
     table = (tmp_path / "photos" / "table.md").read_text()
-    assert "| kmeans | 0.500 | 1.0 | 2.0 |  |" in table and "| random init | | 0.5 | 0.5 |  |" in table
+    assert "| kmeans | 0.500 | 1.0 ± 0.0 | 2.0 ± 0.0 |  |" in table and "| random init | | 0.5 ± 0.0 | 0.5 ± 0.0 |  |" in table
 
 
 def test_finetune_flags_take_a_single_flag_as_their_value():

@@ -92,12 +92,24 @@ def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
     return ckpt, {"mim_acc": log[-1].get("test_acc_mim"), "pretrain_seconds": seconds or None}
 
 
+def summary_for(out: Path, seeds: list[int]) -> Path:
+    """`out/results.json`, set aside first when it summarises another number of seeds: asked for more
+    seeds, the step runs again (its finished per-seed runs are reused), instead of the old summary
+    being taken for the new one."""
+    done = out / "results.json"
+    if done.exists() and len(json.loads(done.read_text()).get("pretrained", [])) != len(seeds):
+        old = len(json.loads(done.read_text())["pretrained"])
+        done.rename(out / f"results.{old}-seeds.json")
+    return done
+
+
 def transfer(args, target: str, ckpt: Path, size: dict, with_random_init: bool) -> dict:
     out = Path(args.output_dir) / target / "transfer"
     run([str(ROOT / "util/transfer_experiment.py"), "--pretrained", str(ckpt), "--data_path", args.labelled,
          "--output_dir", str(out), "--seeds", *map(str, args.seeds), "--finetune_epochs", str(size["finetune_epochs"]),
          "--probe_epochs", str(size["probe_epochs"]), "--num_workers", str(args.num_workers),
-         *([] if with_random_init else ["--skip_random_init"])], out.with_suffix(".output.txt"), out / "results.json")
+         *([] if with_random_init else ["--skip_random_init"])], out.with_suffix(".output.txt"),
+        summary_for(out, args.seeds))
     return json.loads((out / "results.json").read_text())
 
 
@@ -107,7 +119,7 @@ def segmentation(args, target: str, ckpt: Path, size: dict, with_random_init: bo
     run([str(ROOT / "util/segmentation_experiment.py"), "--pretrained", str(ckpt), "--output_dir", str(out), "--seeds",
          *map(str, args.seg_seeds), "--epochs", str(size["seg_epochs"]), "--train_scenes", str(scenes[0]), "--val_scenes",
          str(scenes[1]), "--num_workers", str(args.num_workers), *([] if with_random_init else ["--skip_random_init"])],
-        out.with_suffix(".output.txt"), out / "results.json")
+        out.with_suffix(".output.txt"), summary_for(out, args.seg_seeds))
     return json.loads((out / "results.json").read_text())
 
 
