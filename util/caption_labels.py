@@ -6,8 +6,9 @@ OUTPUT/pairs_without_val.json, the pairs less those images (file names relative 
 for an image-text stage or a VQ-KD teacher that must not see the val images' captions.
 
     python util/caption_labels.py --captions ../shared/data/flickr8k_1k/captions.json \\
-        --class "dog=dog,dogs,puppy,puppies" --class "person=man,men,woman,women,boy,girl,child,people" \\
-        --output outputs/flickr_dog_person --per_class 223
+        --class "dog=dog,dogs,puppy,puppies" \\
+        --class "person=man,men,woman,women,boy,boys,girl,girls,child,children,people,person,kid,kids,lady,guy" \\
+        --output outputs/flickr_dog_person --per_class 223    # the set of docs/downstream.md
 
 Captions: a JSON list / JSON Lines of {"caption": str or [str, ...], "filename": ...}, as the
 image-text stages read them. The split is by a hash of the file name: stable when images are added."""
