@@ -164,8 +164,8 @@ def parser() -> argparse.ArgumentParser:
                    help="downstream experiments after pretraining (segmentation is on the synthetic world's scenes "
                         "whatever --data_path is; default: both)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the transfer runs")
-    p.add_argument("--seg_seeds", nargs="+", type=int, default=[0], help="seeds of the segmentation runs (15-30 min "
-                   "each on 2 CPU cores; default: %(default)s, the segmentation experiment's own default)")
+    p.add_argument("--seg_seeds", nargs="+", type=int, default=[0], help="seeds of the segmentation runs (4-5 min "
+                   "each on 2 idle CPU cores; default: %(default)s, the segmentation experiment's own default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pretraining and tokenizers")
     p.add_argument("--quick", action="store_true", help="a small run of every step (smoke test)")
     for key, value in FULL.items():  # each size on its own, to fit a run to one's machine
