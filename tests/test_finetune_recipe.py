@@ -276,7 +276,7 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
     assert steps == [("main_pretrain_cook.py", "kmeans", False), ("main_pretrain_cook.py", "dall-e", False),
                      ("transfer_experiment.py", "kmeans", False), ("transfer_experiment.py", "dall-e", True),
                      ("segmentation_experiment.py", "kmeans", False), ("segmentation_experiment.py", "dall-e", True)]
-    # transfer over three seeds, segmentation (15-30 min a run) over the segmentation experiment's one
+    # transfer over three seeds, segmentation (the longest runs) over the segmentation experiment's one
     assert seeds == {"transfer_experiment.py": ["0", "1", "2"], "segmentation_experiment.py": ["0"]}
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| dall-e | 0.500 | 1.0 ± 0.0 | 2.0 ± 0.0 | 1.0 |" in table

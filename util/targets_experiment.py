@@ -97,8 +97,7 @@ def summary_for(out: Path, seeds: list[int]) -> Path:
     seeds, the step runs again (its finished per-seed runs are reused), instead of the old summary
     being taken for the new one."""
     done = out / "results.json"
-    if done.exists() and len(json.loads(done.read_text()).get("pretrained", [])) != len(seeds):
-        old = len(json.loads(done.read_text())["pretrained"])
+    if done.exists() and (old := len(json.loads(done.read_text()).get("pretrained", []))) != len(seeds):
         done.rename(out / f"results.{old}-seeds.json")
     return done
 
@@ -148,9 +147,10 @@ def table(results: dict) -> str:
 def cells(result: dict, row: str) -> str:
     """Fine-tune, probe and mIoU cells of one row; blank for a step not run (--steps)."""
     transfer, seg = result.get("transfer", {}).get(row), result.get("segmentation", {}).get(row)
-    return " | ".join(["", ""] if transfer is None else [spread([x["finetune"] for x in transfer]),
-                                                           spread([x["probe"] for x in transfer])]) + \
-        " | " + ("" if seg is None else spread([x["best_mIoU"] for x in seg]))
+    columns = ["", ""] if transfer is None else [spread([x["finetune"] for x in transfer]),
+                                                 spread([x["probe"] for x in transfer])]
+    columns.append("" if seg is None else spread([x["best_mIoU"] for x in seg]))
+    return " | ".join(columns)
 
 
 def parser() -> argparse.ArgumentParser:
