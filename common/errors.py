@@ -1,6 +1,7 @@
 """User-facing errors: one sentence that names the file or flag and the fix, no traceback."""
 from __future__ import annotations
 
+import faulthandler
 import functools
 import sys
 from typing import Callable, TypeVar
@@ -23,10 +24,14 @@ def first_line(text: str, limit: int = 200) -> str:
 
 
 def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a CLI `main` so a `UserError` prints `error: <sentence>` instead of a traceback."""
+    """Wrap a CLI `main` so a `UserError` prints `error: <sentence>` instead of a traceback, and a
+    crash below Python (a segfault in a native library) prints where each thread was, instead of
+    the launcher's bare "Signal 11"."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        if not faulthandler.is_enabled():
+            faulthandler.enable()
         try:
             return main(*args, **kwargs)
         except UserError as err:

@@ -3,9 +3,8 @@ sees the combined batch; and torchrun runs the pretraining CLI end to end."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from custom_datasets.masking import BlockwiseMaskGenerator
 from engine_pretrain import train_one_epoch
 from models import create_model
 from models.modes import ImageMIM, ModeOptions
-from tests.distributed_harness import free_port, run_in_processes
+from tests.distributed_harness import run_in_processes, run_launched, torchrun
 from tests.helpers import ROOT
 from training.step import StepSettings
 
@@ -77,14 +76,12 @@ def test_two_gloo_processes_match_one_process_on_the_combined_batch(tmp_path):
 
 def test_torchrun_two_processes_runs_the_cli(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "main_pretrain_cook.py"), "--device", "cpu", "--model", "vlmo_tiny_patch16", "--image_size", "32",
+    cmd = [*torchrun(), str(ROOT / "main_pretrain_cook.py"), "--device", "cpu", "--model", "vlmo_tiny_patch16", "--image_size", "32",
            "--patch_size", "8", "--second_image_size", "16", "--visual_vocab_size", "16", "--tokenizer_fit_images", "64",
            "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "--data_path", "synthetic", "--synthetic_train_size", "32",
            "--synthetic_val_size", "16", "--synthetic_render_size", "32", "--min_mask_patches_per_block", "4",
            "--output_dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = run_launched(cmd, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert len(log) == 1 and 0 <= log[0]["test_acc_mim"] <= 1
@@ -102,12 +99,10 @@ def test_torchrun_two_processes_fine_tune(tmp_path):
             for i in range(n // 2):
                 Image.new("RGB", (40, 40), tuple(max(0, v - 8 * i) for v in colour)).save(folder / f"{i}.png")
     out = tmp_path / "ft"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "main_finetune.py"), "--task", "image_classification", "--device", "cpu", "--data_path",
+    cmd = [*torchrun(), str(ROOT / "main_finetune.py"), "--task", "image_classification", "--device", "cpu", "--data_path",
            str(tmp_path / "data"), "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--num_workers", "0",
            "--epochs", "1", "--warmup_epochs", "0.5", "--output_dir", str(out)]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=120)
+    result = run_launched(cmd, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert len(log) == 1 and 0 <= log[0]["test_acc1"] <= 100
@@ -154,3 +149,19 @@ def test_a_regularized_stage_on_two_processes_matches_one_process(tmp_path, meth
     plain = _task()
     _train(plain, plain, _batches())
     assert any((v - plain.state_dict()[k]).abs().max() > 1e-6 for k, v in task.state_dict().items())  # the penalty acted
+
+
+def test_the_launcher_harness_reruns_a_native_crash_once_and_nothing_else(tmp_path):
+    """run_launched's one rerun: after torchrun's SIGSEGV report, from an emptied --output_dir;
+    never after an ordinary failure, and a second crash is returned as it is."""
+    crash_then_pass = ("import pathlib, sys; out = pathlib.Path(sys.argv[2]); seen = (out / 'seen').exists(); "
+                       "out.mkdir(exist_ok=True); (out / 'seen').touch(); "
+                       "sys.exit(0 if seen else 'Signal 11 (SIGSEGV) received by PID 1')")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="segfaulted; rerunning once"):
+        assert run_launched([sys.executable, "-c", crash_then_pass, "--output_dir", str(out)], timeout=60).returncode == 1
+    # the rerun found an emptied folder, so it crashed again, and that is what came back
+    ordinary = "import sys; sys.exit('error: a bad flag')"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary failure is not rerun, so no warning
+        assert run_launched([sys.executable, "-c", ordinary], timeout=60).returncode == 1

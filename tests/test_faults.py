@@ -277,3 +277,26 @@ def test_exif_orientation_and_tiny_tiles(tmp_path):
     assert open_rgb(tmp_path / "photo.jpg").size == (20, 40)
     np.save(tmp_path / "pixel.npy", np.arange(3, dtype=np.uint8).reshape(1, 1, 3))
     assert read_tile(tmp_path / "pixel.npy", None).tolist() == [[[0, 1, 2]]]  # one pixel, three bands
+
+
+def test_a_crash_below_python_names_where_each_thread_was(tmp_path):
+    """A segfault in a native library (torch, gloo) would leave only the launcher's "Signal 11":
+    an entry point prints the Python stack of the crash instead."""
+    script = textwrap.dedent("""
+        import ctypes
+        from common.errors import cli_entry
+
+        def read_a_freed_tensor():
+            ctypes.string_at(0)  # a read of address 0: SIGSEGV in C, as a native library's bug would
+
+        @cli_entry
+        def main():
+            read_a_freed_tensor()
+
+        main()
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}  # the entry's doing, not the shell's
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in result.stderr
+    assert "read_a_freed_tensor" in result.stderr and "main" in result.stderr

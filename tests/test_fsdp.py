@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from models import create_model
-from tests.distributed_harness import free_port, run_in_processes
+from tests.distributed_harness import run_in_processes, run_launched, torchrun
 from tests.helpers import ROOT
 from tests.test_distributed_pretrain import BATCH, STEPS, _batches, _task, _train
 
@@ -79,8 +77,7 @@ def test_sharding_starts_every_rank_from_rank_0s_weights(tmp_path):
 
 
 def _cli(out, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            str(ROOT / "main_pretrain_cook.py"), "--device", "cpu", "--model", "vlmo_tiny_patch16", "--image_size", "32",
+    return [*torchrun(), str(ROOT / "main_pretrain_cook.py"), "--device", "cpu", "--model", "vlmo_tiny_patch16", "--image_size", "32",
             "--patch_size", "8", "--second_image_size", "16", "--visual_vocab_size", "16", "--tokenizer_fit_images",
             "64", "--batch_size", "4", "--num_workers", "0", "--data_path", "synthetic", "--synthetic_train_size", "32",
             "--synthetic_val_size", "16", "--synthetic_render_size", "32", "--min_mask_patches_per_block", "4",
@@ -88,8 +85,7 @@ def _cli(out, *extra: str) -> list[str]:
 
 
 def _run(cmd):
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=300)
+    result = run_launched(cmd, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 

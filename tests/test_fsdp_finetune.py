@@ -4,15 +4,13 @@ the run's own accuracy; and the flags --fsdp cannot go with are refused in one s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from common.errors import UserError
-from tests.distributed_harness import free_port, run_in_processes
+from tests.distributed_harness import run_in_processes, run_launched, torchrun
 from tests.helpers import ROOT
 from training.cli import finetune_config_from_argv
 
@@ -33,14 +31,12 @@ def _image_folder(root):
 
 def _finetune(data, out, *extra: str, processes: int = WORLD, task: tuple[str, ...] = ()) -> dict:
     """main_finetune.py on a tiny model; `task`: the task's flags (default: image classification of `data`)."""
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-               str(free_port())] if processes > 1 else [sys.executable])
+    launch = torchrun(processes) if processes > 1 else [sys.executable]
     task = task or ("--task", "image_classification", "--data_path", str(data), "--model_selection_fraction", "0")
     cmd = [*launch, str(ROOT / "main_finetune.py"), *task, "--device", "cpu", "--input_size", "32", "--patch_size", "8",
            "--batch_size", str(BATCH), "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0.5",
            "--drop_path", "0", "--output_dir", str(out), *extra]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=180)
+    result = run_launched(cmd, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
