@@ -246,7 +246,7 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
     and the random-init rows of both downstream steps with the first target only."""
     import util.targets_experiment as experiment
 
-    steps, seeds = [], {}
+    steps, seeds, commands = [], {}, {}
 
     def fake_run(argv, log, done):  # as experiment.run: a finished step is reused
         if done.exists():
@@ -254,6 +254,7 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
         script, flags = argv[0].rsplit("/", 1)[-1], argv[1:]
         target = log.parent.name
         steps.append((script, target, "--skip_random_init" in flags))
+        commands[(script, target)] = flags
         if "--seeds" in flags:  # the values up to the next flag
             rest = flags[flags.index("--seeds") + 1:]
             seeds[script] = rest[:next((i for i, f in enumerate(rest) if f.startswith("--")), len(rest))]
@@ -296,6 +297,15 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
     assert [script for script, _, _ in steps] == ["main_pretrain_cook.py", "transfer_experiment.py"]
     table = (tmp_path / "photos" / "table.md").read_text()
     assert "| kmeans | 0.500 | 1.0 ± 0.0 | 2.0 ± 0.0 |  |" in table and "| random init | | 0.5 ± 0.0 | 0.5 ± 0.0 |  |" in table
+
+    steps.clear()  # a row with BEiT v2's patch aggregation beside the finished plain rows: only its own steps run
+    experiment.main(["--teacher", str(teacher), "--targets", "kmeans", "dall-e", "kmeans+agg", "--seg_seeds", "0", "1",
+                     "--output_dir", str(tmp_path / "out")])
+    assert steps == [("main_pretrain_cook.py", "kmeans_agg", False), ("transfer_experiment.py", "kmeans_agg", True),
+                     ("segmentation_experiment.py", "kmeans_agg", True)]
+    mim = commands[("main_pretrain_cook.py", "kmeans_agg")]
+    assert mim[mim.index("--d_vae_type") + 1] == "kmeans" and mim[mim.index("--early_layers") + 1] == "3"
+    assert "| kmeans+agg | 0.500 | 1.0 ± 0.0 | 2.0 ± 0.0 | 1.0 ± 0.0 |" in (tmp_path / "out" / "table.md").read_text()
 
 
 def test_finetune_flags_take_a_single_flag_as_their_value():

@@ -7,6 +7,8 @@ same transfer and segmentation experiments on each backbone:
              --teacher's patch features (BEiT v2's semantic targets; the teacher: a stage of the chain)
     dall-e   a DALL-E-format encoder with random weights (pixel codes in OpenAI's layout, untrained:
              the control a random tokenizer gives), when asked for
+    T+agg    target T with BEiT v2's patch aggregation (--early_layers 3 --head_layers 2: the top
+             [CLS] beside block 3's patches, of the tiny model's 4, as BEiT v2's 9 of 12), when asked for
 
     python util/targets_experiment.py --teacher outputs/demo_chain/3_image_text_itc_lambda_10000/checkpoint-7.pth
     python util/targets_experiment.py --teacher T --data_path ../shared/data/flickr8k_1k/images \\
@@ -34,7 +36,10 @@ from training.flag_checks import check_paths_exist  # noqa: E402
 from util.experiment_runs import run_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ("kmeans", "vqkd", "dall-e")
+TOKENS = ("kmeans", "vqkd", "dall-e")
+AGGREGATED = "+agg"
+TARGETS = (*TOKENS, *(t + AGGREGATED for t in TOKENS))
+AGGREGATION_FLAGS = ["--early_layers", "3", "--head_layers", "2"]  # 3 of the tiny model's 4 blocks: BEiT v2's 9 of 12
 QUICK = {"mim_epochs": 4, "vqkd_epochs": 2, "train_size": 400, "finetune_epochs": 4, "probe_epochs": 6,
          "seg_epochs": 2, "seg_scenes": (120, 60)}
 FULL = {"mim_epochs": 50, "vqkd_epochs": 10, "train_size": 2000, "finetune_epochs": 30, "probe_epochs": 90,
@@ -76,9 +81,17 @@ def write_random_dall_e(folder: Path, seed: int) -> None:
     save_dalle_part(folder / "encoder.safetensors", DalleEncoder(cfg).state_dict(), cfg)
 
 
+def folder(args, target: str) -> Path:
+    """A target's folder: `kmeans+agg` in `kmeans_agg`."""
+    return Path(args.output_dir) / target.replace(AGGREGATED, "_agg")
+
+
 def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
-    root = Path(args.output_dir) / target
-    flags = tokenizer_flags(args, target, root, size)
+    root = folder(args, target)
+    tokens = target.removesuffix(AGGREGATED)  # an aggregated row shares its plain row's tokenizer
+    flags = tokenizer_flags(args, tokens, folder(args, tokens), size)
+    if target.endswith(AGGREGATED):
+        flags += AGGREGATION_FLAGS
     out = root / "mim"
     epochs = size["mim_epochs"]
     ckpt = out / f"checkpoint-{epochs - 1}.pth"
@@ -89,7 +102,8 @@ def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
                    str(args.num_workers), "--no_pictures", "--output_dir", str(out), "--auto_resume", *flags],
                   root / "mim.output.txt", ckpt)
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
-    return ckpt, {"mim_acc": log[-1].get("test_acc_mim"), "pretrain_seconds": seconds or None}
+    aggregated = {"mim_acc_agg": log[-1]["test_acc_mim_agg"]} if "test_acc_mim_agg" in log[-1] else {}
+    return ckpt, {"mim_acc": log[-1].get("test_acc_mim"), **aggregated, "pretrain_seconds": seconds or None}
 
 
 def summary_for(out: Path, seeds: list[int]) -> Path:
@@ -103,7 +117,7 @@ def summary_for(out: Path, seeds: list[int]) -> Path:
 
 
 def transfer(args, target: str, ckpt: Path, size: dict, with_random_init: bool) -> dict:
-    out = Path(args.output_dir) / target / "transfer"
+    out = folder(args, target) / "transfer"
     run([str(ROOT / "util/transfer_experiment.py"), "--pretrained", str(ckpt), "--data_path", args.labelled,
          "--output_dir", str(out), "--seeds", *map(str, args.seeds), "--finetune_epochs", str(size["finetune_epochs"]),
          "--probe_epochs", str(size["probe_epochs"]), "--num_workers", str(args.num_workers),
@@ -113,7 +127,7 @@ def transfer(args, target: str, ckpt: Path, size: dict, with_random_init: bool) 
 
 
 def segmentation(args, target: str, ckpt: Path, size: dict, with_random_init: bool) -> dict:
-    out = Path(args.output_dir) / target / "segmentation"
+    out = folder(args, target) / "segmentation"
     scenes = size["seg_scenes"]
     run([str(ROOT / "util/segmentation_experiment.py"), "--pretrained", str(ckpt), "--output_dir", str(out), "--seeds",
          *map(str, args.seg_seeds), "--epochs", str(size["seg_epochs"]), "--train_scenes", str(scenes[0]), "--val_scenes",
