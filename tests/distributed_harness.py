@@ -48,7 +48,9 @@ def run_in_processes(fn: Callable[..., Any], world: int, *args: Any) -> None:
 
 
 
-NATIVE_CRASH = "Signal 11 (SIGSEGV) received"  # torchrun's report of a worker killed below Python
+# torchrun's reports of a worker killed below Python: a segfault, or a C++ abort such as a gloo
+# thread still being joined at exit ("terminate called without an active exception", seen in _entry)
+NATIVE_CRASHES = ("Signal 11 (SIGSEGV) received", "Signal 6 (SIGABRT) received")
 
 
 def torchrun(processes: int = 2) -> list[str]:
@@ -60,20 +62,20 @@ def run_launched(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     """An entry point's command (under `torchrun()` or not) on CPU, one thread per process, output
     captured.
 
-    A torchrun worker that dies of a segfault inside torch's gloo/FSDP code is rerun once (a new
-    port, its --output_dir emptied), with a warning carrying the crash's stack: it happened once in
-    the project's CI (rank 0 of an FSDP fine-tune on a 2-core machine) and not in 17 reruns of that
+    A torchrun worker that dies of a segfault or abort inside torch's gloo/FSDP code is rerun once
+    (a new port; its --output_dir emptied unless it auto-resumes), with a warning carrying the
+    crash's stack: a segfault happened once in the project's CI (rank 0 of an FSDP fine-tune on a 2-core machine) and not in 17 reruns of that
     test here, 11 of them beside two busy processes. A run that crashes twice, or fails any other
     way, is returned as it is, for the test to fail on."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode == 0 or NATIVE_CRASH not in result.stderr:
+    if result.returncode == 0 or not any(crash in result.stderr for crash in NATIVE_CRASHES):
         return result
-    warnings.warn(f"a torchrun worker segfaulted; rerunning once. Its stack:\n{result.stderr[-4000:]}")
+    warnings.warn(f"a torchrun worker crashed below Python; rerunning once. Its stack:\n{result.stderr[-4000:]}")
     cmd = list(cmd)
     if "--master_port" in cmd:
         cmd[cmd.index("--master_port") + 1] = str(free_port())
-    if "--output_dir" in cmd:
+    if "--output_dir" in cmd and "--auto_resume" not in cmd:  # an --auto_resume run continues its folder
         shutil.rmtree(cmd[cmd.index("--output_dir") + 1], ignore_errors=True)
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

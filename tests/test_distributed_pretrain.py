@@ -158,7 +158,7 @@ def test_the_launcher_harness_reruns_a_native_crash_once_and_nothing_else(tmp_pa
                        "out.mkdir(exist_ok=True); (out / 'seen').touch(); "
                        "sys.exit(0 if seen else 'Signal 11 (SIGSEGV) received by PID 1')")
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="segfaulted; rerunning once"):
+    with pytest.warns(UserWarning, match="crashed below Python; rerunning once"):
         assert run_launched([sys.executable, "-c", crash_then_pass, "--output_dir", str(out)], timeout=60).returncode == 1
     # the rerun found an emptied folder, so it crashed again, and that is what came back
     ordinary = "import sys; sys.exit('error: a bad flag')"
