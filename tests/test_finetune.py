@@ -124,6 +124,33 @@ def test_linear_probe_learns_above_the_majority_class(tmp_path, colours):
     assert stats["best_acc1"] > 2 * majority_accuracy(colours)  # measured 49.0 against 16.7
 
 
+def test_the_linear_probe_reads_the_cls_token_with_use_cls(tmp_path, colours):
+    """--use_cls probes the block's [CLS] token (BEiT v2's protocol for patch aggregation), not the
+    mean-pooled patches; the features are exactly those tokens, and the head file says which."""
+    from torchvision import datasets, transforms
+
+    from training.linear_probe import extract_features
+
+    backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8).eval()
+    randomize_(backbone)
+    folder = datasets.ImageFolder(colours / "val", transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()]))
+    images = [{"image": x, "label": y} for x, y in folder]
+    batch = torch.stack([sample["image"] for sample in images])
+    captured = []
+    hook = backbone.blocks[2].register_forward_hook(lambda m, i, out: captured.append(out))
+    with torch.no_grad():
+        backbone.encode_image(batch)
+    hook.remove()
+    cls, _ = extract_features(backbone, images, 2, 5, torch.device("cpu"), use_cls=True)
+    pooled, _ = extract_features(backbone, images, 2, 5, torch.device("cpu"))
+    assert torch.allclose(cls, captured[0][:, 0], atol=1e-6) and torch.allclose(pooled, captured[0][:, 1:].mean(1), atol=1e-6)
+    assert not torch.allclose(cls, pooled, atol=1e-2)
+    stats = finetune(["--task", "linear_probe", "--use_cls", "--data_path", str(colours), "--epochs", "20",
+                      "--output_dir", str(tmp_path / "lp")] + FAST)
+    assert read_checkpoint(tmp_path / "lp" / "probe_head.safetensors").extra["metadata"]["probe_features"] == "[CLS] token"
+    assert stats["best_acc1"] > majority_accuracy(colours)
+
+
 def test_image_classification_learns_above_the_majority_class(tmp_path, colours):
     finetune(["--task", "image_classification", "--data_path", str(colours), "--epochs", "4", "--blr", "2e-2",
               "--mixup", "0", "--cutmix", "0", "--aa", "", "--reprob", "0", "--layer_decay", "1.0",

@@ -241,6 +241,26 @@ def test_an_experiment_run_is_reused_when_finished_and_set_aside_when_interrupte
     assert finished_or_run(folder, run) == {"acc": 71.5} and len(calls) == 1  # reused, not run again
 
 
+def test_an_experiment_run_made_with_other_flags_is_set_aside_not_reused(tmp_path):
+    """The same seed's folder asked for with other flags (another --probe_flags, more epochs) runs
+    again, the old run kept aside; the same flags reuse it; a result saved before settings were
+    recorded is reused as it was."""
+    from util.experiment_runs import SETTINGS, finished_or_run, result_settings
+
+    results = iter([{"acc": 60.0}, {"acc": 64.0}])
+    folder = tmp_path / "pretrained_seed0"
+    assert finished_or_run(folder, lambda: next(results), ["--epochs", "30"]) == {"acc": 60.0}
+    assert finished_or_run(folder, lambda: {"acc": -1.0}, ["--epochs", "30"]) == {"acc": 60.0}  # reused
+    assert finished_or_run(folder, lambda: next(results), ["--epochs", "30", "--use_cls"]) == {"acc": 64.0}
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("pretrained_seed0.other-settings-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "run_result.json").read_text()) == {"acc": 60.0}  # kept
+    (folder / SETTINGS).unlink()  # as written before settings were recorded
+    assert finished_or_run(folder, lambda: {"acc": -1.0}, ["--epochs", "90"]) == {"acc": 64.0}
+    assert result_settings(["--epochs", "30", "--num_workers", "4", "--use_cls", "--print_freq", "5"]) == [
+        "--epochs", "30", "--use_cls"]  # loader processes and printing change no figure
+    assert finished_or_run(folder, lambda: {"acc": -1.0}, ["--epochs", "90"]) == {"acc": 64.0}
+
+
 def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, monkeypatch):
     """Every target's pretraining, then every transfer, then every segmentation (the longest step last),
     and the random-init rows of both downstream steps with the first target only."""
@@ -315,3 +335,5 @@ def test_finetune_flags_take_a_single_flag_as_their_value():
         args = parser().parse_args(flags_value_joined(["--pretrained", "p", "--data_path", "d", "--finetune_flags",
                                                        value, "--seeds", "0"]))
         assert args.finetune_flags == value and args.seeds == [0]
+        args = parser().parse_args(flags_value_joined(["--pretrained", "p", "--data_path", "d", "--probe_flags", value]))
+        assert args.probe_flags == value

@@ -316,7 +316,8 @@ class FinetuneModelSettings:
     patch_size: int | None = flag(None, "patch size of a model built from scratch", shown_default="the model's (16)")
     input_size: int = flag(224, "resolution (px); position tables are interpolated")
     nb_classes: int | None = flag(None, "number of classes", shown_default="the classes of the training data")
-    use_cls: bool = flag(False, "classify the [CLS] feature instead of mean-pooled patches")
+    use_cls: bool = flag(False, "classify the [CLS] feature instead of mean-pooled patches (linear_probe: the "
+                                "probed block's [CLS], as BEiT v2's patch aggregation trains it)")
     drop_path: float = flag(0.1, "stochastic depth rate of the last block")
     layer_decay: float = flag(0.65, "layer-wise lr decay (1.0: off)")
     probe_layer: int | None = flag(None, "linear_probe: block whose output is probed", shown_default="the last")

@@ -1,5 +1,5 @@
 """Linear probing (MAE's protocol): the backbone is frozen, features of one block (mean-pooled
-patch tokens) are computed once and cached, and a BatchNorm (no affine) + linear head is trained
+patch tokens, or its [CLS] token with --use_cls) are computed once and cached, and a BatchNorm (no affine) + linear head is trained
 on them, which makes probing a checkpoint take seconds to minutes."""
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ from training.scaffold import RunContext, refuse_taken_output
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, layer: int, batch_size: int, device: torch.device, num_workers: int = 0):
-    """`[N, D]` mean-pooled output of block `layer` and `[N]` labels; unreadable images skipped."""
+def extract_features(backbone, dataset, layer: int, batch_size: int, device: torch.device, num_workers: int = 0,
+                     use_cls: bool = False):
+    """`[N, D]` mean-pooled patch tokens of block `layer` (its [CLS] token with `use_cls`: what
+    BEiT v2's patch aggregation trains) and `[N]` labels; unreadable images skipped."""
     captured: list[torch.Tensor] = []
     hook = backbone.blocks[layer].register_forward_hook(lambda m, i, out: captured.append(out))
     feats, labels = [], []
@@ -41,7 +43,8 @@ def extract_features(backbone, dataset, layer: int, batch_size: int, device: tor
         for batch in prepare.batches(loader, "linear probe: caching features"):
             captured.clear()
             backbone.encode_image(batch[B.IMAGE])
-            feats.append(captured[0][:, 1:].mean(1).float().cpu())  # [B, D]
+            tokens = captured[0]  # [B, 1 + N, D]
+            feats.append((tokens[:, 0] if use_cls else tokens[:, 1:].mean(1)).float().cpu())  # [B, D]
             labels.append(batch[B.LABEL].cpu())
     finally:
         hook.remove()
@@ -110,14 +113,14 @@ def run_linear_probe(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | No
         raise UserError(f"--probe_layer {layer} is outside the model's blocks 0..{backbone.cfg.depth - 1}")
     output_dir = ctx.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    say(f"linear_probe: block {layer} of {backbone.cfg.depth}, {num_classes} classes "
+    use_cls, features = cfg.model.use_cls, "[CLS] token" if cfg.model.use_cls else "mean-pooled patches"
+    say(f"linear_probe: {features} of block {layer} of {backbone.cfg.depth}, {num_classes} classes "
           f"({len(data.train)} train / {len(data.val)} val images); " + "; ".join(report))
     start = time.time()
     opt = cfg.optim
-    train = extract_features(backbone, data.train, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
-    val = extract_features(backbone, data.val, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
-    selection = None if data.selection is None else extract_features(
-        backbone, data.selection, layer, opt.batch_size, ctx.device, cfg.data.num_workers)
+    train, val, selection = (None if split is None else extract_features(
+        backbone, split, layer, opt.batch_size, ctx.device, cfg.data.num_workers, use_cls)
+        for split in (data.train, data.val, data.selection))
     say(f"features cached in {time.time() - start:.0f}s")
     lr = learning_rate(opt.lr, opt.blr, opt.batch_size, "sgd")
     head, best, last = train_probe(train, val, num_classes, opt.epochs, lr, opt.batch_size, cfg.run.seed,
@@ -125,7 +128,7 @@ def run_linear_probe(cfg: FinetuneConfig, ctx: RunContext, ckpt: Checkpoint | No
     if opt.checkpoint_epoch == "last":  # the head saved is the last epoch's, and so is the figure reported
         best = last
     save_weights(output_dir / "probe_head.safetensors", {f"probe.{k}": v for k, v in head.state_dict().items()},
-                 backbone.cfg.to_dict(), {"probe_layer": str(layer)})
+                 backbone.cfg.to_dict(), {"probe_layer": str(layer), "probe_features": features})
     chosen_on = ("--checkpoint_epoch last" if opt.checkpoint_epoch == "last" else
                  f"chosen on {len(selection[1])} training images held out" if selection is not None
                  else "chosen on the same val set")

@@ -16,23 +16,44 @@ from common.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 RESULT = "run_result.json"
+SETTINGS = "run_settings.json"  # what the result was made with
 
 
-def finished_or_run(folder: Path, run: Callable[[], dict]) -> dict:
-    """`folder/run_result.json` when this run finished before; otherwise `run()` (into `folder`),
-    whose result is written there for the next time."""
-    done = folder / RESULT
-    if done.is_file():
+def finished_or_run(folder: Path, run: Callable[[], dict], settings: object = None) -> dict:
+    """`folder/run_result.json` when this run finished before with the same `settings` (its command
+    line: weights, data, epochs, flags); otherwise `run()` (into `folder`), whose result and settings
+    are written there for the next time. A folder an interrupted run left, or a finished run made
+    with other settings, is renamed aside first: a rerun with other flags is never answered with
+    the old run's figures. A result saved before settings were recorded is reused."""
+    done, recorded = folder / RESULT, folder / SETTINGS
+    if done.is_file() and (settings is None or not recorded.is_file()
+                           or json.loads(recorded.read_text()) == json.loads(json.dumps(settings))):
         print(f"reusing the finished run in {folder}", flush=True)
         return json.loads(done.read_text())
     if folder.exists():
-        aside = folder.with_name(f"{folder.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+        why = "was made with other settings" if done.is_file() else "did not finish"
+        aside = folder.with_name(f"{folder.name}.{'other-settings' if done.is_file() else 'interrupted'}-"
+                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
         folder.rename(aside)
-        print(f"{folder} holds a run that did not finish; moved it to {aside} and starting it again", flush=True)
+        print(f"{folder} holds a run that {why}; moved it to {aside} and starting it again", flush=True)
     result = run()
     folder.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(result))
+    if settings is not None:
+        recorded.write_text(json.dumps(settings))
+    done.write_text(json.dumps(result))  # last: a run killed before this line is one that did not finish
     return result
+
+
+NOT_RESULTS = ("--num_workers", "--print_freq")  # flags that change how a run goes, not its figures
+
+
+def result_settings(argv: list[str]) -> list[str]:
+    """A run's command line without the flags (and their values) that do not change its result."""
+    kept, skip = [], False
+    for arg in argv:
+        kept += [] if skip or arg in NOT_RESULTS else [arg]
+        skip = arg in NOT_RESULTS
+    return kept
 
 
 def run_script(argv: list[str], log: Path, append: bool = False) -> dict[str, float]:

@@ -29,7 +29,7 @@ from custom_datasets.synthetic_segmentation import write_synthetic_segmentation 
 from models.checkpoints import read_model_checkpoint  # noqa: E402
 from training.cli import finetune_config_from_argv  # noqa: E402
 from training.finetune import finetune  # noqa: E402
-from util.experiment_runs import finished_or_run  # noqa: E402
+from util.experiment_runs import finished_or_run, result_settings  # noqa: E402
 
 METRICS = ("mIoU", "mAcc", "aAcc")
 
@@ -62,12 +62,12 @@ def all_background(data: Path, num_classes: int) -> dict[str, float]:
 
 
 def one_run(args, weights: list[str], common: list[str], out: Path) -> dict:
-    return finished_or_run(out, lambda: _segment(weights, common, out))
+    command = ["--task", "semantic_segmentation", *common, *weights]
+    return finished_or_run(out, lambda: _segment(command, out), result_settings(command))
 
 
-def _segment(weights: list[str], common: list[str], out: Path) -> dict:
-    stats = finetune(finetune_config_from_argv(["--task", "semantic_segmentation", "--output_dir", str(out)]
-                                               + common + weights))
+def _segment(command: list[str], out: Path) -> dict:
+    stats = finetune(finetune_config_from_argv(command + ["--output_dir", str(out)]))
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     per_class = {k[len("test_IoU."):]: v for k, v in stats.items() if k.startswith("test_IoU.")}
     return {"best_mIoU": stats["best_mIoU"], **{m: stats[f"test_{m}"] for m in METRICS}, "per_class": per_class,

@@ -35,7 +35,7 @@ from custom_datasets.settings import FinetuneDataSettings  # noqa: E402
 from models.checkpoints import read_model_checkpoint  # noqa: E402
 from training.cli import finetune_config_from_argv  # noqa: E402
 from training.finetune import finetune  # noqa: E402
-from util.experiment_runs import finished_or_run  # noqa: E402
+from util.experiment_runs import finished_or_run, result_settings  # noqa: E402
 
 SYNTHETIC_SIZES = (400, 400)  # labelled train / val scenes for --data_path synthetic
 SYNTHETIC_SEED = 1  # which scenes: the ceiling is computed on the very scenes written
@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe_epochs", type=int, default=90, help="(default: %(default)s)")
     p.add_argument("--finetune_flags", default="", help="more main_finetune.py flags for the fine-tuning runs, "
                    "quoted as one argument (e.g. \"--blr 1e-2 --layer_decay 0.9\"): to measure a recipe change")
+    p.add_argument("--probe_flags", default="", help="more main_finetune.py flags for the linear probes, quoted "
+                   "as one argument (e.g. \"--use_cls\": probe the [CLS] token, as BEiT v2 does)")
     p.add_argument("--skip_random_init", action="store_true", help="fine-tune and probe only the pretrained backbone "
                    "(the random-init runs of an earlier experiment on the same data, seeds and flags are the same runs)")
     p.add_argument("--num_workers", type=int, default=2, help="data loader processes (default: %(default)s)")
@@ -63,11 +65,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def flags_value_joined(argv: list[str]) -> list[str]:
-    """`--finetune_flags --use_cls` as `--finetune_flags=--use_cls`: argparse takes a value that looks
+    """`--probe_flags --use_cls` as `--probe_flags=--use_cls`: argparse takes a value that looks
     like a flag of its own (one word starting with '-') for a missing value."""
     joined, rest = [], iter(argv)
     for arg in rest:
-        value = next(rest, None) if arg == "--finetune_flags" else None
+        value = next(rest, None) if arg in ("--finetune_flags", "--probe_flags") else None
         joined.append(arg if value is None else f"{arg}={value}")  # a missing value stays argparse's error
     return joined
 
@@ -131,15 +133,17 @@ def majority_accuracy(data_path: str) -> float:
 
 
 def one_seed(args, weights: list[str], common: list[str], out: Path) -> dict:
-    return finished_or_run(out, lambda: _fine_tune_and_probe(args, weights, common, out))
+    commands = {"finetune": ["--task", "image_classification", "--epochs", str(args.finetune_epochs), *common, *weights,
+                             *shlex.split(args.finetune_flags)],
+                "probe": ["--task", "linear_probe", "--epochs", str(args.probe_epochs), *common, *weights,
+                          *shlex.split(args.probe_flags)]}
+    settings = {name: result_settings(argv) for name, argv in commands.items()}
+    return finished_or_run(out, lambda: _fine_tune_and_probe(commands, out), settings)
 
 
-def _fine_tune_and_probe(args, weights: list[str], common: list[str], out: Path) -> dict:
-    ft = finetune(finetune_config_from_argv(["--task", "image_classification", "--epochs", str(args.finetune_epochs),
-                                             "--output_dir", str(out / "finetune")] + common + weights
-                                            + shlex.split(args.finetune_flags)))
-    lp = finetune(finetune_config_from_argv(["--task", "linear_probe", "--epochs", str(args.probe_epochs),
-                                             "--output_dir", str(out / "probe")] + common + weights))
+def _fine_tune_and_probe(commands: dict[str, list[str]], out: Path) -> dict:
+    ft = finetune(finetune_config_from_argv(commands["finetune"] + ["--output_dir", str(out / "finetune")]))
+    lp = finetune(finetune_config_from_argv(commands["probe"] + ["--output_dir", str(out / "probe")]))
     log = [json.loads(line) for line in (out / "finetune" / "log.txt").read_text().splitlines()]
     return {"finetune": ft["best_acc1"], "finetune_last": ft["test_acc1"], "finetune_train": log[-1].get("train_acc1"),
             "probe": lp["best_acc1"], "probe_last": lp["last_acc1"],
