@@ -64,9 +64,9 @@ def run_launched(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 
     A torchrun worker that dies of a segfault or abort inside torch's gloo/FSDP code is rerun once
     (a new port; its --output_dir emptied unless it auto-resumes), with a warning carrying the
-    crash's stack: a segfault happened once in the project's CI (rank 0 of an FSDP fine-tune on a 2-core machine) and not in 17 reruns of that
-    test here, 11 of them beside two busy processes. A run that crashes twice, or fails any other
-    way, is returned as it is, for the test to fail on."""
+    crash's stack: a segfault happened once in the project's CI (rank 0 of an FSDP fine-tune on a
+    2-core machine) and not in 17 reruns of that test here, 11 of them beside two busy processes.
+    A run that crashes twice, or fails any other way, is returned as it is, for the test to fail on."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

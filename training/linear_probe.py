@@ -1,6 +1,6 @@
 """Linear probing (MAE's protocol): the backbone is frozen, features of one block (mean-pooled
-patch tokens, or its [CLS] token with --use_cls) are computed once and cached, and a BatchNorm (no affine) + linear head is trained
-on them, which makes probing a checkpoint take seconds to minutes."""
+patch tokens, or its [CLS] token with --use_cls) are computed once and cached, and a BatchNorm (no
+affine) + linear head is trained on them, which makes probing a checkpoint take seconds to minutes."""
 from __future__ import annotations
 
 import time
