@@ -47,7 +47,6 @@ def run_in_processes(fn: Callable[..., Any], world: int, *args: Any) -> None:
     mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
-
 # torchrun's reports of a worker killed below Python: a segfault, or a C++ abort such as a gloo
 # thread still being joined at exit ("terminate called without an active exception", seen in _entry)
 NATIVE_CRASHES = ("Signal 11 (SIGSEGV) received", "Signal 6 (SIGABRT) received")
@@ -68,8 +67,12 @@ def run_launched(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     2-core machine) and not in 17 reruns of that test here, 11 of them beside two busy processes.
     A run that crashes twice, or fails any other way, is returned as it is, for the test to fail on."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+    def launch(argv: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    result = launch(cmd)
     if result.returncode == 0 or not any(crash in result.stderr for crash in NATIVE_CRASHES):
         return result
     warnings.warn(f"a torchrun worker crashed below Python; rerunning once. Its stack:\n{result.stderr[-4000:]}")
@@ -78,4 +81,4 @@ def run_launched(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
         cmd[cmd.index("--master_port") + 1] = str(free_port())
     if "--output_dir" in cmd and "--auto_resume" not in cmd:  # an --auto_resume run continues its folder
         shutil.rmtree(cmd[cmd.index("--output_dir") + 1], ignore_errors=True)
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    return launch(cmd)

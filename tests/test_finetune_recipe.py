@@ -258,7 +258,6 @@ def test_an_experiment_run_made_with_other_flags_is_set_aside_not_reused(tmp_pat
     assert finished_or_run(folder, lambda: {"acc": -1.0}, ["--epochs", "90"]) == {"acc": 64.0}
     assert result_settings(["--epochs", "30", "--num_workers", "4", "--use_cls", "--print_freq", "5"]) == [
         "--epochs", "30", "--use_cls"]  # loader processes and printing change no figure
-    assert finished_or_run(folder, lambda: {"acc": -1.0}, ["--epochs", "90"]) == {"acc": 64.0}
 
 
 def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, monkeypatch):

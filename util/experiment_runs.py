@@ -31,9 +31,9 @@ def finished_or_run(folder: Path, run: Callable[[], dict], settings: object = No
         print(f"reusing the finished run in {folder}", flush=True)
         return json.loads(done.read_text())
     if folder.exists():
-        why = "was made with other settings" if done.is_file() else "did not finish"
-        aside = folder.with_name(f"{folder.name}.{'other-settings' if done.is_file() else 'interrupted'}-"
-                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
+        kind, why = (("other-settings", "was made with other settings") if done.is_file()
+                     else ("interrupted", "did not finish"))
+        aside = folder.with_name(f"{folder.name}.{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
         folder.rename(aside)
         print(f"{folder} holds a run that {why}; moved it to {aside} and starting it again", flush=True)
     result = run()
