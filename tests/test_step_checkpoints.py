@@ -117,7 +117,7 @@ def test_two_processes_resume_mid_epoch_exactly_and_one_process_is_refused(tmp_p
     with pytest.raises(SystemExit):
         main(argv + ["--output_dir", str(tmp_path / "one"), "--resume", str(step)])
     err = capsys.readouterr().err
-    assert "was written within epoch 1 by 2 processes and this run has 1" in err and "Traceback" not in err
+    assert "stopped within epoch 1, after 1 of its batches, written by 2 processes, and this run has 1" in err and "Traceback" not in err
 
 
 def test_an_epoch_checkpoint_of_another_world_size_continues_and_says_what_changes(tmp_path, capsys):

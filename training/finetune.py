@@ -199,7 +199,9 @@ def build_training(run: FinetuneRun, model: torch.nn.Module) -> Training:
         model_ema = ModelEmaV3(run.task, decay=opt.model_ema_decay)
     settings = StepSettings(lr=lr, min_lr=opt.min_lr, warmup_epochs=opt.warmup_epochs, epochs=opt.epochs,
                             accum_iter=opt.accum_iter, clip_grad=opt.clip_grad, amp_dtype=amp_dtype(cfg.run.amp),
-                            print_freq=cfg.run.print_freq, max_bad_samples=cfg.data.max_bad_samples)
+                            print_freq=cfg.run.print_freq, max_bad_samples=cfg.data.max_bad_samples,
+                            data_name=f"--data_path {cfg.data.data_path}" + (f" / --data_file_path {cfg.data.data_file_path}"
+                                                                             if cfg.data.data_file_path else ""))
     prepare = BatchPreparer(ctx.device, TASK_INPUTS)
     selection_loader = None
     if run.data.selection is not None:

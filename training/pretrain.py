@@ -37,6 +37,7 @@ from training.fsdp import gathered_state, is_sharded, shard, unsharded_root
 from training.optim import adamw, amp_dtype, grad_scaler, learning_rate
 from training.pretrain_finish import finish_stage, report_stage
 from training.run_checkpoint import (
+    MID_EPOCH,
     latest_checkpoint,
     load_run_state,
     load_run_weights,
@@ -49,7 +50,12 @@ from training.resume_changes import TOKENIZER_DIGEST, keep_previous_settings, re
 from training.scaffold import RunContext, checkpoint_due, last_step, run_eta
 from training.sharded_checkpoint import save_sharded_run_checkpoint
 from training.step import StepSettings, cause_of
-from training.step_checkpoints import MID_EPOCH, StepCheckpointer, note_world_change, resumed_progress
+from training.step_checkpoints import (
+    StepCheckpointer,
+    check_mid_epoch_resume,
+    note_world_change,
+    resumed_progress,
+)
 from training.tokenizers import build_text_tokenizer, build_visual_tokenizer
 from training.weights import CarriedHeads, Weights, attach_heads, build_backbone, resolve_weights
 
@@ -251,14 +257,17 @@ def build_optimization(run: PretrainRun) -> Optimization:
     scaler = grad_scaler(cfg.run.amp, ctx.device)
     start_epoch, mid_epoch = cfg.run.start_epoch, None
     if run.weights.continue_run:
-        start_epoch = load_run_state(run.weights.path, run.mode, optimizer, scaler, run.weights.ckpt)
         mid_epoch = run.weights.ckpt.extra.get(MID_EPOCH)
+        if mid_epoch:
+            check_mid_epoch_resume(run.weights.path, mid_epoch, run.weights.ckpt.extra.get("args") or {},
+                                   flat_settings(cfg), len(train_loader))
+        start_epoch = load_run_state(run.weights.path, run.mode, optimizer, scaler, run.weights.ckpt)
         note_world_change(run.weights.path, run.weights.ckpt.extra.get("world_size"), ctx.world, mid_epoch)
     run.weights.ckpt = None  # not held in memory for the whole run
     settings = StepSettings(lr=lr, min_lr=opt.min_lr, warmup_epochs=warmup, epochs=opt.epochs,
                             accum_iter=opt.accum_iter, clip_grad=opt.clip_grad, amp_dtype=amp_dtype(cfg.run.amp),
                             print_freq=cfg.run.print_freq, max_bad_samples=cfg.data.max_bad_samples,
-                            reg_loss_weight=cfg.lora.reg_loss_weight)
+                            reg_loss_weight=cfg.lora.reg_loss_weight, data_name=data_description(cfg))
     prepare = BatchPreparer(ctx.device, cfg.mode.batch_keys, run.visual_tokenizer)
     return Optimization(train_loader, val_loader, optimizer, scaler, settings, prepare, start_epoch, eff_batch,
                         mid_epoch)
@@ -309,9 +318,13 @@ def describe_run(run: PretrainRun, optim: Optimization) -> None:
     if run.resume_changes:
         say(f"resuming with changed settings: {'; '.join(run.resume_changes)}")
         if not cfg.run.eval:
-            kept = keep_previous_settings(ctx.output_dir, "args.yaml", optim.start_epoch - 1)
+            mid = optim.mid_epoch
+            trained = f"{mid['epoch']}-step{mid['batches_done']}" if mid else str(optim.start_epoch - 1)
+            kept = keep_previous_settings(ctx.output_dir, "args.yaml", trained)
             if kept is not None:
-                say(f"the settings of epochs up to {optim.start_epoch - 1} are kept in {kept}")
+                until = (f"epoch {mid['epoch']}'s first {mid['batches_done']} batches" if mid
+                         else f"epochs up to {optim.start_epoch - 1}")
+                say(f"the settings of {until} are kept in {kept}")
     save_settings(cfg, ctx.output_dir, "eval_args.yaml" if cfg.run.eval else "args.yaml")  # an eval never rewrites a run's files
 
 

@@ -60,13 +60,14 @@ def resume_changes(path: str, recorded: dict[str, Any], current: dict[str, Any],
             if name in recorded and name not in NOT_COMPARED and name not in DEFINING and recorded[name] != value]
 
 
-def keep_previous_settings(output_dir: Path, name: str, resumed_epoch: int) -> Path | None:
+def keep_previous_settings(output_dir: Path, name: str, trained: str) -> Path | None:
     """A resume that changed settings: the run's earlier `args.yaml` is kept as
-    `args-until-epoch-N.yaml` (N: the last epoch trained with it) before the new one is written."""
+    `args-until-epoch-N.yaml` (`trained` = N: the last epoch trained with it; `E-stepB` when the resumed
+    checkpoint stopped within epoch E after B batches) before the new one is written."""
     current = output_dir / name
     if not current.is_file():
         return None
-    kept = output_dir / f"{Path(name).stem}-until-epoch-{resumed_epoch}{Path(name).suffix}"
+    kept = output_dir / f"{Path(name).stem}-until-epoch-{trained}{Path(name).suffix}"
     if not kept.exists():
         current.rename(kept)
         return kept

@@ -18,6 +18,7 @@ from common.sharded_checkpoint import OPTIMIZER_SHARDS, load_optimizer_shards, r
 from models.checkpoints import read_model_checkpoint
 from models.lora import load_plain_state, plain_names
 
+MID_EPOCH = "mid_epoch"  # the checkpoint entry a step checkpoint (--save_every_steps) adds
 # checkpoint-<epoch>.pth: after that epoch; checkpoint-<epoch>-step<B>.pth: within it, after its first B batches
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pth$")
 

@@ -38,6 +38,7 @@ class StepSettings:
     print_freq: int = 20
     max_bad_samples: int | None = None
     reg_loss_weight: float = 0.0  # weight of `regularizer()`, added once per optimizer step
+    data_name: str = "the training data"  # what the run trains on, in words (for a refusal that names it)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -225,11 +226,23 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[Batch], optimizer: 
     watch.check(epoch, cause_of(settings))
     stats = averager.global_average(device)
     stats["skipped_samples"] = global_skipped(skipped, device)
+    require_something_trained(stats, epoch, settings)
     stats["lr"] = optimizer.param_groups[0]["lr"]
     if scaler is not None:
         stats["amp_skipped_steps"] = float(hooks.overflow_steps)
     check_weights(model, epoch, cause_of(settings))
     return stats
+
+
+def require_something_trained(stats: dict[str, float], epoch: int, settings: StepSettings) -> None:
+    """An epoch in which no sample could be read trained nothing: the run stops there, before any
+    checkpoint or report would call it done (every rank sees the same reduced statistics)."""
+    if "loss" in stats:
+        return
+    skipped = int(stats["skipped_samples"])
+    raise UserError(f"epoch {epoch} trained on nothing: all {skipped} samples it read from {settings.data_name} were "
+                    f"unreadable and skipped (not images, or without a caption); fix or replace that data (nothing was "
+                    f"saved)")
 
 
 def _snapshot(batches_done: int, averager: ScalarAverager, skipped: int, hooks: EpochHooks, watch: FinitenessWatch,

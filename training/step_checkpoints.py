@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from common import distributed as dist_util
 from common.console import say
 from common.errors import UserError
-from training.run_checkpoint import prune_step_checkpoints, step_checkpoint_name
+from training.run_checkpoint import MID_EPOCH, prune_step_checkpoints, step_checkpoint_name
 from training.step import EpochProgress
 
 if TYPE_CHECKING:
     from training.pretrain import Optimization, PretrainRun
 
-MID_EPOCH = "mid_epoch"  # the checkpoint entry a step checkpoint adds
 
 
 class StepCheckpointer:
@@ -52,18 +52,44 @@ class StepCheckpointer:
             prune_step_checkpoints(self.run.ctx.output_dir, self.run.cfg.run.keep_last_checkpoints)
 
 
-def resumed_progress(run: "PretrainRun", state: dict[str, Any] | None) -> tuple[EpochProgress | None, int]:
-    """(this rank's place in the resumed epoch, the unreadable samples skipped before it) from a
-    step checkpoint's entry; a different number of processes is refused (the epoch's order and each
-    rank's share of it would change mid-way)."""
-    if not state:
-        return None, 0
+# what decides which batches an epoch holds, in which order and with which random draws: a resume
+# within an epoch continues exactly only with all of them unchanged
+EPOCH_DEFINING = ("batch_size", "accum_iter", "seed", "num_workers", "data_path", "data_file_path", "eval_data_path",
+                  "eval_data_file_path", "val_fraction", "data_weights", "max_train_samples", "train_num_samples",
+                  "synthetic_train_size", "webdataset", "dataset_resampled", "shuffle_buffer")
+
+
+def check_mid_epoch_resume(path: str, state: dict[str, Any], recorded: dict[str, Any], current: dict[str, Any],
+                           batches_per_epoch: int) -> None:
+    """Refuses, before any work, a resume within an epoch that could not continue it exactly: another
+    number of processes, batch size or data (its remaining batches would repeat samples or leave some
+    out), or an epoch now shorter than the part already trained."""
+    epoch, done = state["epoch"], state["batches_done"]
+    where = f"--resume {path} stopped within epoch {epoch}, after {done} of its batches"
+    earlier = Path(path).with_name(f"checkpoint-{epoch - 1}.pth")
+    instead = (f"or continue from the epoch checkpoint {earlier}, after which these may change" if earlier.exists()
+               else "or start the run again in a new --output_dir")
     world = dist_util.world_size()
     if state["world_size"] != world:
-        raise UserError(f"--resume {run.weights.path} was written within epoch {state['epoch']} by "
-                        f"{state['world_size']} processes and this run has {world}: the rest of that epoch cannot "
-                        f"be split the same way; resume with {state['world_size']} processes, or from an epoch "
-                        f"checkpoint (checkpoint-<epoch>.pth), where any number may continue")
+        raise UserError(f"{where}, written by {state['world_size']} processes, and this run has {world}: the rest of "
+                        f"that epoch cannot be split the same way; resume with {state['world_size']} processes, "
+                        f"{instead}")
+    changed = [f"--{name} {recorded[name]} -> {current[name]}" for name in EPOCH_DEFINING
+               if name in recorded and name in current and recorded[name] != current[name]]
+    if changed:
+        raise UserError(f"{where}; this run changes {', '.join(changed)}, so the rest of that epoch would not be the "
+                        f"batches it left (samples trained twice or never); resume with the run's own values, "
+                        f"{instead}")
+    if done >= batches_per_epoch:
+        raise UserError(f"{where}, but this run's epoch has only {batches_per_epoch} batches, so nothing of it would "
+                        f"be left to train; resume with the run's own data and batch size, {instead}")
+
+
+def resumed_progress(run: "PretrainRun", state: dict[str, Any] | None) -> tuple[EpochProgress | None, int]:
+    """(this rank's place in the resumed epoch, the unreadable samples skipped before it) from a
+    step checkpoint's entry (checked by `check_mid_epoch_resume` when the run was built)."""
+    if not state:
+        return None, 0
     run.mode.load_step_state(state["mode"])
     say(f"continuing epoch {state['epoch']} after its first {state['batches_done']} batches (read again, not "
         f"trained on, so that the data and random draws continue as they were)")

@@ -13,6 +13,7 @@ from common.checkpoint_io import Checkpoint
 from common.console import say
 from common.errors import UserError
 from common.sharded_checkpoint import OPTIMIZER_SHARDS
+from training.run_checkpoint import MID_EPOCH
 from models import create_model
 from models.backbone import VLMoBackbone
 from models.checkpoints import read_model_checkpoint
@@ -69,8 +70,11 @@ def resolve_weights(cfg: PretrainConfig) -> tuple[Weights, PretrainConfig]:
     elif "optimizer" not in ckpt.extra and OPTIMIZER_SHARDS not in ckpt.extra:
         say(f"--resume {m.resume} holds weights only: initialising the model from it (new run, epoch 0)")
         return Weights(m.resume, ckpt), cfg
+    elif ckpt.extra.get(MID_EPOCH):
+        place = ckpt.extra[MID_EPOCH]
+        say(f"resuming run from {m.resume} (within epoch {place['epoch']}, after {place['batches_done']} of its batches)")
     else:
-        say(f"resuming run from {m.resume} (epoch {ckpt.extra.get('epoch')})")
+        say(f"resuming run from {m.resume} (after epoch {ckpt.extra.get('epoch')})")
     return Weights(m.resume, ckpt, continue_run=True), continue_lora(cfg, ckpt, m.resume)
 
 

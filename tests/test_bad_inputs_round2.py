@@ -1,0 +1,118 @@
+"""Issue 35, the second round of bad inputs: each case as a user makes it, failing on the code
+before the fix. Work that did not happen is never reported as done; a resume within an epoch is
+exact or refused; user mistakes get one sentence, never a traceback."""
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+
+import pytest
+import yaml
+from PIL import Image
+
+from main_pretrain_cook import main as pretrain
+from tests.test_bad_inputs import refused
+from tests.test_pretrain_cli import SYNTH, TINY
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (90, 30, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer(tmp_path_factory):
+    from util.train_text_tokenizer import main as train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    return train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "100", "--output", str(out)])
+
+
+# ---- work that did not happen ---------------------------------------------------------------------
+@pytest.mark.parametrize("members", [
+    {".jpg": b"not an image", ".txt": b"a caption"},  # images that are not images
+    {".jpg": None, ".txt": None},  # real images without a caption
+])
+def test_shards_that_yield_no_sample_train_nothing_and_save_nothing(tmp_path, capsys, text_tokenizer, members):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for i in range(8):
+            _add(tar, f"{i:04d}.jpg", members[".jpg"] or _png())
+            if members[".txt"]:
+                _add(tar, f"{i:04d}.txt", members[".txt"])
+    val = tmp_path / "val"
+    shutil.copytree(shards, val)
+    out = tmp_path / "run"
+    text = refused(lambda: pretrain(TINY + ["--exp_name", "image_text_itc", "--webdataset", "--data_path", str(shards),
+                                            "--train_num_samples", "8", "--eval_data_path", str(val), "--tokenizer",
+                                            str(text_tokenizer), "--epochs", "1", "--output_dir", str(out)]),
+                   "epoch 0 trained on nothing: all 8 samples", str(shards), capsys=capsys)
+    assert "Traceback" not in text
+    assert not list(out.glob("checkpoint-*")) and not (out / "stage_report.json").exists()
+
+
+# ---- resuming within an epoch ------------------------------------------------------------------------
+STEP_RUN = TINY + SYNTH + ["--epochs", "2", "--save_every_steps", "2"]  # 4 batches of 8 an epoch
+
+
+@pytest.fixture(scope="module")
+def step_checkpoint(tmp_path_factory):
+    """checkpoint-0-step2.pth (epoch 0, after 2 of its 4 batches) of a two-epoch run, kept."""
+    import training.pretrain
+    import training.step_checkpoints
+
+    out = tmp_path_factory.mktemp("steps")
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (training.pretrain, training.step_checkpoints):
+            patch.setattr(module, "prune_step_checkpoints", lambda *a: [])
+        pretrain(STEP_RUN + ["--epochs", "1", "--no_pictures", "--output_dir", str(out)])
+    return out / "checkpoint-0-step2.pth"
+
+
+@pytest.mark.parametrize("change, said", [
+    (["--batch_size", "4"], "--batch_size 8 -> 4"),
+    (["--synthetic_train_size", "48"], "--synthetic_train_size 32 -> 48"),
+    (["--max_train_samples", "16"], "--max_train_samples None -> 16"),
+    (["--seed", "1"], "--seed 0 -> 1"),
+])
+def test_a_step_resume_that_could_not_continue_its_epoch_exactly_is_refused(tmp_path, capsys, step_checkpoint,
+                                                                             change, said):
+    out = tmp_path / "resumed"
+    same_targets = ["--d_vae_weight_path", str(step_checkpoint.parent / "visual_tokenizer.safetensors")]
+    text = refused(lambda: pretrain(STEP_RUN + change + same_targets + ["--output_dir", str(out), "--resume",
+                                                                        str(step_checkpoint)]),
+                   "stopped within epoch 0, after 2 of its batches", said, "samples trained twice or never",
+                   "start the run again in a new --output_dir", capsys=capsys)
+    assert "Traceback" not in text and not list(out.glob("checkpoint-*"))
+
+
+def test_a_step_resume_into_an_epoch_now_too_short_is_refused(tmp_path, capsys, step_checkpoint):
+    from training.step_checkpoints import check_mid_epoch_resume
+
+    state = {"epoch": 3, "batches_done": 6, "world_size": 1}
+    (tmp_path / "checkpoint-2.pth").write_bytes(b"")
+    with pytest.raises(Exception, match="this run's epoch has only 4 batches, so nothing of it would be left") as info:
+        check_mid_epoch_resume(str(tmp_path / "checkpoint-3-step6.pth"), state, {}, {}, 4)
+    assert f"continue from the epoch checkpoint {tmp_path / 'checkpoint-2.pth'}" in str(info.value)
+
+
+def test_a_step_resume_says_where_it_is_and_keeps_the_settings_it_changes(tmp_path, capsys, step_checkpoint):
+    out = tmp_path / "resumed"
+    shutil.copytree(step_checkpoint.parent, out)
+    capsys.readouterr()
+    pretrain(STEP_RUN + ["--output_dir", str(out), "--resume", str(out / step_checkpoint.name), "--no_pictures"])
+    said = capsys.readouterr().out
+    assert "(within epoch 0, after 2 of its batches)" in said and "epoch -1" not in said
+    assert "the settings of epoch 0's first 2 batches are kept in" in said
+    kept = out / "args-until-epoch-0-step2.yaml"
+    assert yaml.safe_load(kept.read_text())["epochs"] == 1 and yaml.safe_load((out / "args.yaml").read_text())["epochs"] == 2
+    assert not list(out.glob("args-until-epoch--*"))
