@@ -21,13 +21,14 @@ _NO_DEFAULT_SHOWN = object()
 
 def flag(default: Any, help: str, *aliases: str, default_factory: Callable[[], Any] | None = None,
          shown_default: Any = _NO_DEFAULT_SHOWN, minimum: float | None = None, below: float | None = None,
-         **argparse_kwargs: Any) -> Any:
+         maximum: float | None = None, **argparse_kwargs: Any) -> Any:
     """A dataclass field that is also a flag. `aliases`: other spellings accepted on the command
     line (e.g. ContinualTransformer's names); `shown_default`: what the help prints when the real
     default is computed later (e.g. "the checkpoint's"); `minimum` / `below`: the range a number
-    must lie in (at least `minimum`, less than `below`), checked as the flag's value is read."""
+    must lie in (at least `minimum`, less than `below`, at most `maximum`), checked as the flag's value
+    is read."""
     meta = {"help": help, "aliases": aliases, "argparse": argparse_kwargs, "shown_default": shown_default,
-            "range": (minimum, below)}
+            "range": (minimum, below, maximum)}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -56,14 +57,19 @@ def _help(field: dataclasses.Field, default: Any) -> str:
     return f"{field.metadata['help']} (default: {shown})".replace("%", "%%")
 
 
-def in_range(base: Callable[[str], Any], minimum: float | None, below: float | None) -> Callable[[str], Any]:
-    """`base` (int, float) that also refuses values outside [minimum, below)."""
+def in_range(base: Callable[[str], Any], minimum: float | None, below: float | None,
+             maximum: float | None = None) -> Callable[[str], Any]:
+    """`base` (int, float) that also refuses nan and values outside [minimum, below) or above `maximum`."""
     def convert(text: str) -> Any:
         value = base(text)
+        if value != value:  # nan compares false with every bound
+            raise argparse.ArgumentTypeError(f"{text} is not a number")
         if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be at least {minimum}")
         if below is not None and not value < below:
             raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be below {below}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be at most {maximum}")
         return value
 
     convert.__name__ = base.__name__  # argparse names the type in "invalid int value: ..."

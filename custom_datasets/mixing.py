@@ -38,8 +38,9 @@ def check_weights(sources: list[str], weights: Sequence[float] | None) -> list[f
     if len(weights) != len(sources):
         raise UserError(f"--data_weights has {len(weights)} values for {len(sources)} sources in --data_path; give one "
                         f"weight per source (e.g. --data_weights {' '.join(['1'] * len(sources))})")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise UserError("--data_weights must be non-negative with a positive sum")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"--data_weights {' '.join(f'{w:g}' for w in weights)}: each weight must be a finite number "
+                        f"of at least 0, and their sum above 0 (e.g. --data_weights 3 1)")
     return list(weights)
 
 

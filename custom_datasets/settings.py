@@ -23,7 +23,7 @@ class DataSettings:
                                        "'synthetic' for the embedded world", shown_default="none: required")
     data_weights: tuple[float, ...] | None = flag(None, "sources given as --data_path \"A::B\" (image folders or "
                                                        "--webdataset shards): each one's share of every epoch, e.g. 3 1",
-                                                  nargs="+", shown_default="equal")
+                                                  nargs="+", shown_default="equal", minimum=0)
     eval_data_path: str | None = flag(None, "held-out images", shown_default="a --val_fraction of --data_path")
     val_fraction: float = flag(0.05, "fraction of --data_path held out (deterministic by file name)", minimum=0,
                                 below=1)

@@ -116,3 +116,65 @@ def test_a_step_resume_says_where_it_is_and_keeps_the_settings_it_changes(tmp_pa
     kept = out / "args-until-epoch-0-step2.yaml"
     assert yaml.safe_load(kept.read_text())["epochs"] == 1 and yaml.safe_load((out / "args.yaml").read_text())["epochs"] == 2
     assert not list(out.glob("args-until-epoch--*"))
+
+
+# ---- experiments ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("knob, said", [
+    (["--wise_alpha", "2"], "wise's text_mlm stage would be refused: argument --wise_alpha: 2 is not allowed"),
+    (["--replay_ratio", "1.0"], "replay's text_mlm stage would be refused: argument --replay_ratio: 1 is not allowed"),
+])
+def test_the_continual_benchmark_checks_every_child_run_before_the_first(tmp_path, capsys, monkeypatch, knob, said):
+    import util.continual_benchmark as benchmark
+
+    def ran(*args):
+        raise AssertionError("a child run started before the flags were checked")
+
+    monkeypatch.setattr(benchmark, "run_script", ran)
+    monkeypatch.setattr(benchmark, "write_reference", ran)
+    monkeypatch.setattr(benchmark, "train_wordpiece", ran)
+    refused(lambda: benchmark.main(["--quick", "--output_dir", str(tmp_path / "b"), *knob]), said, capsys=capsys)
+
+
+def test_the_continual_benchmark_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
+    from util.continual_benchmark import main as benchmark
+
+    (tmp_path / "results").write_text("not a folder")
+    refused(lambda: benchmark(["--quick", "--output_dir", str(tmp_path / "results")]),
+            f"--output_dir {tmp_path / 'results'} is a file; give a folder", capsys=capsys)
+
+
+def test_stopping_an_experiment_stops_its_child_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    experiment = subprocess.Popen([sys.executable, "-c", "from pathlib import Path; from util.experiment_runs import "
+                                   f"run_script; run_script(['-c', {child!r}], Path({str(tmp_path / 'log.txt')!r}))"],
+                                  cwd=ROOT)
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()):
+        assert time.time() < deadline and experiment.poll() is None
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    experiment.send_signal(signal.SIGTERM)
+    assert experiment.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # reaped: gone, not a zombie left running
+        os.kill(pid, 0)
+
+
+# ---- outside files -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("content", [b"hello\n", b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01K\x01s."])  # text; a legacy pickle
+def test_a_vqkd_file_that_is_not_a_checkpoint_is_one_sentence(tmp_path, content):
+    from common.errors import UserError
+    from models.visual_tokenizers.vqkd import load_vqkd_tokenizer
+
+    path = tmp_path / "vqkd.pth"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"--d_vae_weight_path: .*vqkd.pth .*--d_vae_type vqkd takes BEiT v2's"):
+        load_vqkd_tokenizer(path)

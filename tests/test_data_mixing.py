@@ -100,7 +100,9 @@ def test_a_run_mixes_two_folders_and_says_how(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,says", [
     (["--data_weights", "1"], "--data_weights has 1 values for 2 sources"),
-    (["--data_weights", "1", "-1"], "--data_weights must be non-negative"),
+    (["--data_weights", "1", "-1"], "argument --data_weights: -1 is not allowed: it must be at least 0"),
+    (["--data_weights", "nan", "1"], "argument --data_weights: nan is not a number"),
+    (["--data_weights", "0", "0"], "their sum above 0"),
 ])
 def test_mixing_flags_are_one_sentence(tmp_path, capsys, extra, says):
     a, b = _folder(tmp_path / "a", 10, (0, 0, 0)), _folder(tmp_path / "b", 10, (255, 255, 255))

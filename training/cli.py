@@ -48,6 +48,24 @@ def pretrain_config_from_argv(argv: list[str] | None, description: str = "") -> 
     return pretrain_config(parse_with_config(pretrain_parser(description), argv, PRESETS))
 
 
+def check_planned_pretrain_run(argv: list[str], planned: frozenset[str] = frozenset()) -> None:
+    """Validates a main_pretrain_cook.py command an experiment will run later, as that run would
+    before any work, without printing: a bad flag value or combination is a UserError now (not an
+    argparse exit), and input paths in `planned` (written by the experiment's earlier steps) may not
+    exist yet."""
+    import contextlib
+    import io
+
+    parser = pretrain_parser()
+
+    def refuse(message: str):
+        raise UserError(message)
+
+    parser.error = refuse  # type: ignore[method-assign]
+    with contextlib.redirect_stdout(io.StringIO()):
+        pretrain_config(parse_with_config(parser, argv, PRESETS), planned)
+
+
 def finetune_config_from_argv(argv: list[str] | None, description: str = "") -> FinetuneConfig:
     """Flags over `--config` over the recipe's defaults (`auto`: chosen by the training set's size)."""
     namespace = parse_with_config(finetune_parser(description), argv)

@@ -134,7 +134,7 @@ class ContinualSettings:
     replay_ratio: float = flag(0.25, "--cl_method replay: share of each step's samples replayed from the earlier "
                                      "stages (their data, objectives and heads)", minimum=0.01, below=0.99)
     wise_alpha: float = flag(0.5, "--cl_method wise: weight of the trained weights in (1 − α)·θ_prev + α·θ_new",
-                             minimum=0, below=1.0000001)
+                             minimum=0, maximum=1)
 
 
 @dataclass(frozen=True)
@@ -292,15 +292,16 @@ def resolve_pretrain_defaults(cfg: PretrainConfig) -> PretrainConfig:
                                                    cfg.lora.lora_rank)})
 
 
-def pretrain_config(namespace: argparse.Namespace) -> PretrainConfig:
-    """The frozen, validated pretraining config of parsed flags."""
+def pretrain_config(namespace: argparse.Namespace, planned: frozenset[str] = frozenset()) -> PretrainConfig:
+    """The frozen, validated pretraining config of parsed flags (`planned`: input paths an earlier
+    step of an experiment writes, accepted before they exist)."""
     from training.defaults import mode_alias
 
     groups = {name: settings_from(cls, namespace) for name, (_, cls) in PRETRAIN_GROUPS.items()}
     exp_name, lora_changes = mode_alias(namespace.exp_name, groups["lora"].lora_rank)
     groups["lora"] = dataclasses.replace(groups["lora"], **lora_changes)
     cfg = resolve_pretrain_defaults(PretrainConfig(exp_name=exp_name, **groups))
-    check_pretrain_flags(cfg)
+    check_pretrain_flags(cfg, planned)
     run = cfg.run
     out = run.output_dir or f"outputs/{cfg.exp_name}"
     return replace(cfg, run={"output_dir": out, "log_dir": run.log_dir or out, "amp": check_device(run)})

@@ -83,14 +83,15 @@ def check_fsdp_launch(fsdp: bool) -> None:
                         "--nproc_per_node N, or drop --fsdp to train in this one process")
 
 
-def check_paths_exist(paths: dict[str, object]) -> None:
+def check_paths_exist(paths: dict[str, object], planned: frozenset[str] = frozenset()) -> None:
     """Inputs are checked before the output folder is (a wrong path is reported as such, not as a
-    folder that holds a run). `paths`: flag -> path or paths (None: not given)."""
+    folder that holds a run). `paths`: flag -> path or paths (None: not given); `planned`: paths an
+    earlier step of an experiment will have written by the time this run starts."""
     from pathlib import Path
 
     for flag_name, value in paths.items():
         for path in ([value] if isinstance(value, str) else list(value or [])):
-            if path and not Path(path).exists():
+            if path and str(path) not in planned and not Path(path).exists():
                 raise UserError(f"--{flag_name} {path} does not exist; check the path")
 
 
@@ -130,7 +131,7 @@ def check_continual_flags(cfg: "PretrainConfig") -> None:
                         "--fsdp (DDP), or drop --fisher_samples")
 
 
-def check_pretrain_flags(cfg: "PretrainConfig") -> None:
+def check_pretrain_flags(cfg: "PretrainConfig", planned: frozenset[str] = frozenset()) -> None:
     check_launch_flags(cfg.run)
     check_fsdp_launch(cfg.model.fsdp)
     check_weight_flags(cfg)
@@ -145,7 +146,7 @@ def check_pretrain_flags(cfg: "PretrainConfig") -> None:
     check_paths_exist({"data_path": sources or None, "data_file_path": cfg.text.data_file_path, "eval_data_path":
                        None if cfg.text.webdataset else cfg.data.eval_data_path,
                        "eval_data_file_path": cfg.text.eval_data_file_path, "init_from": cfg.model.init_from,
-                       "resume": cfg.model.resume})
+                       "resume": cfg.model.resume}, planned)
     check_data_flags(cfg)
     check_lora_flags(cfg)
     check_continual_flags(cfg)

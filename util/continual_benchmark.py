@@ -130,8 +130,7 @@ def evaluate_row(flags: list[str], weights: Path, out: Path) -> dict[str, float]
     `flags` name the held-out pairs and the image stage's visual tokenizer."""
     report = out / "eval_report.json"
     if not report.is_file():
-        run_child(flags + ["--exp_name", "compound_pretrain", "--eval", "--init_from", str(weights),
-                           "--output_dir", str(out)], out / "output.txt")
+        run_child(eval_argv(flags, weights, out), out / "output.txt")
     return with_mim_gain(json.loads(report.read_text()))
 
 
@@ -210,50 +209,128 @@ def method_flags(args: argparse.Namespace, variant: Variant) -> list[str]:
     return flags
 
 
-def handover(stage_dir: Path, epochs: int) -> Path:
-    merged = stage_dir / "merged_model.safetensors"
-    return merged if merged.is_file() else stage_dir / f"checkpoint-{epochs - 1}.pth"
+def handover(stage_dir: Path, epochs: int, variant_method: str) -> Path:
+    """What the next stage starts from: the merged adapters, or a full run's last checkpoint."""
+    if variant_method == "full":
+        return stage_dir / f"checkpoint-{epochs - 1}.pth"
+    return stage_dir / "merged_model.safetensors"
+
+
+def mim_argv(args: argparse.Namespace, flags: list[str], reference: Path) -> list[str]:
+    return flags + data_flags(args, "image") + ["--exp_name", "image_mim", "--epochs", str(args.sizes[2]),
+                                                "--visual_vocab_size", str(VISUAL_VOCAB), "--init_from", str(reference),
+                                                "--fisher_samples", str(args.fisher_samples)]
+
+
+def stage_argv(args: argparse.Namespace, flags: list[str], variant: Variant, stage: tuple[str, str, str],
+               start: Path) -> list[str]:
+    """A text or image-text stage of `variant`, starting from `start`."""
+    exp, _, kind = stage
+    epochs, blr = (args.sizes[3], "5e-3") if exp == "text_mlm" else (args.sizes[4], "2e-2")
+    extra = ["--batch_size", "32"] if exp == "image_text_itc" else []  # more steps, as demo_chain.py
+    if args.real and exp == "text_mlm":  # the stage's own per-epoch check (the rows are measured apart)
+        extra += ["--max_val_samples", "1000"]
+    return flags + data_flags(args, kind) + method_flags(args, variant) + extra + [
+        "--exp_name", exp, "--epochs", str(epochs), "--blr", blr, "--init_from", str(start)]
+
+
+def joint_argv(args: argparse.Namespace, flags: list[str], mim_ckpt: Path) -> list[str]:
+    epochs = args.sizes[3] + args.sizes[4]
+    return flags + data_flags(args, "pair") + ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model",
+                                               "--exp_name", "compound_pretrain", "--epochs", str(epochs),
+                                               "--blr", "1e-2", "--batch_size", "32", "--init_from", str(mim_ckpt)]
+
+
+def eval_argv(evaluation: list[str], weights: Path, out: Path) -> list[str]:
+    return evaluation + ["--exp_name", "compound_pretrain", "--eval", "--init_from", str(weights), "--output_dir",
+                         str(out)]
+
+
+@dataclass(frozen=True)
+class SeedFiles:
+    """What a seed's chain writes, by the step that writes it."""
+
+    root: Path
+    tokenizer: Path
+    reference: Path
+    mim: Path
+    mim_ckpt: Path
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, seed: int) -> "SeedFiles":
+        root = Path(args.output_dir) / f"seed_{seed}"
+        mim = root / "1_image_mim"
+        return cls(root, root / "text_tokenizer", root / "0_reference" / "random_init.safetensors", mim,
+                   mim / f"checkpoint-{args.sizes[2] - 1}.pth")
+
+
+def seed_flags(args: argparse.Namespace, seed: int, files: SeedFiles) -> tuple[list[str], list[str]]:
+    """(the flags of every later stage, those of every evaluation row)."""
+    flags = common_flags(args, seed, files.tokenizer) + [
+        "--d_vae_weight_path", str(files.mim / "visual_tokenizer.safetensors")]  # the MIM targets of every later row
+    return flags, flags + data_flags(args, "pair")
+
+
+def check_every_run(args: argparse.Namespace) -> None:
+    """Every child command of the benchmark, checked as its run would check it, before the first
+    one starts: a bad knob (--wise_alpha 2, --replay_ratio 1) is refused now, not after the
+    reference and the image stage have run for minutes."""
+    from training.cli import check_planned_pretrain_run
+
+    files = SeedFiles.of(args, args.seeds[0])
+    common = common_flags(args, args.seeds[0], files.tokenizer)
+    flags, evaluation = seed_flags(args, args.seeds[0], files)
+    runs = [("the image MIM stage", mim_argv(args, common, files.reference)),
+            ("an evaluation row", eval_argv(evaluation, files.mim_ckpt, files.mim / "row"))]
+    made = {files.tokenizer, files.reference, files.mim_ckpt, files.mim / "visual_tokenizer.safetensors"}
+    for variant in variants(args):
+        if variant.method == JOINT:
+            runs.append((f"{JOINT}'s compound stage", joint_argv(args, flags, files.mim_ckpt)))
+            continue
+        start = files.mim_ckpt
+        for stage in STAGES:
+            runs.append((f"{variant.name}'s {stage[0]} stage", stage_argv(args, flags, variant, stage, start)))
+            start = handover(files.root / variant.folder / stage[1], args.sizes[3 if stage[0] == "text_mlm" else 4],
+                             variant.method)
+            made.add(start)
+    planned = frozenset(str(p) for p in made)
+    for label, argv in runs:
+        try:
+            check_planned_pretrain_run(argv, planned)
+        except UserError as err:
+            raise UserError(f"{label} would be refused: {err}") from None
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     """{method: {"matrix", "summary", "cost"}} for one seed."""
-    train, _, mim_epochs, mlm_epochs, itc_epochs = args.sizes
-    root = Path(args.output_dir) / f"seed_{seed}"
-    tokenizer = root / "text_tokenizer"
-    if not (tokenizer / "vocab.txt").is_file():
+    train = args.sizes[0]
+    files = SeedFiles.of(args, seed)
+    if not (files.tokenizer / "vocab.txt").is_file():
         sources = [str(args.text_file), args.pairs] if args.real else ["synthetic"]
-        train_wordpiece(caption_texts(sources, train, seed), 512 if not args.real else 4000, tokenizer)
-    flags = common_flags(args, seed, tokenizer)
-    reference = root / "0_reference" / "random_init.safetensors"
-    if not reference.is_file():
-        reference.parent.mkdir(parents=True, exist_ok=True)
-        write_reference(flags + data_flags(args, "image"), reference)
-    mim = root / "1_image_mim"
-    mim_cost = run_stage(flags + data_flags(args, "image") + ["--exp_name", "image_mim", "--epochs", str(mim_epochs), "--visual_vocab_size", str(VISUAL_VOCAB),
-                                  "--init_from", str(reference), "--fisher_samples", str(args.fisher_samples)], mim)
-    flags += ["--d_vae_weight_path", str(mim / "visual_tokenizer.safetensors")]  # the MIM targets of every later row
-    evaluation = flags + data_flags(args, "pair")
-    mim_ckpt = mim / f"checkpoint-{mim_epochs - 1}.pth"
+        train_wordpiece(caption_texts(sources, train, seed), 512 if not args.real else 4000, files.tokenizer)
+    common = common_flags(args, seed, files.tokenizer)
+    if not files.reference.is_file():
+        files.reference.parent.mkdir(parents=True, exist_ok=True)
+        write_reference(common + data_flags(args, "image"), files.reference)
+    mim_cost = run_stage(mim_argv(args, common, files.reference), files.mim)
+    flags, evaluation = seed_flags(args, seed, files)
     print(f"seed {seed}: reference and image MIM rows", flush=True)
-    rows0 = [evaluate_row(evaluation, reference, root / "0_reference" / "row"), evaluate_row(evaluation, mim_ckpt, mim / "row")]
+    rows0 = [evaluate_row(evaluation, files.reference, files.reference.parent / "row"),
+             evaluate_row(evaluation, files.mim_ckpt, files.mim / "row")]
     results = {}
     for variant in variants(args):
         if variant.method == JOINT:
-            results[variant.name] = run_joint(args, seed, flags, evaluation, mim_ckpt, rows0, mim_cost, root)
+            results[variant.name] = run_joint(args, seed, flags, evaluation, files.mim_ckpt, rows0, mim_cost, files.root)
             continue
-        start, rows, costs = mim_ckpt, list(rows0), [mim_cost]
-        for (exp, folder, kind), epochs, blr in zip(STAGES, (mlm_epochs, itc_epochs), ("5e-3", "2e-2")):
-            print(f"seed {seed}: {variant.name} {exp}", flush=True)
-            stage = root / variant.folder / folder
-            extra = ["--batch_size", "32"] if exp == "image_text_itc" else []  # more steps, as demo_chain.py
-            if args.real and exp == "text_mlm":  # the stage's own per-epoch check (the rows are measured apart)
-                extra += ["--max_val_samples", "1000"]
-            costs.append(run_stage(flags + data_flags(args, kind) + method_flags(args, variant) + extra + [
-                "--exp_name", exp, "--epochs", str(epochs), "--blr", blr, "--init_from", str(start)], stage))
-            start = handover(stage, epochs)
-            rows.append(evaluate_row(evaluation, start, stage / "row"))
+        start, rows, costs = files.mim_ckpt, list(rows0), [mim_cost]
+        for stage in STAGES:
+            print(f"seed {seed}: {variant.name} {stage[0]}", flush=True)
+            folder = files.root / variant.folder / stage[1]
+            costs.append(run_stage(stage_argv(args, flags, variant, stage, start), folder))
+            start = handover(folder, args.sizes[3 if stage[0] == "text_mlm" else 4], variant.method)
+            rows.append(evaluate_row(evaluation, start, folder / "row"))
         results[variant.name] = {"matrix": rows, "summary": summary(rows, OWNER), "cost": costs, "knob": variant.knob}
-        (root / variant.folder / "matrix.json").write_text(json.dumps(results[variant.name], indent=1))
+        (files.root / variant.folder / "matrix.json").write_text(json.dumps(results[variant.name], indent=1))
     return results
 
 
@@ -262,14 +339,10 @@ def run_joint(args: argparse.Namespace, seed: int, flags: list[str], evaluation:
     """The upper bound: after the shared image stage, one compound stage that trains MIM, MLM and
     ITC together on the pairs, for as many epochs as the text and image-text stages together, with
     the same adapters. It has no row between the text and image-text stages (left empty)."""
-    _, _, _, mlm_epochs, itc_epochs = args.sizes
-    epochs = mlm_epochs + itc_epochs
     stage = root / JOINT / "2_compound"
     print(f"seed {seed}: joint compound_pretrain", flush=True)
-    cost = run_stage(flags + data_flags(args, "pair") + ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model", "--exp_name",
-                              "compound_pretrain", "--epochs", str(epochs), "--blr", "1e-2", "--batch_size", "32",
-                              "--init_from", str(mim_ckpt)], stage)
-    rows = [*rows0, {}, evaluate_row(evaluation, handover(stage, epochs), stage / "row")]
+    cost = run_stage(joint_argv(args, flags, mim_ckpt), stage)
+    rows = [*rows0, {}, evaluate_row(evaluation, handover(stage, args.sizes[3] + args.sizes[4], JOINT), stage / "row")]
     result = {"matrix": rows, "summary": summary(rows, OWNER), "cost": [mim_cost, cost]}
     (root / JOINT / "matrix.json").write_text(json.dumps(result, indent=1))
     return result
@@ -418,7 +491,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args.real = check_real_data(args)
     args.output_dir = args.output_dir or f"outputs/continual_benchmark{'_real' if args.real else ''}{'_quick' if args.quick else ''}"
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; give a folder (new, or a benchmark's to continue it)")
+    variants(args)  # a method or value named twice
     args.text_file = text_without_pair_captions(args.captions, args.pairs, out) if args.real else None
+    check_every_run(args)
     start = time.time()
     per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
     results = aggregate(per_seed)

@@ -3,10 +3,13 @@
 what did not finish. A folder an interrupted run left is renamed aside, never deleted."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -56,15 +59,47 @@ def result_settings(argv: list[str]) -> list[str]:
     return kept
 
 
+STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stopped_with(child: subprocess.Popen):
+    """While `child` runs: a SIGTERM, SIGINT or SIGHUP to this process stops the child and its own
+    processes (its loader workers: one process group) before this one ends, so that stopping an
+    experiment never leaves a training run behind that goes on writing into its folder."""
+    def stop(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():  # handlers belong to the main thread
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in STOPPING}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_script(argv: list[str], log: Path, append: bool = False) -> dict[str, float]:
     """`python ARGV` from the project root in its own process (its peak memory is its own), output to
     `log`; its wall seconds, CPU seconds (with its loader workers) and peak memory. A failure is one
-    sentence naming the log and its last line."""
+    sentence naming the log and its last line; stopping this process stops the child too."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with log.open("a" if append else "w") as out:
-        child = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)
+        child = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 start_new_session=True)
+        with stopped_with(child):
+            _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise UserError(f"a step failed; its output is in {log}: {log.read_text().strip().splitlines()[-1:]}")
     return {"seconds": round(time.time() - start, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),

@@ -11,13 +11,13 @@ are kept; the decoder, which only served training, is counted and left out."""
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.checkpoint_io import load_torch_file
 from common.errors import UserError
 from models.visual_tokenizers.vqkd_vit import VitShape, VqkdVit
 
@@ -97,12 +97,11 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise UserError(f"{path} is not a VQ-KD tokenizer (its metadata says kind {meta.get('kind')!r}); make one "
                             f"with python util/train_vqkd.py, or pass the matching --d_vae_type")
         return tensors, meta
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"{path} cannot be read as a plain PyTorch state dict (weights_only loading refused or "
-                        f"failed: {str(err).splitlines()[0][:160]}); pass BEiT v2's released VQ-KD .pth or a "
-                        f"tokenizer util/train_vqkd.py wrote") from None
+    try:  # every way a file can fail to be a checkpoint becomes one sentence there
+        saved = load_torch_file(path)
+    except UserError as err:
+        raise UserError(f"--d_vae_weight_path: {err} (--d_vae_type vqkd takes BEiT v2's released VQ-KD .pth or a "
+                        f"tokenizer util/train_vqkd.py wrote)") from None
     state = saved.get("model", saved.get("state_dict", saved)) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state dict of tensors (expected {{'model': ...}} as BEiT v2's VQ-KD files)")
