@@ -14,6 +14,7 @@ from typing import Any, Callable
 import yaml
 
 from common.errors import UserError
+from common.flag_scopes import given_flags
 from common.url_secrets import masked_url
 
 _NO_DEFAULT_SHOWN = object()
@@ -21,14 +22,14 @@ _NO_DEFAULT_SHOWN = object()
 
 def flag(default: Any, help: str, *aliases: str, default_factory: Callable[[], Any] | None = None,
          shown_default: Any = _NO_DEFAULT_SHOWN, minimum: float | None = None, below: float | None = None,
-         maximum: float | None = None, **argparse_kwargs: Any) -> Any:
+         maximum: float | None = None, scope: Any = None, **argparse_kwargs: Any) -> Any:
     """A dataclass field that is also a flag. `aliases`: other spellings accepted on the command
     line (e.g. ContinualTransformer's names); `shown_default`: what the help prints when the real
     default is computed later (e.g. "the checkpoint's"); `minimum` / `below`: the range a number
     must lie in (at least `minimum`, less than `below`, at most `maximum`), checked as the flag's value
-    is read."""
+    is read; `scope` (common/flag_scopes.py): the runs it means something in (None: every run)."""
     meta = {"help": help, "aliases": aliases, "argparse": argparse_kwargs, "shown_default": shown_default,
-            "range": (minimum, below, maximum)}
+            "range": (minimum, below, maximum), "scope": scope}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -122,6 +123,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
     pre.add_argument("--config", default=None)
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(argv)
+    config_keys: list[str] = []
     if defaults:
         parser.set_defaults(**defaults)
     if known.preset and presets and known.preset in presets:
@@ -142,7 +144,10 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
             raise UserError(f"--config {path} has unknown keys {unknown}; use the flag names without dashes")
         parser.set_defaults(**{key: config_value(parser, actions[key], value, f"--config {path}: {key}")
                                for key, value in values.items()})
-    return parser.parse_args(argv)
+        config_keys = list(values)
+    namespace = parser.parse_args(argv)
+    namespace.given_flags = given_flags(parser, argv, config_keys, known.config)  # what flag_scopes checks
+    return namespace
 
 
 def _as_flag_text(value: Any) -> str:

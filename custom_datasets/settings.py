@@ -6,15 +6,20 @@ import argparse
 from dataclasses import dataclass
 
 from common.config_args import flag
+from common.flag_scopes import both, mode_reads, when
 
 SYNTHETIC = "synthetic"
+SYNTHETIC_WORLD = when("runs with --data_path synthetic", lambda cfg: cfg.data.data_path == SYNTHETIC)
+WEBDATASET = when("runs with --webdataset", lambda cfg: cfg.text.webdataset)
+IMAGE_VIEWS, MASKING = mode_reads("image_views"), mode_reads("masking")
+BLOCK_MASKS = both(MASKING, when("runs with --mask_strategy block", lambda cfg: cfg.views.mask_strategy == "block"))
 INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "nearest", "random")  # random: bilinear or bicubic per image
 
 
-def allow_outside_flag():
+def allow_outside_flag(scope=None):
     """`--allow_outside_data_path`, the same in pretraining and fine-tuning."""
     return flag(False, "pair files may name images outside --data_path (absolute paths, '..'); by default such pairs "
-                       "are skipped and counted")
+                       "are skipped and counted", scope=scope)
 
 
 @dataclass(frozen=True)
@@ -28,16 +33,16 @@ class DataSettings:
     val_fraction: float = flag(0.05, "fraction of --data_path held out (deterministic by file name)", minimum=0,
                                 below=1)
     bands: str | None = flag(None, "for .npy tiles: three band indices as R,G,B, e.g. 3,2,1", shown_default="the first three")
-    synthetic_train_size: int = flag(2000, "scenes in the synthetic training split", minimum=1)
-    synthetic_val_size: int = flag(500, "scenes in the synthetic held-out split", minimum=1)
-    synthetic_render_size: int = flag(96, "pixels of a rendered synthetic scene", minimum=8)
+    synthetic_train_size: int = flag(2000, "scenes in the synthetic training split", minimum=1, scope=SYNTHETIC_WORLD)
+    synthetic_val_size: int = flag(500, "scenes in the synthetic held-out split", minimum=1, scope=SYNTHETIC_WORLD)
+    synthetic_render_size: int = flag(96, "pixels of a rendered synthetic scene", minimum=8, scope=SYNTHETIC_WORLD)
     max_train_samples: int | None = flag(None, "use only the first N training samples (quick trials)", shown_default="all",
                                           minimum=1)
     max_val_samples: int | None = flag(None, "use only the first N held-out samples", shown_default="all", minimum=1)
     max_bad_samples: int | None = flag(None, "stop once more unreadable samples than this were skipped", minimum=0,
                                        shown_default="no limit")
     num_workers: int = flag(2, "DataLoader worker processes", minimum=0)
-    allow_outside_data_path: bool = allow_outside_flag()
+    allow_outside_data_path: bool = allow_outside_flag(mode_reads("pairs"))
     pin_mem: bool | None = flag(None, "pin host memory for faster copies to the GPU",
                                 action=argparse.BooleanOptionalAction, shown_default="on with a GPU")
     no_pin_mem: bool = flag(False, "ContinualTransformer's spelling of --no-pin_mem")
@@ -49,23 +54,26 @@ class TextSettings:
                                  shown_default="bert-base-uncased for text modes")
     data_file_path: tuple[str, ...] | None = flag(
         None, "captions (.json list / .jsonl / .txt) or image-text pairs (.json/.jsonl with filename)", nargs="+",
-        shown_default="the synthetic world")
-    eval_data_file_path: str | None = flag(None, "held-out captions / pairs", shown_default="a --val_fraction")
+        shown_default="the synthetic world", scope=mode_reads("text"))
+    eval_data_file_path: str | None = flag(None, "held-out captions / pairs", shown_default="a --val_fraction",
+                                           scope=mode_reads("text"))
     webdataset: bool = flag(False, "image-text pairs from WebDataset tar shards: --data_path DIR, glob, "
                                    "shards/{00000..00099}.tar, pipe:COMMAND, or s3:// gs:// https:// URLs (fsspec)")
-    train_num_samples: int | None = flag(None, "pairs in the --webdataset shards (the epoch length)")
+    train_num_samples: int | None = flag(None, "pairs in the --webdataset shards (the epoch length)", scope=WEBDATASET)
     dataset_resampled: bool = flag(False, "--webdataset: each reader draws whole shards with replacement (open_clip's "
-                                          "--dataset-resampled) instead of splitting them")
+                                          "--dataset-resampled) instead of splitting them", scope=WEBDATASET)
     shuffle_buffer: int = flag(0, "--webdataset: shuffle samples through a buffer of this many (0: the shards' "
-                                  "order)", minimum=0)
+                                  "order)", minimum=0, scope=WEBDATASET)
     shard_retries: int = flag(3, "--webdataset: times a remote shard or pipe: command whose stream breaks (dropped "
-                                 "connection, timeout, object gone) is opened again before it is skipped", minimum=0)
+                                 "connection, timeout, object gone) is opened again before it is skipped", minimum=0,
+                                scope=WEBDATASET)
     shard_timeout: float = flag(60.0, "--webdataset: seconds a remote shard may take to connect, and between two reads",
-                                minimum=0.1)
+                                minimum=0.1, scope=WEBDATASET)
     train_data_upsampling_factors: str | None = flag(None, "not supported: refused with what to do instead")
-    max_text_len: int = flag(40, "tokens per caption, [CLS] and [SEP] included")
+    max_text_len: int = flag(40, "tokens per caption, [CLS] and [SEP] included", scope=mode_reads("text"))
     max_text_len_of_initckpt: int = flag(196, "text positions of a model built from scratch")
-    mlm_probability: float = flag(0.15, "fraction of caption tokens masked for MLM (whole words)")
+    mlm_probability: float = flag(0.15, "fraction of caption tokens masked for MLM (whole words)",
+                                  scope=mode_reads("mlm"))
     vocab_size: int | None = flag(None, "text vocabulary the model must have (a check: the tokenizer decides it)",
                                   shown_default="the tokenizer's")
 
@@ -73,18 +81,26 @@ class TextSettings:
 @dataclass(frozen=True)
 class ViewSettings:
     mask_strategy: str = flag("block", "BEiT blockwise masks, or independent per-patch (ContinualTransformer)",
-                              choices=("block", "random"))
-    num_mask_patches: int | None = flag(None, "patches masked per image (block)", shown_default="75/196 of the patches")
-    max_mask_patches_per_block: int | None = flag(None, "largest block (block)", shown_default="--num_mask_patches")
-    min_mask_patches_per_block: int = flag(16, "smallest block (block)")
-    mim_probability: float = flag(0.55, "masking probability per patch (random)")
-    min_crop_scale: float = flag(0.08, "smallest random crop, as a fraction of the image area")
-    color_jitter: float = flag(0.4, "brightness/contrast/saturation jitter (0: off)")
-    imagenet_default_mean_and_std: bool = flag(False, "normalise with ImageNet's mean/std instead of 0.5/0.5")
+                              choices=("block", "random"), scope=MASKING)
+    num_mask_patches: int | None = flag(None, "patches masked per image (block)", shown_default="75/196 of the patches",
+                                        scope=BLOCK_MASKS)
+    max_mask_patches_per_block: int | None = flag(None, "largest block (block)", shown_default="--num_mask_patches",
+                                                  scope=BLOCK_MASKS)
+    min_mask_patches_per_block: int = flag(16, "smallest block (block)", scope=BLOCK_MASKS)
+    mim_probability: float = flag(0.55, "masking probability per patch (random)",
+                                  scope=both(MASKING, when("runs with --mask_strategy random",
+                                                           lambda cfg: cfg.views.mask_strategy == "random")))
+    min_crop_scale: float = flag(0.08, "smallest random crop, as a fraction of the image area", scope=IMAGE_VIEWS)
+    color_jitter: float = flag(0.4, "brightness/contrast/saturation jitter (0: off)", scope=IMAGE_VIEWS)
+    imagenet_default_mean_and_std: bool = flag(False, "normalise with ImageNet's mean/std instead of 0.5/0.5",
+                                               scope=IMAGE_VIEWS)
     disable_imagenet_default_mean_and_std: bool = flag(False, "normalise with 0.5/0.5 even where a preset asks for "
-                                                              "ImageNet's mean/std (ContinualTransformer's flag)")
-    train_interpolation: str = flag("bicubic", "resampling of the backbone view", choices=INTERPOLATIONS)
-    second_interpolation: str = flag("lanczos", "resampling of the visual-tokenizer view", choices=INTERPOLATIONS)
+                                                              "ImageNet's mean/std (ContinualTransformer's flag)",
+                                                       scope=IMAGE_VIEWS)
+    train_interpolation: str = flag("bicubic", "resampling of the backbone view", choices=INTERPOLATIONS,
+                                    scope=IMAGE_VIEWS)
+    second_interpolation: str = flag("lanczos", "resampling of the visual-tokenizer view (a later stage's report "
+                                              "reads it too)", choices=INTERPOLATIONS)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from main_pretrain_cook import main as pretrain
 from tests.test_bad_inputs import refused
-from tests.test_pretrain_cli import SYNTH, TINY
+from tests.test_pretrain_cli import SYNTH, TINY, TINY_BASE
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -52,7 +52,7 @@ def test_shards_that_yield_no_sample_train_nothing_and_save_nothing(tmp_path, ca
     val = tmp_path / "val"
     shutil.copytree(shards, val)
     out = tmp_path / "run"
-    text = refused(lambda: pretrain(TINY + ["--exp_name", "image_text_itc", "--webdataset", "--data_path", str(shards),
+    text = refused(lambda: pretrain(TINY_BASE + ["--exp_name", "image_text_itc", "--webdataset", "--data_path", str(shards),
                                             "--train_num_samples", "8", "--eval_data_path", str(val), "--tokenizer",
                                             str(text_tokenizer), "--epochs", "1", "--output_dir", str(out)]),
                    "epoch 0 trained on nothing: all 8 samples", str(shards), capsys=capsys)
@@ -178,3 +178,128 @@ def test_a_vqkd_file_that_is_not_a_checkpoint_is_one_sentence(tmp_path, content)
     path.write_bytes(content)
     with pytest.raises(UserError, match=r"--d_vae_weight_path: .*vqkd.pth .*--d_vae_type vqkd takes BEiT v2's"):
         load_vqkd_tokenizer(path)
+
+
+# ---- flags where nothing reads them ----------------------------------------------------------------
+def _scoped_flags():
+    import dataclasses
+
+    from training.config import PRETRAIN_GROUPS
+
+    return [(group, field) for group, (_, cls) in PRETRAIN_GROUPS.items() for field in dataclasses.fields(cls)
+            if field.metadata.get("scope") is not None]
+
+
+def _as_given(field) -> list[str]:
+    """The flag on a command line, with a value it accepts."""
+    import argparse
+
+    kwargs = field.metadata["argparse"]
+    if kwargs.get("action") is argparse.BooleanOptionalAction:
+        return [f"--no-{field.name}"] if field.default else [f"--{field.name}"]
+    if field.default is False:
+        return [f"--{field.name}"]
+    default = field.default
+    if default is None or default == ():
+        value = kwargs["choices"][0] if "choices" in kwargs else ("x.json" if "path" in field.name else "1")
+        return [f"--{field.name}", str(value)]
+    values = default if isinstance(default, tuple) else (default,)
+    return [f"--{field.name}", *map(str, values)]
+
+
+BASES = {"image_mim": TINY + SYNTH, "text_mlm": TINY_BASE + SYNTH,
+         "image_text_itc": TINY_BASE + SYNTH + ["--exp_name", "image_text_itc"]}
+
+
+def test_every_scoped_flag_is_refused_where_nothing_reads_it(tmp_path):
+    """Each flag that declares a scope, given where its scope does not hold, is refused naming the
+    flag; the bases cover a method and mode that read it nowhere."""
+    from common.errors import UserError
+    from training.cli import pretrain_config_from_argv
+
+    (tmp_path / "photos").mkdir()
+    bases = {name: argv + ["--output_dir", str(tmp_path / name)] for name, argv in BASES.items()}
+    bases["photos"] = TINY + ["--data_path", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "p")]
+    if "--exp_name" not in bases["text_mlm"]:
+        bases["text_mlm"] += ["--exp_name", "text_mlm"]
+    configs = {name: pretrain_config_from_argv(argv) for name, argv in bases.items()}
+    untested = []
+    for _, field in _scoped_flags():
+        scope = field.metadata["scope"]
+        outside = [name for name, cfg in configs.items() if not scope.applies(cfg)]
+        if not outside:
+            untested.append(field.name)
+            continue
+        with pytest.raises(UserError, match=f"--{field.name} is read only by .*: nothing in this run reads it"):
+            pretrain_config_from_argv(bases[outside[0]] + _as_given(field))
+    assert not untested, f"no base run lies outside the scope of {untested}"
+
+
+# Flags every pretraining run reads, or that a check of their own covers (training/flag_checks.py,
+# the weights' build): a new flag must declare its scope (flag(..., scope=...)) or be added here.
+UNSCOPED = {
+    "model", "init_from", "resume", "auto_resume", "image_size", "drop_path", "grad_checkpointing", "compile",
+    "fsdp", "patch_size", "ffn", "layer_scale_init_value",  # a checkpoint's own value only (training/weights.py)
+    "vlffn_start_layer_index", "sharded_checkpoint",  # flag_checks
+    "data_path", "eval_data_path", "val_fraction", "bands", "max_train_samples", "max_val_samples",
+    "max_bad_samples", "num_workers", "pin_mem", "no_pin_mem", "data_weights", "tokenizer", "webdataset",
+    "train_data_upsampling_factors", "max_text_len_of_initckpt", "vocab_size", "lora_rank", "self_regularization",
+    "cl_method", "fisher_samples",
+    # the MIM targets of a MIM stage, and of the MIM probe in a later stage's report
+    "d_vae_type", "d_vae_weight_path", "second_image_size", "second_interpolation",
+    "batch_size", "accum_iter", "epochs", "blr", "lr", "min_lr", "warmup_epochs", "warmup_steps", "weight_decay",
+    "opt_betas", "clip_grad", "adamw_impl", "seed", "device", "amp", "output_dir", "log_dir", "print_freq", "eval",
+    "gpu_amp", "local_rank", "dist_url", "world_size", "preset", "save_per_epochs", "save_epochs_from_zero",
+    "save_every_steps", "no_pictures", "start_epoch",
+}
+
+
+def test_every_pretraining_flag_declares_where_it_applies():
+    import dataclasses
+
+    from training.config import PRETRAIN_GROUPS
+
+    unscoped = {f.name for _, (_, cls) in PRETRAIN_GROUPS.items() for f in dataclasses.fields(cls)
+                if f.metadata.get("scope") is None}
+    assert unscoped == UNSCOPED, (f"declare a scope for {sorted(unscoped - UNSCOPED)} (or list them here with why)",
+                                  sorted(UNSCOPED - unscoped))
+
+
+def test_a_flag_given_with_its_default_in_a_config_file_is_not_refused(tmp_path):
+    from training.cli import pretrain_config_from_argv
+
+    config = tmp_path / "args.yaml"  # a run's record holds every flag, most at their defaults
+    config.write_text("wise_alpha: 0.5\nreplay_ratio: 0.25\nmlm_probability: 0.15\n")
+    pretrain_config_from_argv(["--config", str(config)] + TINY + SYNTH + ["--output_dir", str(tmp_path / "o")])
+    config.write_text("wise_alpha: 0.3\n")
+    with pytest.raises(Exception, match=r"--wise_alpha \(in --config .*args.yaml\) is read only by --cl_method wise, "
+                                        r"and this run's is full"):
+        pretrain_config_from_argv(["--config", str(config)] + TINY + SYNTH + ["--output_dir", str(tmp_path / "o")])
+
+
+def test_a_scratch_only_flag_that_differs_from_the_checkpoint_is_refused(tmp_path, capsys, step_checkpoint,
+                                                                         text_tokenizer):
+    refused(lambda: pretrain(TINY_BASE + SYNTH + ["--exp_name", "text_mlm", "--patch_size", "16", "--init_from",
+                                                  str(step_checkpoint), "--tokenizer", str(text_tokenizer),
+                                                  "--output_dir", str(tmp_path / "o")]),
+            "--patch_size 16 shapes a model built from scratch", "has 8", capsys=capsys)
+
+
+def test_a_stage_started_from_a_checkpoint_takes_its_image_size(tmp_path, step_checkpoint, text_tokenizer):
+    """A text stage --init_from a 32 px stage was built at 224 px unless --image_size was repeated."""
+    from training.cli import pretrain_config_from_argv
+    from training.pretrain import build_run
+    from training.scaffold import RunContext
+
+    unsized = [a for i, a in enumerate(TINY_BASE) if "--image_size" not in TINY_BASE[max(i - 1, 0):i + 1]]
+    cfg = pretrain_config_from_argv(unsized + SYNTH + ["--exp_name", "text_mlm", "--init_from", str(step_checkpoint),
+                                                       "--tokenizer", str(text_tokenizer), "--output_dir",
+                                                       str(tmp_path / "o")])
+    assert cfg.model.image_size is None
+    ctx = RunContext.start("cpu", cfg.run.output_dir, 0, exclusive=False)
+    try:
+        run = build_run(cfg, ctx)
+    finally:
+        ctx.finish()
+    assert run.backbone.cfg.img_size == 32 and run.cfg.model.image_size == 32
+    assert run.cfg.visual_tokenizer.second_image_size == 16

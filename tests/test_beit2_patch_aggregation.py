@@ -124,7 +124,9 @@ def test_patch_aggregation_flags_are_checked(tmp_path, capsys):
     from main_pretrain_cook import main
 
     for extra, says in ((["--early_layers", "9"], "--early_layers 9: the backbone has blocks 1..4"),
-                        (["--early_layers", "2", "--exp_name", "text_mlm"], "--early_layers adds BEiT v2's patch")):
+                        (["--early_layers", "2", "--exp_name", "text_mlm"],
+                         "--early_layers is read only by --exp_name image_mim, and this run's is text_mlm"),
+                        (["--head_layers", "3"], "--head_layers is read only by runs with --early_layers")):
         with pytest.raises(SystemExit):
             main(_tiny(tmp_path / "x", "--epochs", "1", *extra))
         assert says in capsys.readouterr().err

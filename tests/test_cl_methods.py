@@ -18,7 +18,7 @@ from training.continual.ewc import ElasticWeightConsolidation
 from training.continual.fisher import FISHER_FILE
 from training.continual.l2 import L2ToPrevious
 from training.continual.wise import interpolate
-from tests.test_pretrain_cli import SYNTH, TINY
+from tests.test_pretrain_cli import SYNTH, TINY, TINY_BASE
 from util.train_text_tokenizer import main as train_tokenizer
 
 
@@ -163,7 +163,7 @@ def test_fisher_sidecar_round_trips_and_ewc_reads_it(tmp_path, word_pieces, caps
     assert fisher["patch_embed.proj.weight"].sum() > 0  # image MIM moves the image path...
     assert fisher["text_embeddings.word_embeddings.weight"].sum() == 0  # ...and never reads text
     assert all((f >= 0).all() for f in fisher.values())
-    main(TINY + SYNTH + ["--tokenizer", word_pieces, "--epochs", "1", "--exp_name", "text_mlm", "--lora_rank", "4",
+    main(TINY_BASE + SYNTH + ["--tokenizer", word_pieces, "--epochs", "1", "--exp_name", "text_mlm", "--lora_rank", "4",
                          "--cl_method", "ewc", "--reg_loss_weight", "100", "--init_from", str(mim / "checkpoint-0.pth"),
                          "--output_dir", str(tmp_path / "ewc"), "--fisher_samples", "8", "--save_merged_lora_model"])
     out = capsys.readouterr().out
@@ -176,7 +176,7 @@ def test_fisher_sidecar_round_trips_and_ewc_reads_it(tmp_path, word_pieces, caps
 
 def test_full_has_no_adapters_and_trains_every_backbone_weight_the_text_path_uses(tmp_path, word_pieces, capsys):
     mim = _mim(tmp_path, word_pieces)
-    main(TINY + SYNTH + ["--tokenizer", word_pieces, "--epochs", "1", "--exp_name", "text_mlm", "--cl_method", "full",
+    main(TINY_BASE + SYNTH + ["--tokenizer", word_pieces, "--epochs", "1", "--exp_name", "text_mlm", "--cl_method", "full",
                          "--init_from", str(mim / "checkpoint-0.pth"), "--output_dir", str(tmp_path / "full")])
     assert "LoRA" not in capsys.readouterr().out.split("trainable parameters")[1].splitlines()[0]
     before = read_checkpoint(mim / "checkpoint-0.pth").model
@@ -196,14 +196,14 @@ def test_full_has_no_adapters_and_trains_every_backbone_weight_the_text_path_use
 ])
 def test_flag_errors_name_the_flag_and_the_fix(tmp_path, word_pieces, flags, message, capsys):
     with pytest.raises(SystemExit):
-        main(TINY + SYNTH + ["--tokenizer", word_pieces, "--exp_name", "text_mlm", "--output_dir", str(tmp_path), *flags])
+        main(TINY_BASE + SYNTH + ["--tokenizer", word_pieces, "--exp_name", "text_mlm", "--output_dir", str(tmp_path), *flags])
     assert message in capsys.readouterr().err
 
 
 def test_the_old_flags_mean_the_same_methods(tmp_path, word_pieces):
     from training.cli import pretrain_config_from_argv
 
-    base = TINY + SYNTH + ["--tokenizer", word_pieces, "--exp_name", "text_mlm", "--output_dir", str(tmp_path)]
+    base = TINY_BASE + SYNTH + ["--tokenizer", word_pieces, "--exp_name", "text_mlm", "--output_dir", str(tmp_path)]
     assert pretrain_config_from_argv(base + ["--lora_rank", "4", "--self_regularization"]).continual.cl_method == "self_reg"
     assert pretrain_config_from_argv(base + ["--lora_rank", "4"]).continual.cl_method == "lora"
     assert pretrain_config_from_argv(base).continual.cl_method == "full"
@@ -232,8 +232,8 @@ def test_replay_draws_the_earlier_stage_data_with_its_objective(tmp_path, word_p
 
     folder = colour_folders(tmp_path / "images", 24, 8, 32)
     mim = tmp_path / "mim"
-    main(TINY + ["--data_path", str(folder), "--tokenizer", word_pieces, "--epochs", "1", "--output_dir", str(mim)])
-    cfg = pretrain_config_from_argv(TINY + SYNTH + [
+    main(TINY_BASE + ["--data_path", str(folder), "--tokenizer", word_pieces, "--epochs", "1", "--output_dir", str(mim)])
+    cfg = pretrain_config_from_argv(TINY_BASE + SYNTH + [
         "--tokenizer", word_pieces, "--exp_name", "text_mlm", "--lora_rank", "4", "--cl_method", "replay",
         "--replay_ratio", "0.5", "--init_from", str(mim / "checkpoint-0.pth"), "--output_dir", str(tmp_path / "mlm")])
     ctx = RunContext.start("cpu", str(tmp_path / "mlm"), 0, exclusive=False)

@@ -38,11 +38,12 @@ def test_the_preset_gives_their_defaults_and_explicit_flags_still_win():
 
 def test_their_spellings_mean_the_same():
     cfg = config("--exp_name", "image_text_itc_loraA", "--lora_rank", "4", "--drop_path_rate", "0.3",
-                 "--disable_aggregate_itc", "--img_vocab_size", "300", "--local-rank=1", "--no_pin_mem",
+                 "--disable_aggregate_itc", "--local-rank=1", "--no_pin_mem",
                  "--preset", "continual_transformer", "--disable_imagenet_default_mean_and_std", *SYNTH)
     assert cfg.exp_name == "image_text_itc" and cfg.lora.lora_trainable == "A"
     assert cfg.model.drop_path == 0.3 and cfg.objectives.aggregate_itc is False and cfg.data.pin_mem is False
-    assert cfg.visual_tokenizer.visual_vocab_size == 300 and cfg.views.imagenet_default_mean_and_std is False
+    assert cfg.views.imagenet_default_mean_and_std is False
+    assert config("--exp_name", "image_mim", "--img_vocab_size", "300", *SYNTH).visual_tokenizer.visual_vocab_size == 300
     assert config("--exp_name", "image_text_itc_fullmodel", *SYNTH).lora.lora_rank == 0
 
 

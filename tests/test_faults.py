@@ -21,7 +21,7 @@ from PIL import Image
 from common.checkpoint_io import read_checkpoint
 from main_pretrain_cook import main
 from tests.helpers import ROOT
-from tests.test_pretrain_cli import SYNTH, TINY
+from tests.test_pretrain_cli import SYNTH, TINY, TINY_BASE
 
 RUN3 = TINY + SYNTH + ["--epochs", "3", "--save_per_epochs", "1", "--synthetic_train_size", "64"]
 
@@ -217,7 +217,7 @@ def test_pairs_whose_images_are_all_missing_stop_before_training(tmp_path, capsy
     records = [{"caption": "a red circle", "filename": f"missing/{i}.png"} for i in range(10)]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     with pytest.raises(SystemExit) as info:
-        main(TINY + ["--exp_name", "image_text_itc", "--tokenizer", word_pieces, "--data_file_path",
+        main(TINY_BASE + ["--exp_name", "image_text_itc", "--tokenizer", word_pieces, "--data_file_path",
                      str(tmp_path / "pairs.jsonl"), "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "images of the image-text pairs could be read" in err and "missing/" in err
@@ -230,7 +230,7 @@ def test_malformed_and_non_utf8_pair_lines_are_skipped_and_counted(tmp_path, cap
     lines = [json.dumps({"caption": f"picture {i}", "filename": f"{i}.png"}).encode() for i in range(12)]
     lines += [b"{not json", b'{"caption": "\xff\xfe bad bytes", "filename": "0.png"}', b'{"caption": "", "filename": "1.png"}']
     (tmp_path / "pairs.jsonl").write_bytes(b"\n".join(lines))
-    main(TINY + ["--exp_name", "image_text_itc", "--tokenizer", word_pieces, "--data_file_path",
+    main(TINY_BASE + ["--exp_name", "image_text_itc", "--tokenizer", word_pieces, "--data_file_path",
                  str(tmp_path / "pairs.jsonl"), "--epochs", "1", "--output_dir", str(tmp_path / "o")])
     assert "skipped 3 of 15 pairs" in capsys.readouterr().out
 

@@ -77,11 +77,13 @@ def test_sharding_starts_every_rank_from_rank_0s_weights(tmp_path):
 
 
 def _cli(out, *extra: str) -> list[str]:
+    mode = extra[extra.index("--exp_name") + 1] if "--exp_name" in extra else "image_mim"
+    tokens = ["--visual_vocab_size", "16", "--tokenizer_fit_images", "64", "--min_mask_patches_per_block", "4"]
     return [*torchrun(), str(ROOT / "main_pretrain_cook.py"), "--device", "cpu", "--model", "vlmo_tiny_patch16", "--image_size", "32",
-            "--patch_size", "8", "--second_image_size", "16", "--visual_vocab_size", "16", "--tokenizer_fit_images",
-            "64", "--batch_size", "4", "--num_workers", "0", "--data_path", "synthetic", "--synthetic_train_size", "32",
-            "--synthetic_val_size", "16", "--synthetic_render_size", "32", "--min_mask_patches_per_block", "4",
-            "--save_per_epochs", "1", "--output_dir", str(out), *extra]
+            "--patch_size", "8", "--second_image_size", "16", "--batch_size", "4", "--num_workers", "0", "--data_path",
+            "synthetic", "--synthetic_train_size", "32", "--synthetic_val_size", "16", "--synthetic_render_size", "32",
+            "--save_per_epochs", "1", "--output_dir", str(out), *(tokens if mode in ("image_mim", "compound_pretrain") else []),
+            *extra]
 
 
 def _run(cmd):

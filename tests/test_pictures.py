@@ -15,7 +15,7 @@ from models import create_model
 from models.heads import MIMHead
 from models.visual_tokenizers.kmeans import KMeansTokenizer, patch_vectors
 from tests.helpers import randomize_
-from tests.test_pretrain_cli import SYNTH, TINY
+from tests.test_pretrain_cli import SYNTH, TINY, TINY_BASE
 from visualization.canvas import to_rgb
 from visualization.mim_pictures import (
     COLUMNS,
@@ -148,7 +148,7 @@ def test_an_image_text_stage_draws_retrieval_from_the_reports_own_scores(tmp_pat
     monkeypatch.setattr(stage_eval, "pair_embeddings", counting)
     monkeypatch.setattr(stage_pictures, "pair_embeddings", counting, raising=False)  # were it embedding again
     out = tmp_path / "itc"
-    pretrain(TINY + SYNTH + ["--exp_name", "image_text_itc", "--tokenizer", tokenizer, "--epochs", "1",
+    pretrain(TINY_BASE + SYNTH + ["--exp_name", "image_text_itc", "--tokenizer", tokenizer, "--epochs", "1",
                              "--output_dir", str(out)])
     assert len(calls) == 1
     assert {"itc_i2t_r1", "itc_t2i_r5"} <= set(json.loads((out / "stage_report.json").read_text()))

@@ -11,9 +11,19 @@ from common.checkpoint_io import read_checkpoint
 from main_pretrain_cook import main
 from tests.helpers import SHARED_DATA, requires_shared
 
-TINY = ["--model", "vlmo_tiny_patch16", "--image_size", "32", "--patch_size", "8", "--second_image_size", "16",
-        "--visual_vocab_size", "16", "--tokenizer_fit_images", "64", "--batch_size", "8", "--num_workers", "0",
-        "--print_freq", "100", "--drop_path", "0", "--warmup_epochs", "0.5", "--min_mask_patches_per_block", "4"]
+# a tiny model for every mode, and what the modes that predict visual tokens (image_mim, compound_pretrain) add
+TINY_BASE = ["--model", "vlmo_tiny_patch16", "--image_size", "32", "--patch_size", "8", "--batch_size", "8",
+             "--num_workers", "0", "--print_freq", "100", "--drop_path", "0", "--warmup_epochs", "0.5"]
+TINY_TOKENS = ["--second_image_size", "16", "--visual_vocab_size", "16", "--tokenizer_fit_images", "64",
+               "--min_mask_patches_per_block", "4"]
+TINY = TINY_BASE + TINY_TOKENS
+
+
+def tiny_for(mode: str) -> list[str]:
+    """TINY less the flags `mode` does not read (refused there)."""
+    from models.modes import PRETRAIN_MODES
+
+    return TINY if "visual_tokens" in PRETRAIN_MODES[mode].reads else TINY_BASE
 SYNTH = ["--data_path", "synthetic", "--synthetic_train_size", "32", "--synthetic_val_size", "16", "--synthetic_render_size", "32"]
 
 
@@ -54,7 +64,8 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path):
 
 def test_init_from_a_run_checkpoint_starts_a_new_stage(tmp_path, capsys):
     first = tmp_path / "first"
-    main(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(first), "--mask_strategy", "random"])
+    random_masks = [a for a in TINY if a not in ("--min_mask_patches_per_block", "4")] + ["--mask_strategy", "random"]
+    main(random_masks + SYNTH + ["--epochs", "1", "--output_dir", str(first)])
     main(TINY + SYNTH + ["--epochs", "1", "--output_dir", str(tmp_path / "second"), "--init_from",
                          str(first / "checkpoint-0.pth"), "--d_vae_weight_path", str(first / "visual_tokenizer.safetensors")])
     assert "loaded the mim_head" in capsys.readouterr().out
@@ -88,7 +99,7 @@ def test_bad_samples_are_skipped_counted_and_bounded(tmp_path, capsys):
 ])
 def test_flag_errors_are_one_sentence(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
-        main(TINY + SYNTH + ["--output_dir", str(tmp_path / "o")] + argv)
+        main(TINY + (SYNTH if "--data_path" not in argv else []) + ["--output_dir", str(tmp_path / "o")] + argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
 

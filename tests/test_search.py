@@ -7,14 +7,14 @@ import pytest
 
 from custom_datasets.synthetic_world import SyntheticWorld
 from main_pretrain_cook import main as pretrain
-from tests.test_pretrain_cli import SYNTH, TINY
+from tests.test_pretrain_cli import SYNTH, TINY, TINY_BASE
 from util.search import main as search
 from util.train_text_tokenizer import main as train_tokenizer
 
 
 def test_search_both_directions_with_a_cache(tmp_path):
     tok = train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "200", "--output", str(tmp_path / "tok")])
-    pretrain(TINY + SYNTH + ["--exp_name", "image_text_itc", "--tokenizer", str(tok), "--epochs", "1", "--output_dir",
+    pretrain(TINY_BASE + SYNTH + ["--exp_name", "image_text_itc", "--tokenizer", str(tok), "--epochs", "1", "--output_dir",
                              str(tmp_path / "itc")])
     ckpt = str(tmp_path / "itc" / "checkpoint-0.pth")
     images = tmp_path / "images"
@@ -47,9 +47,9 @@ def test_search_from_a_merged_file_or_its_onnx_export_alone(tmp_path):
     from util.export import main as export
 
     tok = train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "200", "--output", str(tmp_path / "tok")])
-    pretrain(TINY + SYNTH + ["--exp_name", "image_text_itc", "--tokenizer", str(tok), "--epochs", "1",
+    pretrain(TINY_BASE + SYNTH + ["--exp_name", "image_text_itc", "--tokenizer", str(tok), "--epochs", "1",
                              "--imagenet_default_mean_and_std", "--output_dir", str(tmp_path / "itc")])
-    pretrain(TINY + SYNTH + ["--exp_name", "image_text_itc", "--tokenizer", str(tok), "--epochs", "1", "--lora_rank", "4",
+    pretrain(TINY_BASE + SYNTH + ["--exp_name", "image_text_itc", "--tokenizer", str(tok), "--epochs", "1", "--lora_rank", "4",
                              "--init_from", str(tmp_path / "itc" / "checkpoint-0.pth"), "--save_merged_lora_model",
                              "--imagenet_default_mean_and_std", "--output_dir", str(tmp_path / "lora")])
     merged = tmp_path / "lora" / "merged_model.safetensors"

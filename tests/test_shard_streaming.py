@@ -22,7 +22,7 @@ from common.url_secrets import masked_url
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.webdataset_pairs import WebDatasetPairs, expand_shards, read_shard
 from main_pretrain_cook import main
-from tests.test_pretrain_cli import TINY
+from tests.test_pretrain_cli import TINY, TINY_BASE
 from tests.test_webdataset import make_shards
 from util.loopback_server import start_loopback_server
 
@@ -95,7 +95,7 @@ def test_http_shards_read_as_the_files_do_and_a_run_streams_them(shards, tmp_pat
             assert _signature(read_shard(url, timeout=10)) == _signature(read_shard(file))
         tok = train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "100", "--output", str(tmp_path / "tok")])
         out = tmp_path / "run"
-        main(TINY + ["--exp_name", "image_text_itc", "--webdataset", "--data_path",
+        main(TINY_BASE + ["--exp_name", "image_text_itc", "--webdataset", "--data_path",
                      f"http://127.0.0.1:{port}/{{00000..00002}}.tar", "--train_num_samples", "16", "--eval_data_path",
                      str(make_shards(tmp_path / "val", n_shards=1, bad=0)), "--tokenizer", str(tok), "--epochs", "1",
                      "--output_dir", str(out)])
@@ -110,7 +110,7 @@ def test_cli_streams_from_s3_and_records_no_secret(tmp_path, shards, s3, capsys)
     tok = train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "100", "--output", str(tmp_path / "tok")])
     val = make_shards(tmp_path / "val", n_shards=1, bad=0)
     out = tmp_path / "run"
-    main(TINY + ["--exp_name", "image_text_itc", "--webdataset", "--data_path", "s3://shards/wds/{00000..00002}.tar",
+    main(TINY_BASE + ["--exp_name", "image_text_itc", "--webdataset", "--data_path", "s3://shards/wds/{00000..00002}.tar",
                  "--train_num_samples", "16", "--eval_data_path", str(val), "--tokenizer", str(tok), "--epochs", "1",
                  "--output_dir", str(out), "--shard_timeout", "10"])
     log = json.loads((out / "log.txt").read_text().splitlines()[0])
@@ -246,7 +246,7 @@ def test_args_yaml_records_a_presigned_url_without_its_signature(tmp_path):
     from common.config_args import flat_settings
     from training.cli import pretrain_config_from_argv
 
-    cfg = pretrain_config_from_argv(TINY + ["--exp_name", "image_text_itc", "--webdataset", "--data_path",
+    cfg = pretrain_config_from_argv(TINY_BASE + ["--exp_name", "image_text_itc", "--webdataset", "--data_path",
                                             "https://host/{00000..00002}.tar?X-Amz-Signature=" + SECRET,
                                             "--train_num_samples", "16", "--output_dir", str(tmp_path)])
     recorded = yaml.safe_dump(flat_settings(cfg))

@@ -44,8 +44,10 @@ def finetune_parser(description: str = "") -> argparse.ArgumentParser:
     return p
 
 
-def pretrain_config_from_argv(argv: list[str] | None, description: str = "") -> PretrainConfig:
-    return pretrain_config(parse_with_config(pretrain_parser(description), argv, PRESETS))
+def pretrain_config_from_argv(argv: list[str] | None, description: str = "", recorded: bool = False) -> PretrainConfig:
+    """`recorded`: the settings a run recorded (its args.yaml as --config), read back as they were:
+    no flag of them is refused for its scope."""
+    return pretrain_config(parse_with_config(pretrain_parser(description), argv, PRESETS), check_scopes_too=not recorded)
 
 
 def check_planned_pretrain_run(argv: list[str], planned: frozenset[str] = frozenset()) -> None:

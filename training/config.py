@@ -13,6 +13,7 @@ import torch
 
 from common.config_args import flag, settings_from
 from common.errors import UserError
+from common.flag_scopes import both, check_scopes, method_reads, mode_reads, when
 from custom_datasets.downstream_data import KIND_NEEDS
 from custom_datasets.settings import (
     AugmentSettings,
@@ -35,6 +36,13 @@ from training.recipes import RECIPE_TASKS
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DALL_E_FOLDER = "checkpoints/dall_e_tokenizer_weight"  # where ContinualTransformer keeps OpenAI's encoder.pkl
 AMP_CHOICES = ("bf16", "fp16", "none", "auto")
+WITH_ADAPTERS = when("runs with --lora_rank above 0", lambda cfg: cfg.lora.lora_rank > 0,
+                     "add --lora_rank R (e.g. 64) to train adapters, or drop it")
+VISUAL_TOKENS = mode_reads("visual_tokens")
+MERGED_ADAPTERS = when("runs with --lora_rank above 0", lambda cfg: cfg.lora.lora_rank > 0,
+                       "a full run's checkpoint is already a plain model: drop it, or add --lora_rank R")
+AGGREGATION = both(mode_reads("patch_aggregation"),
+                   when("runs with --early_layers", lambda cfg: cfg.objectives.early_layers is not None))
 
 
 def compile_flag():
@@ -62,7 +70,7 @@ class ModelSettings:
     init_from: str | None = flag(None, "start a new stage from this checkpoint's weights (converted BEiT, merged, or run)")
     resume: str | None = flag(None, "continue a run checkpoint; a weights-only checkpoint initialises the model")
     auto_resume: bool = flag(False, "continue from the newest checkpoint in --output_dir")
-    image_size: int = flag(224, "backbone resolution (px)")
+    image_size: int | None = flag(None, "backbone resolution (px)", shown_default="the checkpoint's, else 224")
     patch_size: int | None = flag(None, "patch size of a model built from scratch", shown_default="the model's (16)")
     ffn: str | None = flag(None, "feed-forward layout of a model built from scratch", choices=FFN_KINDS,
                            shown_default="the checkpoint's, else shared")
@@ -84,42 +92,50 @@ class ModelSettings:
 @dataclass(frozen=True)
 class ObjectiveSettings:
     aggregate_itc: bool = flag(True, "ITC negatives from every rank (gathered with gradients)",
-                               action=argparse.BooleanOptionalAction)
-    mim_conduct_prob: float = flag(0.3, "compound_pretrain: probability of MIM at a step")
-    mlm_conduct_prob: float = flag(0.8, "compound_pretrain: probability of MLM at a step")
-    itc_conduct_prob: float = flag(1.0, "compound_pretrain: probability of ITC at a step (skipped when MIM ran)")
+                               action=argparse.BooleanOptionalAction, scope=mode_reads("itc"))
+    mim_conduct_prob: float = flag(0.3, "compound_pretrain: probability of MIM at a step", scope=mode_reads("compound"))
+    mlm_conduct_prob: float = flag(0.8, "compound_pretrain: probability of MLM at a step", scope=mode_reads("compound"))
+    itc_conduct_prob: float = flag(1.0, "compound_pretrain: probability of ITC at a step (skipped when MIM ran)",
+                                   scope=mode_reads("compound"))
     itm_conduct_prob: float = flag(0.0, "compound_pretrain: probability of image-text matching at a step (VLMo ITM, "
-                                        "hard negatives from the ITC head; 0: off, as ContinualTransformer)")
+                                        "hard negatives from the ITC head; 0: off, as ContinualTransformer)",
+                                   scope=mode_reads("compound"))
     fused_mlm: bool = flag(False, "compound_pretrain: predict the masked words from the caption fused with its image "
-                                  "(VLMo's MLM) instead of from the text alone (ContinualTransformer's)")
+                                  "(VLMo's MLM) instead of from the text alone (ContinualTransformer's)",
+                           scope=mode_reads("compound"))
     disable_aggregate_itc: bool = flag(False, "ITC negatives from this rank only (ContinualTransformer's flag; the "
-                                              "same as --no-aggregate_itc)")
+                                              "same as --no-aggregate_itc)", scope=mode_reads("itc"))
     early_layers: int | None = flag(None, "image_mim: BEiT v2's patch aggregation, the top [CLS] with this block's "
                                           "patch tokens (1-based; BEiT v2 base: 9) through --head_layers more blocks "
-                                          "also predicts the masked tokens", shown_default="off", minimum=1)
-    head_layers: int = flag(2, "image_mim with --early_layers: blocks of the patch aggregation head", minimum=1)
+                                          "also predicts the masked tokens", shown_default="off", minimum=1,
+                                     scope=mode_reads("patch_aggregation"))
+    head_layers: int = flag(2, "image_mim with --early_layers: blocks of the patch aggregation head", minimum=1,
+                            scope=AGGREGATION)
     shared_lm_head: bool = flag(True, "image_mim with --early_layers: the aggregation predicts through the final "
                                       "norm and MIM head (BEiT v2's default) instead of its own",
-                                action=argparse.BooleanOptionalAction)
+                                action=argparse.BooleanOptionalAction, scope=AGGREGATION)
 
 
 @dataclass(frozen=True)
 class LoraSettings:
     lora_rank: int = flag(0, "LoRA rank of the adapters on qkv, proj, fc1, fc2 (0: train the backbone fully)", minimum=0)
-    lora_alpha: float | None = flag(None, "LoRA alpha; scaling = alpha / rank", shown_default="--lora_rank (scaling 1)")
-    lora_dropout: float = flag(0.0, "dropout on the adapter input")
+    lora_alpha: float | None = flag(None, "LoRA alpha; scaling = alpha / rank", shown_default="--lora_rank (scaling 1)",
+                                    scope=WITH_ADAPTERS)
+    lora_dropout: float = flag(0.0, "dropout on the adapter input", scope=WITH_ADAPTERS)
     trainable_extra: tuple[str, ...] = flag((), "glob patterns of base parameters to train too, e.g. 'blocks.*.norm1.*'",
-                                            nargs="*")
+                                            nargs="*", scope=WITH_ADAPTERS)
     self_regularization: bool = flag(False, "add λ·Σ||W ⊙ ΔW||² to the loss (needs --lora_rank)")
-    reg_loss_weight: float = flag(1.0, "λ of --self_regularization, and of the penalty of --cl_method l2, ewc or distill")
+    reg_loss_weight: float = flag(1.0, "λ of --self_regularization, and of the penalty of --cl_method l2, ewc or distill",
+                                  scope=method_reads("reg_loss_weight"))
     save_merged_lora_model: bool = flag(False, "at the end write merged_model.safetensors (adapters merged, for the "
-                                               "next stage)")
+                                               "next stage)", scope=MERGED_ADAPTERS)
     lora_trainable: str | None = flag(None, "which LoRA factors train: both, A only or B only (B starts at zero, A "
                                             "random)", choices=("both", "A", "B"),
-                                      shown_default="both; B for ITC and compound with --preset continual_transformer")
+                                      shown_default="both; B for ITC and compound with --preset continual_transformer",
+                                      scope=WITH_ADAPTERS)
     reg_delta: str = flag("scaled", "the update the self-regularization penalises: scaled (alpha/rank x B A, what "
                                     "the model adds) or unscaled (B A, as ContinualTransformer)",
-                          choices=("scaled", "unscaled"))
+                          choices=("scaled", "unscaled"), scope=method_reads("reg_delta"))
 
 
 @dataclass(frozen=True)
@@ -132,13 +148,17 @@ class ContinualSettings:
                                   "about N training samples and write fisher.safetensors beside the checkpoints (what "
                                   "--cl_method ewc in the next stage needs); 0: none", minimum=0)
     replay_ratio: float = flag(0.25, "--cl_method replay: share of each step's samples replayed from the earlier "
-                                     "stages (their data, objectives and heads)", minimum=0.01, below=0.99)
+                                     "stages (their data, objectives and heads)", minimum=0.01, below=0.99,
+                                scope=method_reads("replay_ratio"))
     wise_alpha: float = flag(0.5, "--cl_method wise: weight of the trained weights in (1 − α)·θ_prev + α·θ_new",
-                             minimum=0, maximum=1)
+                             minimum=0, maximum=1, scope=method_reads("wise_alpha"))
 
 
 @dataclass(frozen=True)
 class VisualTokenizerSettings:
+    """Which tokenizer makes the MIM targets: of a MIM stage, and of the MIM probe in any later stage's
+    report (a text stage started from a MIM stage measures what it kept with that stage's tokenizer)."""
+
     d_vae_type: str | None = flag(None, "MIM target tokenizer", choices=VISUAL_TOKENIZER_KINDS,
                                   shown_default=f"dall-e when {DALL_E_FOLDER}/ holds encoder.pkl, else kmeans")
     d_vae_weight_path: str | None = flag(None, "dall-e: folder with encoder.pkl; kmeans: a fitted .safetensors; "
@@ -146,8 +166,10 @@ class VisualTokenizerSettings:
                                          shown_default=f"dall-e: {DALL_E_FOLDER}; kmeans: fit one on the training data")
     second_image_size: int | None = flag(None, "tokenizer view (px)", shown_default="--image_size // 2")
     visual_vocab_size: int | None = flag(None, "visual tokens: clusters of a k-means tokenizer the run fits; with "
-                                               "dall-e a check (8192)", "--img_vocab_size", shown_default="256 (kmeans)")
-    tokenizer_fit_images: int = flag(2000, "training images the k-means tokenizer is fitted on", minimum=1)
+                                               "dall-e a check (8192)", "--img_vocab_size", shown_default="256 (kmeans)",
+                                         scope=VISUAL_TOKENS)
+    tokenizer_fit_images: int = flag(2000, "training images the k-means tokenizer is fitted on", minimum=1,
+                                     scope=VISUAL_TOKENS)
 
 
 def adamw_impl_flag():
@@ -203,7 +225,8 @@ class PretrainRunSettings(RunSettings):
                                               "weights as a run never stopped; the loader's workers then restart "
                                               "each epoch)", minimum=1, shown_default="epoch checkpoints only")
     keep_last_checkpoints: int = flag(2, "step checkpoints kept (older ones, and those an epoch checkpoint "
-                                         "supersedes, are removed)", minimum=1)
+                                         "supersedes, are removed)", minimum=1,
+                                      scope=when("runs with --save_every_steps", lambda cfg: cfg.run.save_every_steps))
     no_pictures: bool = flag(False, "do not draw pictures/ at the end of the stage (MIM reconstructions, retrieval "
                                     "examples; also written to TensorBoard)")
     start_epoch: int = flag(0, "epoch a new run starts at (the lr schedule is taken from there); a resumed run "
@@ -227,6 +250,19 @@ class PretrainConfig:
     @property
     def mode(self):
         return PRETRAIN_MODES[self.exp_name]
+
+    @property
+    def mode_registry(self):
+        return PRETRAIN_MODES
+
+    @property
+    def method(self):
+        """The continual-learning method's class (--cl_method, resolved)."""
+        return CL_METHODS[self.continual.cl_method]
+
+    @property
+    def method_registry(self):
+        return CL_METHODS
 
     @property
     def data_config(self) -> PretrainDataConfig:
@@ -284,7 +320,7 @@ def resolve_pretrain_defaults(cfg: PretrainConfig) -> PretrainConfig:
                and not views.disable_imagenet_default_mean_and_std},
         objectives={"aggregate_itc": obj.aggregate_itc and not obj.disable_aggregate_itc},
         visual_tokenizer={"d_vae_type": kind, "d_vae_weight_path": weights, "visual_vocab_size": vocab,
-                          "second_image_size": tok.second_image_size or cfg.model.image_size // 2},
+                          "second_image_size": tok.second_image_size},
         lora={"lora_alpha": cfg.lora.lora_alpha or cfg.lora.lora_rank or None,
               "lora_trainable": d.lora_factors(cfg.lora.lora_trainable, cfg.run.preset, cfg.exp_name),
               "self_regularization": cfg.lora.self_regularization or cfg.continual.cl_method == "self_reg"},
@@ -292,15 +328,19 @@ def resolve_pretrain_defaults(cfg: PretrainConfig) -> PretrainConfig:
                                                    cfg.lora.lora_rank)})
 
 
-def pretrain_config(namespace: argparse.Namespace, planned: frozenset[str] = frozenset()) -> PretrainConfig:
+def pretrain_config(namespace: argparse.Namespace, planned: frozenset[str] = frozenset(),
+                    check_scopes_too: bool = True) -> PretrainConfig:
     """The frozen, validated pretraining config of parsed flags (`planned`: input paths an earlier
-    step of an experiment writes, accepted before they exist)."""
+    step of an experiment writes, accepted before they exist; `check_scopes_too=False`: settings
+    read back from a run's record, not given by a user)."""
     from training.defaults import mode_alias
 
     groups = {name: settings_from(cls, namespace) for name, (_, cls) in PRETRAIN_GROUPS.items()}
     exp_name, lora_changes = mode_alias(namespace.exp_name, groups["lora"].lora_rank)
     groups["lora"] = dataclasses.replace(groups["lora"], **lora_changes)
     cfg = resolve_pretrain_defaults(PretrainConfig(exp_name=exp_name, **groups))
+    if check_scopes_too:
+        check_scopes(cfg, PRETRAIN_GROUPS, getattr(namespace, "given_flags", {}))
     check_pretrain_flags(cfg, planned)
     run = cfg.run
     out = run.output_dir or f"outputs/{cfg.exp_name}"

@@ -29,8 +29,6 @@ def check_lora_flags(cfg: "PretrainConfig") -> None:
                         "image_mim trains the backbone fully; drop --lora_rank")
     if lora.self_regularization and not lora.lora_rank:
         raise UserError("--self_regularization regularizes LoRA updates; add --lora_rank R (e.g. 64)")
-    if lora.save_merged_lora_model and not lora.lora_rank:
-        raise UserError("--save_merged_lora_model needs --lora_rank; a full run's checkpoint is already a plain model")
     if lora.lora_rank < 0 or (lora.lora_alpha is not None and lora.lora_alpha <= 0):
         raise UserError("--lora_rank must be >= 0 and --lora_alpha > 0")
 
@@ -53,9 +51,6 @@ def check_data_flags(cfg: "PretrainConfig") -> None:
                         "first with util/fit_visual_tokenizer.py and pass --d_vae_weight_path")
     if not 0 < text.mlm_probability < 1:
         raise UserError("--mlm_probability must be between 0 and 1")
-    if (text.dataset_resampled or text.shuffle_buffer) and not text.webdataset:
-        raise UserError("--dataset_resampled and --shuffle_buffer shape a --webdataset stream of shards; add "
-                        "--webdataset, or drop them (folders and pair files are shuffled whole every epoch)")
     if text.train_data_upsampling_factors:
         raise UserError("--train_data_upsampling_factors is not supported: write the sources' shards into one list "
                         "for --data_path, repeating a source's shards to sample it more often")
@@ -150,9 +145,6 @@ def check_pretrain_flags(cfg: "PretrainConfig", planned: frozenset[str] = frozen
     check_data_flags(cfg)
     check_lora_flags(cfg)
     check_continual_flags(cfg)
-    if cfg.objectives.early_layers is not None and cfg.exp_name != "image_mim":
-        raise UserError(f"--early_layers adds BEiT v2's patch aggregation to image MIM; drop it for --exp_name "
-                        f"{cfg.exp_name}")
     if cfg.model.sharded_checkpoint and not cfg.model.fsdp:
         raise UserError("--sharded_checkpoint writes the shards of an --fsdp run; add --fsdp, or drop "
                         "--sharded_checkpoint (other runs write one ordinary file)")

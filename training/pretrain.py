@@ -98,7 +98,8 @@ class PretrainRun:
         """The settings an earlier stage ran with (its args.yaml), e.g. to replay its data."""
         from training.cli import pretrain_config_from_argv
 
-        return pretrain_config_from_argv(["--config", str(folder / "args.yaml"), "--output_dir", str(folder)])
+        return pretrain_config_from_argv(["--config", str(folder / "args.yaml"), "--output_dir", str(folder)],
+                                         recorded=True)
 
     def mode_options(self, visual_tokenizer) -> ModeOptions:
         return mode_options(self.cfg, visual_tokenizer)
@@ -164,6 +165,7 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
     weights, cfg = resolve_weights(cfg)
     text_tokenizer, cfg = build_text_tokenizer(cfg)
     backbone = build_backbone(cfg, weights, len(text_tokenizer) if text_tokenizer is not None else None)
+    cfg = settle_image_sizes(cfg, backbone.cfg.img_size)
     if cfg.text.max_text_len > backbone.cfg.max_text_len:
         raise UserError(f"--max_text_len {cfg.text.max_text_len} exceeds the model's {backbone.cfg.max_text_len} "
                         f"text positions")
@@ -205,6 +207,15 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
     if not cfg.run.eval:
         run.method.start(run)  # before the starting checkpoint is let go (build_optimization)
     return run
+
+
+def settle_image_sizes(cfg: PretrainConfig, built: int) -> PretrainConfig:
+    """--image_size as built (the flag, else the checkpoint's, else 224: a text stage started from a
+    64 px stage stays at 64 px) and the tokenizer view at half of it unless given."""
+    from training.config import replace
+
+    second = cfg.visual_tokenizer.second_image_size or built // 2
+    return replace(cfg, model={"image_size": built}, visual_tokenizer={"second_image_size": second})
 
 
 def still_untrained(mode: PretrainMode, weights: Weights) -> list[str]:

@@ -85,14 +85,29 @@ def build_backbone(cfg: PretrainConfig, weights: Weights, vocab_size: int | None
                      vlffn_start_layer_index=m.vlffn_start_layer_index, vocab_size=vocab_size,
                      max_text_len=cfg.text.max_text_len_of_initckpt)
     if weights.path is None:
+        overrides = {k: v for k, v in overrides.items() if v is not None or k != "img_size"}  # the variant's 224
         backbone = create_model(m.model or "vlmo_tiny_patch16", **overrides)
         check_vl_expert_start(backbone.cfg, "--vlffn_start_layer_index")
         return backbone
     weights.ckpt, note = fit_text_vocabulary(weights.ckpt, vocab_size, cfg.text.tokenizer)
     if note:
         say(note)
-    return create_model(m.model, pretrained=weights.path, checkpoint=weights.ckpt,
-                        **{k: v for k, v in overrides.items() if k in ("img_size", "drop_path_rate")})
+    model = create_model(m.model, pretrained=weights.path, checkpoint=weights.ckpt,
+                         **{k: v for k, v in overrides.items() if k in ("img_size", "drop_path_rate")})
+    check_scratch_flags(m, model.cfg, weights.path)
+    return model
+
+
+# flags that shape a model built from scratch: a checkpoint keeps its own (a different value is refused)
+SCRATCH_ONLY = {"patch_size": "patch_size", "ffn": "ffn", "layer_scale_init_value": "layer_scale_init_value"}
+
+
+def check_scratch_flags(m, built, path: str) -> None:
+    for flag_name, field_name in SCRATCH_ONLY.items():
+        given, kept = getattr(m, flag_name), getattr(built, field_name)
+        if given is not None and given != kept:
+            raise UserError(f"--{flag_name} {given} shapes a model built from scratch, and {path} has {kept}: a "
+                            f"checkpoint keeps its architecture; drop --{flag_name}")
 
 
 @dataclass

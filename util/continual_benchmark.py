@@ -55,10 +55,19 @@ def run_child(argv: list[str], log: Path) -> dict[str, float]:
 
 
 def common_flags(args: argparse.Namespace, seed: int, tokenizer: Path) -> list[str]:
-    return ["--model", "vlmo_tiny_patch16", "--image_size", "64", "--patch_size", "8", "--second_image_size", "32",
-            "--min_crop_scale", "0.5", "--drop_path", "0", "--batch_size", "64",
-            "--num_workers", str(args.num_workers), "--print_freq", "1000", "--tokenizer", str(tokenizer),
-            "--seed", str(seed), "--save_per_epochs", "1000", "--no_pictures"]
+    return ["--model", "vlmo_tiny_patch16", "--image_size", "64", "--patch_size", "8", "--drop_path", "0",
+            "--batch_size", "64", "--num_workers", str(args.num_workers), "--print_freq", "1000",
+            "--tokenizer", str(tokenizer), "--seed", str(seed), "--save_per_epochs", "1000", "--no_pictures"]
+
+
+IMAGE_VIEWS = ["--min_crop_scale", "0.5"]  # what the modes that read images add
+
+
+def token_flags(files: "SeedFiles | None") -> list[str]:
+    """What the modes that predict visual tokens add: the tokenizer's view and, after the image stage
+    fitted it, its k-means tokenizer (the MIM targets of every later row)."""
+    fitted = ["--d_vae_weight_path", str(files.mim / "visual_tokenizer.safetensors")] if files is not None else []
+    return IMAGE_VIEWS + ["--second_image_size", "32"] + fitted
 
 
 def data_flags(args: argparse.Namespace, kind: str) -> list[str]:
@@ -217,7 +226,7 @@ def handover(stage_dir: Path, epochs: int, variant_method: str) -> Path:
 
 
 def mim_argv(args: argparse.Namespace, flags: list[str], reference: Path) -> list[str]:
-    return flags + data_flags(args, "image") + ["--exp_name", "image_mim", "--epochs", str(args.sizes[2]),
+    return flags + token_flags(None) + data_flags(args, "image") + ["--exp_name", "image_mim", "--epochs", str(args.sizes[2]),
                                                 "--visual_vocab_size", str(VISUAL_VOCAB), "--init_from", str(reference),
                                                 "--fisher_samples", str(args.fisher_samples)]
 
@@ -227,18 +236,18 @@ def stage_argv(args: argparse.Namespace, flags: list[str], variant: Variant, sta
     """A text or image-text stage of `variant`, starting from `start`."""
     exp, _, kind = stage
     epochs, blr = (args.sizes[3], "5e-3") if exp == "text_mlm" else (args.sizes[4], "2e-2")
-    extra = ["--batch_size", "32"] if exp == "image_text_itc" else []  # more steps, as demo_chain.py
+    extra = ["--batch_size", "32", *IMAGE_VIEWS] if exp == "image_text_itc" else []  # more steps, as demo_chain.py
     if args.real and exp == "text_mlm":  # the stage's own per-epoch check (the rows are measured apart)
         extra += ["--max_val_samples", "1000"]
     return flags + data_flags(args, kind) + method_flags(args, variant) + extra + [
         "--exp_name", exp, "--epochs", str(epochs), "--blr", blr, "--init_from", str(start)]
 
 
-def joint_argv(args: argparse.Namespace, flags: list[str], mim_ckpt: Path) -> list[str]:
+def joint_argv(args: argparse.Namespace, flags: list[str], files: "SeedFiles") -> list[str]:
     epochs = args.sizes[3] + args.sizes[4]
-    return flags + data_flags(args, "pair") + ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model",
+    return flags + token_flags(files) + data_flags(args, "pair") + ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model",
                                                "--exp_name", "compound_pretrain", "--epochs", str(epochs),
-                                               "--blr", "1e-2", "--batch_size", "32", "--init_from", str(mim_ckpt)]
+                                               "--blr", "1e-2", "--batch_size", "32", "--init_from", str(files.mim_ckpt)]
 
 
 def eval_argv(evaluation: list[str], weights: Path, out: Path) -> list[str]:
@@ -265,10 +274,10 @@ class SeedFiles:
 
 
 def seed_flags(args: argparse.Namespace, seed: int, files: SeedFiles) -> tuple[list[str], list[str]]:
-    """(the flags of every later stage, those of every evaluation row)."""
-    flags = common_flags(args, seed, files.tokenizer) + [
-        "--d_vae_weight_path", str(files.mim / "visual_tokenizer.safetensors")]  # the MIM targets of every later row
-    return flags, flags + data_flags(args, "pair")
+    """(the flags of every later stage, those of every evaluation row: compound_pretrain's, with the
+    image stage's visual tokenizer)."""
+    flags = common_flags(args, seed, files.tokenizer)
+    return flags, flags + token_flags(files) + data_flags(args, "pair")
 
 
 def check_every_run(args: argparse.Namespace) -> None:
@@ -285,7 +294,7 @@ def check_every_run(args: argparse.Namespace) -> None:
     made = {files.tokenizer, files.reference, files.mim_ckpt, files.mim / "visual_tokenizer.safetensors"}
     for variant in variants(args):
         if variant.method == JOINT:
-            runs.append((f"{JOINT}'s compound stage", joint_argv(args, flags, files.mim_ckpt)))
+            runs.append((f"{JOINT}'s compound stage", joint_argv(args, flags, files)))
             continue
         start = files.mim_ckpt
         for stage in STAGES:
@@ -311,7 +320,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     common = common_flags(args, seed, files.tokenizer)
     if not files.reference.is_file():
         files.reference.parent.mkdir(parents=True, exist_ok=True)
-        write_reference(common + data_flags(args, "image"), files.reference)
+        write_reference(common + token_flags(None) + data_flags(args, "image"), files.reference)
     mim_cost = run_stage(mim_argv(args, common, files.reference), files.mim)
     flags, evaluation = seed_flags(args, seed, files)
     print(f"seed {seed}: reference and image MIM rows", flush=True)
@@ -320,7 +329,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     results = {}
     for variant in variants(args):
         if variant.method == JOINT:
-            results[variant.name] = run_joint(args, seed, flags, evaluation, files.mim_ckpt, rows0, mim_cost, files.root)
+            results[variant.name] = run_joint(args, seed, flags, evaluation, files, rows0, mim_cost)
             continue
         start, rows, costs = files.mim_ckpt, list(rows0), [mim_cost]
         for stage in STAGES:
@@ -334,17 +343,17 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     return results
 
 
-def run_joint(args: argparse.Namespace, seed: int, flags: list[str], evaluation: list[str], mim_ckpt: Path,
-              rows0: list[dict], mim_cost: dict, root: Path) -> dict:
+def run_joint(args: argparse.Namespace, seed: int, flags: list[str], evaluation: list[str], files: SeedFiles,
+              rows0: list[dict], mim_cost: dict) -> dict:
     """The upper bound: after the shared image stage, one compound stage that trains MIM, MLM and
     ITC together on the pairs, for as many epochs as the text and image-text stages together, with
     the same adapters. It has no row between the text and image-text stages (left empty)."""
-    stage = root / JOINT / "2_compound"
+    stage = files.root / JOINT / "2_compound"
     print(f"seed {seed}: joint compound_pretrain", flush=True)
-    cost = run_stage(joint_argv(args, flags, mim_ckpt), stage)
+    cost = run_stage(joint_argv(args, flags, files), stage)
     rows = [*rows0, {}, evaluate_row(evaluation, handover(stage, args.sizes[3] + args.sizes[4], JOINT), stage / "row")]
     result = {"matrix": rows, "summary": summary(rows, OWNER), "cost": [mim_cost, cost]}
-    (root / JOINT / "matrix.json").write_text(json.dumps(result, indent=1))
+    (files.root / JOINT / "matrix.json").write_text(json.dumps(result, indent=1))
     return result
 
 

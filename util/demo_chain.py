@@ -39,9 +39,12 @@ COLUMNS = {"image_mim_acc": "MIM acc", "image_mim_loss": "MIM loss", "image_knn_
 def shared_flags(args: argparse.Namespace, tokenizer: Path) -> list[str]:
     return ["--model", "vlmo_tiny_patch16", "--image_size", "64", "--patch_size", "8", "--second_image_size", "32",
             "--data_path", "synthetic", "--synthetic_train_size", str(args.train_size), "--synthetic_val_size", str(args.val_size),
-            "--synthetic_render_size", "64", "--min_crop_scale", "0.5", "--drop_path", "0", "--batch_size", "64",
+            "--synthetic_render_size", "64", "--drop_path", "0", "--batch_size", "64",
             "--num_workers", str(args.num_workers), "--print_freq", "25", "--tokenizer", str(tokenizer),
             "--seed", str(args.seed), "--save_per_epochs", "1000"]
+
+
+CROPS = ["--min_crop_scale", "0.5"]  # the stages that read images
 
 
 def run_stage(argv: list[str], output_dir: Path) -> dict:
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
         made = train_wordpiece(caption_texts(["synthetic"], args.train_size, args.seed), 512, tokenizer)
         print(f"saved a {len(made)}-token WordPiece tokenizer to {tokenizer}")
     common = shared_flags(args, tokenizer)
-    rows = [("image_mim", run_stage(common + ["--exp_name", "image_mim", "--epochs", str(args.mim_epochs),
+    rows = [("image_mim", run_stage(common + CROPS + ["--exp_name", "image_mim", "--epochs", str(args.mim_epochs),
                                               "--visual_vocab_size", "128"], out / "1_image_mim"))]
     visual = ["--d_vae_weight_path", str(out / "1_image_mim" / "visual_tokenizer.safetensors")]
     mim_ckpt = mim_checkpoint(out, args.mim_epochs)
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
             common + visual + lora + ["--exp_name", "text_mlm", "--epochs", str(args.mlm_epochs), "--blr", "5e-3",
                                       "--init_from", str(mim_ckpt)], mlm_dir)))
         rows.append((f"image_text_itc, λ={weight:g}", run_stage(
-            common + visual + lora + ["--exp_name", "image_text_itc", "--epochs", str(args.itc_epochs), "--blr", "2e-2",
+            common + CROPS + visual + lora + ["--exp_name", "image_text_itc", "--epochs", str(args.itc_epochs), "--blr", "2e-2",
                                       "--batch_size", "32",  # more steps: contrastive learning from scratch needs them
                                       "--init_from", str(mlm_dir / "merged_model.safetensors")], itc_dir)))
         print_table(rows)

@@ -86,6 +86,11 @@ def folder(args, target: str) -> Path:
     return Path(args.output_dir) / target.replace(AGGREGATED, "_agg")
 
 
+def synthetic_size(args, size: dict) -> list[str]:
+    """The synthetic world's size, for a run on it (a run on photos is refused the flag)."""
+    return ["--synthetic_train_size", str(size["train_size"])] if args.data_path == "synthetic" else []
+
+
 def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
     root = folder(args, target)
     tokens = target.removesuffix(AGGREGATED)  # an aggregated row shares its plain row's tokenizer
@@ -97,7 +102,7 @@ def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
     ckpt = out / f"checkpoint-{epochs - 1}.pth"
     # a checkpoint every 10 epochs (the last one always): an interrupted stage resumes, not restarts
     seconds = run([str(ROOT / "main_pretrain_cook.py"), "--config", str(ROOT / "configs/small_data_image_mim.yaml"),
-                   "--data_path", args.data_path, "--synthetic_train_size", str(size["train_size"]), "--epochs",
+                   "--data_path", args.data_path, *synthetic_size(args, size), "--epochs",
                    str(epochs), "--save_per_epochs", str(min(10, epochs)), "--seed", str(args.seed), "--num_workers",
                    str(args.num_workers), "--no_pictures", "--output_dir", str(out), "--auto_resume", *flags],
                   root / "mim.output.txt", ckpt)

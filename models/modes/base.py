@@ -55,6 +55,11 @@ class PretrainMode(HoldsBackbone, nn.Module):
     needs_visual_tokens: ClassVar[bool] = False
     needs_mlm_masks: ClassVar[bool] = False
     static_graph: ClassVar[bool] = True  # False: parameters used vary per step (DDP must look for unused ones)
+    # what of a run's settings this mode reads (common/flag_scopes.py: a flag of a part no mode of the
+    # run reads is refused): "image_views" (crops, colour, normalisation), "masking" (BEiT's masks),
+    # "visual_tokens" (the MIM tokenizer and its view), "patch_aggregation", "text" (captions, their
+    # length), "mlm" (word masking), "itc" (contrastive negatives), "pairs", "compound" (its mixing)
+    reads: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, backbone: VLMoBackbone, options: ModeOptions | None = None) -> None:
         super().__init__()

@@ -32,6 +32,7 @@ class CompoundPretrain(PretrainMode):
     heads = ("mim_head", "mlm_head", "itc_head")
     needs_visual_tokens = True
     needs_mlm_masks = True
+    reads = frozenset({"image_views", "masking", "visual_tokens", "text", "mlm", "itc", "pairs", "compound"})
     static_graph = False
 
     def __init__(self, backbone: VLMoBackbone, options: ModeOptions) -> None:

@@ -33,6 +33,7 @@ class ImageMIM(PretrainMode):
     paths = frozenset({"image", "masked_image"})
     heads = ("mim_head",)
     needs_visual_tokens = True
+    reads = frozenset({"image_views", "masking", "visual_tokens", "patch_aggregation"})
 
     def __init__(self, backbone: VLMoBackbone, options: ModeOptions) -> None:
         super().__init__(backbone, options)

@@ -40,6 +40,7 @@ class ImageTextITC(PretrainMode):
     data_kind = "pair"
     paths = frozenset({"image", "text"})
     heads = ("itc_head",)
+    reads = frozenset({"image_views", "text", "itc", "pairs"})
 
     def __init__(self, backbone: VLMoBackbone, options: ModeOptions | None = None) -> None:
         super().__init__(backbone, options)

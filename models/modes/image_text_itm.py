@@ -92,6 +92,7 @@ class ImageTextITM(PretrainMode):
     data_kind = "pair"
     paths = frozenset({"image", "text", "pair"})
     heads = ("itc_head", "pooler", "itm_head")
+    reads = frozenset({"image_views", "text", "itc", "pairs"})
 
     def __init__(self, backbone: VLMoBackbone, options: ModeOptions | None = None) -> None:
         super().__init__(backbone, options)

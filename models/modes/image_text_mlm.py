@@ -26,6 +26,7 @@ class ImageTextMLM(TextMLM):
     batch_keys = (B.IMAGE, B.MLM_INPUT_IDS, B.ATTENTION_MASK, B.MLM_LABELS)
     data_kind = "pair"
     paths = frozenset({"image", "text", "pair"})
+    reads = frozenset({"image_views", "text", "mlm", "pairs"})
 
     def masked_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return fused_mlm_logits(self.backbone, self.mlm_head, batch)

@@ -40,6 +40,7 @@ class TextMLM(PretrainMode):
     paths = frozenset({"text"})
     heads = ("mlm_head",)
     needs_mlm_masks = True
+    reads = frozenset({"text", "mlm"})
 
     def __init__(self, backbone: VLMoBackbone, options: ModeOptions | None = None) -> None:
         super().__init__(backbone, options)

@@ -19,6 +19,7 @@ class ContinualMethod:
     adapters: ClassVar[str] = "any"  # "required", "forbidden" or "any" (LoRA or the full backbone)
     needs_previous: ClassVar[bool] = False  # needs the previous stage's weights (--init_from)
     has_penalty: ClassVar[bool] = False
+    reads: ClassVar[frozenset[str]] = frozenset()  # the flags of this method alone (a flag no method of the run reads is refused)
 
     def __init__(self, cfg: "PretrainConfig") -> None:
         self.cfg = cfg

@@ -29,6 +29,7 @@ def distance(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> to
 
 class FeatureDistillation(ContinualMethod):
     name = "distill"
+    reads = frozenset({"reg_loss_weight"})
     description = "λ·(1 − cos) to a frozen previous backbone's [CLS] and mean features on the current batch (LwF)"
     needs_previous = True
     has_penalty = True

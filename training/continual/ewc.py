@@ -14,6 +14,7 @@ from training.continual.fisher import fisher_beside, load_fisher
 
 class ElasticWeightConsolidation(ContinualMethod):
     name = "ewc"
+    reads = frozenset({"reg_loss_weight"})
     description = "λ·Σ F·(θ − θ_prev)², F the previous stage's Fisher (its --fisher_samples sidecar)"
     needs_previous = True
     has_penalty = True

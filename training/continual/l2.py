@@ -10,6 +10,7 @@ from training.continual.base import ContinualMethod
 
 class L2ToPrevious(ContinualMethod):
     name = "l2"
+    reads = frozenset({"reg_loss_weight"})
     description = "λ·Σ||θ − θ_prev||² to the previous stage's weights (L2-SP)"
     needs_previous = True
     has_penalty = True

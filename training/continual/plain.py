@@ -22,6 +22,7 @@ class FullFinetune(ContinualMethod):
 
 class SelfRegularization(ContinualMethod):
     name = "self_reg"
+    reads = frozenset({"reg_loss_weight", "reg_delta"})
     description = "LoRA + λ·Σ||W ⊙ ΔW||² (ContinualTransformer's self-regularization)"
     adapters = "required"
     has_penalty = True

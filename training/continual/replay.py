@@ -69,6 +69,7 @@ def _cycle(loader) -> Iterator[dict[str, Any]]:
 
 class ExperienceReplay(ContinualMethod):
     name = "replay"
+    reads = frozenset({"reg_loss_weight", "replay_ratio"})
     description = "a share --replay_ratio of each step's samples replayed from earlier stages' data and objectives"
     needs_previous = True
     has_penalty = True

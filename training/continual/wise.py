@@ -15,6 +15,7 @@ from training.continual.base import ContinualMethod
 
 class WeightInterpolation(ContinualMethod):
     name = "wise"
+    reads = frozenset({"wise_alpha"})
     description = "after the stage, θ = (1 − α)·θ_prev + α·θ_new (--wise_alpha)"
     needs_previous = True
 
