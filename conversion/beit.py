@@ -203,14 +203,23 @@ def target_config(source: BackboneConfig, model: str | None, image_size: int | N
 def _stack_rel_pos_tables(t: dict[str, torch.Tensor], src: BackboneConfig, dst: BackboneConfig,
                           fresh_table: torch.Tensor, report: ConversionReport) -> torch.Tensor:
     """One `[entries, depth*heads]` table: BEiT's image rows per layer (a shared table is repeated
-    for every layer), resized to the target grid; text and cross rows keep their fresh values (zeros)."""
-    if "rel_pos_bias.relative_position_bias_table" in t:
-        per_layer = [t["rel_pos_bias.relative_position_bias_table"]] * src.depth
+    for every layer; a model with both kinds adds them, as BEiT's attention does), resized to the
+    target grid; text and cross rows keep their fresh values (zeros)."""
+    shared = t.get("rel_pos_bias.relative_position_bias_table")
+    own = [t.get(f"blocks.{i}.attn.relative_position_bias_table") for i in range(src.depth)]
+    if shared is not None:
         report.mapped.append(("rel_pos_bias.relative_position_bias_table", "backbone.relative_position_bias_table (every layer)"))
-    else:
-        per_layer = [t[f"blocks.{i}.attn.relative_position_bias_table"] for i in range(src.depth)]
-        report.mapped += [(f"blocks.{i}.attn.relative_position_bias_table", "backbone.relative_position_bias_table")
-                          for i in range(src.depth)]
+    report.mapped += [(f"blocks.{i}.attn.relative_position_bias_table", "backbone.relative_position_bias_table"
+                       + (" (added to the shared table)" if shared is not None else "")) for i, table in enumerate(own)
+                      if table is not None]
+    if any(table is None for table in own) and any(table is not None for table in own):
+        missing = [i for i, table in enumerate(own) if table is None]
+        raise UserError(f"the source has relative position tables for some blocks but not for blocks {missing}; it is "
+                        f"not a BEiT checkpoint this conversion knows")
+    per_layer = [(shared if shared is not None else 0) + (table if table is not None else 0) for table in own]
+    if shared is not None and own[0] is not None:
+        report.notes.append("each block's relative position table added to the shared one (the source's attention "
+                            "adds both)")
     image_rows = torch.cat(per_layer, 1)  # [R_src, depth*heads], column = layer*heads + head
     if src.grid_size != dst.grid_size:
         image_rows = rp.resize_image_table(image_rows, src.grid_size, dst.grid_size)

@@ -71,11 +71,11 @@ def train_and_held_out_pairs(data: FinetuneDataSettings) -> tuple[list, list]:
     if is_karpathy_file(data.data_file_path):
         train = read_karpathy(data.data_file_path, data.data_path, TRAIN_SPLITS, allow)
         if data.eval_data_file_path:
-            return train, read_pairs(data.eval_data_file_path, data.data_path, allow)
+            return train, read_pairs(data.eval_data_file_path, data.data_path, allow, "--eval_data_file_path")
         return train, read_karpathy(data.data_file_path, data.data_path, (data.karpathy_eval_split,), allow)
     pairs = read_pairs(data.data_file_path, data.data_path, allow)
     if data.eval_data_file_path:
-        return pairs, read_pairs(data.eval_data_file_path, data.data_path, allow)
+        return pairs, read_pairs(data.eval_data_file_path, data.data_path, allow, "--eval_data_file_path")
     return split_held_out(pairs, (file_key(p[0]) for p in pairs), data.val_fraction,
                           f"--data_file_path {data.data_file_path}")
 

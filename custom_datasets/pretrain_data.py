@@ -68,7 +68,8 @@ def two_view_config(cfg: PretrainDataConfig, train: bool) -> TwoViewConfig:
     return TwoViewConfig(image_size=cfg.image_size, second_image_size=cfg.second_image_size,
                          min_crop_scale=views.min_crop_scale, color_jitter=views.color_jitter,
                          imagenet_default_mean_and_std=views.imagenet_default_mean_and_std, train=train,
-                         interpolation=views.train_interpolation, second_interpolation=views.second_interpolation)
+                         interpolation=views.train_interpolation,
+                         second_interpolation=views.second_interpolation or "lanczos")  # unset: BEiT's
 
 
 def sample_builders(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tuple[MIMSampleBuilder, MIMSampleBuilder]:
@@ -163,19 +164,28 @@ def build_webdataset_pairs(cfg: PretrainDataConfig, train_build, val_build) -> t
     """Training pairs streamed from tar shards; held-out pairs from --eval_data_file_path (JSON) or
     --eval_data_path (shards, counted once)."""
     from common.url_secrets import masked_url
-    from custom_datasets.webdataset_pairs import WebDatasetPairs, count_samples, expand_shards, require_num_samples
+    from custom_datasets.webdataset_pairs import (
+        WebDatasetPairs,
+        count_samples,
+        expand_shards,
+        note_epoch_length,
+        require_num_samples,
+    )
 
     text, data = cfg.text, cfg.data
     specs = split_sources(data.data_path)
     reading = {"retries": text.shard_retries, "timeout": text.shard_timeout}
-    train = WebDatasetPairs([expand_shards(spec) for spec in specs], require_num_samples(text.train_num_samples),
+    sources = [expand_shards(spec) for spec in specs]
+    note_epoch_length(require_num_samples(text.train_num_samples), [s for shards in sources for s in shards])
+    train = WebDatasetPairs(sources, text.train_num_samples,
                             train_build, seed=cfg.seed, resampled=text.dataset_resampled,
                             shuffle_buffer=text.shuffle_buffer, weights=check_weights(specs, data.data_weights),
                             names=[masked_url(spec) for spec in specs], **reading)
     if text.eval_data_file_path:
-        return train, ImageCaptionPairs(read_pairs(text.eval_data_file_path, None, data.allow_outside_data_path), val_build)
+        return train, ImageCaptionPairs(read_pairs(text.eval_data_file_path, None, data.allow_outside_data_path,
+                                                   "--eval_data_file_path"), val_build)
     if data.eval_data_path:
-        shards = expand_shards(data.eval_data_path)
+        shards = expand_shards(data.eval_data_path, "--eval_data_path")
         return train, WebDatasetPairs(shards, count_samples(shards, **reading), val_build, seed=cfg.seed, shuffle=False,
                                       **reading)
     raise UserError("--webdataset needs held-out pairs: --eval_data_path SHARDS or --eval_data_file_path PAIRS.json")
@@ -193,7 +203,7 @@ def build_pair_datasets(cfg: PretrainDataConfig, grid: tuple[int, int]) -> tuple
     pairs = [p for path in text.data_file_path for p in read_pairs(path, root, allow)]
     if text.eval_data_file_path:
         return (ImageCaptionPairs(pairs, train_build),
-                ImageCaptionPairs(read_pairs(text.eval_data_file_path, root, allow), val_build))
+                ImageCaptionPairs(read_pairs(text.eval_data_file_path, root, allow, "--eval_data_file_path"), val_build))
     train, val = split_held_out(pairs, (file_key(p[0]) for p in pairs), cfg.data.val_fraction,
                                 f"--data_file_path {' '.join(text.data_file_path)}")
     return ImageCaptionPairs(train, train_build), ImageCaptionPairs(val, val_build)

@@ -99,8 +99,10 @@ class ViewSettings:
                                                        scope=IMAGE_VIEWS)
     train_interpolation: str = flag("bicubic", "resampling of the backbone view", choices=INTERPOLATIONS,
                                     scope=IMAGE_VIEWS)
-    second_interpolation: str = flag("lanczos", "resampling of the visual-tokenizer view (a later stage's report "
-                                              "reads it too)", choices=INTERPOLATIONS)
+    second_interpolation: str | None = flag(None, "resampling of the visual-tokenizer view (a later stage's report "
+                                                   "reads it too)", choices=INTERPOLATIONS,
+                                            shown_default="bicubic for --d_vae_type vqkd (BEiT v2's recipe), else "
+                                                          "lanczos (BEiT's)")
 
 
 @dataclass(frozen=True)

@@ -40,34 +40,37 @@ def is_local(shard: Path | str) -> bool:
     return not is_remote(shard) and not str(shard).startswith(PIPE)
 
 
-def _brace_range(spec: str) -> list[str]:
+def _brace_range(spec: str, flag: str = "--data_path") -> list[str]:
     match = BRACES.search(spec)
     if not match:
         return [spec]
     lo, hi = match.group(1), match.group(2)
+    if int(lo) > int(hi):
+        raise UserError(f"{flag} {spec}: the range {match.group(0)} runs backwards; write it from the first shard to "
+                        f"the last, {{{hi}..{lo}}}")
     return [spec[:match.start()] + str(i).zfill(len(lo)) + spec[match.end():] for i in range(int(lo), int(hi) + 1)]
 
 
-def expand_shards(spec: str) -> list[Path | str]:
+def expand_shards(spec: str, flag: str = "--data_path") -> list[Path | str]:
     """`DIR`, a glob (`shards/*.tar`), a brace range (`shards/{00000..00099}.tar`), a command
     (`pipe:curl -s https://host/shards/{00000..00099}.tar`, one command per shard) or a URL (a
-    brace range, or a glob listed through the store) -> shards."""
+    brace range, or a glob listed through the store) -> shards. `flag`: what a refusal names."""
     if spec.startswith(PIPE):
-        return _brace_range(spec)
+        return _brace_range(spec, flag)
     if is_remote(spec):
-        return _remote_shards(spec)
+        return _remote_shards(spec, flag)
     path = Path(spec)
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
     elif BRACES.search(spec):
-        shards = [Path(n) for n in _brace_range(spec)]
+        shards = [Path(n) for n in _brace_range(spec, flag)]
         missing = [s for s in shards if not s.is_file()]
         if missing:
-            raise UserError(f"--data_path {spec}: shard {missing[0]} does not exist ({len(missing)} missing)")
+            raise UserError(f"{flag} {spec}: shard {missing[0]} does not exist ({len(missing)} missing)")
     else:
         shards = sorted(Path(p) for p in glob.glob(spec))
     if not shards:
-        raise UserError(f"--data_path {spec} matches no .tar shards; pass a folder of shards, a glob or a "
+        raise UserError(f"{flag} {spec} matches no .tar shards; pass a folder of shards, a glob or a "
                         f"brace range such as shards/{{00000..00099}}.tar")
     return shards
 
@@ -87,20 +90,20 @@ def _filesystem(url: str):
                         f"https:// or a pipe: command") from None
 
 
-def _remote_shards(spec: str) -> list[str]:
+def _remote_shards(spec: str, flag: str = "--data_path") -> list[str]:
     fs = _filesystem(spec)  # here, once: a missing client is one sentence at start, not an error in a worker
     if BRACES.search(spec) or not any(c in spec for c in "*?["):
-        return _brace_range(spec)  # listed as given: a missing shard is retried, then skipped and counted
+        return _brace_range(spec, flag)  # listed as given: a missing shard is retried, then skipped and counted
     scheme = urlsplit(spec).scheme
     try:
         fs.invalidate_cache()  # fsspec keeps listings per process; the store may have changed since
         found = sorted(fs.glob(spec))
     except Exception as err:  # noqa: BLE001 - the store's own error, said in one sentence
-        raise UserError(f"--data_path {masked_url(spec)} could not be listed ({type(err).__name__}: {err}); check "
+        raise UserError(f"{flag} {masked_url(spec)} could not be listed ({type(err).__name__}: {err}); check "
                         f"the address and the credentials in the environment") from None
     shards = [f if REMOTE.match(f) else f"{scheme}://{f}" for f in found if f.endswith(".tar")]
     if not shards:
-        raise UserError(f"--data_path {masked_url(spec)} matches no .tar shards")
+        raise UserError(f"{flag} {masked_url(spec)} matches no .tar shards")
     return shards
 
 

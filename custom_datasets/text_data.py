@@ -18,11 +18,11 @@ from common.errors import UserError
 TEXT_FORMATS = (".json", ".jsonl", ".txt")
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, flag: str = "--data_file_path") -> None:
     if not path.is_file():
-        raise UserError(f"--data_file_path {path} does not exist")
+        raise UserError(f"{flag} {path} does not exist")
     if path.suffix.lower() not in TEXT_FORMATS:
-        raise UserError(f"--data_file_path {path} has an unknown format; use .json (a list of {{\"caption\": ...}}), "
+        raise UserError(f"{flag} {path} has an unknown format; use .json (a list of {{\"caption\": ...}}), "
                         f".jsonl or .txt (one caption per line)")
 
 
@@ -41,13 +41,13 @@ def captions_of(record: Any) -> list[str] | None:
     return kept or None
 
 
-def report_skipped(path: Path, skipped: int, total: int, what: str) -> None:
+def report_skipped(path: Path, skipped: int, total: int, what: str, flag: str = "--data_file_path") -> None:
     if not skipped:
         return
     if skipped == total:
         needs = {"pairs": 'a non-empty "caption" and a "filename"',
                  "images": 'a "filename" and "sentences" with "raw" text'}.get(what, 'a non-empty "caption"')
-        raise UserError(f"--data_file_path {path}: none of its {total} {what} is usable (each needs {needs}); "
+        raise UserError(f"{flag} {path}: none of its {total} {what} is usable (each needs {needs}); "
                         f"check the file")
     say(f"{path}: skipped {skipped} of {total} {what} (malformed, not UTF-8, or without a usable caption)")
 
@@ -64,13 +64,13 @@ def json_lines(path: Path) -> Iterator[Any]:
                 yield None
 
 
-def load_json_list(path: Path) -> list[Any]:
+def load_json_list(path: Path, flag: str = "--data_file_path") -> list[Any]:
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"--data_file_path {path} is not valid JSON ({err}); a .json file must hold one list") from None
+        raise UserError(f"{flag} {path} is not valid JSON ({err}); a .json file must hold one list") from None
     if not isinstance(records, list):
-        raise UserError(f"--data_file_path {path} holds a {type(records).__name__}; it must be a JSON list of "
+        raise UserError(f"{flag} {path} holds a {type(records).__name__}; it must be a JSON list of "
                         f"{{\"caption\": ...}} objects")
     return records
 
@@ -174,9 +174,9 @@ class ImageRoot:
         self.outside.append("/".join(parts))
         return None
 
-    def report(self, source: Path, what: str, kept: int) -> None:
+    def report(self, source: Path, what: str, kept: int, flag: str = "--data_file_path") -> None:
         if self.outside and not kept:
-            raise UserError(f"--data_file_path {source}: no usable {what} left, {len(self.outside)} name images outside "
+            raise UserError(f"{flag} {source}: no usable {what} left, {len(self.outside)} name images outside "
                             f"{self.root} (an absolute path or '..', e.g. {self.outside[0]!r}); pass the folder that "
                             f"holds them as --data_path, or {OUTSIDE_FLAG} to read them where they are")
         if self.outside:
@@ -184,21 +184,21 @@ class ImageRoot:
                 f"or '..', e.g. {self.outside[0]!r}); pass {OUTSIDE_FLAG} to read them")
 
 
-def read_pairs(path: str | Path, image_root: str | Path | None,
-               allow_outside: bool = False) -> list[tuple[Path, list[str]]]:
+def read_pairs(path: str | Path, image_root: str | Path | None, allow_outside: bool = False,
+               flag: str = "--data_file_path") -> list[tuple[Path, list[str]]]:
     """`(image path, captions)` from a JSON list / JSON Lines of `{"caption": ..., "filename": ...}`;
     relative filenames are resolved against `image_root` (default: the file's folder), and stay
-    under it unless `allow_outside`."""
+    under it unless `allow_outside`. `flag`: the flag a refusal names."""
     path = Path(path)
-    _check_file(path)
+    _check_file(path, flag)
     if path.suffix.lower() == ".json":
-        records = load_json_list(path)
+        records = load_json_list(path, flag)
     elif path.suffix.lower() == ".jsonl":
         records = list(json_lines(path))
     else:
-        raise UserError(f"--data_file_path {path}: image-text pairs need .json or .jsonl with \"filename\" fields")
+        raise UserError(f"{flag} {path}: image-text pairs need .json or .jsonl with \"filename\" fields")
     if not records:
-        raise UserError(f"--data_file_path {path} holds no image-text pairs")
+        raise UserError(f"{flag} {path} holds no image-text pairs")
     root = ImageRoot(Path(image_root) if image_root else path.parent, allow_outside)
     pairs = []
     for record in records:
@@ -206,6 +206,6 @@ def read_pairs(path: str | Path, image_root: str | Path | None,
         filename = record.get("filename") if isinstance(record, dict) else None
         if captions and isinstance(filename, str) and filename and (image := root.image(filename)) is not None:
             pairs.append((image, captions))
-    root.report(path, "pairs", len(pairs))
-    report_skipped(path, len(records) - len(pairs) - len(root.outside), len(records), "pairs")
+    root.report(path, "pairs", len(pairs), flag)
+    report_skipped(path, len(records) - len(pairs) - len(root.outside), len(records), "pairs", flag)
     return pairs

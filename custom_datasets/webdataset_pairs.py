@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from common import distributed as dist_util
+from common.console import say
 from common.errors import UserError
 from common.url_secrets import masked_url
 from custom_datasets.mixing import exact_counts
@@ -235,6 +236,36 @@ def _through_buffer(stream: Iterator, size: int, rng: random.Random) -> Iterator
 
 def count_samples(shards: list[Path | str], retries: int = RETRIES, timeout: float = TIMEOUT) -> int:
     return sum(1 for shard in shards for _ in read_shard(shard, retries, timeout))
+
+
+COUNTED_SHARDS = 256  # more local shards than this are not listed just to say how long an epoch is
+
+
+def local_keys(shards: list[Path | str]) -> int | None:
+    """The samples (keys with an image member) local shards hold, from their tar headers alone (no
+    image is read); None when a shard is remote or a command, or there are too many to list."""
+    if len(shards) > COUNTED_SHARDS or not all(is_local(s) for s in shards):
+        return None
+    keys = 0
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                keys += len({name.split("/")[-1].split(".")[0] for name in tar.getnames()
+                             if Path(name).suffix.lower() in IMAGE_EXTENSIONS})
+        except (OSError, tarfile.TarError):
+            return None  # an unreadable shard is skipped and counted when it is read
+    return keys
+
+
+def note_epoch_length(num_samples: int, shards: list[Path | str]) -> None:
+    """--train_num_samples against what the shards hold, when it is far from it: an epoch that
+    repeats every sample many times, or reads a small part of them, is said once."""
+    held = local_keys(shards)
+    if not held or 0.5 <= num_samples / held <= 2:
+        return
+    what = (f"so an epoch reads each about {num_samples / held:.0f} times" if num_samples > held
+            else f"so an epoch reads {num_samples / held:.1%} of them")
+    say(f"--train_num_samples {num_samples}: the training shards hold {held} samples, {what}")
 
 
 def require_num_samples(num_samples: int | None) -> int:

@@ -303,3 +303,115 @@ def test_a_stage_started_from_a_checkpoint_takes_its_image_size(tmp_path, step_c
         ctx.finish()
     assert run.backbone.cfg.img_size == 32 and run.cfg.model.image_size == 32
     assert run.cfg.visual_tokenizer.second_image_size == 16
+
+
+def test_compile_compiles_what_it_says_of_a_vqkd_tokenizer(capsys):
+    import torch
+
+    from models import create_model
+    from models.visual_tokenizers.vqkd import VqkdTokenizer
+    from models.visual_tokenizers.vqkd_vit import VitShape
+    from training.compilation import compile_modules
+
+    tokenizer = VqkdTokenizer(VitShape(32, 8, 3, 64, 2, 1), 16, 8)
+    compile_modules(create_model("vlmo_tiny_patch16", img_size=32, patch_size=8).blocks, tokenizer)
+    assert all(block._compiled_call_impl is not None for block in tokenizer.encoder.blocks)
+    assert "and the visual tokenizer's encoder blocks compiled" in capsys.readouterr().out
+    images = torch.rand(2, 3, 32, 32)
+    eager = VqkdTokenizer(VitShape(32, 8, 3, 64, 2, 1), 16, 8)
+    eager.load_state_dict(tokenizer.state_dict())
+    assert torch.equal(tokenizer.get_codebook_indices(images), eager.get_codebook_indices(images))
+
+
+def test_a_vqkd_pth_head_count_is_said_and_can_be_given(tmp_path, capsys):
+    import torch
+
+    from models.visual_tokenizers.vqkd import VqkdTokenizer, load_vqkd_tokenizer, save_vqkd_tokenizer
+    from models.visual_tokenizers.vqkd_vit import VitShape
+
+    narrow = VqkdTokenizer(VitShape(32, 8, 3, 128, 1, 4), 16, 8)  # 4 heads of 32: a .pth cannot say so
+    torch.save({"model": narrow.state_dict()}, tmp_path / "vqkd.pth")
+    images = torch.rand(2, 3, 32, 32)
+    guessed = load_vqkd_tokenizer(tmp_path / "vqkd.pth")
+    assert "does not record its encoder's attention heads; read as 2 heads of 64" in capsys.readouterr().out
+    given = load_vqkd_tokenizer(tmp_path / "vqkd.pth", num_heads=4)
+    assert given.encoder.shape.num_heads == 4
+    assert torch.equal(given.get_codebook_indices(images), narrow.get_codebook_indices(images))
+    assert not torch.equal(given.code_vectors(images), guessed.code_vectors(images))  # the guess was wrong
+    save_vqkd_tokenizer(given, tmp_path / "vqkd.safetensors", {})
+    capsys.readouterr()
+    assert load_vqkd_tokenizer(tmp_path / "vqkd.safetensors").encoder.shape.num_heads == 4  # recorded from now on
+    assert capsys.readouterr().out == ""
+
+
+def test_step_checkpoints_that_would_never_be_written_are_refused(tmp_path, capsys):
+    out = tmp_path / "o"
+    refused(lambda: pretrain(TINY + SYNTH + ["--epochs", "3", "--save_every_steps", "8", "--output_dir", str(out)]),
+            "--save_every_steps 8 lands on epoch ends only (an epoch is 4 optimizer steps)", "--save_per_epochs 2",
+            capsys=capsys)
+    from training.step_checkpoints import check_step_interval
+
+    capsys.readouterr()
+    check_step_interval(10, 4, 1)  # every 2.5 epochs: some land within epochs
+    assert "a step checkpoint comes about once every 2.5 epochs" in capsys.readouterr().out
+
+
+def test_util_train_vqkd_refuses_a_one_code_codebook(tmp_path, capsys):
+    from util.train_vqkd import main as train_vqkd
+
+    refused(lambda: train_vqkd(["--codebook_size", "1", "--teacher", "x.pth", "--output", str(tmp_path / "t.safetensors")]),
+            "--codebook_size 1: a codebook of one code gives every patch the same token", capsys=capsys)
+
+
+def test_shard_ranges_and_eval_shards_name_their_own_flag(tmp_path):
+    from common.errors import UserError
+    from custom_datasets.shard_sources import expand_shards
+
+    for i in range(4):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+    with pytest.raises(UserError, match=r"--data_path .*: the range \{00003..00000\} runs backwards; write it from the "
+                                        r"first shard to the last, \{00000..00003\}"):
+        expand_shards(str(tmp_path / "{00003..00000}.tar"))
+    with pytest.raises(UserError, match="^--eval_data_path .*nothere matches no .tar shards"):
+        expand_shards(str(tmp_path / "nothere"), "--eval_data_path")
+
+
+def test_caption_labels_names_its_own_flag(tmp_path, capsys):
+    from util.caption_labels import main as caption_labels
+
+    captions = tmp_path / "captions.json"
+    captions.write_text('[{"caption": "a dog"}]')
+    refused(lambda: caption_labels(["--captions", str(captions), "--class", "dog=dog", "--class", "cat=cat",
+                                    "--output", str(tmp_path / "out")]),
+            f"--captions {captions}: none of its 1 pairs is usable", capsys=capsys)
+
+
+def test_an_epoch_far_from_what_the_shards_hold_is_said(tmp_path, capsys):
+    from custom_datasets.webdataset_pairs import note_epoch_length
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for i in range(40):
+            _add(tar, f"{i:04d}.jpg", _png())
+            _add(tar, f"{i:04d}.txt", b"a caption")
+    note_epoch_length(100000, [shards / "00000.tar"])
+    assert "the training shards hold 40 samples, so an epoch reads each about 2500 times" in capsys.readouterr().out
+    note_epoch_length(50, [shards / "00000.tar"])
+    assert capsys.readouterr().out == ""  # close to what they hold: nothing to say
+
+
+def test_a_vqkd_stage_takes_beit_v2s_tokenizer_view_unless_told(tmp_path):
+    from training.cli import pretrain_config_from_argv
+    from training.pretrain import settle_image_sizes
+
+    base = TINY_BASE + SYNTH + ["--output_dir", str(tmp_path / "o")]
+    vqkd = pretrain_config_from_argv(base + ["--d_vae_type", "vqkd", "--d_vae_weight_path", "v.safetensors"])
+    assert vqkd.views.second_interpolation == "bicubic"  # BEiT v2's recipe (the default was lanczos)
+    assert settle_image_sizes(vqkd, 224).visual_tokenizer.second_image_size == 224  # its 16 px patches: the same grid
+    kmeans = pretrain_config_from_argv(base)
+    assert kmeans.views.second_interpolation == "lanczos" and settle_image_sizes(kmeans, 224).visual_tokenizer \
+        .second_image_size == 112
+    told = pretrain_config_from_argv(base + ["--d_vae_type", "vqkd", "--d_vae_weight_path", "v.safetensors",
+                                             "--second_interpolation", "lanczos"])
+    assert told.views.second_interpolation == "lanczos"

@@ -179,3 +179,15 @@ def test_a_model_built_from_scratch_takes_the_vision_language_expert_start(tmp_p
     with pytest.raises(UserError, match="is not a block of this 4-block model"):
         build_backbone(pretrain_config_from_argv(argv + ["--ffn", "multiway", "--vlffn_start_layer_index", "5"]),
                        Weights(), 100)
+
+
+def test_a_shared_table_and_per_block_tables_are_added_as_beit_does(tmp_path, capsys):
+    """BEiT with use_shared_rel_pos_bias and use_rel_pos_bias adds both biases in every block; the
+    per-block tables were dropped (the shared one kept) without a word."""
+    ref = randomize_(_timm_beit(use_shared_rel_pos_bias=True, use_rel_pos_bias=True, global_pool="token")).eval()
+    torch.save(ref.state_dict(), tmp_path / "both.pth")
+    ours = create_model(None, pretrained=str(_convert(tmp_path, tmp_path / "both.pth"))).eval()
+    assert "each block's relative position table added to the shared one" in capsys.readouterr().out
+    images, _ = _inputs(32, 8, seed=5)
+    with torch.no_grad():
+        assert max_diff(ours.encode_image(images), ref.forward_features(images)) <= TOL

@@ -4,6 +4,7 @@ and Flickr8k pairs from ../shared, and the flag errors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ def test_the_chain_through_merged_checkpoints(tmp_path, word_pieces, capsys):
     out = capsys.readouterr().out
     assert "starting a new stage from the weights" in out and "LoRA adapters" in out
     assert "new heads: mlm_head; kept unused for later stages: mim_head" in out
+    assert re.search(r"epoch 0: .* train loss_reg \d", out)  # the epoch line shows the penalty log.txt has
     log = _log(tmp_path / "mlm")[0]
     assert {"train_loss_mlm", "train_acc_mlm", "train_loss_reg", "test_acc_mlm"} <= set(log)
     merged = read_checkpoint(tmp_path / "mlm" / "merged_model.safetensors")

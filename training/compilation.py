@@ -14,10 +14,11 @@ def compile_modules(blocks: nn.ModuleList, visual_tokenizer: nn.Module | None = 
     for block in blocks:
         block.compile()
     compiled = f"{len(blocks)} blocks"
-    # the module that get_codebook_indices calls: compiling the wrapper would compile nothing, since
-    # only a module's own __call__ is compiled (k-means has no network to compile)
-    encoder = getattr(visual_tokenizer, "encoder", None)
-    if isinstance(encoder, nn.Module):
-        encoder.compile()
-        compiled += " and the visual tokenizer's encoder"
+    # the modules get_codebook_indices calls: compiling a wrapper would compile nothing, since only a
+    # module's own __call__ is compiled (k-means has no network to compile)
+    parts = visual_tokenizer.compiled_parts() if hasattr(visual_tokenizer, "compiled_parts") else []
+    for part in parts:
+        part.compile()
+    if parts:
+        compiled += f" and the visual tokenizer's {visual_tokenizer.compiled_parts_name}"
     say(f"--compile: {compiled} compiled with torch.compile (the first steps are slower while it compiles)")

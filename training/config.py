@@ -317,7 +317,8 @@ def resolve_pretrain_defaults(cfg: PretrainConfig) -> PretrainConfig:
         cfg, data={"data_path": data_path, "pin_mem": False if data.no_pin_mem else data.pin_mem},
         text={"data_file_path": files},
         views={"imagenet_default_mean_and_std": views.imagenet_default_mean_and_std
-               and not views.disable_imagenet_default_mean_and_std},
+               and not views.disable_imagenet_default_mean_and_std,
+               "second_interpolation": views.second_interpolation or ("bicubic" if kind == "vqkd" else "lanczos")},
         objectives={"aggregate_itc": obj.aggregate_itc and not obj.disable_aggregate_itc},
         visual_tokenizer={"d_vae_type": kind, "d_vae_weight_path": weights, "visual_vocab_size": vocab,
                           "second_image_size": tok.second_image_size},

@@ -53,6 +53,7 @@ from training.step import StepSettings, cause_of
 from training.step_checkpoints import (
     StepCheckpointer,
     check_mid_epoch_resume,
+    check_step_interval,
     note_world_change,
     resumed_progress,
 )
@@ -211,10 +212,12 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
 
 def settle_image_sizes(cfg: PretrainConfig, built: int) -> PretrainConfig:
     """--image_size as built (the flag, else the checkpoint's, else 224: a text stage started from a
-    64 px stage stays at 64 px) and the tokenizer view at half of it unless given."""
+    64 px stage stays at 64 px) and the tokenizer view unless given: half of it (BEiT's DALL-E view),
+    all of it for VQ-KD (BEiT v2's recipe: a 16 px patch tokenizer over the backbone's grid)."""
     from training.config import replace
 
-    second = cfg.visual_tokenizer.second_image_size or built // 2
+    second = cfg.visual_tokenizer.second_image_size or (built if cfg.visual_tokenizer.d_vae_type == "vqkd"
+                                                        else built // 2)
     return replace(cfg, model={"image_size": built}, visual_tokenizer={"second_image_size": second})
 
 
@@ -274,6 +277,8 @@ def build_optimization(run: PretrainRun) -> Optimization:
                                    flat_settings(cfg), len(train_loader))
         start_epoch = load_run_state(run.weights.path, run.mode, optimizer, scaler, run.weights.ckpt)
         note_world_change(run.weights.path, run.weights.ckpt.extra.get("world_size"), ctx.world, mid_epoch)
+    if cfg.run.save_every_steps and not cfg.run.eval:
+        check_step_interval(cfg.run.save_every_steps, len(train_loader), opt.accum_iter)
     run.weights.ckpt = None  # not held in memory for the whole run
     settings = StepSettings(lr=lr, min_lr=opt.min_lr, warmup_epochs=warmup, epochs=opt.epochs,
                             accum_iter=opt.accum_iter, clip_grad=opt.clip_grad, amp_dtype=amp_dtype(cfg.run.amp),
@@ -409,6 +414,8 @@ def train_epochs(run: PretrainRun, optim: Optimization, log_writer) -> tuple[dic
                 log_writer.add_scalar(f"test/{key}", value, last_step(epoch + 1))
             ctx.append_log(stats)
             say(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in test_stats.items())
+                  # held-out losses have no penalty: the training one is what the method adds
+                  + (f"  train loss_reg {train_stats['loss_reg']:.4g}" if "loss_reg" in train_stats else "")
                   + (f"  (skipped {int(train_stats['skipped_samples'])} unreadable samples)"
                      if train_stats.get("skipped_samples") else "")
                   + f"  {run_eta(start, epoch + 1 - optim.start_epoch, cfg.optim.epochs - epoch - 1)}")

@@ -24,6 +24,19 @@ if TYPE_CHECKING:
 
 
 
+def check_step_interval(every: int, batches: int, accum: int) -> None:
+    """Step checkpoints are written within epochs (an epoch's end has its own): an interval that
+    only ever lands on epoch ends would never write one, and one longer than an epoch is said."""
+    steps = math.ceil(batches / accum)
+    if every % steps == 0:
+        raise UserError(f"--save_every_steps {every} lands on epoch ends only (an epoch is {steps} optimizer steps), "
+                        f"where no step checkpoint is written: use --save_per_epochs {every // steps} for a checkpoint "
+                        f"every {every} steps, or a --save_every_steps below {steps}")
+    if every > steps:
+        say(f"--save_every_steps {every}: an epoch is {steps} optimizer steps, so a step checkpoint comes about once "
+            f"every {every / steps:.1f} epochs")
+
+
 class StepCheckpointer:
     """Called after each optimizer step (EpochHooks.at_step_end); writes a checkpoint when one is due."""
 

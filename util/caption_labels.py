@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
         raise UserError(f"--output {out} is not empty: give a new folder (nothing is overwritten)")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction {args.val_fraction} must lie between 0 and 1")
-    pairs = read_pairs(args.captions, args.image_root)
+    pairs = read_pairs(args.captions, args.image_root, flag="--captions")
     splits = assign(args, classes, pairs)
     for split, per_class in splits.items():
         for name, images in per_class.items():

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name in ("epochs", "batch_size", "codebook_size", "codebook_dim", "decoder_depth", "image_size", "patch_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} {getattr(cfg, name)}: must be at least 1")
+    if cfg.codebook_size < 2:
+        raise UserError(f"--codebook_size {cfg.codebook_size}: a codebook of one code gives every patch the same token, "
+                        f"which leaves MIM nothing to learn; use at least 2 (BEiT v2: 8192)")
     return train_vqkd(cfg)
 
 

@@ -36,6 +36,12 @@ class DalleTokenizer(nn.Module):
     def vocab_size(self) -> int:
         return self.encoder.cfg.vocab_size
 
+    compiled_parts_name = "encoder"
+
+    def compiled_parts(self) -> list[nn.Module]:
+        """What `--compile` compiles: the module get_codebook_indices calls."""
+        return [self.encoder]
+
     @torch.no_grad()
     def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
         x = map_pixels(images.float()).contiguous(memory_format=torch.channels_last)

@@ -10,6 +10,7 @@ key layout, with their shape and teacher in the metadata. Only the encoder, task
 are kept; the decoder, which only served training, is counted and left out."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,8 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint_io import load_torch_file
+from common.console import say
 from common.errors import UserError
-from models.visual_tokenizers.vqkd_vit import VitShape, VqkdVit
+from models.visual_tokenizers.vqkd_vit import HEAD_DIM, VitShape, VqkdVit
+
+RELEASED_WIDTH = 768  # every BEiT v2 VQ-KD .pth: a ViT-base encoder
 
 KIND = "vqkd"
 REQUIRED = ("encoder.patch_embed.proj.weight", "encoder.pos_embed", "encode_task_layer.0.weight",
@@ -77,6 +81,12 @@ class VqkdTokenizer(nn.Module):
     def patch_size(self) -> int:
         return self.encoder.shape.patch_size
 
+    compiled_parts_name = "encoder blocks"
+
+    def compiled_parts(self) -> list[nn.Module]:
+        """What `--compile` compiles: the encoder's blocks (code_vectors calls them, not the encoder)."""
+        return list(self.encoder.blocks)
+
     def code_vectors(self, images: torch.Tensor) -> torch.Tensor:
         """`[B, N, codebook_dim]` task-layer outputs, before quantisation."""
         x = images.float() * 255.0 / 127.5 - 1.0  # their 'default' pre-processing of [0, 1] pixels
@@ -108,8 +118,10 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, {}
 
 
-def load_vqkd_tokenizer(path: str | Path) -> VqkdTokenizer:
-    """A tokenizer from BEiT v2's released `.pth` or our `.safetensors`; its weights exactly."""
+def load_vqkd_tokenizer(path: str | Path, num_heads: int | None = None) -> VqkdTokenizer:
+    """A tokenizer from BEiT v2's released `.pth` or our `.safetensors`; its weights exactly.
+    `num_heads`: the encoder's attention heads, which a `.pth` does not record (default: 64 dims a
+    head, as every released encoder)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--d_vae_weight_path {path} does not exist; pass a VQ-KD tokenizer file (BEiT v2's "
@@ -120,6 +132,13 @@ def load_vqkd_tokenizer(path: str | Path) -> VqkdTokenizer:
     if missing:
         raise UserError(f"{path} is not a VQ-KD tokenizer: it lacks {', '.join(missing)}")
     shape = VitShape(**json.loads(meta["encoder"])) if "encoder" in meta else VitShape.from_tensors(tensors, "encoder.")
+    if num_heads is not None:
+        shape = dataclasses.replace(shape, num_heads=num_heads)
+    elif "encoder" not in meta and shape.embed_dim != RELEASED_WIDTH:
+        say(f"{path}: a .pth does not record its encoder's attention heads; read as {shape.num_heads} heads of "
+            f"{HEAD_DIM} (BEiT v2's, whose released encoders are {RELEASED_WIDTH} wide with 12). An encoder with other "
+            f"heads gives wrong ids: load it with load_vqkd_tokenizer(path, num_heads=N) and save it with "
+            f"save_vqkd_tokenizer (a .safetensors records the shape; docs/pretraining.md)")
     size, dim = tensors["quantize.embedding.weight"].shape
     tokenizer = VqkdTokenizer(shape, size, dim, json.loads(meta.get("info", "{}")))
     own = tokenizer.state_dict()
