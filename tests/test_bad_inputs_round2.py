@@ -415,3 +415,39 @@ def test_a_vqkd_stage_takes_beit_v2s_tokenizer_view_unless_told(tmp_path):
     told = pretrain_config_from_argv(base + ["--d_vae_type", "vqkd", "--d_vae_weight_path", "v.safetensors",
                                              "--second_interpolation", "lanczos"])
     assert told.views.second_interpolation == "lanczos"
+
+
+def test_the_other_experiments_check_every_child_run_before_the_first(tmp_path, capsys, monkeypatch):
+    """The targets experiment, the pretraining screen and the transfer experiment refuse a bad child
+    flag before any child runs."""
+    import util.pretraining_screen as screen
+    import util.targets_experiment as targets
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a child ran before the flags were checked")
+
+    monkeypatch.setattr(targets, "run", ran)
+    monkeypatch.setattr(screen, "run_script", ran)
+    teacher = tmp_path / "teacher.pth"
+    teacher.write_bytes(b"")
+    monkeypatch.setattr(targets, "AGGREGATION_FLAGS", ["--early_layers", "0"])
+    refused(lambda: targets.main(["--teacher", str(teacher), "--targets", "kmeans", "kmeans+agg", "--output_dir",
+                                  str(tmp_path / "t")]),
+            "the kmeans+agg MIM stage would be refused: argument --early_layers: 0 is not allowed", capsys=capsys)
+    labelled = tmp_path / "labelled"
+    (labelled / "train" / "a").mkdir(parents=True)
+    refused(lambda: screen.main(["--data_path", str(labelled), "--labelled", str(labelled), "--recipe", "base=",
+                                 "--recipe", "odd=--wise_alpha 0.3", "--output_dir", str(tmp_path / "s")]),
+            "--recipe 'odd' would be refused: --wise_alpha is read only by --cl_method wise", capsys=capsys)
+
+
+def test_the_transfer_experiment_checks_its_probe_flags_before_fine_tuning(tmp_path, capsys, monkeypatch,
+                                                                            step_checkpoint):
+    import util.transfer_experiment as transfer
+    from tests.helpers import colour_folders
+
+    monkeypatch.setattr(transfer, "finetune", lambda cfg: (_ for _ in ()).throw(AssertionError("it ran")))
+    folders = colour_folders(tmp_path / "colours", 16, 8, render_size=32)
+    refused(lambda: transfer.main(["--pretrained", str(step_checkpoint), "--data_path", str(folders), "--output_dir",
+                                   str(tmp_path / "x"), "--probe_flags", "--layer_decay 2"]),
+            "the pretrained probe runs would be refused: --layer_decay must be in (0, 1]", capsys=capsys)

@@ -50,6 +50,15 @@ def pretrain_config_from_argv(argv: list[str] | None, description: str = "", rec
     return pretrain_config(parse_with_config(pretrain_parser(description), argv, PRESETS), check_scopes_too=not recorded)
 
 
+def _refusing(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The parser, its errors a UserError instead of an exit (for checking a command before it runs)."""
+    def refuse(message: str):
+        raise UserError(message)
+
+    parser.error = refuse  # type: ignore[method-assign]
+    return parser
+
+
 def check_planned_pretrain_run(argv: list[str], planned: frozenset[str] = frozenset()) -> None:
     """Validates a main_pretrain_cook.py command an experiment will run later, as that run would
     before any work, without printing: a bad flag value or combination is a UserError now (not an
@@ -58,14 +67,18 @@ def check_planned_pretrain_run(argv: list[str], planned: frozenset[str] = frozen
     import contextlib
     import io
 
-    parser = pretrain_parser()
-
-    def refuse(message: str):
-        raise UserError(message)
-
-    parser.error = refuse  # type: ignore[method-assign]
     with contextlib.redirect_stdout(io.StringIO()):
-        pretrain_config(parse_with_config(parser, argv, PRESETS), planned)
+        pretrain_config(parse_with_config(_refusing(pretrain_parser()), argv, PRESETS), planned)
+
+
+def check_planned_finetune_run(argv: list[str]) -> None:
+    """The same for a main_finetune.py command (its recipe chosen as the run will)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        parse_with_config(_refusing(finetune_parser()), argv)  # argparse's refusals, as sentences
+        finetune_config_from_argv(argv)
 
 
 def finetune_config_from_argv(argv: list[str] | None, description: str = "") -> FinetuneConfig:

@@ -64,17 +64,38 @@ def recipes(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def recipe_argv(args, out: Path, flags: list[str]) -> list[str]:
+    """main_pretrain_cook.py's flags for one recipe."""
+    return ["--config", args.config, "--data_path", args.data_path, "--epochs", str(args.epochs), "--save_per_epochs",
+            str(args.every), "--seed", str(args.seed), "--num_workers", str(args.num_workers), "--no_pictures",
+            "--auto_resume", "--output_dir", str(out), *flags]
+
+
+def recipe_folder(args, name: str) -> Path:
+    return Path(args.output_dir) / name.replace(" ", "_")
+
+
+def check_every_recipe(args, recipes_flags: dict[str, list[str]]) -> None:
+    """Every recipe's run, checked as it would be before it starts: a bad flag in the last recipe is
+    refused now, not after the others trained."""
+    from training.cli import check_planned_pretrain_run
+
+    for name, flags in recipes_flags.items():
+        try:
+            check_planned_pretrain_run(recipe_argv(args, recipe_folder(args, name), flags))
+        except UserError as err:
+            raise UserError(f"--recipe {name!r} would be refused: {err}") from None
+
+
 def pretrain(args, name: str, flags: list[str]) -> dict:
     """Run one recipe unless it finished before; its CPU and wall seconds."""
-    out = Path(args.output_dir) / name.replace(" ", "_")
+    out = recipe_folder(args, name)
     if (out / COST).is_file():
         return json.loads((out / COST).read_text())
     out.mkdir(parents=True, exist_ok=True)
     resumed = any(out.glob("checkpoint-*.pth"))  # its earlier part ran in another process: not counted
-    argv = [str(ROOT / "main_pretrain_cook.py"), "--config", args.config, "--data_path", args.data_path,
-            "--epochs", str(args.epochs), "--save_per_epochs", str(args.every), "--seed", str(args.seed),
-            "--num_workers", str(args.num_workers), "--no_pictures", "--auto_resume", "--output_dir", str(out), *flags]
-    ran = run_script(argv, out / "output.txt", append=True)
+    ran = run_script([str(ROOT / "main_pretrain_cook.py"), *recipe_argv(args, out, flags)], out / "output.txt",
+                     append=True)
     cost = {"cpu_seconds": ran["cpu_seconds"], "wall_seconds": ran["seconds"], "complete": not resumed}
     (out / COST).write_text(json.dumps(cost))
     return cost
@@ -142,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.every < 1 or args.epochs % args.every:
         raise UserError(f"--every {args.every} must divide --epochs {args.epochs} (a checkpoint at the last epoch)")
     flags = recipes(args.recipe)
+    check_every_recipe(args, flags)
     costs = {name: pretrain(args, name, f) for name, f in flags.items()}
     rows = [row for name in flags for row in score_checkpoints(args, name, costs[name])]
     from models.checkpoints import read_model_checkpoint

@@ -31,7 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.errors import cli_entry  # noqa: E402
+from common.errors import UserError, cli_entry  # noqa: E402
 from training.flag_checks import check_paths_exist  # noqa: E402
 from util.experiment_runs import run_script  # noqa: E402
 
@@ -51,21 +51,25 @@ def run(argv: list[str], log: Path, done: Path) -> float:
     return 0.0 if done.exists() else run_script(argv, log)["seconds"]
 
 
-def tokenizer_flags(args, target: str, root: Path, size: dict) -> list[str]:
-    """The MIM stage's target flags, making the tokenizer first where one is needed."""
+def tokenizer_flags(target: str, root: Path) -> list[str]:
+    """The MIM stage's target flags (the tokenizer they name is made by `make_tokenizer`)."""
     if target == "kmeans":
         return ["--d_vae_type", "kmeans", "--second_image_size", "32"]
+    if target == "vqkd":
+        return ["--d_vae_type", "vqkd", "--d_vae_weight_path", str(root / "vqkd.safetensors"), "--second_image_size", "64"]
+    return ["--d_vae_type", "dall-e", "--d_vae_weight_path", str(root / "random_dall_e"), "--second_image_size", "64"]
+
+
+def make_tokenizer(args, target: str, root: Path, size: dict) -> None:
+    """The tokenizer `tokenizer_flags` names, unless it is there (k-means: the MIM stage fits its own)."""
     if target == "vqkd":
         path = root / "vqkd.safetensors"
         run([str(ROOT / "util/train_vqkd.py"), "--teacher", args.teacher, "--data_path", args.data_path, "--output",
              str(path), "--image_size", "64", "--patch_size", "8", "--epochs", str(size["vqkd_epochs"]),
              "--codebook_size", "128", "--synthetic_train_size", str(size["train_size"]), "--seed", str(args.seed),
              "--num_workers", str(args.num_workers)], root / "vqkd.output.txt", path)
-        return ["--d_vae_type", "vqkd", "--d_vae_weight_path", str(path), "--second_image_size", "64"]
-    folder = root / "random_dall_e"
-    if not (folder / "encoder.safetensors").is_file():
-        write_random_dall_e(folder, args.seed)
-    return ["--d_vae_type", "dall-e", "--d_vae_weight_path", str(folder), "--second_image_size", "64"]
+    elif target == "dall-e" and not (root / "random_dall_e" / "encoder.safetensors").is_file():
+        write_random_dall_e(root / "random_dall_e", args.seed)
 
 
 def write_random_dall_e(folder: Path, seed: int) -> None:
@@ -91,21 +95,37 @@ def synthetic_size(args, size: dict) -> list[str]:
     return ["--synthetic_train_size", str(size["train_size"])] if args.data_path == "synthetic" else []
 
 
+def mim_argv(args, target: str, size: dict) -> list[str]:
+    """The target's MIM stage (a checkpoint every 10 epochs and the last: an interrupted stage resumes)."""
+    tokens = target.removesuffix(AGGREGATED)  # an aggregated row shares its plain row's tokenizer
+    flags = tokenizer_flags(tokens, folder(args, tokens)) + (AGGREGATION_FLAGS if target.endswith(AGGREGATED) else [])
+    epochs = size["mim_epochs"]
+    return ["--config", str(ROOT / "configs/small_data_image_mim.yaml"), "--data_path", args.data_path,
+            *synthetic_size(args, size), "--epochs", str(epochs), "--save_per_epochs", str(min(10, epochs)), "--seed",
+            str(args.seed), "--num_workers", str(args.num_workers), "--no_pictures", "--output_dir",
+            str(folder(args, target) / "mim"), "--auto_resume", *flags]
+
+
+def check_every_stage(args, size: dict) -> None:
+    """Every target's MIM stage, checked as it would be before it runs (its tokenizer may not exist yet)."""
+    from training.cli import check_planned_pretrain_run
+
+    for target in args.targets:
+        root = folder(args, target.removesuffix(AGGREGATED))
+        planned = frozenset({str(root / "vqkd.safetensors"), str(root / "random_dall_e")})
+        try:
+            check_planned_pretrain_run(mim_argv(args, target, size), planned)
+        except UserError as err:
+            raise UserError(f"the {target} MIM stage would be refused: {err}") from None
+
+
 def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
     root = folder(args, target)
-    tokens = target.removesuffix(AGGREGATED)  # an aggregated row shares its plain row's tokenizer
-    flags = tokenizer_flags(args, tokens, folder(args, tokens), size)
-    if target.endswith(AGGREGATED):
-        flags += AGGREGATION_FLAGS
+    tokens = target.removesuffix(AGGREGATED)
+    make_tokenizer(args, tokens, folder(args, tokens), size)
     out = root / "mim"
-    epochs = size["mim_epochs"]
-    ckpt = out / f"checkpoint-{epochs - 1}.pth"
-    # a checkpoint every 10 epochs (the last one always): an interrupted stage resumes, not restarts
-    seconds = run([str(ROOT / "main_pretrain_cook.py"), "--config", str(ROOT / "configs/small_data_image_mim.yaml"),
-                   "--data_path", args.data_path, *synthetic_size(args, size), "--epochs",
-                   str(epochs), "--save_per_epochs", str(min(10, epochs)), "--seed", str(args.seed), "--num_workers",
-                   str(args.num_workers), "--no_pictures", "--output_dir", str(out), "--auto_resume", *flags],
-                  root / "mim.output.txt", ckpt)
+    ckpt = out / f"checkpoint-{size['mim_epochs'] - 1}.pth"
+    seconds = run([str(ROOT / "main_pretrain_cook.py"), *mim_argv(args, target, size)], root / "mim.output.txt", ckpt)
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
     aggregated = {"mim_acc_agg": log[-1]["test_acc_mim_agg"]} if "test_acc_mim_agg" in log[-1] else {}
     return ckpt, {"mim_acc": log[-1].get("test_acc_mim"), **aggregated, "pretrain_seconds": seconds or None}
@@ -203,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = {key: value if getattr(args, key) is None else _sized(getattr(args, key))
             for key, value in (QUICK if args.quick else FULL).items()}
     args.output_dir = args.output_dir or f"outputs/targets_experiment{'_quick' if args.quick else ''}"
+    check_every_stage(args, size)
     # In phases, cheapest answers first: every target's pretraining, then every transfer, then every
     # segmentation (the longest step); the random-init rows once, with the first target.
     pretrained = {target: pretrain(args, target, size) for target in args.targets}

@@ -33,7 +33,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 from custom_datasets.classification_data import split_roots  # noqa: E402
 from custom_datasets.settings import FinetuneDataSettings  # noqa: E402
 from models.checkpoints import read_model_checkpoint  # noqa: E402
-from training.cli import finetune_config_from_argv  # noqa: E402
+from training.cli import check_planned_finetune_run, finetune_config_from_argv  # noqa: E402
 from training.finetune import finetune  # noqa: E402
 from util.experiment_runs import finished_or_run, result_settings  # noqa: E402
 
@@ -132,11 +132,26 @@ def majority_accuracy(data_path: str) -> float:
     return 100 * max(counts) / sum(counts)
 
 
+def seed_commands(args, weights: list[str], common: list[str]) -> dict[str, list[str]]:
+    return {"finetune": ["--task", "image_classification", "--epochs", str(args.finetune_epochs), *common, *weights,
+                         *shlex.split(args.finetune_flags)],
+            "probe": ["--task", "linear_probe", "--epochs", str(args.probe_epochs), *common, *weights,
+                      *shlex.split(args.probe_flags)]}
+
+
+def check_every_run(args, inits: list[tuple[str, list[str]]], common: list[str]) -> None:
+    """Every fine-tuning and probe command, checked as it would be before it runs: a bad
+    --probe_flags is refused now, not after every seed's fine-tuning."""
+    for init, weights in inits:
+        for name, argv in seed_commands(args, weights + ["--seed", str(args.seeds[0])], common).items():
+            try:
+                check_planned_finetune_run(argv)
+            except UserError as err:
+                raise UserError(f"the {init} {name} runs would be refused: {err}") from None
+
+
 def one_seed(args, weights: list[str], common: list[str], out: Path) -> dict:
-    commands = {"finetune": ["--task", "image_classification", "--epochs", str(args.finetune_epochs), *common, *weights,
-                             *shlex.split(args.finetune_flags)],
-                "probe": ["--task", "linear_probe", "--epochs", str(args.probe_epochs), *common, *weights,
-                          *shlex.split(args.probe_flags)]}
+    commands = seed_commands(args, weights, common)
     settings = {name: result_settings(argv) for name, argv in commands.items()}
     return finished_or_run(out, lambda: _fine_tune_and_probe(commands, out), settings)
 
@@ -206,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     scratch = ["--model", "vlmo_tiny_patch16", "--patch_size", str(cfg.get("patch_size", 16))]
     out, results = Path(args.output_dir), {}
     inits = [("pretrained", ["--finetune", args.pretrained])] + ([] if args.skip_random_init else [("random init", scratch)])
+    check_every_run(args, inits, common)
     for init, weights in inits:
         results[init] = [one_seed(args, weights + ["--seed", str(seed)], common,
                                   out / f"{init.replace(' ', '_')}_seed{seed}") for seed in args.seeds]
