@@ -73,6 +73,26 @@ class RandomMaskGenerator:
         return mask.reshape(self.grid)
 
 
+class FractionMaskGenerator:
+    """MAE's per-sample random masking: a uniformly random set of exactly N - int(N·(1 - ratio))
+    patches (MAE keeps int(N·(1 - ratio)), so every image has the same number visible)."""
+
+    def __init__(self, grid: tuple[int, int], ratio: float) -> None:
+        if not 0 < ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {ratio}")
+        self.grid, self.ratio = grid, ratio
+        n = grid[0] * grid[1]
+        self.num_masked = n - int(n * (1 - ratio))
+        if not 0 < self.num_masked < n:
+            raise ValueError(f"--mask_ratio {ratio} masks {self.num_masked} of {n} patches: none or all")
+
+    def __call__(self, rng: random.Random | None = None) -> np.ndarray:
+        rng = rng or random  # the global RNG: seeded per DataLoader worker and per epoch
+        mask = np.zeros(self.grid[0] * self.grid[1], dtype=bool)
+        mask[rng.sample(range(mask.size), self.num_masked)] = True
+        return mask.reshape(self.grid)
+
+
 def default_num_mask_patches(num_patches: int) -> int:
     """BEiT masks 75 of 196 patches; keep that fraction for other grids."""
     return max(1, round(num_patches * 75 / 196))

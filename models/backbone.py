@@ -124,7 +124,8 @@ class VLMoBackbone(nn.Module):
         the last one asked for are skipped."""
         blocks = self.blocks if collect is None else self.blocks[:max(collect) + 1]
         for i, block in enumerate(blocks):
-            mask = None if bias is None else bias[i].unsqueeze(0)  # [1, H, n, n]
+            # [1, H, n, n] shared by the batch, or [B, H, n, n] per sample (each its own visible patches)
+            mask = None if bias is None else (bias[i] if bias.ndim == 5 else bias[i].unsqueeze(0))
             if padding is not None:
                 mask = padding if mask is None else mask + padding  # [B, H, n, n]
             if self.grad_checkpointing and self.training:
@@ -143,6 +144,22 @@ class VLMoBackbone(nn.Module):
         x = self._embed_image(images, bool_masked_pos)
         index = getattr(self, "image_position_index", None)
         return self._run_blocks(x, self._bias(index), None, Modality.IMAGE, apply_norm=apply_norm)
+
+    def encode_visible(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """MAE's encoder: only the `visible` patches (`[B, K]` indices, the same count per image) and
+        [CLS] go through the blocks, each with its own position (absolute embedding and/or the
+        relative bias between the visible positions alone) -> `[B, 1+K, D]`, final-normed."""
+        x = self._embed_image(images, None)  # [B, 1+N, D], positions added
+        keep = torch.cat([visible.new_zeros(visible.shape[0], 1), visible + 1], dim=1)  # [B, 1+K] incl. [CLS]
+        x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, 1+K, D]
+        index = getattr(self, "image_position_index", None)
+        bias = None
+        if self.relative_position_bias_table is not None and index is not None:
+            rows = index[keep[:, :, None], keep[:, None, :]]  # [B, 1+K, 1+K]
+            b, n = rows.shape[:2]
+            bias = self.relative_position_bias_table[rows.reshape(-1)].view(b, n, n, self.cfg.depth, -1)
+            bias = bias.permute(3, 0, 4, 1, 2)  # [L, B, H, n, n]
+        return self._run_blocks(x, bias, None, Modality.IMAGE)
 
     def image_block_outputs(self, images: torch.Tensor, indices: tuple[int, ...],
                             bool_masked_pos: torch.Tensor | None = None) -> list[torch.Tensor]:

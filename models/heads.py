@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.mae_decoder import MAEDecoder
 from models.patch_aggregation import PatchAggregationHead
 from models.segmentation_head import SegmentationHead
 
@@ -154,7 +155,7 @@ class AnswerHead(nn.Module):
 
 HEAD_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (MIMHead, MLMHead, ITCHead, Pooler, ITMHead,
                                                                      AnswerHead, SegmentationHead,
-                                                                     PatchAggregationHead)}
+                                                                     PatchAggregationHead, MAEDecoder)}
 
 
 def build_head(spec: dict[str, Any]) -> nn.Module:
