@@ -19,7 +19,12 @@ from custom_datasets import batch as B
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.file_index import index_folder
 from custom_datasets.image_folder import ImageFiles
-from custom_datasets.masking import BlockwiseMaskGenerator, RandomMaskGenerator, default_num_mask_patches
+from custom_datasets.masking import (
+    BlockwiseMaskGenerator,
+    FractionMaskGenerator,
+    RandomMaskGenerator,
+    default_num_mask_patches,
+)
 from custom_datasets.mixing import SEPARATOR, MixedSources, check_weights, split_sources
 from custom_datasets.pair_data import ImageCaptionPairs, SyntheticCaptions
 from custom_datasets.settings import SYNTHETIC, PretrainDataConfig
@@ -48,11 +53,19 @@ class MIMSampleBuilder:
         view, token_view = self.transform(image)
         rng = random.Random(f"{self.seed}:mask:{key}") if self.fixed_masks and key is not None else None
         mask = torch.from_numpy(self.masker(rng).reshape(-1))
-        return {B.IMAGE: view, B.TOKENIZER_IMAGE: token_view, B.MASKED_PATCHES: mask}
+        sample = {B.IMAGE: view, B.MASKED_PATCHES: mask}
+        if token_view is not None:  # MAE reads pixels: no tokenizer view
+            sample[B.TOKENIZER_IMAGE] = token_view
+        return sample
 
 
 def build_masker(cfg: PretrainDataConfig, grid: tuple[int, int]):
     views = cfg.views
+    if cfg.masks == "mae":
+        try:
+            return FractionMaskGenerator(grid, views.mask_ratio)
+        except ValueError as err:
+            raise UserError(str(err)) from None
     if views.mask_strategy == "random":
         return RandomMaskGenerator(grid, views.mim_probability)
     n = views.num_mask_patches or default_num_mask_patches(grid[0] * grid[1])

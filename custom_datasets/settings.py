@@ -87,6 +87,8 @@ class ViewSettings:
     max_mask_patches_per_block: int | None = flag(None, "largest block (block)", shown_default="--num_mask_patches",
                                                   scope=BLOCK_MASKS)
     min_mask_patches_per_block: int = flag(16, "smallest block (block)", scope=BLOCK_MASKS)
+    mask_ratio: float = flag(0.75, "image_mae: the share of each image's patches masked, at random (MAE; "
+                                   "ContinualTransformer's flag)", minimum=0.01, below=1, scope=mode_reads("mae"))
     mim_probability: float = flag(0.55, "masking probability per patch (random)",
                                   scope=both(MASKING, when("runs with --mask_strategy random",
                                                            lambda cfg: cfg.views.mask_strategy == "random")))
@@ -116,6 +118,7 @@ class PretrainDataConfig:
     second_image_size: int
     seed: int
     index_cache: str | None = None  # where the training folder's file index is kept (a resumed run reuses it)
+    masks: str = "beit"  # BEiT's masks (--mask_strategy) or MAE's (--mask_ratio), as the mode takes them
 
 
 @dataclass(frozen=True)

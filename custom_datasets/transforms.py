@@ -26,7 +26,7 @@ def mean_std(imagenet: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
 @dataclass
 class TwoViewConfig:
     image_size: int = 224
-    second_image_size: int = 112
+    second_image_size: int | None = 112  # None: no tokenizer view (MAE reads pixels)
     min_crop_scale: float = 0.08
     color_jitter: float = 0.4
     hflip: float = 0.5
@@ -104,15 +104,15 @@ class TwoViewTransform:
         image = adjust_colours(image, plan.jitter)
         return TF.hflip(image) if plan.flip else image
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
         plan, full_size = image.info.pop(PLAN_KEY, (None, image.size))  # a plan is used once
         plan = plan or self.plan(image.size)
         image = self.whole_image_part(image, plan)
         size, second = self.cfg.image_size, self.cfg.second_image_size
-        views = []
-        for side, name in ((size, self.cfg.interpolation), (second, self.cfg.second_interpolation)):
-            views.append(resized_crop(image, plan.crop, full_size, side, interpolation_mode(name)))
-        return self.normalize(TF.to_tensor(views[0])), TF.to_tensor(views[1])
+        view = resized_crop(image, plan.crop, full_size, size, interpolation_mode(self.cfg.interpolation))
+        token_view = None if second is None else TF.to_tensor(
+            resized_crop(image, plan.crop, full_size, second, interpolation_mode(self.cfg.second_interpolation)))
+        return self.normalize(TF.to_tensor(view)), token_view
 
 
 def adjust_colours(image: Image.Image, jitter: tuple | None) -> Image.Image:

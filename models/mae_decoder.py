@@ -96,7 +96,9 @@ class MAEDecoder(nn.Module):
         self.mlp_ratio, self.mask_ratio, self.norm_pix_loss = mlp_ratio, mask_ratio, norm_pix_loss
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.register_buffer("decoder_pos_embed", sincos_2d(decoder_embed_dim, self.grid))  # fixed, as MAE's
+        # fixed, as MAE's and Hugging Face's (neither trains it): made from the grid, not saved, so the
+        # decoder follows the run's image size
+        self.register_buffer("decoder_pos_embed", sincos_2d(decoder_embed_dim, self.grid), persistent=False)
         self.decoder_blocks = nn.ModuleList(DecoderBlock(decoder_embed_dim, num_heads, eps, mlp_ratio)
                                             for _ in range(depth))
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=eps)

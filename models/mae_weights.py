@@ -44,10 +44,11 @@ MAE_TO_OURS = [
     (r"^(cls_token|pos_embed|patch_embed\.proj\.\w+|norm\.\w+)$", r"backbone.\1"),
     (r"^blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(\w+)$", r"backbone.blocks.\1.\2.\3"),
     (r"^blocks\.(\d+)\.attn\.(qkv\.weight|q_bias|v_bias)$", r"backbone.blocks.\1.attn.\2"),
-    (r"^(mask_token|decoder_embed\.\w+|decoder_pos_embed|decoder_norm\.\w+|decoder_pred\.\w+)$", r"mae_decoder.\1"),
+    (r"^(mask_token|decoder_embed\.\w+|decoder_norm\.\w+|decoder_pred\.\w+)$", r"mae_decoder.\1"),
     (r"^decoder_blocks\.(\d+)\.(.+)$", r"mae_decoder.decoder_blocks.\1.\2"),
 ]
 LEFT_OUT = [(r"^(head|fc_norm)\.", "the fine-tuned classification head (not part of MAE's encoder)"),
+            (r"^decoder_pos_embed$", "the decoder's fixed sine-cosine positions (made again from the grid)"),
             (r"^classifier\.", "Hugging Face's classification head")]
 # widths of MAE's released encoders and decoders -> their heads (ViT-H: 80 dims a head)
 ENCODER_HEADS = {768: 12, 1024: 16, 1280: 16}

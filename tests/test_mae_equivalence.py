@@ -23,6 +23,15 @@ SIZES = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, dec
              decoder_num_heads=2)
 
 
+def mae_reference(**kwargs) -> MaskedAutoencoderViT:
+    """Random weights, but the decoder's positions stay MAE's fixed sine-cosine table (neither MAE
+    nor Hugging Face ever trains it, and the decoder here makes it from the grid)."""
+    torch.manual_seed(0)
+    ref = randomize_(MaskedAutoencoderViT(**SIZES, **kwargs), scale=0.1).eval()
+    ref.decoder_pos_embed.data.copy_(reference_sincos(SIZES["decoder_embed_dim"], 4))
+    return ref
+
+
 def ours(path):
     """The backbone and the MAE decoder a file holds, as every loader here reads it."""
     ckpt = read_model_checkpoint(path)
@@ -38,7 +47,7 @@ def test_the_fixed_positions_are_maes():
 @pytest.mark.parametrize("norm_pix", [False, True])
 def test_maes_visualize_file_gives_its_features_reconstruction_and_loss(tmp_path, norm_pix):
     torch.manual_seed(0)
-    ref = randomize_(MaskedAutoencoderViT(**SIZES, norm_pix_loss=norm_pix), scale=0.1).eval()
+    ref = mae_reference(norm_pix_loss=norm_pix)
     path = tmp_path / "mae_visualize_vit_test.pth"
     save_released(ref, path, encoder_only=False)
     backbone, decoder = ours(path)
@@ -63,7 +72,7 @@ def test_maes_visualize_file_gives_its_features_reconstruction_and_loss(tmp_path
 
 def test_maes_pretrain_file_is_the_encoder_alone(tmp_path, capsys):
     torch.manual_seed(0)
-    ref = randomize_(MaskedAutoencoderViT(**SIZES), scale=0.1).eval()
+    ref = mae_reference()
     save_released(ref, tmp_path / "mae_pretrain_vit_test.pth", encoder_only=True)
     backbone, decoder = ours(tmp_path / "mae_pretrain_vit_test.pth")
     assert decoder is None
@@ -102,7 +111,9 @@ def _hf_model(norm_pix: bool) -> transformers.ViTMAEForPreTraining:
                                        decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
                                        decoder_intermediate_size=256, norm_pix_loss=norm_pix, mask_ratio=0.75)
     torch.manual_seed(0)
-    return randomize_(transformers.ViTMAEForPreTraining(config), scale=0.1).eval()
+    model = randomize_(transformers.ViTMAEForPreTraining(config), scale=0.1).eval()
+    model.decoder.decoder_pos_embed.data.copy_(reference_sincos(64, 4))  # fixed in every ViTMAE
+    return model
 
 
 def as_transformers_4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -149,3 +160,24 @@ def test_hugging_face_vitmae_folders_give_its_outputs(tmp_path, names, norm_pix)
         assert max_diff(prediction, out.logits) <= TOL
         loss = masked_mse(prediction, pixel_targets(images, 8, norm_pix), mask)
         assert abs(loss.item() - out.loss.item()) <= TOL
+
+
+def test_convert_writes_an_mae_file_that_loads_the_same(tmp_path, capsys):
+    from util.convert_beit_ckpt import main as convert
+
+    torch.manual_seed(0)
+    ref = mae_reference()
+    save_released(ref, tmp_path / "mae_visualize_vit_test.pth", encoder_only=False)
+    convert(["--input", str(tmp_path / "mae_visualize_vit_test.pth"), "--output", str(tmp_path / "ours.safetensors")])
+    said = capsys.readouterr().out
+    assert "(MAE, " in said and "key biases left out" in said
+    direct, converted = ours(tmp_path / "mae_visualize_vit_test.pth"), ours(tmp_path / "ours.safetensors")
+    images = torch.randn(2, 3, 32, 32)
+    visible = torch.tensor([[0, 5, 9, 14], [1, 2, 3, 4]])
+    with torch.no_grad():
+        a, b = direct[0].encode_visible(images, visible), converted[0].encode_visible(images, visible)
+        assert torch.equal(a, b) and torch.equal(direct[1](a, visible), converted[1](b, visible))
+    with pytest.raises(SystemExit):
+        convert(["--input", str(tmp_path / "mae_visualize_vit_test.pth"), "--output", str(tmp_path / "x.safetensors"),
+                 "--image_size", "64"])
+    assert "--image_size shape a BEiT conversion" in capsys.readouterr().err

@@ -44,10 +44,32 @@ def finetune_parser(description: str = "") -> argparse.ArgumentParser:
     return p
 
 
+def mode_defaults(argv: list[str] | None) -> dict:
+    """The flag defaults of the mode's own recipe (`PretrainMode.flag_defaults`), by --exp_name as the
+    command line or its --config give it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--exp_name", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    name = known.exp_name
+    if name is None and known.config:
+        import yaml
+        from pathlib import Path
+
+        try:
+            values = yaml.safe_load(Path(known.config).read_text()) or {}
+            name = values.get("exp_name") if isinstance(values, dict) else None
+        except (OSError, yaml.YAMLError):
+            name = None  # parse_with_config says what is wrong with the file
+    name = MODE_ALIASES.get(name, (name,))[0] if name else "image_mim"
+    return dict(PRETRAIN_MODES[name].flag_defaults) if name in PRETRAIN_MODES else {}
+
+
 def pretrain_config_from_argv(argv: list[str] | None, description: str = "", recorded: bool = False) -> PretrainConfig:
     """`recorded`: the settings a run recorded (its args.yaml as --config), read back as they were:
     no flag of them is refused for its scope."""
-    return pretrain_config(parse_with_config(pretrain_parser(description), argv, PRESETS), check_scopes_too=not recorded)
+    namespace = parse_with_config(pretrain_parser(description), argv, PRESETS, defaults=mode_defaults(argv))
+    return pretrain_config(namespace, check_scopes_too=not recorded)
 
 
 def _refusing(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -68,7 +90,8 @@ def check_planned_pretrain_run(argv: list[str], planned: frozenset[str] = frozen
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):
-        pretrain_config(parse_with_config(_refusing(pretrain_parser()), argv, PRESETS), planned)
+        pretrain_config(parse_with_config(_refusing(pretrain_parser()), argv, PRESETS, defaults=mode_defaults(argv)),
+                        planned)
 
 
 def check_planned_finetune_run(argv: list[str]) -> None:

@@ -117,6 +117,20 @@ class ObjectiveSettings:
 
 
 @dataclass(frozen=True)
+class MAESettings:
+    decoder_embed_dim: int | None = flag(None, "image_mae: the decoder's width", minimum=8, scope=mode_reads("mae"),
+                                         shown_default="MAE's 512 from ViT-base up, else half the encoder's")
+    decoder_depth: int | None = flag(None, "image_mae: the decoder's blocks", minimum=1, scope=mode_reads("mae"),
+                                     shown_default="MAE's 8 from ViT-base up, else a quarter of the encoder's")
+    decoder_num_heads: int | None = flag(None, "image_mae: the decoder's attention heads", minimum=1,
+                                         scope=mode_reads("mae"),
+                                         shown_default="MAE's 16 from ViT-base up, else 32 dims a head")
+    norm_pix_loss: bool = flag(True, "image_mae: predict each masked patch's pixels normalised by the patch's own mean "
+                                     "and variance (MAE's recipe; ContinualTransformer's flag), or the pixels as they "
+                                     "are", action=argparse.BooleanOptionalAction, scope=mode_reads("mae"))
+
+
+@dataclass(frozen=True)
 class LoraSettings:
     lora_rank: int = flag(0, "LoRA rank of the adapters on qkv, proj, fc1, fc2 (0: train the backbone fully)", minimum=0)
     lora_alpha: float | None = flag(None, "LoRA alpha; scaling = alpha / rank", shown_default="--lora_rank (scaling 1)",
@@ -240,6 +254,7 @@ class PretrainConfig:
     data: DataSettings
     text: TextSettings
     objectives: ObjectiveSettings
+    mae: MAESettings
     lora: LoraSettings
     continual: ContinualSettings
     visual_tokenizer: VisualTokenizerSettings
@@ -267,14 +282,17 @@ class PretrainConfig:
     @property
     def data_config(self) -> PretrainDataConfig:
         """What the data builders read."""
+        mae = self.mode.image_masks == "mae"  # MAE reads pixels: no tokenizer view
         return PretrainDataConfig(self.data, self.text, self.views, self.model.image_size,
-                                  self.visual_tokenizer.second_image_size, self.run.seed,
-                                  str(Path(self.run.output_dir) / "file_index.txt") if self.run.output_dir else None)
+                                  None if mae else self.visual_tokenizer.second_image_size, self.run.seed,
+                                  str(Path(self.run.output_dir) / "file_index.txt") if self.run.output_dir else None,
+                                  masks=self.mode.image_masks)
 
 
 PRETRAIN_GROUPS: dict[str, tuple[str, type]] = {
     "model": ("model", ModelSettings), "data": ("data", DataSettings), "text": ("text", TextSettings),
     "objectives": ("image-text contrastive and compound", ObjectiveSettings),
+    "mae": ("MAE (image_mae)", MAESettings),
     "lora": ("LoRA and self-regularization", LoraSettings),
     "continual": ("continual-learning method", ContinualSettings),
     "visual_tokenizer": ("visual tokenizer (MIM targets)", VisualTokenizerSettings),

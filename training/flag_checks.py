@@ -24,7 +24,7 @@ def check_weight_flags(cfg: "PretrainConfig") -> None:
 
 def check_lora_flags(cfg: "PretrainConfig") -> None:
     lora = cfg.lora
-    if cfg.exp_name == "image_mim" and lora.lora_rank:
+    if cfg.exp_name == "image_mim" and lora.lora_rank:  # image_mae may come later in a chain, through adapters
         raise UserError("--lora_rank is for the continual stages (text_mlm, image_text_itc, compound_pretrain); "
                         "image_mim trains the backbone fully; drop --lora_rank")
     if lora.self_regularization and not lora.lora_rank:

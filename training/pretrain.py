@@ -23,6 +23,7 @@ from engine_pretrain import evaluate, train_one_epoch
 from models.backbone import VLMoBackbone
 from models.lora import add_lora
 from models.modes import ModeOptions, PretrainMode
+from models.modes.image_mae import MAEShape
 from models.pretrained import UNTRAINED, describe, weight_groups
 from models.registry import find_variant
 from models.run_info import compact, preprocessing, text_tokenizer_record
@@ -230,13 +231,18 @@ def still_untrained(mode: PretrainMode, weights: Weights) -> list[str]:
     return sorted(before - trained)
 
 
+def mae_shape(cfg: PretrainConfig) -> MAEShape:
+    m = cfg.mae
+    return MAEShape(m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads, cfg.views.mask_ratio, m.norm_pix_loss)
+
+
 def mode_options(cfg: PretrainConfig, visual_tokenizer) -> ModeOptions:
     obj = cfg.objectives
     return ModeOptions(visual_vocab_size=visual_tokenizer.vocab_size if visual_tokenizer is not None else None,
                        gather=dist_util.gather_with_grad if obj.aggregate_itc else (lambda x: x),
                        mim_conduct_prob=obj.mim_conduct_prob, mlm_conduct_prob=obj.mlm_conduct_prob,
                        itc_conduct_prob=obj.itc_conduct_prob, itm_conduct_prob=obj.itm_conduct_prob,
-                       fused_mlm=obj.fused_mlm, seed=cfg.run.seed,
+                       fused_mlm=obj.fused_mlm, seed=cfg.run.seed, mae=mae_shape(cfg),
                        patch_aggregation=None if obj.early_layers is None else
                        (obj.early_layers, obj.head_layers, obj.shared_lm_head))
 

@@ -95,6 +95,10 @@ def finish_stage(run: "PretrainRun", optim: "Optimization", stats: dict[str, Any
         summary += (f": held-out MIM accuracy {stats['test_acc_mim']:.3f} (always predicting the most frequent "
                     f"token: {baseline:.3f}; uniform chance: {1 / run.visual_tokenizer.vocab_size:.4f})")
         stats["majority_baseline"] = baseline
+    if "test_loss_mae" in stats:
+        summary += (f": held-out MAE loss {stats['test_loss_mae']:.3f} (the stage report's image_mae_r2 says how much "
+                    f"of the masked pixels it explains: 0 for predicting " + ("each patch's mean" if
+                    run.cfg.mae.norm_pix_loss else "zeros") + ")")
     say(summary)
     if (warning := contrastive_at_chance(stats, run.cfg.optim.batch_size * run.ctx.world)) is not None:
         say(warning)

@@ -21,12 +21,15 @@ from custom_datasets.pretrain_data import build_image_datasets, is_synthetic
 from custom_datasets.settings import PretrainDataConfig
 from custom_datasets.text_collate import CaptionCollator
 from custom_datasets.text_masking import masker_for
+from custom_datasets.masking import FractionMaskGenerator
+from models.mae_decoder import masked_mse
+from models.modes.image_mae import mae_outputs
 from models.modes.image_mim import mim_logits
 from models.modes.text_mlm import mlm_logits
 from models.retrieval import pair_embeddings, recall_at_k, trivial_recall_note
 from training.batch import ALL_TENSOR_KEYS, BatchPreparer
 
-METRICS = ("image_mim_acc", "image_mim_loss", "image_knn_acc", "text_mlm_acc", "itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10",
+METRICS = ("image_mim_acc", "image_mim_loss", "image_mae_loss", "image_mae_r2", "image_knn_acc", "text_mlm_acc", "itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10",
            "itc_t2i_r1", "itc_t2i_r5", "itc_t2i_r10")
 
 
@@ -67,6 +70,36 @@ def mim_and_knn(backbone, head: nn.Module | None, data, prepare: BatchPreparer, 
     if features and len(torch.cat(labels).unique()) > 1:
         out["image_knn_acc"] = knn_leave_one_out(torch.cat(features), torch.cat(labels), k)
     return out
+
+
+def mae_masks(count: int, start: int, grid: tuple[int, int], ratio: float, seed: int) -> torch.Tensor:
+    """MAE masks `[count, N]` of the probe's samples start.., each a function of its index alone (the
+    same in every report, whatever the batch size)."""
+    masker = FractionMaskGenerator(grid, ratio)
+    return torch.stack([torch.from_numpy(masker(random.Random(f"{seed}:mae:{start + i}")).reshape(-1))
+                        for i in range(count)])
+
+
+@torch.no_grad()
+def mae_reconstruction_error(backbone, decoder: nn.Module, data, prepare: BatchPreparer, batch_size: int,
+                             seed: int) -> dict[str, float]:
+    """The MAE objective on held-out images, with the masks and targets the decoder was trained with:
+    its loss, and the share of the masked targets' energy it explains (1 - loss / the loss of
+    predicting zeros, each patch's mean under --norm_pix_loss): 0 for a decoder that learned nothing."""
+    error = energy = patches = 0.0  # sums over the masked patches of each one's mean squared error
+    seen = 0
+    for batch in _batches(data, batch_size, prepare):
+        images = batch[B.IMAGE]
+        mask = mae_masks(len(images), seen, decoder.grid, decoder.mask_ratio, seed).to(images.device)
+        seen += len(images)
+        prediction, target = mae_outputs(backbone, decoder, images, mask)
+        count = mask.sum().item()
+        error += masked_mse(prediction, target, mask).item() * count
+        energy += masked_mse(torch.zeros_like(target), target, mask).item() * count
+        patches += count
+    if not energy:
+        return {}
+    return {"image_mae_loss": error / patches, "image_mae_r2": 1 - error / energy}
 
 
 def knn_leave_one_out(features: torch.Tensor, labels: torch.Tensor, k: int, temperature: float = 0.07) -> float:
@@ -112,6 +145,9 @@ def stage_report(backbone, heads: dict[str, nn.Module], probes: ProbeData, devic
     if probes.images is not None:
         mim_head = heads.get("mim_head") if visual_tokenizer is not None else None
         report.update(mim_and_knn(backbone, mim_head, probes.images, prepare, batch_size))
+        if "mae_decoder" in heads:
+            report.update(mae_reconstruction_error(backbone, heads["mae_decoder"], probes.images, prepare, batch_size,
+                                                   seed))
     if probes.texts is not None and "mlm_head" in heads:
         report.update(mlm_accuracy(backbone, heads["mlm_head"], probes.texts, prepare, batch_size))
     scores = None

@@ -1,5 +1,6 @@
 """The pictures at the end of a stage, from the same held-out probes as the stage report:
-`pictures/mim_reconstructions.png` (what MIM sees and predicts) and `pictures/retrieval_examples.png`
+`pictures/mim_reconstructions.png` (what MIM sees and predicts), `pictures/mae_reconstructions.png`
+(what MAE sees and reconstructs) and `pictures/retrieval_examples.png`
 (captions and the images the model finds for them), each also written to TensorBoard."""
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from custom_datasets.transforms import mean_std
 from models.visual_tokenizers import token_renderer
 from training.batch import ALL_TENSOR_KEYS, BatchPreparer
 from visualization.canvas import save_picture
+from visualization.mae_pictures import mae_picture, mae_reconstruction
 from visualization.mim_pictures import mim_reconstruction, reconstruction_picture
 from visualization.retrieval_pictures import captions_and_images, retrieval_picture, top_images
 
@@ -34,6 +36,20 @@ def mim_picture(backbone, head, probe, tokenizer, tok_settings, grid: tuple[int,
     if batch is None or B.VISUAL_TOKENS not in batch:
         return None
     return reconstruction_picture(mim_reconstruction(backbone, head, batch, render, grid), ROWS)
+
+
+def mae_picture_of(backbone, decoder, probe, imagenet_norm: bool, seed: int, device) -> Any | None:
+    """The first held-out images, masked as the stage report masks them, and their reconstructions."""
+    from training.stage_eval import mae_masks
+
+    dataset, collate = probe
+    prepare = BatchPreparer(device, ALL_TENSOR_KEYS)
+    batch = next(prepare.batches(DataLoader(dataset, batch_size=ROWS, collate_fn=collate)), None)
+    if batch is None:
+        return None
+    images = batch[B.IMAGE]
+    mask = mae_masks(len(images), 0, decoder.grid, decoder.mask_ratio, seed).to(images.device)
+    return mae_picture(mae_reconstruction(backbone, decoder, images, mask, mean_std(imagenet_norm)), ROWS)
 
 
 def first_caption_of_each_image(owner: torch.Tensor, count: int) -> list[int]:
@@ -64,6 +80,10 @@ def write_stage_pictures(run, heads: dict, probes, visual_tokenizer, pair_scores
     if "mim_head" in heads and probes.images is not None and visual_tokenizer is not None:
         pictures["mim_reconstructions"] = mim_picture(run.backbone, heads["mim_head"], probes.images, visual_tokenizer,
                                                       cfg.visual_tokenizer, run.grid, run.ctx.device)
+    if "mae_decoder" in heads and probes.images is not None:
+        pictures["mae_reconstructions"] = mae_picture_of(run.backbone, heads["mae_decoder"], probes.images,
+                                                         cfg.views.imagenet_default_mean_and_std, cfg.run.seed,
+                                                         run.ctx.device)
     if pair_scores is not None:
         pictures["retrieval_examples"] = retrieval_examples(pair_scores, probes.pairs[0],
                                                             cfg.views.imagenet_default_mean_and_std)

@@ -121,9 +121,13 @@ class CarriedHeads:
     modules: dict[str, nn.Module] = field(default_factory=dict)
 
 
+# sizes (and the backbone settings a patch aggregation head copies), and how an MAE decoder is
+# trained (mask ratio, pixel targets), are the run's own; the rest is the head's layout
+RUNS_OWN = ("embed_dim", "vocab_size", "mask_ratio", "norm_pix_loss", "grid")
+
+
 def _layout(spec: dict[str, Any]) -> dict[str, Any]:
-    # sizes (and the backbone settings a patch aggregation head copies) are the run's own
-    return {k: v for k, v in spec.items() if k not in ("embed_dim", "vocab_size", "backbone")}
+    return {k: v for k, v in spec.items() if k not in (*RUNS_OWN, "backbone")}
 
 
 def attach_heads(mode: nn.Module, ckpt: Checkpoint | None) -> CarriedHeads:
@@ -139,7 +143,7 @@ def attach_heads(mode: nn.Module, ckpt: Checkpoint | None) -> CarriedHeads:
         if spec is not None and _layout(spec) != _layout(own):
             # another layout of the same head (e.g. ContinualTransformer's MIM head with a transform);
             # the sizes stay the run's, so a head for another vocabulary is still refused when loading
-            shaped = {**spec, **{k: own[k] for k in ("embed_dim", "vocab_size") if k in own}}
+            shaped = {**spec, **{k: own[k] for k in RUNS_OWN if k in own}}
             setattr(mode, name, built_for_loading(shaped))
         if load_head_into(getattr(mode, name), ckpt, name):
             say(f"loaded the {name} from {ckpt.path}")

@@ -20,6 +20,11 @@ ImageNet-1k and -22k sizes), one core.
 backbone's text path vs HF `BertForMaskedLM` of the same width and depth (BERT's 30522 words).
 `--mode itc`: one image-text contrastive step (both encoders, projections, symmetric InfoNCE,
 backward, AdamW) vs a two-tower reference: HF `BeitModel` + `BertModel` with the same loss.
+`--mode mae`: one whole MAE pretraining step (the visible quarter of the patches encoded, the
+decoder over every patch, normalised-pixel loss, backward, AdamW) of an MAE-shaped backbone (absolute
+positions, no relative bias, as MAE's weights load) vs HF `ViTMAEForPreTraining` of the same sizes.
+`--mode epochs`: whole `image_mae` and `image_mim` training epochs of the same backbone on the same
+data (main_pretrain_cook.py, interleaved runs): images per second, loader and tokenizer included.
 `--mode mim`: one whole BEiT pretraining step: DALL-E tokenization of the second view (ours vs the
 `dall-e` package's Encoder), masked forward, MIM loss, backward and AdamW step, vs HF
 `BeitForMaskedImageModeling`. Random weights: speed does not depend on their values.
@@ -52,7 +57,7 @@ from training.optim import ADAMW_IMPLS, adamw_options  # noqa: E402
 
 IMPLS = ("ours", "ours_bf16", "ours_compiled", "ours_bf16_compiled", "hf_sdpa", "hf_eager", "timm")
 MIM_IMPLS = ("ours", "ours_bf16", "ours_compiled", "ours_bf16_compiled", "hf_sdpa", "hf_eager")  # also mlm and itc: no timm reference
-TRAINING_MODES = ("mim", "mlm", "itc")  # an optimizer step is part of what is timed
+TRAINING_MODES = ("mim", "mlm", "itc", "mae")  # an optimizer step is part of what is timed
 TEXT_VOCAB, TEXT_LENGTH = 30522, 40
 KMEANS_VOCAB = 256  # the k-means tokenizer a run fits by default
 DEFAULT_IMPLS = ("ours", "hf_sdpa", "hf_eager", "timm")  # ours_* on request: compiling takes minutes
@@ -124,6 +129,40 @@ def build_mim(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, c
         return F.cross_entropy(logits[mask].float(), ids[mask])
 
     return torch.nn.ModuleList([model, encoder]), step
+
+
+def build_mae(impl: str, size: str, image_size: int) -> tuple[torch.nn.Module, callable]:
+    """mae mode: (trainable model, (images, mask) -> loss): MAE's ViT (absolute sine-cosine positions,
+    no layer scale, no relative bias) and decoder, norm_pix_loss, mask ratio 0.75."""
+    from models.modes.image_mae import decoder_defaults
+
+    dim, depth, heads = SIZES[size]
+    width, blocks, decoder_heads = decoder_defaults(dim, depth)  # MAE's 512 x 8 x 16 from base up
+    if impl.startswith("ours"):
+        from models import create_model
+        from models.modes import ImageMAE, ModeOptions
+        from models.modes.image_mae import MAEShape
+
+        backbone = create_model(f"vlmo_{size}_patch16", img_size=image_size, drop_path_rate=0.0, use_rel_pos_bias=False,
+                                use_abs_pos_emb=True, layer_scale_init_value=0.0)
+        task = ImageMAE(backbone, ModeOptions(mae=MAEShape(width, blocks, decoder_heads, 0.75, True)))
+        return task, lambda images, mask: task({"image": images, "bool_masked_pos": mask})["loss"]
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    model = ViTMAEForPreTraining(ViTMAEConfig(
+        hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * dim,
+        image_size=image_size, patch_size=16, qkv_bias=True, layer_norm_eps=1e-6, decoder_hidden_size=width,
+        decoder_num_hidden_layers=blocks, decoder_num_attention_heads=decoder_heads,
+        decoder_intermediate_size=4 * width, mask_ratio=0.75, norm_pix_loss=True,
+        attn_implementation=impl.split("_")[1]))
+    return model, lambda images, mask: model(pixel_values=images).loss  # it draws its own masks, on the device
+
+
+def mae_masks(batch: int, grid: int, device: torch.device) -> torch.Tensor:
+    """MAE's masks (3/4 of the patches of each image), made as the data loader makes them."""
+    n = grid * grid
+    order = torch.rand(batch, n, device=device).argsort(1)
+    return torch.zeros(batch, n, dtype=torch.bool, device=device).scatter_(1, order[:, int(n * 0.25):], True)
 
 
 def bert_config(impl: str, size: str):
@@ -212,6 +251,10 @@ def worker(args: argparse.Namespace) -> None:
         mask[:, : round(grid * grid * 75 / 196)] = True  # BEiT's 75 of 196
         mask = mask[:, torch.randperm(grid * grid, device=device)]
         forward = lambda: loss_fn(images, token_images, mask)  # noqa: E731
+    elif args.mode == "mae":
+        model, loss_fn = build_mae(args.worker, args.size, size)
+        mask = mae_masks(b, size // 16, device)
+        forward = lambda: loss_fn(images, mask)  # noqa: E731
     elif args.mode in ("mlm", "itc"):
         model, loss_fn = (build_mlm if args.mode == "mlm" else build_itc)(args.worker, args.size, size)
         ids, attention, labels = text_batch(b, device)
@@ -529,6 +572,49 @@ def loader_benchmark(count: int, image_size: int, batch_size: int, target_rate: 
         print(f"| {name} | {seconds * 1e3:.2f} | {1 / seconds:.0f} | {math.ceil(target_rate * per_sample):d} |")
 
 
+EPOCH_RUN = ["--model", "vlmo_tiny_patch16", "--image_size", "64", "--patch_size", "8", "--data_path", "synthetic",
+             "--synthetic_render_size", "64", "--synthetic_val_size", "64", "--batch_size", "64", "--blr", "1.5e-3",
+             "--min_crop_scale", "0.5", "--drop_path", "0", "--no_pictures", "--save_per_epochs", "1000"]
+EPOCH_MODES = {"image_mim": ["--visual_vocab_size", "128", "--second_image_size", "32", "--tokenizer_fit_images", "500"],
+               "image_mae": []}
+
+
+def epoch_images_per_second(mode: str, images: int, epochs: int, workers: int, out: Path) -> float:
+    """A training run of `mode` in its own process; the last epoch's images/s as its progress line
+    says (training steps with their data loading and, for MIM, the tokenizer; evaluation apart)."""
+    import re
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [sys.executable, str(Path(__file__).resolve().parents[1] / "main_pretrain_cook.py"), *EPOCH_RUN,
+            *EPOCH_MODES[mode], "--exp_name", mode, "--synthetic_train_size", str(images), "--epochs", str(epochs),
+            "--num_workers", str(workers), "--print_freq", "100000", "--output_dir", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"{mode}: {run.stderr.strip().splitlines()[-1:]}")
+    rates = re.findall(rf"Epoch \[{epochs - 1}\] \[\d+/\d+\].* ([\d.]+) samples/s", run.stdout)
+    return float(rates[-1])
+
+
+def epochs_benchmark(images: int, epochs: int, workers: int, rounds: int) -> dict[str, float]:
+    """image_mae against image_mim epochs, interleaved rounds; median images/s of each."""
+    import tempfile
+
+    rates: dict[str, list[float]] = {mode: [] for mode in EPOCH_MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for mode in EPOCH_MODES:
+                rates[mode].append(epoch_images_per_second(mode, images, epochs, workers, Path(tmp) / mode))
+    medians = {mode: statistics.median(r) for mode, r in rates.items()}
+    print(f"\ntraining epochs, tiny model at 64 px (64 patches), {images} synthetic scenes, batch 64, {workers} loader "
+          f"workers, {cpu_description()}; epoch {epochs - 1} of each run, {rounds} interleaved rounds\n"
+          f"| mode | images/s (median) | runs | vs image_mim |\n| --- | --- | --- | --- |")
+    for mode, value in medians.items():
+        print(f"| {mode} | {value:.1f} | {', '.join(f'{r:.0f}' for r in rates[mode])} | "
+              f"{value / medians['image_mim']:.2f}x |")
+    return medians
+
+
 def tokenizer_benchmark(batch_size: int, image_size: int, rounds: int, steps: int) -> None:
     """The visual tokenizers on photo-like views: the DALL-E encoder (random weights) in fp32,
     channels-last, bf16 autocast and training's `--compile`, and a fitted k-means tokenizer in fp32
@@ -592,9 +678,11 @@ def tokenizer_benchmark(batch_size: int, image_size: int, rounds: int, steps: in
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["encode", "mim", "mlm", "itc", "index", "adamw", "loader", "tokenizer"],
-                   default="encode")
-    p.add_argument("--num_images", type=int, default=200, help="loader mode: generated JPEGs")
+    p.add_argument("--mode", choices=["encode", "mim", "mae", "epochs", "mlm", "itc", "index", "adamw", "loader",
+                                      "tokenizer"], default="encode")
+    p.add_argument("--num_images", type=int, default=200, help="loader mode: generated JPEGs; epochs mode: "
+                   "synthetic training scenes")
+    p.add_argument("--num_workers", type=int, default=2, help="epochs mode: DataLoader workers of each run")
     p.add_argument("--target_rate", type=float, default=2500.0, help="loader mode: images/s one device consumes")
     p.add_argument("--jpeg_folder", help="loader mode: time these JPEGs instead of generated ones")
     p.add_argument("--jpeg_size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"),
@@ -627,6 +715,8 @@ def main(argv: list[str] | None = None) -> None:
         return adamw_benchmark(args.size, args.rounds, args.steps)
     if args.mode == "tokenizer":
         return tokenizer_benchmark(args.batch_size, args.image_size, args.rounds, args.steps)
+    if args.mode == "epochs":
+        return epochs_benchmark(args.num_images, args.steps, args.num_workers, args.rounds)
     if args.mode == "loader":
         return loader_benchmark(args.num_images, args.image_size, args.batch_size, args.target_rate, args.jpeg_folder,
                                 tuple(args.jpeg_size))
@@ -641,7 +731,8 @@ def main(argv: list[str] | None = None) -> None:
     hw = torch.cuda.get_device_name() if args.device == "cuda" else cpu_description()
     what = {"mim": "MIM training step (DALL-E tokenize + forward + backward + AdamW)",
             "mlm": f"text MLM training step ({TEXT_LENGTH} tokens, 15% predicted; forward + backward + AdamW)",
-            "itc": f"ITC training step (image + {TEXT_LENGTH}-token text, InfoNCE; forward + backward + AdamW)"}.get(
+            "itc": f"ITC training step (image + {TEXT_LENGTH}-token text, InfoNCE; forward + backward + AdamW)",
+            "mae": "MAE training step (the visible quarter encoded, decoder, normalised-pixel loss; backward + AdamW)"}.get(
         args.mode, "encode_image forward+backward")
     adamw = f", our AdamW {args.adamw_impl}" if args.mode in TRAINING_MODES and args.adamw_impl != "auto" else ""
     print(f"\n{what}, {args.size} {args.image_size}px, batch {args.batch_size}, amp={args.amp}, {hw}{adamw}; "

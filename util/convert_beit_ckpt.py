@@ -8,7 +8,9 @@
         --dall_e_output checkpoints/their_dall_e   # and the DALL-E tokenizer the run carries
 
 Reads microsoft/unilm `.pth` (pt22k and fine-tuned), timm state dicts (`.pth`/`.safetensors`),
-Hugging Face BEiT model folders and ContinualTransformer checkpoints of every kind. Never runs
+Hugging Face BEiT model folders, ContinualTransformer checkpoints of every kind, and MAE's weights
+(facebookresearch/mae's `mae_pretrain_vit_*.pth` / `mae_visualize_vit_*.pth`, timm's `vit_*.mae`,
+Hugging Face `ViTMAEForPreTraining` folders; these also load directly as `--init_from`). Never runs
 pickled code.
 """
 from __future__ import annotations
@@ -23,7 +25,8 @@ if __package__ in (None, ""):
 from common.checkpoint_io import Checkpoint, read_checkpoint, save_weights  # noqa: E402
 from common.errors import UserError, cli_entry  # noqa: E402
 from conversion.beit import convert, infer_config, read_source, target_config  # noqa: E402
-from models.config import FFN_KINDS  # noqa: E402
+from models import mae_weights  # noqa: E402
+from models.config import FFN_KINDS, BackboneConfig  # noqa: E402
 from models.continual_transformer import is_continual_transformer, translate  # noqa: E402
 from models.lora import plain_names  # noqa: E402
 from models.lora_checkpoints import fold_adapters  # noqa: E402
@@ -115,6 +118,25 @@ def convert_continual_transformer(raw: Checkpoint, source: str, output: Path, ar
     write_carried_dall_e(ckpt, args.dall_e_output)
 
 
+def convert_mae(raw: Checkpoint | None, source: str, output: Path, args) -> None:
+    """MAE's weights (facebookresearch/mae, timm, Hugging Face ViTMAE) load directly everywhere; converting
+    one writes it in this project's format, its decoder as the mae_decoder head."""
+    given = [flag for flag, value in (("--image_size", args.image_size), ("--model", args.model),
+                                      ("--vlffn_start_layer_index", args.vlffn_start_layer_index),
+                                      ("--dall_e_output", args.dall_e_output), ("--early_layers", args.early_layers))
+             if value is not None] + (["--ffn multiway"] if args.ffn != "shared" else [])
+    if given:
+        raise UserError(f"{' '.join(given)} shape a BEiT conversion; {source} is MAE's and converts as it is (a run's "
+                        f"--image_size resizes its positions when it loads it)")
+    ckpt = mae_weights.read_hf_folder(Path(source)) if raw is None else mae_weights.translate(raw)
+    print(f"source: {source} ({ckpt.info['origin']}, {len(ckpt.model)} tensors): "
+          f"{describe(BackboneConfig.from_dict(ckpt.backbone_config))}")
+    for line in ckpt.extra.get("conversion_notes") or []:
+        print("  " + line)
+    save_weights(output, ckpt.model, ckpt.backbone_config, {"source": str(source)}, ckpt.info)
+    print(f"wrote {output}")
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
@@ -127,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     raw = read_checkpoint(source) if Path(source).is_file() else None
     if raw is not None and is_continual_transformer(raw):
         return convert_continual_transformer(raw, source, output, args)
+    if mae_weights.is_hf_vit_folder(Path(source)) or (raw is not None and mae_weights.is_mae(raw)):
+        return convert_mae(raw, source, output, args)
     if args.dall_e_output:
         raise UserError(f"--dall_e_output: {source} is not a ContinualTransformer run checkpoint, which is what "
                         f"carries a DALL-E tokenizer")

@@ -7,6 +7,8 @@ same transfer and segmentation experiments on each backbone:
              --teacher's patch features (BEiT v2's semantic targets; the teacher: a stage of the chain)
     dall-e   a DALL-E-format encoder with random weights (pixel codes in OpenAI's layout, untrained:
              the control a random tokenizer gives), when asked for
+    mae      no tokens: MAE's normalised pixels of the masked patches (configs/small_data_image_mae.yaml,
+             the encoder over the visible quarter), when asked for
     T+agg    target T with BEiT v2's patch aggregation (--early_layers 3 --head_layers 2: the top
              [CLS] beside block 3's patches, of the tiny model's 4, as BEiT v2's 9 of 12), when asked for
 
@@ -38,7 +40,8 @@ from util.experiment_runs import run_script  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = ("kmeans", "vqkd", "dall-e")
 AGGREGATED = "+agg"
-TARGETS = (*TOKENS, *(t + AGGREGATED for t in TOKENS))
+MAE = "mae"  # not tokens: MAE's normalised pixels, through configs/small_data_image_mae.yaml
+TARGETS = (*TOKENS, *(t + AGGREGATED for t in TOKENS), MAE)
 AGGREGATION_FLAGS = ["--early_layers", "3", "--head_layers", "2"]  # 3 of the tiny model's 4 blocks: BEiT v2's 9 of 12
 QUICK = {"mim_epochs": 4, "vqkd_epochs": 2, "train_size": 400, "finetune_epochs": 4, "probe_epochs": 6,
          "seg_epochs": 2, "seg_scenes": (120, 60)}
@@ -53,6 +56,8 @@ def run(argv: list[str], log: Path, done: Path) -> float:
 
 def tokenizer_flags(target: str, root: Path) -> list[str]:
     """The MIM stage's target flags (the tokenizer they name is made by `make_tokenizer`)."""
+    if target == MAE:
+        return []
     if target == "kmeans":
         return ["--d_vae_type", "kmeans", "--second_image_size", "32"]
     if target == "vqkd":
@@ -100,7 +105,8 @@ def mim_argv(args, target: str, size: dict) -> list[str]:
     tokens = target.removesuffix(AGGREGATED)  # an aggregated row shares its plain row's tokenizer
     flags = tokenizer_flags(tokens, folder(args, tokens)) + (AGGREGATION_FLAGS if target.endswith(AGGREGATED) else [])
     epochs = size["mim_epochs"]
-    return ["--config", str(ROOT / "configs/small_data_image_mim.yaml"), "--data_path", args.data_path,
+    config = "small_data_image_mae.yaml" if target == MAE else "small_data_image_mim.yaml"
+    return ["--config", str(ROOT / "configs" / config), "--data_path", args.data_path,
             *synthetic_size(args, size), "--epochs", str(epochs), "--save_per_epochs", str(min(10, epochs)), "--seed",
             str(args.seed), "--num_workers", str(args.num_workers), "--no_pictures", "--output_dir",
             str(folder(args, target) / "mim"), "--auto_resume", *flags]
@@ -128,7 +134,8 @@ def pretrain(args, target: str, size: dict) -> tuple[Path, dict]:
     seconds = run([str(ROOT / "main_pretrain_cook.py"), *mim_argv(args, target, size)], root / "mim.output.txt", ckpt)
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.strip()]
     aggregated = {"mim_acc_agg": log[-1]["test_acc_mim_agg"]} if "test_acc_mim_agg" in log[-1] else {}
-    return ckpt, {"mim_acc": log[-1].get("test_acc_mim"), **aggregated, "pretrain_seconds": seconds or None}
+    mae = {"mae_loss": log[-1]["test_loss_mae"]} if "test_loss_mae" in log[-1] else {}
+    return ckpt, {"mim_acc": log[-1].get("test_acc_mim"), **aggregated, **mae, "pretrain_seconds": seconds or None}
 
 
 def summary_for(out: Path, seeds: list[int]) -> Path:
@@ -173,10 +180,11 @@ def spread(values: list[float]) -> str:
 
 
 def table(results: dict) -> str:
-    rows = ["| targets | held-out MIM acc | fine-tune top-1 | linear probe top-1 | segmentation mIoU |",
+    rows = ["| targets | held-out MIM acc (MAE: loss) | fine-tune top-1 | linear probe top-1 | segmentation mIoU |",
             "| --- | --- | --- | --- | --- |"]
     for target, r in results.items():
-        rows.append(f"| {target} | {r['mim_acc']:.3f} | {cells(r, 'pretrained')} |")
+        held_out = f"{r['mim_acc']:.3f}" if r.get("mim_acc") is not None else f"{r.get('mae_loss', float('nan')):.3f}"
+        rows.append(f"| {target} | {held_out} | {cells(r, 'pretrained')} |")
     first = next(iter(results.values()))
     if "random init" in first.get("transfer", first.get("segmentation", {})):  # run with the first target only
         rows.append(f"| random init | | {cells(first, 'random init')} |")

@@ -39,6 +39,7 @@ class ModeOptions:
     itm_conduct_prob: float = 0.0
     fused_mlm: bool = False  # compound_pretrain: MLM reads the caption fused with its image (VLMo)
     patch_aggregation: tuple[int, int, bool] | None = None  # image_mim: BEiT v2's (early, head layers, shared head)
+    mae: Any = None  # image_mae: its MAEShape (decoder, mask ratio, pixel targets)
     seed: int = 0
 
 
@@ -60,6 +61,9 @@ class PretrainMode(HoldsBackbone, nn.Module):
     # "visual_tokens" (the MIM tokenizer and its view), "patch_aggregation", "text" (captions, their
     # length), "mlm" (word masking), "itc" (contrastive negatives), "pairs", "compound" (its mixing)
     reads: ClassVar[frozenset[str]] = frozenset()
+    image_masks: ClassVar[str] = "beit"  # which masks its images get: BEiT's (--mask_strategy) or MAE's (--mask_ratio)
+    # flag defaults of the objective's own recipe (below --config, a --preset and explicit flags)
+    flag_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: VLMoBackbone, options: ModeOptions | None = None) -> None:
         super().__init__()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.errors import UserError
 from custom_datasets import batch as B
 from models.backbone import VLMoBackbone
 from models.mae_decoder import MAEDecoder, masked_mse, pixel_targets
@@ -16,13 +17,24 @@ from models.modes.base import ModeOptions, PretrainMode
 
 @dataclass(frozen=True)
 class MAEShape:
-    """The decoder and the objective: MAE's `decoder_*` settings, the mask ratio, pixel targets."""
+    """The decoder and the objective: MAE's `decoder_*` settings (None: `decoder_defaults`), the mask
+    ratio, pixel targets."""
 
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
+
+
+def decoder_defaults(embed_dim: int, depth: int) -> tuple[int, int, int]:
+    """(width, blocks, heads) of the decoder: MAE's 512 x 8 x 16 for ViT-base and larger; for a
+    smaller encoder half its width, a quarter of its blocks and 32 dims a head, so the decoder stays
+    light next to the encoder it serves."""
+    if embed_dim >= 768:
+        return 512, 8, 16
+    width = embed_dim // 2
+    return width, max(1, depth // 4), max(1, width // 32)
 
 
 def visible_patches(mask: torch.Tensor) -> torch.Tensor:
@@ -51,13 +63,21 @@ class ImageMAE(PretrainMode):
     heads = ("mae_decoder",)
     reads = frozenset({"image_views", "mae"})
     image_masks = "mae"
+    # MAE's main_pretrain.py: crops of at least a fifth of the image and flips only (no colour jitter),
+    # AdamW betas (0.9, 0.95)
+    flag_defaults = {"min_crop_scale": 0.2, "color_jitter": 0.0, "opt_betas": [0.9, 0.95]}
 
     def __init__(self, backbone: VLMoBackbone, options: ModeOptions) -> None:
         super().__init__(backbone, options)
         shape = options.mae or MAEShape()
         cfg = backbone.cfg
-        self.mae_decoder = MAEDecoder(cfg.embed_dim, shape.decoder_embed_dim, shape.decoder_depth,
-                                      shape.decoder_num_heads, cfg.patch_size, cfg.grid_size, cfg.in_chans,
+        width, depth, heads = decoder_defaults(cfg.embed_dim, cfg.depth)
+        width, heads = shape.decoder_embed_dim or width, shape.decoder_num_heads or heads
+        if width % heads:
+            raise UserError(f"--decoder_embed_dim {width} is not a multiple of --decoder_num_heads {heads}; give a width "
+                            f"each head can take an equal share of")
+        self.mae_decoder = MAEDecoder(cfg.embed_dim, width, shape.decoder_depth or depth,
+                                      heads, cfg.patch_size, cfg.grid_size, cfg.in_chans,
                                       cfg.layer_norm_eps, mask_ratio=shape.mask_ratio,
                                       norm_pix_loss=shape.norm_pix_loss)
 
