@@ -232,7 +232,7 @@ def test_replay_draws_the_earlier_stage_data_with_its_objective(tmp_path, word_p
 
     folder = colour_folders(tmp_path / "images", 24, 8, 32)
     mim = tmp_path / "mim"
-    main(TINY_BASE + ["--data_path", str(folder), "--tokenizer", word_pieces, "--epochs", "1", "--output_dir", str(mim)])
+    main(TINY + ["--data_path", str(folder), "--tokenizer", word_pieces, "--epochs", "1", "--output_dir", str(mim)])
     cfg = pretrain_config_from_argv(TINY_BASE + SYNTH + [
         "--tokenizer", word_pieces, "--exp_name", "text_mlm", "--lora_rank", "4", "--cl_method", "replay",
         "--replay_ratio", "0.5", "--init_from", str(mim / "checkpoint-0.pth"), "--output_dir", str(tmp_path / "mlm")])

@@ -24,6 +24,8 @@ def test_benchmark_end_to_end_and_reuse(tmp_path, capsys):
     expected = summary(matrix, OWNER)
     assert saved["methods"]["ewc"]["acc"]["mean"] == pytest.approx(expected["acc"])
     assert saved["methods"]["ewc"]["bwt"]["mean"] == pytest.approx(expected["bwt"])
+    assert saved["methods"]["ewc"]["last_stage"]["mean"] == pytest.approx(expected["task_scores"][-1][-1])
+    assert saved["methods"]["ewc"]["last_stage_chance"] == pytest.approx((1 + 5 + 10) / 3 / 32)  # 32 held-out images
     assert matrix[1]["image_mim_loss"] < matrix[0]["image_mim_loss"]  # the MIM stage learned
     assert (out / "seed_0" / "1_image_mim" / "fisher.safetensors").is_file()
     assert (out / "chart.png").is_file() and (out / "stability_plasticity.png").is_file() and "| ewc |" in (out / "table.md").read_text()
@@ -46,7 +48,7 @@ def test_sweeps_make_one_variant_per_value_each_in_its_own_folder():
     from util.continual_benchmark import parser, parse_lambdas, variants
 
     args = parser().parse_args(["--methods", "self_reg", "lora", "wise", "l2", "--wise_alpha", "0.3", "0.7",
-                                "--lambdas", "self_reg=100,1e4"])
+                                "--lambdas", "self_reg=100,1e4", "--self_reg_scopes", "adapters"])
     args.lambdas = parse_lambdas(args.lambdas)
     found = {v.name: (v.folder, v.flags) for v in variants(args)}
     assert found == {
@@ -56,6 +58,16 @@ def test_sweeps_make_one_variant_per_value_each_in_its_own_folder():
         "wise α=0.3": ("wise_alpha_0.3", ("--wise_alpha", "0.3")),
         "wise α=0.7": ("wise_alpha_0.7", ("--wise_alpha", "0.7")),
         "l2": ("l2_lambda_30", ("--reg_loss_weight", "30")),  # the default λ, named in the folder all the same
+    }
+    args = parser().parse_args(["--methods", "self_reg", "self_reg+replay"])  # both forms of the penalty by default
+    args.lambdas = parse_lambdas(args.lambdas)
+    found = {v.name: (v.folder, v.flags) for v in variants(args)}
+    assert found == {
+        "self_reg": ("self_reg_lambda_10000", ("--reg_loss_weight", "10000")),
+        "self_reg (all)": ("self_reg_all_lambda_10000", ("--reg_loss_weight", "10000", "--self_reg_scope", "all")),
+        "self_reg+replay": ("self_reg+replay_lambda_10000", ("--reg_loss_weight", "10000")),
+        "self_reg+replay (all)": ("self_reg+replay_all_lambda_10000",
+                                  ("--reg_loss_weight", "10000", "--self_reg_scope", "all")),
     }
 
 

@@ -164,6 +164,11 @@ class ContinualSettings:
     replay_ratio: float = flag(0.25, "--cl_method replay: share of each step's samples replayed from the earlier "
                                      "stages (their data, objectives and heads)", minimum=0.01, below=0.99,
                                 scope=method_reads("replay_ratio"))
+    self_reg_scope: str = flag("adapters", "--cl_method self_reg: what the penalty covers: the adapted linears "
+                                           "(ContinualTransformer's), or also every weight the stage trains without "
+                                           "adapters that an earlier stage trained (text embeddings, norms), in the "
+                                           "same λ·Σ||θ_prev ⊙ Δθ||² form", choices=("adapters", "all"),
+                               scope=method_reads("self_reg_scope"))
     wise_alpha: float = flag(0.5, "--cl_method wise: weight of the trained weights in (1 − α)·θ_prev + α·θ_new",
                              minimum=0, maximum=1, scope=method_reads("wise_alpha"))
 

@@ -109,8 +109,8 @@ def check_continual_flags(cfg: "PretrainConfig") -> None:
 
     name, rank = cfg.continual.cl_method, cfg.lora.lora_rank
     method = CL_METHODS[name]
-    if cfg.run.save_every_steps and name == "replay":
-        raise UserError("--save_every_steps cannot be combined with --cl_method replay yet (the replayed stages' "
+    if cfg.run.save_every_steps and method.replays:
+        raise UserError(f"--save_every_steps cannot be combined with --cl_method {name} yet (the replayed stages' "
                         "data streams are not recorded mid-epoch, so a resume would not be exact); use epoch "
                         "checkpoints (--save_per_epochs) for replay stages")
     if method.adapters == "required" and not rank:

@@ -289,7 +289,8 @@ def build_optimization(run: PretrainRun) -> Optimization:
     settings = StepSettings(lr=lr, min_lr=opt.min_lr, warmup_epochs=warmup, epochs=opt.epochs,
                             accum_iter=opt.accum_iter, clip_grad=opt.clip_grad, amp_dtype=amp_dtype(cfg.run.amp),
                             print_freq=cfg.run.print_freq, max_bad_samples=cfg.data.max_bad_samples,
-                            reg_loss_weight=cfg.lora.reg_loss_weight, data_name=data_description(cfg))
+                            reg_loss_weight=cfg.lora.reg_loss_weight, batch_reg_weight=run.method.batch_penalty_weight(),
+                            data_name=data_description(cfg))
     prepare = BatchPreparer(ctx.device, cfg.mode.batch_keys, run.visual_tokenizer)
     return Optimization(train_loader, val_loader, optimizer, scaler, settings, prepare, start_epoch, eff_batch,
                         mid_epoch)

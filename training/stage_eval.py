@@ -154,6 +154,7 @@ def stage_report(backbone, heads: dict[str, nn.Module], probes: ProbeData, devic
     if probes.pairs is not None and text_tokenizer is not None and "itc_head" in heads:
         scores = score_pairs(backbone, heads["itc_head"], probes.pairs, text_tokenizer, max_text_len, batch_size, device)
         report.update(recall_at_k(*scores))
+        report["itc_images"] = scores[0].shape[0]  # R@k of a random ranking: k / images
         if (note := trivial_recall_note(*scores[0].shape)) is not None:
             say(f"stage report: {note}")
     backbone.train(was_training)

@@ -38,6 +38,7 @@ class StepSettings:
     print_freq: int = 20
     max_bad_samples: int | None = None
     reg_loss_weight: float = 0.0  # weight of `regularizer()`, added once per optimizer step
+    batch_reg_weight: float | None = None  # weight of `batch_regularizer(batch)` (None: reg_loss_weight)
     data_name: str = "the training data"  # what the run trains on, in words (for a refusal that names it)
 
 
@@ -148,7 +149,8 @@ def _micro_batch(model, batch, optimizer, device, settings, scaler, hooks, step,
         scaled = loss / settings.accum_iter
         reg = None
         if from_batch is not None:
-            reg = settings.reg_loss_weight * from_batch.float()
+            weight = settings.reg_loss_weight if settings.batch_reg_weight is None else settings.batch_reg_weight
+            reg = weight * from_batch.float()
             scaled = scaled + reg / settings.accum_iter
         if weights_term is not None:
             weights_term = settings.reg_loss_weight * weights_term

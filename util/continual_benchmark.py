@@ -39,7 +39,7 @@ STAGES = (("text_mlm", "2_text_mlm", "text"), ("image_text_itc", "3_image_text_i
 OWNER = {"image_mim_acc": 1, "image_mim_loss": 1, "image_mim_gain": 1, "image_knn_acc": 1, "text_mlm_acc": 2, "itc_i2t_r1": 3,
          "itc_i2t_r5": 3, "itc_i2t_r10": 3, "itc_t2i_r1": 3, "itc_t2i_r5": 3, "itc_t2i_r10": 3}
 VISUAL_VOCAB = 128  # k-means tokens of the image stage
-DEFAULT_LAMBDAS = {"self_reg": 1e4, "l2": 30.0, "ewc": 1e6, "distill": 10.0}
+DEFAULT_LAMBDAS = {"self_reg": 1e4, "self_reg+replay": 1e4, "l2": 30.0, "ewc": 1e6, "distill": 10.0}
 SIZES = {  # (train images, held-out, MIM epochs, MLM epochs, ITC epochs)
     "default": (2000, 300, 10, 6, 8),
     "quick": (600, 200, 4, 3, 6),
@@ -190,11 +190,32 @@ class Variant:
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
+    return [scoped for variant in knob_variants(args) for scoped in scope_variants(args, variant)]
+
+
+def scope_variants(args: argparse.Namespace, variant: Variant) -> list[Variant]:
+    """A self-regularizing method once per --self_reg_scopes: its penalty on the adapters alone
+    (ContinualTransformer's, the folder as before) or on every weight an earlier stage trained."""
+    if variant.method not in CL_METHODS or "self_reg_scope" not in CL_METHODS[variant.method].reads:
+        return [variant]
+    out = []
+    for scope in args.self_reg_scopes:
+        if scope == "adapters":
+            out.append(variant)
+            continue
+        name = variant.name.replace(variant.method, f"{variant.method} ({scope})", 1)
+        out.append(Variant(name, variant.method, " ".join(filter(None, [variant.knob, f"scope {scope}"])),
+                           (*variant.flags, "--self_reg_scope", scope),
+                           variant.folder.replace(variant.method, f"{variant.method}_{scope}", 1)))
+    return out
+
+
+def knob_variants(args: argparse.Namespace) -> list[Variant]:
     out = []
     for method in args.methods:
         knobs = {**{m: ("reg_loss_weight", "λ", "lambda", values) for m, values in args.lambdas.items()},
                  "wise": ("wise_alpha", "α", "alpha", args.wise_alpha),
-                 "replay": ("replay_ratio", "ρ", "ratio", args.replay_ratio)}.get(method)
+                 "replay": ("replay_ratio", "ρ", "ratio", args.replay_ratio)}.get(method)  # self_reg+replay: its λ
         if knobs is None:
             out.append(Variant(method, method, "", (), method))
             continue
@@ -370,6 +391,8 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
         runs = [per_seed[s][method] for s in per_seed]
         entry = {key: spread([r["summary"][key] for r in runs]) for key in ("acc", "bwt", "fwt", "forgetting")}
         entry["new_task"] = spread([r["summary"]["task_scores"][-1][-1] for r in runs])
+        entry["last_stage"] = entry["new_task"]
+        entry["last_stage_chance"] = retrieval_chance(runs[0]["matrix"][-1])
         entry["probes_final"] = {p: spread([r["matrix"][-1].get(p) for r in runs]) for p in OWNER}
         entry["probes_kept"] = {p: spread([r["summary"]["probes"].get(p, {}).get("kept") for r in runs]) for p in OWNER}
         entry["cost"] = {key: spread([sum(c[key] for c in r["cost"][1:]) for r in runs])
@@ -380,6 +403,17 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
         entry["knob"] = runs[0].get("knob", "")
         out[method] = entry
     return out
+
+
+RECALLS = (1, 5, 10)
+
+
+def retrieval_chance(row: dict[str, float]) -> float | None:
+    """The image-text task score of a model that ranks at random: R@k = k / images in both directions
+    (a caption's image among the images; an image's captions, its share of all captions, among the
+    captions), averaged over k as the task score averages."""
+    images = row.get("itc_images")
+    return sum(min(k, images) / images for k in RECALLS) / len(RECALLS) if images else None
 
 
 def _cell(stat: dict[str, float | None], digits: int = 3) -> str:
@@ -472,6 +506,9 @@ def parser() -> argparse.ArgumentParser:
                    "(default: 0.5)")
     p.add_argument("--replay_ratio", type=float, nargs="+", default=[0.25], help="share of replayed samples; several "
                    "make a sweep (default: 0.25)")
+    p.add_argument("--self_reg_scopes", nargs="+", choices=("adapters", "all"), default=["adapters", "all"],
+                   help="what self-regularization's penalty covers, one variant each: the adapters (ContinualTransformer's) "
+                        "or every weight an earlier stage trained (default: both)")
     p.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of every method but full (default: %(default)s)")
     p.add_argument("--fisher_samples", type=int, default=512, help="samples of each Fisher estimate (default: %(default)s)")
     p.add_argument("--images", help="real data: the image MIM stage's image folder (with --captions, --pairs, "

@@ -3,6 +3,7 @@ here; `docs/continual.md` describes each and the benchmark that compares them.""
 from __future__ import annotations
 
 from training.continual.base import ContinualMethod
+from training.continual.combined import SelfRegularizedReplay
 from training.continual.distill import FeatureDistillation
 from training.continual.ewc import ElasticWeightConsolidation
 from training.continual.l2 import L2ToPrevious
@@ -13,7 +14,7 @@ from training.continual.wise import WeightInterpolation
 CL_METHODS: dict[str, type[ContinualMethod]] = {
     method.name: method for method in (SelfRegularization, LoraOnly, FullFinetune, L2ToPrevious,
                                        ElasticWeightConsolidation, FeatureDistillation, ExperienceReplay,
-                                       WeightInterpolation)
+                                       SelfRegularizedReplay, WeightInterpolation)
 }
 
 

@@ -20,6 +20,7 @@ class ContinualMethod:
     needs_previous: ClassVar[bool] = False  # needs the previous stage's weights (--init_from)
     has_penalty: ClassVar[bool] = False
     reads: ClassVar[frozenset[str]] = frozenset()  # the flags of this method alone (a flag no method of the run reads is refused)
+    replays: ClassVar[bool] = False  # draws earlier stages' data each step (no exact mid-epoch resume yet)
 
     def __init__(self, cfg: "PretrainConfig") -> None:
         self.cfg = cfg
@@ -34,6 +35,10 @@ class ContinualMethod:
     def batch_penalty(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """A loss term computed on the prepared batch (None: none)."""
         return None
+
+    def batch_penalty_weight(self) -> float:
+        """What `batch_penalty` is multiplied by in the loss: --reg_loss_weight, as `penalty` is."""
+        return self.cfg.lora.reg_loss_weight
 
     def finish(self, run: "PretrainRun") -> None:
         """After the last epoch, before the handover files and the stage report."""

@@ -73,6 +73,7 @@ class ExperienceReplay(ContinualMethod):
     description = "a share --replay_ratio of each step's samples replayed from earlier stages' data and objectives"
     needs_previous = True
     has_penalty = True
+    replays = True
 
     def start(self, run: "PretrainRun") -> None:
         ratio = run.cfg.continual.replay_ratio

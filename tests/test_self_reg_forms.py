@@ -1,0 +1,84 @@
+"""The forms of self-regularization. --self_reg_scope all: its λ·Σ||θ_prev ⊙ Δθ||² extended from the adapted
+linears to what a LoRA stage trains without adapters (text embeddings, norms), where an earlier
+stage trained it. Zero at the anchor; each covered tensor adds its own weighted distance. And
+--cl_method self_reg+replay: the penalty weighted by λ, the replayed samples by one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import create_model
+from models.lora import add_lora, lora_layers, self_regularization
+from models.modes import ModeOptions, TextMLM
+from models.trainability import configure_trainable
+from training.continual.anchors import base_state
+from training.continual.plain import fully_trained_penalty
+from tests.helpers import randomize_
+
+
+def _lora_text_stage():
+    backbone = randomize_(create_model("vlmo_tiny_patch16", img_size=32, patch_size=8, vocab_size=50))
+    mode = TextMLM(backbone, ModeOptions())
+    add_lora(backbone, 4, 4.0)
+    configure_trainable(mode, True)
+    return backbone
+
+
+def test_the_extended_penalty_is_zero_at_the_anchor_and_grows_with_each_covered_tensor():
+    backbone = _lora_text_stage()
+    anchor = base_state(backbone)
+    assert fully_trained_penalty(backbone, anchor, None).item() == 0.0
+    free = {name: p for name, p in backbone.named_parameters() if p.requires_grad and "lora_" not in name}
+    assert {"norm.weight", "text_embeddings.word_embeddings.weight"} <= set(free)  # what LoRA leaves free
+    expected = 0.0
+    with torch.no_grad():
+        for step, name in enumerate(("norm.weight", "text_embeddings.word_embeddings.weight"), start=1):
+            delta = 0.01 * step * torch.randn_like(free[name])
+            free[name] += delta
+            expected += (anchor[name] * delta).pow(2).sum().item()
+            assert fully_trained_penalty(backbone, anchor, None).item() == pytest.approx(expected, rel=1e-5)
+        for _, layer in lora_layers(backbone):  # adapters are self_regularization's, not counted twice
+            layer.lora_B["default"].weight.normal_(std=0.1)
+    assert fully_trained_penalty(backbone, anchor, None).item() == pytest.approx(expected, rel=1e-5)
+    assert self_regularization(backbone).item() > 0
+
+
+def test_weights_no_earlier_stage_trained_are_left_free():
+    backbone = _lora_text_stage()
+    anchor = base_state(backbone)
+    with torch.no_grad():
+        backbone.text_embeddings.word_embeddings.weight += 1.0
+    # the text embeddings of a converted image model were never trained: nothing to keep there
+    assert fully_trained_penalty(backbone, anchor, {"backbone.blocks", "backbone.norm"}).item() == 0.0
+    assert fully_trained_penalty(backbone, anchor, None).item() > 0
+
+
+def test_self_reg_with_replay_weights_the_penalty_by_lambda_and_the_replayed_samples_by_one(tmp_path):
+    from main_pretrain_cook import main
+    from tests.helpers import colour_folders
+    from tests.test_pretrain_cli import SYNTH, TINY, TINY_BASE
+    from training.cli import pretrain_config_from_argv
+    from training.pretrain import build_run
+    from training.scaffold import RunContext
+    from util.train_text_tokenizer import main as train_tokenizer
+
+    tok = train_tokenizer(["--data_file_path", "synthetic", "--vocab_size", "100", "--output", str(tmp_path / "tok")])
+    folder = colour_folders(tmp_path / "images", 24, 8, 32)
+    main(TINY + ["--data_path", str(folder), "--tokenizer", str(tok), "--epochs", "1", "--output_dir",
+                 str(tmp_path / "mim")])
+    argv = TINY_BASE + SYNTH + ["--tokenizer", str(tok), "--exp_name", "text_mlm", "--lora_rank", "4", "--cl_method",
+                                "self_reg+replay", "--reg_loss_weight", "1e4", "--replay_ratio", "0.5",
+                                "--self_reg_scope", "all", "--init_from", str(tmp_path / "mim" / "checkpoint-0.pth"),
+                                "--output_dir", str(tmp_path / "mlm")]
+    ctx = RunContext.start("cpu", str(tmp_path / "mlm"), 0, exclusive=False)
+    try:
+        run = build_run(pretrain_config_from_argv(argv), ctx)
+        assert run.method.batch_penalty_weight() == 1.0 and run.cfg.lora.reg_loss_weight == 1e4
+        assert run.method.penalty().item() == 0.0  # at the anchor, adapters and fully trained weights alike
+        (source,) = run.method.replay.sources
+        assert source.name == "image_mim" and source.size == 8
+        assert run.method.batch_penalty({}).requires_grad
+    finally:
+        ctx.finish()
+    with pytest.raises(Exception, match="--save_every_steps cannot be combined with --cl_method self_reg\\+replay"):
+        pretrain_config_from_argv(argv + ["--save_every_steps", "2"])
