@@ -201,7 +201,9 @@ def _as_given(field) -> list[str]:
         return [f"--{field.name}"]
     default = field.default
     if default is None or default == ():
-        value = kwargs["choices"][0] if "choices" in kwargs else ("x.json" if "path" in field.name else "1")
+        lowest = field.metadata["range"][0]
+        number = str(int(lowest)) if lowest and lowest > 1 else "1"
+        value = kwargs["choices"][0] if "choices" in kwargs else ("x.json" if "path" in field.name else number)
         return [f"--{field.name}", str(value)]
     values = default if isinstance(default, tuple) else (default,)
     return [f"--{field.name}", *map(str, values)]

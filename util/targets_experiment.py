@@ -202,7 +202,7 @@ def cells(result: dict, row: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="the VQ-KD teacher: a checkpoint of any stage")
+    p.add_argument("--teacher", help="the VQ-KD teacher: a checkpoint of any stage (needed by the vqkd targets)")
     p.add_argument("--data_path", default="synthetic", help="unlabelled pretraining images (default: synthetic)")
     p.add_argument("--labelled", default="synthetic", help="the transfer experiment's labelled folder (default: "
                                                             "the synthetic world's)")
@@ -226,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    if args.teacher is None and any(t.removesuffix(AGGREGATED) == "vqkd" for t in args.targets):
+        raise UserError("--targets vqkd trains a VQ-KD tokenizer to reconstruct a teacher's features: pass --teacher "
+                        "CHECKPOINT (a stage of the chain, e.g. the image-text stage), or leave out vqkd")
     check_paths_exist({"teacher": args.teacher, "data_path": None if args.data_path == "synthetic" else args.data_path,
                        "labelled": None if args.labelled == "synthetic" else args.labelled})
     size = {key: value if getattr(args, key) is None else _sized(getattr(args, key))
