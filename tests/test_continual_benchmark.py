@@ -103,3 +103,34 @@ def test_real_data_needs_all_four_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--images", str(tmp_path), "--output_dir", str(tmp_path / "b")])
     assert "needs --captions --pairs --pair_images too" in capsys.readouterr().err
+
+
+def test_the_text_first_order_checks_its_runs_and_owns_its_probes(tmp_path):
+    """text MLM (shared) -> image MIM through each method -> image-text: every child command passes
+    its run's own checks before anything runs (the image stage with adapters included), and the
+    probes belong to the stages of that order."""
+    import util.continual_benchmark as benchmark
+
+    args = benchmark.parser().parse_args(["--quick", "--order", "text-first", "--output_dir", str(tmp_path)])
+    args.lambdas = benchmark.parse_lambdas(args.lambdas)
+    args.sizes, args.real, args.text_file = benchmark.SIZES["quick"], False, None
+    benchmark.check_every_run(args)
+    owner = benchmark.owner_for("text-first")
+    assert owner["text_mlm_acc"] == 1 and owner["image_mim_loss"] == 2 and owner["itc_t2i_r5"] == 3
+    files = benchmark.SeedFiles.of(args, 0)
+    assert files.first.name == "1_text_mlm" and files.visual_tokenizer.parent == files.root  # fitted up front
+    assert [name for _, name in benchmark.later_stages(args)] == ["2_image_mim", "3_image_text_itc"]
+
+
+@pytest.mark.slow
+def test_a_text_first_chain_trains_its_image_stage_through_adapters(tmp_path):
+    out = tmp_path / "bench"
+    main(TINY + ["--methods", "self_reg", "--self_reg_scopes", "adapters", "--order", "text-first",
+                 "--output_dir", str(out)])
+    saved = json.loads((out / "results.json").read_text())
+    matrix = saved["methods"]["self_reg"]["matrices"]["0"]
+    assert saved["settings"]["order"] == "text-first" and len(matrix) == 4
+    assert matrix[1]["text_mlm_acc"] > matrix[0]["text_mlm_acc"]  # the shared text stage learned
+    assert matrix[2]["image_mim_loss"] < matrix[1]["image_mim_loss"]  # the image stage, through LoRA, learned
+    assert (out / "seed_0" / "visual_tokenizer.safetensors").is_file()
+    assert (out / "seed_0" / "self_reg_lambda_10000" / "2_image_mim" / "adapters.safetensors").is_file()

@@ -91,7 +91,7 @@ def test_full_training_of_each_mode_and_resume(tmp_path, word_pieces, mode):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--exp_name", "image_mim", "--lora_rank", "4"], "--lora_rank is for the continual stages"),
+    (["--exp_name", "image_mim", "--lora_rank", "4"], "--lora_rank adapts a stage started from earlier weights"),
     (["--exp_name", "text_mlm", "--self_regularization"], "--self_regularization regularizes LoRA updates"),
     (["--exp_name", "text_mlm", "--save_merged_lora_model"], "--save_merged_lora_model is read only by runs with --lora_rank above 0: nothing in this run reads it; a full run's"),
     (["--exp_name", "text_mlm", "--max_text_len", "300"], "--max_text_len 300 must be between"),

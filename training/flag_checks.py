@@ -24,9 +24,9 @@ def check_weight_flags(cfg: "PretrainConfig") -> None:
 
 def check_lora_flags(cfg: "PretrainConfig") -> None:
     lora = cfg.lora
-    if cfg.exp_name == "image_mim" and lora.lora_rank:  # image_mae may come later in a chain, through adapters
-        raise UserError("--lora_rank is for the continual stages (text_mlm, image_text_itc, compound_pretrain); "
-                        "image_mim trains the backbone fully; drop --lora_rank")
+    if cfg.exp_name in ("image_mim", "image_mae") and lora.lora_rank and not (cfg.model.init_from or cfg.model.resume):
+        raise UserError(f"--lora_rank adapts a stage started from earlier weights; a first {cfg.exp_name} stage "
+                        f"trains the backbone fully: drop --lora_rank, or start from a stage's weights with --init_from")
     if lora.self_regularization and not lora.lora_rank:
         raise UserError("--self_regularization regularizes LoRA updates; add --lora_rank R (e.g. 64)")
     if lora.lora_rank < 0 or (lora.lora_alpha is not None and lora.lora_alpha <= 0):

@@ -35,9 +35,23 @@ from training.flag_checks import check_paths_exist  # noqa: E402
 from util.experiment_runs import run_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = (("text_mlm", "2_text_mlm", "text"), ("image_text_itc", "3_image_text_itc", "pair"))
-OWNER = {"image_mim_acc": 1, "image_mim_loss": 1, "image_mim_gain": 1, "image_knn_acc": 1, "text_mlm_acc": 2, "itc_i2t_r1": 3,
-         "itc_i2t_r5": 3, "itc_i2t_r10": 3, "itc_t2i_r1": 3, "itc_t2i_r5": 3, "itc_t2i_r10": 3}
+# the chain's stages in each order: the first trains fully from the reference and is shared by every
+# method; the others are each method's
+ORDERS = {"image-first": ("image_mim", "text_mlm", "image_text_itc"),
+          "text-first": ("text_mlm", "image_mim", "image_text_itc")}
+KIND = {"image_mim": "image", "text_mlm": "text", "image_text_itc": "pair"}
+LABEL = {"image_mim": "image MIM", "text_mlm": "text MLM", "image_text_itc": "image-text"}
+PROBES = {"image_mim": ("image_mim_acc", "image_mim_loss", "image_mim_gain", "image_knn_acc"),
+          "text_mlm": ("text_mlm_acc",),
+          "image_text_itc": ("itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10", "itc_t2i_r1", "itc_t2i_r5", "itc_t2i_r10")}
+
+
+def owner_for(order: str) -> dict[str, int]:
+    """Each probe's stage (1-based) in `order`."""
+    return {probe: i + 1 for i, exp in enumerate(ORDERS[order]) for probe in PROBES[exp]}
+
+
+OWNER = owner_for("image-first")
 VISUAL_VOCAB = 128  # k-means tokens of the image stage
 DEFAULT_LAMBDAS = {"self_reg": 1e4, "self_reg+replay": 1e4, "l2": 30.0, "ewc": 1e6, "distill": 10.0}
 SIZES = {  # (train images, held-out, MIM epochs, MLM epochs, ITC epochs)
@@ -64,9 +78,9 @@ IMAGE_VIEWS = ["--min_crop_scale", "0.5"]  # what the modes that read images add
 
 
 def token_flags(files: "SeedFiles | None") -> list[str]:
-    """What the modes that predict visual tokens add: the tokenizer's view and, after the image stage
-    fitted it, its k-means tokenizer (the MIM targets of every later row)."""
-    fitted = ["--d_vae_weight_path", str(files.mim / "visual_tokenizer.safetensors")] if files is not None else []
+    """What the modes that predict visual tokens add: the tokenizer's view and, once it is fitted,
+    the chain's k-means tokenizer (the MIM targets of every later stage and row)."""
+    fitted = ["--d_vae_weight_path", str(files.visual_tokenizer)] if files is not None else []
     return IMAGE_VIEWS + ["--second_image_size", "32"] + fitted
 
 
@@ -246,29 +260,41 @@ def handover(stage_dir: Path, epochs: int, variant_method: str) -> Path:
     return stage_dir / "merged_model.safetensors"
 
 
-def mim_argv(args: argparse.Namespace, flags: list[str], reference: Path) -> list[str]:
-    return flags + token_flags(None) + data_flags(args, "image") + ["--exp_name", "image_mim", "--epochs", str(args.sizes[2]),
-                                                "--visual_vocab_size", str(VISUAL_VOCAB), "--init_from", str(reference),
-                                                "--fisher_samples", str(args.fisher_samples)]
+def stage_epochs(args: argparse.Namespace, exp: str) -> int:
+    return {"image_mim": args.sizes[2], "text_mlm": args.sizes[3], "image_text_itc": args.sizes[4]}[exp]
 
 
-def stage_argv(args: argparse.Namespace, flags: list[str], variant: Variant, stage: tuple[str, str, str],
-               start: Path) -> list[str]:
-    """A text or image-text stage of `variant`, starting from `start`."""
-    exp, _, kind = stage
-    epochs, blr = (args.sizes[3], "5e-3") if exp == "text_mlm" else (args.sizes[4], "2e-2")
+def first_argv(args: argparse.Namespace, flags: list[str], files: "SeedFiles") -> list[str]:
+    """The shared first stage: the whole backbone trained from the reference (it writes the Fisher
+    information ewc needs next). An image stage first fits the chain's visual tokenizer itself."""
+    exp = ORDERS[args.order][0]
+    tokens = token_flags(None if exp == "image_mim" and args.order == "image-first" else files)
+    extra = tokens + ["--visual_vocab_size", str(VISUAL_VOCAB)] if exp == "image_mim" else []
+    if args.real and exp == "text_mlm":
+        extra += ["--max_val_samples", "1000"]
+    return flags + extra + data_flags(args, KIND[exp]) + ["--exp_name", exp, "--epochs", str(stage_epochs(args, exp)),
+                                                          "--init_from", str(files.reference),
+                                                          "--fisher_samples", str(args.fisher_samples)]
+
+
+def stage_argv(args: argparse.Namespace, flags: list[str], variant: Variant, exp: str, start: Path,
+               files: "SeedFiles") -> list[str]:
+    """A later stage of `variant`, starting from `start`: through the method's adapters or penalty."""
+    blr = {"text_mlm": "5e-3", "image_mim": "5e-3", "image_text_itc": "2e-2"}[exp]  # image: as the text stage
     extra = ["--batch_size", "32", *IMAGE_VIEWS] if exp == "image_text_itc" else []  # more steps, as demo_chain.py
+    if exp == "image_mim":
+        extra = token_flags(files) + ["--visual_vocab_size", str(VISUAL_VOCAB)]
     if args.real and exp == "text_mlm":  # the stage's own per-epoch check (the rows are measured apart)
         extra += ["--max_val_samples", "1000"]
-    return flags + data_flags(args, kind) + method_flags(args, variant) + extra + [
-        "--exp_name", exp, "--epochs", str(epochs), "--blr", blr, "--init_from", str(start)]
+    return flags + data_flags(args, KIND[exp]) + method_flags(args, variant) + extra + [
+        "--exp_name", exp, "--epochs", str(stage_epochs(args, exp)), "--blr", blr, "--init_from", str(start)]
 
 
 def joint_argv(args: argparse.Namespace, flags: list[str], files: "SeedFiles") -> list[str]:
-    epochs = args.sizes[3] + args.sizes[4]
+    epochs = sum(stage_epochs(args, exp) for exp in ORDERS[args.order][1:])
     return flags + token_flags(files) + data_flags(args, "pair") + ["--lora_rank", str(args.lora_rank), "--save_merged_lora_model",
                                                "--exp_name", "compound_pretrain", "--epochs", str(epochs),
-                                               "--blr", "1e-2", "--batch_size", "32", "--init_from", str(files.mim_ckpt)]
+                                               "--blr", "1e-2", "--batch_size", "32", "--init_from", str(files.first_ckpt)]
 
 
 def eval_argv(evaluation: list[str], weights: Path, out: Path) -> list[str]:
@@ -281,17 +307,20 @@ class SeedFiles:
     """What a seed's chain writes, by the step that writes it."""
 
     root: Path
-    tokenizer: Path
+    tokenizer: Path  # the text tokenizer
     reference: Path
-    mim: Path
-    mim_ckpt: Path
+    first: Path  # the shared first stage's folder
+    first_ckpt: Path
+    visual_tokenizer: Path  # the MIM targets: fitted by an image stage that comes first, else up front
 
     @classmethod
     def of(cls, args: argparse.Namespace, seed: int) -> "SeedFiles":
         root = Path(args.output_dir) / f"seed_{seed}"
-        mim = root / "1_image_mim"
-        return cls(root, root / "text_tokenizer", root / "0_reference" / "random_init.safetensors", mim,
-                   mim / f"checkpoint-{args.sizes[2] - 1}.pth")
+        exp = ORDERS[args.order][0]
+        first = root / f"1_{exp}"
+        visual = (first if exp == "image_mim" else root) / "visual_tokenizer.safetensors"
+        return cls(root, root / "text_tokenizer", root / "0_reference" / "random_init.safetensors", first,
+                   first / f"checkpoint-{stage_epochs(args, exp) - 1}.pth", visual)
 
 
 def seed_flags(args: argparse.Namespace, seed: int, files: SeedFiles) -> tuple[list[str], list[str]]:
@@ -308,20 +337,18 @@ def check_every_run(args: argparse.Namespace) -> None:
     from training.cli import check_planned_pretrain_run
 
     files = SeedFiles.of(args, args.seeds[0])
-    common = common_flags(args, args.seeds[0], files.tokenizer)
     flags, evaluation = seed_flags(args, args.seeds[0], files)
-    runs = [("the image MIM stage", mim_argv(args, common, files.reference)),
-            ("an evaluation row", eval_argv(evaluation, files.mim_ckpt, files.mim / "row"))]
-    made = {files.tokenizer, files.reference, files.mim_ckpt, files.mim / "visual_tokenizer.safetensors"}
+    runs = [(f"the first stage ({ORDERS[args.order][0]})", first_argv(args, flags, files)),
+            ("an evaluation row", eval_argv(evaluation, files.first_ckpt, files.first / "row"))]
+    made = {files.tokenizer, files.reference, files.first_ckpt, files.visual_tokenizer}
     for variant in variants(args):
         if variant.method == JOINT:
             runs.append((f"{JOINT}'s compound stage", joint_argv(args, flags, files)))
             continue
-        start = files.mim_ckpt
-        for stage in STAGES:
-            runs.append((f"{variant.name}'s {stage[0]} stage", stage_argv(args, flags, variant, stage, start)))
-            start = handover(files.root / variant.folder / stage[1], args.sizes[3 if stage[0] == "text_mlm" else 4],
-                             variant.method)
+        start = files.first_ckpt
+        for exp, folder in later_stages(args):
+            runs.append((f"{variant.name}'s {exp} stage", stage_argv(args, flags, variant, exp, start, files)))
+            start = handover(files.root / variant.folder / folder, stage_epochs(args, exp), variant.method)
             made.add(start)
     planned = frozenset(str(p) for p in made)
     for label, argv in runs:
@@ -331,6 +358,23 @@ def check_every_run(args: argparse.Namespace) -> None:
             raise UserError(f"{label} would be refused: {err}") from None
 
 
+def later_stages(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(mode, folder) of each method's own stages, in the chain's order."""
+    return [(exp, f"{i}_{exp}") for i, exp in enumerate(ORDERS[args.order][1:], start=2)]
+
+
+def fit_chain_tokenizer(args: argparse.Namespace, files: SeedFiles, seed: int) -> None:
+    """A chain whose image stage is not first fits its k-means tokenizer before anything, on the
+    image stage's training data, so that every row, the reference's too, measures MIM on it."""
+    if files.visual_tokenizer.is_file() or ORDERS[args.order][0] == "image_mim":
+        return
+    data = ["--data_path", args.images] if args.real else ["--data_path", "synthetic"]
+    run_script([str(ROOT / "util/fit_visual_tokenizer.py"), *data, "--output", str(files.visual_tokenizer),
+                "--image_size", "64", "--patch_size", "8", "--second_image_size", "32", "--vocab_size",
+                str(VISUAL_VOCAB), "--seed", str(seed), "--num_workers", str(args.num_workers)],
+               files.root / "visual_tokenizer.output.txt")
+
+
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     """{method: {"matrix", "summary", "cost"}} for one seed."""
     train = args.sizes[0]
@@ -338,42 +382,44 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     if not (files.tokenizer / "vocab.txt").is_file():
         sources = [str(args.text_file), args.pairs] if args.real else ["synthetic"]
         train_wordpiece(caption_texts(sources, train, seed), 512 if not args.real else 4000, files.tokenizer)
-    common = common_flags(args, seed, files.tokenizer)
+    flags, evaluation = seed_flags(args, seed, files)
     if not files.reference.is_file():
         files.reference.parent.mkdir(parents=True, exist_ok=True)
-        write_reference(common + token_flags(None) + data_flags(args, "image"), files.reference)
-    mim_cost = run_stage(mim_argv(args, common, files.reference), files.mim)
-    flags, evaluation = seed_flags(args, seed, files)
-    print(f"seed {seed}: reference and image MIM rows", flush=True)
+        write_reference(flags + token_flags(None) + data_flags(args, "image"), files.reference)
+    fit_chain_tokenizer(args, files, seed)
+    first_cost = run_stage(first_argv(args, flags, files), files.first)
+    print(f"seed {seed}: reference and {LABEL[ORDERS[args.order][0]]} rows", flush=True)
     rows0 = [evaluate_row(evaluation, files.reference, files.reference.parent / "row"),
-             evaluate_row(evaluation, files.mim_ckpt, files.mim / "row")]
+             evaluate_row(evaluation, files.first_ckpt, files.first / "row")]
+    owner = owner_for(args.order)
     results = {}
     for variant in variants(args):
         if variant.method == JOINT:
-            results[variant.name] = run_joint(args, seed, flags, evaluation, files, rows0, mim_cost)
+            results[variant.name] = run_joint(args, seed, flags, evaluation, files, rows0, first_cost)
             continue
-        start, rows, costs = files.mim_ckpt, list(rows0), [mim_cost]
-        for stage in STAGES:
-            print(f"seed {seed}: {variant.name} {stage[0]}", flush=True)
-            folder = files.root / variant.folder / stage[1]
-            costs.append(run_stage(stage_argv(args, flags, variant, stage, start), folder))
-            start = handover(folder, args.sizes[3 if stage[0] == "text_mlm" else 4], variant.method)
+        start, rows, costs = files.first_ckpt, list(rows0), [first_cost]
+        for exp, name in later_stages(args):
+            print(f"seed {seed}: {variant.name} {exp}", flush=True)
+            folder = files.root / variant.folder / name
+            costs.append(run_stage(stage_argv(args, flags, variant, exp, start, files), folder))
+            start = handover(folder, stage_epochs(args, exp), variant.method)
             rows.append(evaluate_row(evaluation, start, folder / "row"))
-        results[variant.name] = {"matrix": rows, "summary": summary(rows, OWNER), "cost": costs, "knob": variant.knob}
+        results[variant.name] = {"matrix": rows, "summary": summary(rows, owner), "cost": costs, "knob": variant.knob}
         (files.root / variant.folder / "matrix.json").write_text(json.dumps(results[variant.name], indent=1))
     return results
 
 
 def run_joint(args: argparse.Namespace, seed: int, flags: list[str], evaluation: list[str], files: SeedFiles,
-              rows0: list[dict], mim_cost: dict) -> dict:
-    """The upper bound: after the shared image stage, one compound stage that trains MIM, MLM and
-    ITC together on the pairs, for as many epochs as the text and image-text stages together, with
-    the same adapters. It has no row between the text and image-text stages (left empty)."""
+              rows0: list[dict], first_cost: dict) -> dict:
+    """The upper bound: after the shared first stage, one compound stage that trains MIM, MLM and
+    ITC together on the pairs, for as many epochs as the two later stages together, with the same
+    adapters. It has no row between the second and third stages (left empty)."""
     stage = files.root / JOINT / "2_compound"
     print(f"seed {seed}: joint compound_pretrain", flush=True)
     cost = run_stage(joint_argv(args, flags, files), stage)
-    rows = [*rows0, {}, evaluate_row(evaluation, handover(stage, args.sizes[3] + args.sizes[4], JOINT), stage / "row")]
-    result = {"matrix": rows, "summary": summary(rows, OWNER), "cost": [mim_cost, cost]}
+    epochs = sum(stage_epochs(args, exp) for exp in ORDERS[args.order][1:])
+    rows = [*rows0, {}, evaluate_row(evaluation, handover(stage, epochs, JOINT), stage / "row")]
+    result = {"matrix": rows, "summary": summary(rows, owner_for(args.order)), "cost": [first_cost, cost]}
     (files.root / JOINT / "matrix.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -436,7 +482,7 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_chart(results: dict[str, dict], seed: str, out: Path) -> Path:
+def write_chart(results: dict[str, dict], seed: str, out: Path, order: str = "image-first") -> Path:
     """Each probe across the chain (reference, then each stage), one line per method (one seed), as
     a PNG and as TensorBoard scalars `continual/<probe>/<method>` with the stage as step."""
     from torch.utils.tensorboard import SummaryWriter
@@ -453,7 +499,7 @@ def write_chart(results: dict[str, dict], seed: str, out: Path) -> Path:
             for key in probes:
                 if key in row:
                     writer.add_scalar(f"continual/{key}/{method}", row[key], step)
-    path = save_picture(stage_chart(["reference", "image MIM", "text MLM", "image-text"], runs, probes),
+    path = save_picture(stage_chart(["reference", *(LABEL[exp] for exp in ORDERS[order])], runs, probes),
                         out / "chart.png", writer, "continual/chart")
     writer.close()
     return path
@@ -518,6 +564,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", help="real data: the image-text pairs (a caption file naming images), for the ITC stage "
                    "and, through their held-out split, for every evaluation")
     p.add_argument("--pair_images", help="real data: the folder the pairs' image names are relative to")
+    p.add_argument("--order", choices=tuple(ORDERS), default="image-first",
+                   help="image-first: image MIM (shared) -> text MLM -> image-text; text-first: text MLM (shared) -> "
+                        "image MIM -> image-text, the image stage through each method's adapters or penalty "
+                        "(default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a smaller chain: 600 scenes, 4 + 3 + 6 epochs")
     p.add_argument("--train_size", type=int, help="synthetic training scenes (overrides the preset)")
     p.add_argument("--val_size", type=int, help="held-out scenes every probe is measured on (overrides the preset)")
@@ -535,7 +585,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     train, val, *epochs = SIZES["quick" if args.quick else "default"]
     args.sizes = (args.train_size or train, args.val_size or val, *(args.epochs or epochs))
     args.real = check_real_data(args)
-    args.output_dir = args.output_dir or f"outputs/continual_benchmark{'_real' if args.real else ''}{'_quick' if args.quick else ''}"
+    order = "_text_first" if args.order == "text-first" else ""
+    args.output_dir = args.output_dir or (f"outputs/continual_benchmark{'_real' if args.real else ''}{order}"
+                                          f"{'_quick' if args.quick else ''}")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; give a folder (new, or a benchmark's to continue it)")
@@ -546,13 +598,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
     results = aggregate(per_seed)
     (out / "results.json").write_text(json.dumps(
-        {"settings": {"methods": args.methods, "seeds": args.seeds, "lambdas": args.lambdas, "wise_alpha": args.wise_alpha,
+        {"settings": {"methods": args.methods, "seeds": args.seeds, "order": args.order, "lambdas": args.lambdas,
+                      "wise_alpha": args.wise_alpha,
                       "replay_ratio": args.replay_ratio,
                       "lora_rank": args.lora_rank, "sizes": args.sizes}, "methods": results}, indent=1))
     text = table(results)
     (out / "table.md").write_text(text + "\n")
     print("\n" + text)
-    print(f"\nchart: {write_chart(results, str(args.seeds[0]), out)}; trade-off: {write_tradeoff(results, out)}; "
+    print(f"\nchart: {write_chart(results, str(args.seeds[0]), out, args.order)}; trade-off: {write_tradeoff(results, out)}; "
           f"results: {out / 'results.json'}; "
           f"{time.time() - start:.0f}s")
     return results
