@@ -71,6 +71,7 @@ def test_convert_with_no_arguments_writes_their_file_name(workspace):
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
 
 
+@pytest.mark.slow  # 50 s: BEiT-base through their text command and fine-tuning; over the default suite's budget
 def test_their_text_mlm_command_then_their_downstream_flags(workspace):
     result = run(workspace, [str(ROOT / "main_pretrain_cook.py")] + TEXT_MLM + SMALL, launch=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,6 +16,7 @@ def labelled(tmp_path_factory):
     return colour_folders(tmp_path_factory.mktemp("colours"), 48, 24, render_size=64)
 
 
+@pytest.mark.slow  # 32 s of pretraining runs; the recipes' parsing and the flag checks stay in the default suite
 def test_each_recipe_is_run_once_and_each_checkpoint_scored(labelled, tmp_path):
     argv = ["--data_path", str(labelled / "train"), "--labelled", str(labelled), "--recipe", "base=--batch_size 16",
             "--recipe", "vocab 32=--visual_vocab_size 32 --batch_size 16", "--epochs", "2", "--every", "1",
