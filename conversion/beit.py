@@ -311,3 +311,37 @@ def convert(src: SourceWeights, src_cfg: BackboneConfig, dst_cfg: BackboneConfig
         raise UserError(f"converted weights do not fit the target model (e.g. {bad[0]} {tuple(out[bad[0]].shape)} vs "
                         f"{tuple(fresh[bad[0]].shape)}); check --model and --image_size")
     return out, report
+
+
+@dataclass(frozen=True)
+class BeitTarget:
+    """What to convert into (util/convert_beit_ckpt.py's flags; the defaults keep the source's shape)."""
+
+    model: str | None = None
+    image_size: int | None = None
+    ffn: str = "shared"
+    vocab_size: int = 30522
+    max_text_len: int = 196
+    vl_expert_start: int | None = None
+    seed: int = 0
+    early_layers: int | None = None
+
+
+def convert_file(source: str | Path, output: str | Path, target: BeitTarget = BeitTarget(), say=print) -> None:
+    """Convert a BEiT checkpoint file or Hugging Face folder and write it (saying what was done)."""
+    from common.checkpoint_io import save_weights
+    from models.pretrained import UNTRAINED, describe, weight_groups
+
+    src = read_source(source)
+    src_cfg = infer_config(src, target.model)
+    dst_cfg = target_config(src_cfg, target.model, target.image_size, target.ffn, target.vocab_size,
+                            target.max_text_len, target.vl_expert_start)
+    tensors, report = convert(src, src_cfg, dst_cfg, seed=target.seed, early_layers=target.early_layers)
+    say(f"source: {source} ({src.kind}, {len(src.tensors)} tensors): {describe(src_cfg)}")
+    say(f"target: {describe(dst_cfg)}")
+    for line in report.lines():
+        say("  " + line)
+    untrained = sorted(weight_groups(report.fresh))  # e.g. the text path, which BEiT does not have
+    info = {UNTRAINED: untrained, **({"heads": report.heads} if report.heads else {})}
+    save_weights(output, tensors, dst_cfg.to_dict(), {"source": str(source)}, info)
+    say(f"wrote {output}")

@@ -91,7 +91,7 @@ def check_planned_pretrain_run(argv: list[str], planned: frozenset[str] = frozen
 
     with contextlib.redirect_stdout(io.StringIO()):
         pretrain_config(parse_with_config(_refusing(pretrain_parser()), argv, PRESETS, defaults=mode_defaults(argv)),
-                        planned)
+                        planned, fetch=False)
 
 
 def check_planned_finetune_run(argv: list[str]) -> None:

@@ -352,13 +352,28 @@ def resolve_pretrain_defaults(cfg: PretrainConfig) -> PretrainConfig:
                                                    cfg.lora.lora_rank)})
 
 
+def fetch_named_weights(namespace: argparse.Namespace, flags: tuple[str, ...]) -> None:
+    """Weights flags that name weights (a registered name, hf-hub:, https://) become local files,
+    fetched and converted once (conversion/named_weights.py); the text tokenizer only by hf-hub: or
+    URL (a bare hub name is the tokenizer loader's own, with its local places first)."""
+    from conversion.named_weights import HF_PREFIX, resolve
+
+    for name in flags:
+        value = getattr(namespace, name, None)
+        if name == "tokenizer" and not (value or "").startswith((HF_PREFIX, "https://", "http://")):
+            continue
+        setattr(namespace, name, resolve(value, f"--{name}"))
+
+
 def pretrain_config(namespace: argparse.Namespace, planned: frozenset[str] = frozenset(),
-                    check_scopes_too: bool = True) -> PretrainConfig:
+                    check_scopes_too: bool = True, fetch: bool = True) -> PretrainConfig:
     """The frozen, validated pretraining config of parsed flags (`planned`: input paths an earlier
     step of an experiment writes, accepted before they exist; `check_scopes_too=False`: settings
-    read back from a run's record, not given by a user)."""
+    read back from a run's record, not given by a user; `fetch=False`: named weights stay names)."""
     from training.defaults import mode_alias
 
+    if fetch:
+        fetch_named_weights(namespace, ("init_from", "d_vae_weight_path", "tokenizer"))
     groups = {name: settings_from(cls, namespace) for name, (_, cls) in PRETRAIN_GROUPS.items()}
     exp_name, lora_changes = mode_alias(namespace.exp_name, groups["lora"].lora_rank)
     groups["lora"] = dataclasses.replace(groups["lora"], **lora_changes)
@@ -472,6 +487,7 @@ def default_blr(task_class) -> float:
 
 def finetune_config(namespace: argparse.Namespace) -> FinetuneConfig:
     """The frozen, validated fine-tuning config of parsed flags."""
+    fetch_named_weights(namespace, ("finetune", "tokenizer"))
     groups = {name: settings_from(cls, namespace) for name, (_, cls) in FINETUNE_GROUPS.items()}
     cfg = FinetuneConfig(task=namespace.task, **groups)
     if cfg.run.eval and not cfg.model.finetune:

@@ -84,9 +84,11 @@ def check_paths_exist(paths: dict[str, object], planned: frozenset[str] = frozen
     earlier step of an experiment will have written by the time this run starts."""
     from pathlib import Path
 
+    from conversion.named_weights import is_remote_name
+
     for flag_name, value in paths.items():
         for path in ([value] if isinstance(value, str) else list(value or [])):
-            if path and str(path) not in planned and not Path(path).exists():
+            if path and str(path) not in planned and not is_remote_name(str(path)) and not Path(path).exists():
                 raise UserError(f"--{flag_name} {path} does not exist; check the path")
 
 

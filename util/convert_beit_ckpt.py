@@ -24,20 +24,23 @@ if __package__ in (None, ""):
 
 from common.checkpoint_io import Checkpoint, read_checkpoint, save_weights  # noqa: E402
 from common.errors import UserError, cli_entry  # noqa: E402
-from conversion.beit import convert, infer_config, read_source, target_config  # noqa: E402
+from conversion.beit import BeitTarget, convert_file  # noqa: E402
+from conversion.named_weights import list_table, resolve  # noqa: E402
 from models import mae_weights  # noqa: E402
 from models.config import FFN_KINDS, BackboneConfig  # noqa: E402
 from models.continual_transformer import is_continual_transformer, translate  # noqa: E402
 from models.lora import plain_names  # noqa: E402
 from models.lora_checkpoints import fold_adapters  # noqa: E402
-from models.pretrained import UNTRAINED, describe, weight_groups  # noqa: E402
+from models.pretrained import describe  # noqa: E402
 from models.registry import list_models  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", default=None, help=f"BEiT .pth/.safetensors file, Hugging Face model folder or "
-                                                 f"ContinualTransformer checkpoint (default: {DEFAULT_INPUT})")
+    p.add_argument("--input", default=None, help=f"BEiT .pth/.safetensors file, Hugging Face model folder, "
+                                                 f"ContinualTransformer checkpoint or MAE weights; or a name (--list), "
+                                                 f"hf-hub:ORG/NAME or https:// URL, fetched once "
+                                                 f"(default: {DEFAULT_INPUT})")
     p.add_argument("--output", default=None, help="where to write: .safetensors (recommended) or .pth (default: the "
                                                   "input's name + _transfertovlmo.pth, as ContinualTransformer names it)")
     p.add_argument("--model", choices=list_models(), default=None,
@@ -60,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BEiT v2 pretraining checkpoints: the block whose patch tokens its patch aggregation "
                         "(cls_pt_layers) reads (default: depth - 3, BEiT v2's 9 of 12 and 21 of 24)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--list", action="store_true", help="print the weights --input (and every weights flag of the "
+                   "runs) takes by name: where they come from, size and licence")
     return p
 
 
@@ -140,6 +145,12 @@ def convert_mae(raw: Checkpoint | None, source: str, output: Path, args) -> None
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.list:
+        print(list_table() + "\n\nAlso hf-hub:ORG/NAME[@revision] and https:// URLs; fetched once into the standard "
+              "caches (HF_HOME, TORCH_HOME), checked, reused offline (HF_HUB_OFFLINE=1).")
+        return
+    if args.input is not None:
+        args.input = resolve(args.input, "--input", convert=False)  # a name is fetched; converting is this script's
     source, output = default_paths(args)
     if output.suffix not in (".safetensors", ".pth", ".pt"):
         raise UserError(f"--output {output} must end in .safetensors, .pth or .pt")
@@ -154,21 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.dall_e_output:
         raise UserError(f"--dall_e_output: {source} is not a ContinualTransformer run checkpoint, which is what "
                         f"carries a DALL-E tokenizer")
-    src = read_source(source)
-    src_cfg = infer_config(src, args.model)
     if args.vlffn_start_layer_index is not None and args.ffn != "multiway":
         raise UserError("--vlffn_start_layer_index places VLMo's vision-language expert; add --ffn multiway")
-    dst_cfg = target_config(src_cfg, args.model, args.image_size, args.ffn, args.vocab_size, args.max_text_len_of_initckpt,
-                            args.vlffn_start_layer_index)
-    tensors, report = convert(src, src_cfg, dst_cfg, seed=args.seed, early_layers=args.early_layers)
-    print(f"source: {source} ({src.kind}, {len(src.tensors)} tensors): {describe(src_cfg)}")
-    print(f"target: {describe(dst_cfg)}")
-    for line in report.lines():
-        print("  " + line)
-    untrained = sorted(weight_groups(report.fresh))  # e.g. the text path, which BEiT does not have
-    info = {UNTRAINED: untrained, **({"heads": report.heads} if report.heads else {})}
-    save_weights(output, tensors, dst_cfg.to_dict(), {"source": str(source)}, info)
-    print(f"wrote {output}")
+    convert_file(source, output, BeitTarget(args.model, args.image_size, args.ffn, args.vocab_size,
+                                             args.max_text_len_of_initckpt, args.vlffn_start_layer_index, args.seed,
+                                             args.early_layers))
 
 
 if __name__ == "__main__":

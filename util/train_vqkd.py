@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = vars(parser().parse_args(argv))
+    from conversion.named_weights import resolve
+
+    args["teacher"] = resolve(args["teacher"], "--teacher")  # a registered name, hf-hub: or https:// is fetched
     cfg = VqkdSettings(**args)
     if not cfg.output.endswith(".safetensors"):
         raise UserError(f"--output {cfg.output} must end in .safetensors")
