@@ -13,7 +13,6 @@ from pathlib import Path
 
 from common.console import say
 from common.downloads import Expected, cache_dir, fetch_hf, fetch_url, held
-from common.errors import UserError
 
 HF_PREFIX = "hf-hub:"
 BEIT_BLOB = "https://conversationhub.blob.core.windows.net/beit-share-public"

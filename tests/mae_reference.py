@@ -11,7 +11,6 @@ import torch
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
-from models.mae_decoder import sincos_2d
 
 
 class MaskedAutoencoderViT(nn.Module):

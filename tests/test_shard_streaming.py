@@ -22,7 +22,7 @@ from common.url_secrets import masked_url
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.webdataset_pairs import WebDatasetPairs, expand_shards, read_shard
 from main_pretrain_cook import main
-from tests.test_pretrain_cli import TINY, TINY_BASE
+from tests.test_pretrain_cli import TINY_BASE
 from tests.test_webdataset import make_shards
 from util.loopback_server import start_loopback_server
 
