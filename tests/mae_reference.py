@@ -12,7 +12,6 @@ from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
 
-
 class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.,

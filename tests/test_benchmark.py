@@ -102,3 +102,20 @@ def test_sweep_runs_our_step_at_each_size_and_batch(capsys):
     assert [(r["image_size"], r["batch"]) for r in rows] == [(32, 1), (32, 4), (64, 1), (64, 4)]
     assert all("error" not in r and r["step_s"] > 0 for r in rows)
     assert len(table_rows(capsys.readouterr().out)) == 4
+
+
+def test_the_mae_step_is_the_same_objective_in_both_rows():
+    """--mode mae: ours (MAE-shaped) and HF's ViTMAE take the same images and masks of the same share."""
+    import torch
+
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    mask = benchmark.mae_masks(2, 4, torch.device("cpu"))
+    assert mask.sum(1).tolist() == [12, 12]  # 16 patches, 4 kept: MAE's int(16 · 0.25)
+    for impl in ("ours", "hf_sdpa"):
+        model, loss_fn = benchmark.build_mae(impl, "tiny", 64)
+        loss = loss_fn(images, mask)
+        assert loss.ndim == 0 and 0 < loss.item() < 10  # normalised pixels: about 1 at the start
+        loss.backward()
+        blocks = model.backbone.blocks if impl == "ours" else model.vit.layers
+        assert all(p.grad is not None for p in blocks.parameters())  # the encoder trains in both

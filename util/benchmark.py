@@ -236,11 +236,8 @@ def text_batch(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask, labels
 
 
-def worker(args: argparse.Namespace) -> None:
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    bf16_row = args.worker in ("ours_bf16", "ours_bf16_compiled")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if bf16_row else args.amp)
+def workload(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """(the model, a closure computing the loss of one step) for --mode and --worker."""
     b, size = args.batch_size, args.image_size
     images = torch.randn(b, 3, size, size, device=device)
     if args.mode == "mim":
@@ -263,6 +260,15 @@ def worker(args: argparse.Namespace) -> None:
     else:
         model, features = build(args.worker, args.size, size)
         forward = lambda: features(images).float().pow(2).mean()  # noqa: E731
+    return model, forward
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    bf16_row = args.worker in ("ours_bf16", "ours_bf16_compiled")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if bf16_row else args.amp)
+    model, forward = workload(args, device)
     model.to(device).train()
     if args.worker.endswith("_compiled"):  # what training's --compile compiles: each block and the visual tokenizer
         from models.visual_tokenizers import DalleTokenizer
@@ -676,7 +682,7 @@ def tokenizer_benchmark(batch_size: int, image_size: int, rounds: int, steps: in
         print(f"| {kind} | {name} | {median:.4f} | {base / median:.2f}x | {100 * agree:.2f}% |")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["encode", "mim", "mae", "epochs", "mlm", "itc", "index", "adamw", "loader",
                                       "tokenizer"], default="encode")
@@ -708,6 +714,11 @@ def main(argv: list[str] | None = None) -> None:
                    "--sweep_batch_sizes, one process each (the cost curve)")
     p.add_argument("--sweep_image_sizes", type=int, nargs="+", default=[224, 384])
     p.add_argument("--sweep_batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.mode == "index":
         return index_benchmark(args.num_paths, args.scan_files)
