@@ -11,7 +11,8 @@ from tests.helpers import ROOT
 
 # bottom to top; a module may import its own layer or lower ones only
 LAYERS = {"common": 0, "custom_datasets": 1, "models": 2, "conversion": 3, "serving": 3, "visualization": 3, "training": 4,
-          "engine_pretrain": 4, "engine_finetune": 4, "main_pretrain_cook": 5, "main_finetune": 5, "util": 5}
+          "engine_pretrain": 5, "engine_finetune": 5, "main_pretrain_cook": 5, "main_finetune": 5, "util": 5}
+ROOT_FILES = {"engine_pretrain", "engine_finetune", "main_pretrain_cook", "main_finetune"}
 ENTRY_SCRIPTS = {"main_pretrain_cook", "main_finetune", "util"}
 
 
@@ -65,6 +66,14 @@ def test_no_library_module_imports_an_entry_script(graph):
     bad = [f"{m} -> {d}" for m, deps in graph.items() if top(m) not in ENTRY_SCRIPTS
            for d in deps if top(d) in ENTRY_SCRIPTS]
     assert not bad, ", ".join(sorted(bad))
+
+
+def test_no_library_module_imports_a_root_file(graph):
+    """The flow goes one way, entry script -> engine -> training core: nothing in a package imports
+    the files at the root (the engines there only re-export training's, where MAE's users look)."""
+    libraries = {name for name, layer in LAYERS.items() if layer <= LAYERS["training"]}
+    back = sorted(f"{m} -> {d}" for m, deps in graph.items() if top(m) in libraries for d in deps if d in ROOT_FILES)
+    assert not back, back
 
 
 def test_no_import_cycle(graph):

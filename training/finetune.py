@@ -21,7 +21,7 @@ from common.errors import UserError
 from custom_datasets import batch as B
 from custom_datasets.classification_data import whole_image_preprocessing
 from custom_datasets.downstream_data import DownstreamData, build_downstream_data
-from engine_finetune import evaluate, train_one_epoch
+from training.engine_finetune import evaluate, train_one_epoch
 from models.checkpoints import read_model_checkpoint
 from models.downstream import DownstreamTask
 from models.pretrained import describe

@@ -19,7 +19,7 @@ from common.errors import UserError
 from common.url_secrets import masked_url
 from custom_datasets.mixing import MixedSources
 from custom_datasets.pretrain_data import PretrainData, build_pretrain_data
-from engine_pretrain import evaluate, train_one_epoch
+from training.engine_pretrain import evaluate, train_one_epoch
 from models.backbone import VLMoBackbone
 from models.lora import add_lora
 from models.modes import ModeOptions, PretrainMode
