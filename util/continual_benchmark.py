@@ -568,7 +568,11 @@ def parser() -> argparse.ArgumentParser:
                    help="image-first: image MIM (shared) -> text MLM -> image-text; text-first: text MLM (shared) -> "
                         "image MIM -> image-text, the image stage through each method's adapters or penalty "
                         "(default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="a smaller chain: 600 scenes, 4 + 3 + 6 epochs")
+    p.add_argument("--preset", choices=tuple(SIZES), default="default",
+                   help="the chain's size: " + "; ".join(f"{name}: {s[0]} scenes ({s[1]} held out), {s[2]} + {s[3]} + "
+                                                         f"{s[4]} epochs" for name, s in SIZES.items())
+                        + " (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="--preset quick")
     p.add_argument("--train_size", type=int, help="synthetic training scenes (overrides the preset)")
     p.add_argument("--val_size", type=int, help="held-out scenes every probe is measured on (overrides the preset)")
     p.add_argument("--epochs", type=int, nargs=3, metavar=("MIM", "MLM", "ITC"), help="epochs of the three stages "
@@ -582,12 +586,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser().parse_args(argv)
     args.lambdas = parse_lambdas(args.lambdas)
-    train, val, *epochs = SIZES["quick" if args.quick else "default"]
+    if args.quick and args.preset not in ("default", "quick"):
+        raise UserError(f"--quick is --preset quick; drop it or --preset {args.preset}")
+    args.preset = "quick" if args.quick else args.preset
+    train, val, *epochs = SIZES[args.preset]
     args.sizes = (args.train_size or train, args.val_size or val, *(args.epochs or epochs))
     args.real = check_real_data(args)
     order = "_text_first" if args.order == "text-first" else ""
     args.output_dir = args.output_dir or (f"outputs/continual_benchmark{'_real' if args.real else ''}{order}"
-                                          f"{'_quick' if args.quick else ''}")
+                                          f"{'' if args.preset == 'default' else '_' + args.preset}")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; give a folder (new, or a benchmark's to continue it)")
@@ -598,7 +605,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
     results = aggregate(per_seed)
     (out / "results.json").write_text(json.dumps(
-        {"settings": {"methods": args.methods, "seeds": args.seeds, "order": args.order, "lambdas": args.lambdas,
+        {"settings": {"methods": args.methods, "seeds": args.seeds, "preset": args.preset, "order": args.order,
+                      "lambdas": args.lambdas,
                       "wise_alpha": args.wise_alpha,
                       "replay_ratio": args.replay_ratio,
                       "lora_rank": args.lora_rank, "sizes": args.sizes}, "methods": results}, indent=1))
