@@ -52,3 +52,32 @@ def test_the_dall_e_encoder_itself_is_compiled_and_gives_the_eager_ids():
     compile_modules(create_model("vlmo_tiny_patch16", img_size=32, patch_size=8).blocks, tokenizer)
     assert tokenizer.encoder._compiled_call_impl is not None  # what get_codebook_indices calls
     assert torch.equal(tokenizer.get_codebook_indices(images), eager)
+
+
+@pytest.mark.slow
+def test_compiled_mae_steps_give_the_eager_losses():
+    """image_mae's visible-only encoder (a per-image relative bias) through the compiled blocks."""
+    from custom_datasets.masking import FractionMaskGenerator
+    from models.modes import ImageMAE
+    from models.modes.image_mae import MAEShape
+
+    def losses(compiled: bool) -> list[float]:
+        import random
+
+        torch.manual_seed(0)
+        backbone = create_model("vlmo_tiny_patch16", img_size=32, patch_size=8, drop_path_rate=0.0)
+        mode = ImageMAE(backbone, ModeOptions(mae=MAEShape(64, 1, 2))).train()
+        if compiled:
+            compile_modules(backbone.blocks)
+        optimizer = torch.optim.AdamW(mode.parameters(), lr=1e-3)
+        gen, masker, out = torch.Generator().manual_seed(0), FractionMaskGenerator((4, 4), 0.75), []
+        for step in range(3):
+            mask = torch.stack([torch.from_numpy(masker(random.Random(step * 4 + i)).reshape(-1)) for i in range(4)])
+            loss = mode({"image": torch.randn(4, 3, 32, 32, generator=gen), "bool_masked_pos": mask})["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            out.append(loss.item())
+        return out
+
+    assert losses(True) == pytest.approx(losses(False), abs=1e-4)

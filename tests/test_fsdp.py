@@ -130,6 +130,19 @@ def test_torchrun_fsdp_trains_itc_whose_logit_scale_fully_shard_cannot_shard(tmp
     assert scale.ndim == 0 and abs(scale.item() - math.log(1 / 0.07)) > 1e-3  # trained away from its init
 
 
+@pytest.mark.slow  # two torchrun runs of 2 processes
+def test_mae_trains_under_fsdp_and_ddp_to_the_same_weights(tmp_path):
+    """image_mae's visible-only encoder and its decoder head, sharded (FSDP2) and replicated (DDP)."""
+    from models.checkpoints import read_model_checkpoint
+
+    for sharding in ("--fsdp", None):
+        out = tmp_path / (sharding or "ddp").strip("-")
+        _run(_cli(out, "--exp_name", "image_mae", "--epochs", "1", "--drop_path", "0", *([sharding] if sharding else [])))
+    fsdp, ddp = (read_model_checkpoint(str(tmp_path / name / "checkpoint-0.pth")).model for name in ("fsdp", "ddp"))
+    assert "mae_decoder.decoder_pred.weight" in fsdp and fsdp.keys() == ddp.keys()
+    assert max((fsdp[k].float() - ddp[k].float()).abs().max().item() for k in fsdp) < 1e-5
+
+
 def test_fsdp_refuses_only_a_lora_stages_fisher_estimate(tmp_path, monkeypatch):
     """Regularized stages and a full stage's Fisher estimate run sharded
     (tests/test_fsdp_continual.py); a LoRA stage's Fisher is of its merged weights, whose gradients
