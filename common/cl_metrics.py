@@ -20,7 +20,7 @@ import math
 from statistics import mean
 from typing import Any
 
-LOWER_IS_BETTER = frozenset({"image_mim_loss"})
+LOWER_IS_BETTER = frozenset({"image_mim_loss", "image_mae_loss"})
 # shown, not scored: an argmax over visual tokens that include near-duplicate background colours,
 # which can rise while the MIM loss worsens (a backbone drifting towards the most frequent token)
 UNSCORED = frozenset({"image_mim_acc"})

@@ -114,6 +114,7 @@ def test_the_text_first_order_checks_its_runs_and_owns_its_probes(tmp_path):
     args = benchmark.parser().parse_args(["--quick", "--order", "text-first", "--output_dir", str(tmp_path)])
     args.lambdas = benchmark.parse_lambdas(args.lambdas)
     args.sizes, args.real, args.text_file = benchmark.SIZES["quick"], False, None
+    args.chain = benchmark.chain(args.order)
     benchmark.check_every_run(args)
     owner = benchmark.owner_for("text-first")
     assert owner["text_mlm_acc"] == 1 and owner["image_mim_loss"] == 2 and owner["itc_t2i_r5"] == 3
@@ -134,3 +135,35 @@ def test_a_text_first_chain_trains_its_image_stage_through_adapters(tmp_path):
     assert matrix[2]["image_mim_loss"] < matrix[1]["image_mim_loss"]  # the image stage, through LoRA, learned
     assert (out / "seed_0" / "visual_tokenizer.safetensors").is_file()
     assert (out / "seed_0" / "self_reg_lambda_10000" / "2_image_mim" / "adapters.safetensors").is_file()
+
+
+def test_an_mae_chain_checks_its_runs_owns_its_probes_and_leaves_joint_out(tmp_path, capsys):
+    import util.continual_benchmark as benchmark
+
+    args = benchmark.parser().parse_args(["--quick", "--image_objective", "mae", "--output_dir", str(tmp_path)])
+    args.lambdas = benchmark.parse_lambdas(args.lambdas)
+    args.sizes, args.real, args.text_file = benchmark.SIZES["quick"], False, None
+    args.chain = benchmark.chain(args.order, args.image_objective)
+    benchmark.check_image_objective(args, [])
+    assert benchmark.JOINT not in args.methods  # its compound stage rehearses MIM, not MAE
+    benchmark.check_every_run(args)  # the MAE stage's flags pass its own run's checks
+    owner = benchmark.owner_for("text-first", "mae")
+    assert owner["image_mae_r2"] == 2 and owner["image_mae_loss"] == 2 and "image_mim_loss" not in owner
+    with pytest.raises(SystemExit):
+        main(["--image_objective", "mae", "--methods", "lora", "joint", "--output_dir", str(tmp_path / "b")])
+    assert "joint's compound stage trains MIM, not MAE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_mae_chain_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    main(TINY + ["--methods", "self_reg", "replay", "--self_reg_scopes", "adapters", "--image_objective", "mae",
+                 "--output_dir", str(out)])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["image_objective"] == "mae"
+    for method in ("self_reg", "replay"):
+        matrix = saved["methods"][method]["matrices"]["0"]
+        assert len(matrix) == 4 and all({"image_mae_loss", "image_mae_r2"} <= set(row) for row in matrix[1:])
+        assert not any(k.startswith("image_mim") for row in matrix for k in row)
+        assert matrix[1]["image_mae_loss"] < matrix[0].get("image_mae_loss", float("inf"))
+    assert "MAE r² kept" in (out / "table.md").read_text()
