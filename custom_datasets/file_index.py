@@ -2,7 +2,7 @@
 relative paths (a single byte buffer with offsets, so DataLoader workers share it instead of
 copying millions of Python strings), each file's class (ImageNet layout: the first folder), and the
 held-out split by file name. ImageNet-22k's 14M paths index and split in well under a minute on
-one core (`python util/benchmark.py --mode index`). A run keeps its index in its output folder,
+one core (`python experiments/benchmark.py --mode index`). A run keeps its index in its output folder,
 so a resumed run sees exactly the files it started with."""
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def test_a_step_resume_says_where_it_is_and_keeps_the_settings_it_changes(tmp_pa
     (["--replay_ratio", "1.0"], "replay's text_mlm stage would be refused: argument --replay_ratio: 1 is not allowed"),
 ])
 def test_the_continual_benchmark_checks_every_child_run_before_the_first(tmp_path, capsys, monkeypatch, knob, said):
-    import util.continual_benchmark as benchmark
+    import experiments.continual_benchmark as benchmark
 
     def ran(*args):
         raise AssertionError("a child run started before the flags were checked")
@@ -136,7 +136,7 @@ def test_the_continual_benchmark_checks_every_child_run_before_the_first(tmp_pat
 
 
 def test_the_continual_benchmark_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
-    from util.continual_benchmark import main as benchmark
+    from experiments.continual_benchmark import main as benchmark
 
     (tmp_path / "results").write_text("not a folder")
     refused(lambda: benchmark(["--quick", "--output_dir", str(tmp_path / "results")]),
@@ -154,7 +154,7 @@ def test_stopping_an_experiment_stops_its_child_run(tmp_path):
 
     pid_file = tmp_path / "child.pid"
     child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    experiment = subprocess.Popen([sys.executable, "-c", "from pathlib import Path; from util.experiment_runs import "
+    experiment = subprocess.Popen([sys.executable, "-c", "from pathlib import Path; from experiments.experiment_runs import "
                                    f"run_script; run_script(['-c', {child!r}], Path({str(tmp_path / 'log.txt')!r}))"],
                                   cwd=ROOT)
     deadline = time.time() + 60
@@ -422,8 +422,8 @@ def test_a_vqkd_stage_takes_beit_v2s_tokenizer_view_unless_told(tmp_path):
 def test_the_other_experiments_check_every_child_run_before_the_first(tmp_path, capsys, monkeypatch):
     """The targets experiment, the pretraining screen and the transfer experiment refuse a bad child
     flag before any child runs."""
-    import util.pretraining_screen as screen
-    import util.targets_experiment as targets
+    import experiments.pretraining_screen as screen
+    import experiments.targets_experiment as targets
 
     def ran(*args, **kwargs):
         raise AssertionError("a child ran before the flags were checked")
@@ -445,7 +445,7 @@ def test_the_other_experiments_check_every_child_run_before_the_first(tmp_path, 
 
 def test_the_transfer_experiment_checks_its_probe_flags_before_fine_tuning(tmp_path, capsys, monkeypatch,
                                                                             step_checkpoint):
-    import util.transfer_experiment as transfer
+    import experiments.transfer_experiment as transfer
     from tests.helpers import colour_folders
 
     monkeypatch.setattr(transfer, "finetune", lambda cfg: (_ for _ in ()).throw(AssertionError("it ran")))

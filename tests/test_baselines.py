@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.baselines import (
+from experiments.baselines import (
     Split,
     baseline_rows,
     fit_logistic_regression,
@@ -43,7 +43,7 @@ def test_random_labels_stay_at_chance(method):
 def test_the_l2_weight_is_the_one_best_on_the_selection_split():
     """Few noisy samples in many dimensions: the weights differ in what they score, and the one
     reported is the best on the selection split (the smallest among equals), scored on val."""
-    from training.baselines import L2_GRID, accuracy
+    from experiments.baselines import L2_GRID, accuracy
 
     def weak_signal(n: int, seed: int) -> Split:  # one informative dimension among 400 of noise
         gen = torch.Generator().manual_seed(seed)

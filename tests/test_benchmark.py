@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from util import benchmark
+from experiments import benchmark
 
 
 def table_rows(out: str) -> list[list[str]]:

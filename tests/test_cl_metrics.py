@@ -3,7 +3,7 @@ import pytest
 
 import math
 
-from common.cl_metrics import mim_gain, summary
+from experiments.cl_metrics import mim_gain, summary
 
 MATRIX = [  # reference, then after image MIM, text MLM, image-text ITC
     {"image_knn_acc": 0.4, "image_mim_acc": 0.0, "image_mim_loss": 5.0, "text_mlm_acc": 0.0, "itc_t2i_r5": 0.02},

@@ -1,13 +1,13 @@
 """The continual benchmark end to end on a tiny chain: the matrix has the reference row and one row
-per stage with every probe, the summary is the one of common.cl_metrics, finished stages are reused."""
+per stage with every probe, the summary is the one of experiments.cl_metrics, finished stages are reused."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from common.cl_metrics import summary
-from util.continual_benchmark import OWNER, main
+from experiments.cl_metrics import summary
+from experiments.continual_benchmark import OWNER, main
 
 TINY = ["--train_size", "128", "--val_size", "32", "--epochs", "3", "1", "1", "--num_workers", "0",
         "--fisher_samples", "64", "--lora_rank", "4"]
@@ -45,7 +45,7 @@ def test_lambdas_are_checked():
 
 
 def test_sweeps_make_one_variant_per_value_each_in_its_own_folder():
-    from util.continual_benchmark import parser, parse_lambdas, variants
+    from experiments.continual_benchmark import parser, parse_lambdas, variants
 
     args = parser().parse_args(["--methods", "self_reg", "lora", "wise", "l2", "--wise_alpha", "0.3", "0.7",
                                 "--lambdas", "self_reg=100,1e4", "--self_reg_scopes", "adapters"])
@@ -109,7 +109,7 @@ def test_the_text_first_order_checks_its_runs_and_owns_its_probes(tmp_path):
     """text MLM (shared) -> image MIM through each method -> image-text: every child command passes
     its run's own checks before anything runs (the image stage with adapters included), and the
     probes belong to the stages of that order."""
-    import util.continual_benchmark as benchmark
+    import experiments.continual_benchmark as benchmark
 
     args = benchmark.parser().parse_args(["--quick", "--order", "text-first", "--output_dir", str(tmp_path)])
     args.lambdas = benchmark.parse_lambdas(args.lambdas)
@@ -138,7 +138,7 @@ def test_a_text_first_chain_trains_its_image_stage_through_adapters(tmp_path):
 
 
 def test_an_mae_chain_checks_its_runs_owns_its_probes_and_leaves_joint_out(tmp_path, capsys):
-    import util.continual_benchmark as benchmark
+    import experiments.continual_benchmark as benchmark
 
     args = benchmark.parser().parse_args(["--quick", "--image_objective", "mae", "--output_dir", str(tmp_path)])
     args.lambdas = benchmark.parse_lambdas(args.lambdas)

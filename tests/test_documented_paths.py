@@ -6,7 +6,7 @@ import yaml
 
 from training.config import PretrainRunSettings
 from training.scaffold import checkpoint_due
-from util.demo_chain import itc_checkpoint, mim_checkpoint, parser
+from experiments.demo_chain import itc_checkpoint, mim_checkpoint, parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED = re.compile(r"outputs/demo_(?:image_mim|chain)/[\w/.-]*checkpoint-\d+\.pth")
@@ -16,7 +16,7 @@ def documented_paths() -> dict[str, set[str]]:
     """Each documented demo checkpoint path -> the files that mention it."""
     found: dict[str, set[str]] = {}
     files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *ROOT.glob("*.py"), *(ROOT / "util").glob("*.py"),
-             *(ROOT / "training").glob("*.py")]
+             *(ROOT / "experiments").glob("*.py"), *(ROOT / "training").glob("*.py")]
     for path in files:
         for match in DOCUMENTED.findall(path.read_text()):
             found.setdefault(match, set()).add(path.name)
@@ -24,7 +24,7 @@ def documented_paths() -> dict[str, set[str]]:
 
 
 def demo_checkpoints() -> set[str]:
-    """What `main_pretrain_cook.py --config configs/demo_image_mim.yaml` and `util/demo_chain.py` (defaults) write."""
+    """What `main_pretrain_cook.py --config configs/demo_image_mim.yaml` and `experiments/demo_chain.py` (defaults) write."""
     demo = yaml.safe_load((ROOT / "configs" / "demo_image_mim.yaml").read_text())
     epochs = demo["epochs"]
     every = demo.get("save_per_epochs", PretrainRunSettings.save_per_epochs)

@@ -102,7 +102,7 @@ def tiny_pretrained(tmp_path_factory):
 
 
 def test_transfer_experiment_prints_seeds_baselines_majority_and_a_verdict(folders, tiny_pretrained, tmp_path, capsys):
-    from util.transfer_experiment import main as transfer
+    from experiments.transfer_experiment import main as transfer
 
     results = transfer(["--pretrained", str(tiny_pretrained), "--data_path", str(folders), "--seeds", "0", "1",
                         "--finetune_epochs", "1", "--probe_epochs", "2", "--num_workers", "0",
@@ -126,7 +126,7 @@ def test_transfer_experiment_prints_seeds_baselines_majority_and_a_verdict(folde
 
 
 def test_transfer_experiment_on_the_synthetic_world_reports_its_ceiling(tiny_pretrained, tmp_path, monkeypatch, capsys):
-    import util.transfer_experiment as experiment
+    import experiments.transfer_experiment as experiment
     from custom_datasets.synthetic_classification import best_possible_accuracy, scenes
 
     monkeypatch.setattr(experiment, "SYNTHETIC_SIZES", (40, 30))
@@ -141,7 +141,7 @@ def test_transfer_experiment_on_the_synthetic_world_reports_its_ceiling(tiny_pre
 
 
 def test_the_verdict_needs_a_margin_larger_than_the_seed_spread():
-    from util.transfer_experiment import verdict
+    from experiments.transfer_experiment import verdict
 
     runs = lambda *values: [{"finetune": v} for v in values]  # noqa: E731
     pixels = {"logistic regression on raw pixels": [{"acc1": 60.0}]}
@@ -220,7 +220,7 @@ def test_a_linear_probe_warm_start_holds_the_backbone_still_then_frees_it(folder
 
 
 def test_the_verdict_without_random_init_compares_with_the_baselines_only():
-    from util.transfer_experiment import verdict
+    from experiments.transfer_experiment import verdict
 
     result = verdict({"pretrained": [{"finetune": 70.0}, {"finetune": 72.0}]},
                      {"k-nearest neighbours on raw pixels": [{"acc1": 60.0}]})
@@ -228,7 +228,7 @@ def test_the_verdict_without_random_init_compares_with_the_baselines_only():
 
 
 def test_an_experiment_run_is_reused_when_finished_and_set_aside_when_interrupted(tmp_path):
-    from util.experiment_runs import finished_or_run
+    from experiments.experiment_runs import finished_or_run
 
     calls = []
     run = lambda: calls.append(1) or {"acc": 71.5}  # noqa: E731
@@ -245,7 +245,7 @@ def test_an_experiment_run_made_with_other_flags_is_set_aside_not_reused(tmp_pat
     """The same seed's folder asked for with other flags (another --probe_flags, more epochs) runs
     again, the old run kept aside; the same flags reuse it; a result saved before settings were
     recorded is reused as it was."""
-    from util.experiment_runs import SETTINGS, finished_or_run, result_settings
+    from experiments.experiment_runs import SETTINGS, finished_or_run, result_settings
 
     results = iter([{"acc": 60.0}, {"acc": 64.0}])
     folder = tmp_path / "pretrained_seed0"
@@ -263,7 +263,7 @@ def test_an_experiment_run_made_with_other_flags_is_set_aside_not_reused(tmp_pat
 def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, monkeypatch):
     """Every target's pretraining, then every transfer, then every segmentation (the longest step last),
     and the random-init rows of both downstream steps with the first target only."""
-    import util.targets_experiment as experiment
+    import experiments.targets_experiment as experiment
 
     steps, seeds, commands = [], {}, {}
 
@@ -328,7 +328,7 @@ def test_the_targets_experiment_runs_in_phases_with_random_init_once(tmp_path, m
 
 
 def test_finetune_flags_take_a_single_flag_as_their_value():
-    from util.transfer_experiment import flags_value_joined, parser
+    from experiments.transfer_experiment import flags_value_joined, parser
 
     for value in ("--use_cls", "--lp_epochs 5"):
         args = parser().parse_args(flags_value_joined(["--pretrained", "p", "--data_path", "d", "--finetune_flags",

@@ -19,7 +19,7 @@ from common.errors import UserError
 from models.checkpoints import read_model_checkpoint
 from tests.helpers import ROOT, randomize_
 from tests.mae_reference import MaskedAutoencoderViT, save_released
-from util.loopback_server import start_loopback_server
+from experiments.loopback_server import start_loopback_server
 
 SIZES = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, decoder_embed_dim=64, decoder_depth=1,
              decoder_num_heads=2)

@@ -25,7 +25,7 @@ from visualization.mim_pictures import (
     reconstruction_picture,
 )
 from visualization.retrieval_pictures import HIT, MISS, retrieval_picture
-from visualization.stage_chart import COLOURS, stage_chart
+from experiments.stage_chart import COLOURS, stage_chart
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""util/pretraining_screen.py: one pretraining run per recipe, every kept checkpoint scored with the
+"""experiments/pretraining_screen.py: one pretraining run per recipe, every kept checkpoint scored with the
 backbone frozen, costs measured, finished runs reused, malformed recipes refused in one sentence."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from common.errors import UserError
 from tests.helpers import colour_folders
-from util import pretraining_screen as screen
+from experiments import pretraining_screen as screen
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,7 @@ def test_fine_tuning_at_another_crop_size_interpolates_positions_and_keeps_the_h
 def test_fine_tuning_learns_more_than_the_all_background_answer(tmp_path):
     """A few epochs separate the shapes from the background: mIoU above predicting class 0
     everywhere, on held-out scenes."""
-    from util.segmentation_experiment import all_background
+    from experiments.segmentation_experiment import all_background
 
     data = write_synthetic_segmentation(tmp_path / "data", 320, 40, size=64)  # 8x8 patches: objects span several
     stats = finetune_main(TINY + ["--data_path", str(data), "--input_size", "64", "--batch_size", "16", "--epochs", "6",

@@ -24,7 +24,7 @@ from custom_datasets.webdataset_pairs import WebDatasetPairs, expand_shards, rea
 from main_pretrain_cook import main
 from tests.test_pretrain_cli import TINY_BASE
 from tests.test_webdataset import make_shards
-from util.loopback_server import start_loopback_server
+from experiments.loopback_server import start_loopback_server
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")

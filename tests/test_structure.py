@@ -11,9 +11,10 @@ from tests.helpers import ROOT
 
 # bottom to top; a module may import its own layer or lower ones only
 LAYERS = {"common": 0, "custom_datasets": 1, "models": 2, "conversion": 3, "serving": 3, "visualization": 3, "training": 4,
-          "engine_pretrain": 5, "engine_finetune": 5, "main_pretrain_cook": 5, "main_finetune": 5, "util": 5}
+          "engine_pretrain": 5, "engine_finetune": 5, "main_pretrain_cook": 5, "main_finetune": 5, "util": 5,
+          "experiments": 6}
 ROOT_FILES = {"engine_pretrain", "engine_finetune", "main_pretrain_cook", "main_finetune"}
-ENTRY_SCRIPTS = {"main_pretrain_cook", "main_finetune", "util"}
+ENTRY_SCRIPTS = {"main_pretrain_cook", "main_finetune", "util", "experiments"}
 
 
 def project_modules() -> dict[str, Path]:
@@ -73,6 +74,14 @@ def test_no_library_module_imports_a_root_file(graph):
     the files at the root (the engines there only re-export training's, where MAE's users look)."""
     libraries = {name for name, layer in LAYERS.items() if layer <= LAYERS["training"]}
     back = sorted(f"{m} -> {d}" for m, deps in graph.items() if top(m) in libraries for d in deps if d in ROOT_FILES)
+    assert not back, back
+
+
+def test_no_product_module_imports_the_experiments(graph):
+    """The experiments and benchmarks (experiments/) measure the product; the product, the user
+    tools in util/ included, runs without them."""
+    back = sorted(f"{m} -> {d}" for m, deps in graph.items() if top(m) != "experiments" for d in deps
+                  if top(d) == "experiments")
     assert not back, back
 
 

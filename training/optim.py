@@ -37,7 +37,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 ADAMW_IMPLS = ("for_loop", "foreach", "fused")
 # torch's own choice (foreach on GPU, a loop over tensors on CPU) stays the default so published
-# figures repeat; fused is 7.5x faster per optimizer step on CPU (util/benchmark.py --mode adamw)
+# figures repeat; fused is 7.5x faster per optimizer step on CPU (experiments/benchmark.py --mode adamw)
 ADAMW_DEFAULT = "auto"
 
 

@@ -1,7 +1,7 @@
 """Which precision a run computes in. On a GPU `--amp` means bf16 (or `--gpu_amp`); on a CPU it is
 a measured choice: bf16 (and fp16) matmuls are fast only where the CPU has instructions for them
 (avx512_bf16, AMX), and elsewhere oneDNN emulates them, 4x slower per linear layer and up to 100x per
-plain matmul than fp32 (AVX2-only AMD EPYC, for one; util/benchmark.py --mode precision). So a
+plain matmul than fp32 (AVX2-only AMD EPYC, for one; experiments/benchmark.py --mode precision). So a
 reduced precision on a CPU is timed against fp32 on a linear layer of a transformer's shape at
 start: `--amp auto` takes the faster, and an explicit `--amp bf16` that is slower is said."""
 from __future__ import annotations

@@ -31,8 +31,8 @@ from models.trainability import configure_trainable
 from training.batch import BatchPreparer
 from training.compilation import compile_modules
 from training.config import PretrainConfig
-from training.continual import CL_METHODS, ContinualMethod
-from training.continual.fisher import FISHER_FILE, estimate_fisher, save_fisher
+from training.continual import ContinualMethod
+from training.continual.fisher import FISHER_FILE, write_fisher
 from training.finite import check_evaluation
 from training.fsdp import gathered_state, is_sharded, shard, unsharded_root
 from training.optim import adamw, amp_dtype, grad_scaler, learning_rate
@@ -115,8 +115,7 @@ class PretrainRun:
                        preprocessing=preprocessing(cfg.model.image_size, 1.0, cfg.views.imagenet_default_mean_and_std),
                        text_tokenizer=text, max_text_len=cfg.text.max_text_len if text else None,
                        untrained=self.untrained,
-                       continual=compact(method=cfg.continual.cl_method, fisher=self.fisher_file,
-                                         wise_alpha=cfg.continual.wise_alpha if cfg.continual.cl_method == "wise" else None))
+                       continual=compact(method=cfg.continual.cl_method, fisher=self.fisher_file, **self.method.knobs()))
 
 
 def resolve_resume(cfg: PretrainConfig, ctx: RunContext) -> PretrainConfig:
@@ -205,7 +204,7 @@ def build_run(cfg: PretrainConfig, ctx: RunContext) -> PretrainRun:
     if cfg.model.compile:  # after sharding: each compiled block keeps its FSDP hooks outside the graph
         compile_modules(backbone.blocks, visual_tokenizer)
     run = PretrainRun(cfg, ctx, mode, model, data, grid, text_tokenizer, visual_tokenizer, carried, weights, trainable,
-                      untrained, CL_METHODS[cfg.continual.cl_method](cfg), changes)
+                      untrained, cfg.method(cfg), changes)
     if not cfg.run.eval:
         run.method.start(run)  # before the starting checkpoint is let go (build_optimization)
     return run
@@ -311,15 +310,6 @@ def data_description(cfg: PretrainConfig) -> str:
     return f"{kind} in {files}{root}"
 
 
-def method_note(cfg: PretrainConfig, method: ContinualMethod) -> str:
-    """The continual method in words, for methods other than the LoRA flags' own."""
-    if method.name in ("self_reg", "lora", "full"):
-        return ""
-    weight = f", λ {cfg.lora.reg_loss_weight:g}" if method.has_penalty else ""
-    alpha = f", α {cfg.continual.wise_alpha:g}" if method.name == "wise" else ""
-    return f"; continual method {method.name} ({method.description}{weight}{alpha})"
-
-
 def describe_run(run: PretrainRun, optim: Optimization) -> None:
     cfg, ctx = run.cfg, run.ctx
     if not ctx.is_main:
@@ -331,7 +321,7 @@ def describe_run(run: PretrainRun, optim: Optimization) -> None:
           + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sorted(run.trainable.items()))
           + (f"; LoRA rank {cfg.lora.lora_rank} alpha {cfg.lora.lora_alpha:g}{factors}" if cfg.lora.lora_rank else "")
           + (f", self-regularization weight {cfg.lora.reg_loss_weight:g}" if cfg.lora.self_regularization else "")
-          + method_note(cfg, run.method))
+          + run.method.note())
     vt, tt = run.visual_tokenizer, run.text_tokenizer
     say(f"data: {data_description(cfg)} ({len(run.data.train)} train / {len(run.data.val)} val samples)"
           + (f", visual tokenizer {cfg.visual_tokenizer.d_vae_type} ({vt.vocab_size} tokens)" if vt is not None else "")
@@ -433,16 +423,9 @@ def end_of_stage(run: PretrainRun, optim: Optimization, stats: dict[str, Any]) -
     """On every rank, before the handover files: the method's last word (e.g. wise interpolation),
     then the Fisher information of the final weights when asked for (its objective may gather)."""
     run.method.finish(run)
-    samples = run.cfg.continual.fisher_samples
-    if samples:
-        fisher, batches = estimate_fisher(run, optim, samples)
-        if run.ctx.is_main:
-            path = run.ctx.output_dir / FISHER_FILE
-            save_fisher(path, fisher, run.cfg.exp_name, batches * run.ctx.world, samples)
-            say(f"saved {path} (diagonal Fisher information over {batches * run.ctx.world} batches, for "
-                f"--cl_method ewc in the next stage)")
+    if run.cfg.continual.fisher_samples:
+        stats["fisher_batches"] = write_fisher(run, optim)
         run.fisher_file = FISHER_FILE
-        stats["fisher_batches"] = batches * run.ctx.world
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:

@@ -6,7 +6,7 @@ image (a crop of 8% often misses what the label is about), the lr is ~3x what li
 BEiT's batch gives (at batch 16 that rule leaves too few effective updates to fit the training
 set), and the run keeps and reports its last epoch: an epoch chosen on a few dozen held-out images
 is a noisy pick (docs/downstream.md has the measurements). The model-selection split stays, as an
-unbiased monitor the baselines of `util/transfer_experiment.py` are tuned on. `auto` picks by the
+unbiased monitor the baselines of `experiments/transfer_experiment.py` are tuned on. `auto` picks by the
 size of the training folder (for the linear probe only the model-selection split and the last epoch
 apply). Explicit flags and `--config` still win over a recipe."""
 from __future__ import annotations

@@ -23,7 +23,7 @@ KINDS = ("dall-e", "kmeans", "vqkd")
 class DalleTokenizer(nn.Module):
     """DALL-E dVAE encoder as a tokenizer: argmax over the 8192 logits of each 8x8 pixel cell.
     Runs in bf16/fp16 autocast on GPUs that support it (as BEiT ran it in fp16), channels-last
-    everywhere (1.17x faster on CPU with the same ids: util/benchmark.py --mode tokenizer)."""
+    everywhere (1.17x faster on CPU with the same ids: experiments/benchmark.py --mode tokenizer)."""
 
     def __init__(self, encoder: DalleEncoder) -> None:
         super().__init__()

@@ -17,10 +17,10 @@ from models.lora import delta_weight, is_adapter_key, load_plain_state, lora_lay
 from models.pretrained import UNTRAINED, weight_groups
 
 if TYPE_CHECKING:
-    from training.pretrain import PretrainRun
+    from training.continual.base import Stage
 
 
-def previous_backbone(run: "PretrainRun") -> nn.Module:
+def previous_backbone(run: "Stage") -> nn.Module:
     """A frozen copy of the backbone as the stage received it, whole on every process. A resumed
     run rebuilds it from --init_from (its own weights have moved since); a sharded one gathers its
     shards into a backbone built the same way (every process takes part)."""
@@ -53,7 +53,7 @@ def own_weights(backbone: nn.Module) -> dict[str, torch.Tensor]:
     return plain_names(dict(backbone.named_parameters()))
 
 
-def previous_state(run: "PretrainRun") -> dict[str, torch.Tensor]:
+def previous_state(run: "Stage") -> dict[str, torch.Tensor]:
     """θ_prev as plain-named tensors (a fresh stage's base weights as built; a resumed one's
     re-read), under FSDP the rows this process holds."""
     if not run.weights.continue_run:
@@ -62,7 +62,7 @@ def previous_state(run: "PretrainRun") -> dict[str, torch.Tensor]:
     return {k: rows_like(v, own[k]) if k in own else v for k, v in base_state(previous_backbone(run)).items()}
 
 
-def previously_trained(run: "PretrainRun") -> set[str] | None:
+def previously_trained(run: "Stage") -> set[str] | None:
     """Weight groups (`backbone.blocks`, ...) some earlier stage trained; None when unknown (every
     group counts then). Weights no stage trained yet (a random text embedding) have no previous
     knowledge to keep."""

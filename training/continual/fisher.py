@@ -17,6 +17,7 @@ import torch
 
 from common import distributed as dist_util
 from common.checkpoint_io import load_safetensors_file, save_safetensors
+from common.console import say
 from common.errors import UserError
 from common.sharded_tensors import local_part, whole_from_rows
 from custom_datasets.batch import NUM_SKIPPED
@@ -24,12 +25,26 @@ from models.lora import is_adapter_key, plain_names
 from training.continual.anchors import is_sharded_backbone
 
 if TYPE_CHECKING:
-    from training.pretrain import Optimization, PretrainRun
+    from training.continual.base import Stage
+    from training.pretrain import Optimization
 
 FISHER_FILE = "fisher.safetensors"
 
 
-def estimate_fisher(run: "PretrainRun", optim: "Optimization", samples: int) -> tuple[dict[str, torch.Tensor], int]:
+def write_fisher(run: "Stage", optim: "Optimization") -> int:
+    """The stage's Fisher sidecar for an ewc stage after it (--fisher_samples), estimated on every
+    rank and written by the main one; returns the batches it used."""
+    samples = run.cfg.continual.fisher_samples
+    fisher, batches = estimate_fisher(run, optim, samples)
+    batches *= run.ctx.world
+    if run.ctx.is_main:
+        path = run.ctx.output_dir / FISHER_FILE
+        save_fisher(path, fisher, run.cfg.exp_name, batches, samples)
+        say(f"saved {path} (diagonal Fisher information over {batches} batches, for --cl_method ewc in the next stage)")
+    return batches
+
+
+def estimate_fisher(run: "Stage", optim: "Optimization", samples: int) -> tuple[dict[str, torch.Tensor], int]:
     """(plain backbone name -> mean squared gradient, batches used) over about `samples` training samples."""
     mode, backbone = run.mode, run.backbone
     batches = max(1, math.ceil(samples / (optim.train_loader.batch_size * run.ctx.world)))

@@ -11,12 +11,14 @@ from training.continual.base import ContinualMethod
 
 class LoraOnly(ContinualMethod):
     name = "lora"
+    said_by_lora_flags = True
     description = "LoRA adapters, no regularizer (SeqLoRA; self-regularization at λ = 0)"
     adapters = "required"
 
 
 class FullFinetune(ContinualMethod):
     name = "full"
+    said_by_lora_flags = True
     description = "sequential fine-tuning of the whole backbone, no adapters (SeqFT)"
     adapters = "forbidden"
 
@@ -27,6 +29,7 @@ class SelfRegularization(ContinualMethod):
     form, λ·Σ||θ_prev ⊙ (θ − θ_prev)||²: ContinualTransformer's penalty leaves those free."""
 
     name = "self_reg"
+    said_by_lora_flags = True
     reads = frozenset({"reg_loss_weight", "reg_delta", "self_reg_scope"})
     description = "LoRA + λ·Σ||W ⊙ ΔW||² (ContinualTransformer's self-regularization)"
     adapters = "required"

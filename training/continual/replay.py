@@ -20,7 +20,7 @@ from training.batch import BatchPreparer
 from training.continual.base import ContinualMethod
 
 if TYPE_CHECKING:
-    from training.pretrain import PretrainRun
+    from training.continual.base import Stage
 
 
 def replay_sizes(batch: int, ratio: float, sources: int) -> list[int]:
@@ -75,7 +75,7 @@ class ExperienceReplay(ContinualMethod):
     has_penalty = True
     replays = True
 
-    def start(self, run: "PretrainRun") -> None:
+    def start(self, run: "Stage") -> None:
         ratio = run.cfg.continual.replay_ratio
         objectives: dict[str, tuple[Path, Any]] = {}  # objective -> (its stage folder, that stage's settings)
         for folder in earlier_stage_folders(run.cfg.model.init_from):
@@ -93,7 +93,7 @@ class ExperienceReplay(ContinualMethod):
         say(f"replay: {' + '.join(f'{s.size} {s.name} samples ({s.folder})' for s in self.sources)} beside each "
             f"{self.batch} of this stage (share {sum(sizes) / (self.batch + sum(sizes)):.3f}, asked {ratio:g})")
 
-    def _source(self, run: "PretrainRun", exp: str, folder: Path, cfg, size: int) -> ReplaySource:
+    def _source(self, run: "Stage", exp: str, folder: Path, cfg, size: int) -> ReplaySource:
         from custom_datasets.pretrain_data import build_pretrain_data
         from models.modes import PRETRAIN_MODES
         from models.visual_tokenizers import create_visual_tokenizer

@@ -19,6 +19,9 @@ class WeightInterpolation(ContinualMethod):
     description = "after the stage, θ = (1 − α)·θ_prev + α·θ_new (--wise_alpha)"
     needs_previous = True
 
+    def knobs(self) -> dict[str, float]:
+        return {"wise_alpha": self.cfg.continual.wise_alpha}
+
     def start(self, run) -> None:
         self.alpha = run.cfg.continual.wise_alpha
         self.anchor = previous_state(run)

@@ -5,14 +5,14 @@ k-nearest neighbours on its mean-pooled last-block features of a labelled folder
 transfer experiment's training images, the one hyperparameter chosen on its selection split,
 scored on val), next to the same on a random init's features and on raw pixels.
 
-    python util/pretraining_screen.py --data_path DIR --labelled ../shared/data/hymenoptera \\
+    python experiments/pretraining_screen.py --data_path DIR --labelled ../shared/data/hymenoptera \\
         --recipe base= --recipe "mask 0.5=--num_mask_patches 32" --recipe "vocab 512=--visual_vocab_size 512"
 
 The CPU time of each run (its processes and their loader workers) is measured; a checkpoint's cost
 is that time pro rata to its epoch ("≥" where a run was resumed: its interrupted part is not
 counted). A recipe may set its own --epochs (a longer schedule is another
 recipe: its learning rate decays over its own length). Runs are reused when finished (rerun the command to continue).
-Confirm the winner with util/transfer_experiment.py (fine-tuning, several seeds): a frozen probe
+Confirm the winner with experiments/transfer_experiment.py (fine-tuning, several seeds): a frozen probe
 ranks recipes, it does not measure fine-tuning."""
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 from common.errors import UserError, cli_entry  # noqa: E402
 from training.flag_checks import check_paths_exist  # noqa: E402
-from util.experiment_runs import run_script  # noqa: E402
-from util.transfer_experiment import baseline_splits, frozen_features  # noqa: E402
+from experiments.experiment_runs import run_script  # noqa: E402
+from experiments.transfer_experiment import baseline_splits, frozen_features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COST = "run_cost.json"
@@ -103,7 +103,7 @@ def pretrain(args, name: str, flags: list[str]) -> dict:
 
 def frozen_scores(features: tuple, num_classes: int, name: str) -> dict[str, float]:
     """Val top-1 of the transfer experiment's two baselines on these (train, selection, val) features."""
-    from training.baselines import baseline_rows
+    from experiments.baselines import baseline_rows
 
     rows = baseline_rows({name: features}, num_classes)
     return {"logistic": rows[f"logistic regression on {name}"]["acc1"],
@@ -137,7 +137,7 @@ def score_checkpoints(args, name: str, cost: dict) -> list[dict]:
 
 
 def pixel_scores(labelled: str, image_size: int) -> dict[str, float]:
-    from training.baselines import pixel_features
+    from experiments.baselines import pixel_features
 
     data, num_classes = baseline_splits(labelled, image_size)
     return frozen_scores(tuple(pixel_features(d) for d in data), num_classes, "raw pixels")

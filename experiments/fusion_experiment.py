@@ -4,7 +4,7 @@ random init with identical settings, and print one table against each task's bas
 majority answer (VQA), 50% (NLVR2, half the statements are true), and contrastive retrieval
 without re-ranking.
 
-    python util/fusion_experiment.py --pretrained outputs/demo_chain/3_image_text_itc_lambda_10000/checkpoint-7.pth
+    python experiments/fusion_experiment.py --pretrained outputs/demo_chain/3_image_text_itc_lambda_10000/checkpoint-7.pth
 
 The data are written in VQAv2's, NLVR2's and the pair files' layouts under OUTPUT_DIR/data and read
 by the same readers as real data; every run's log is in its folder.

@@ -12,10 +12,10 @@ same transfer and segmentation experiments on each backbone:
     T+agg    target T with BEiT v2's patch aggregation (--early_layers 3 --head_layers 2: the top
              [CLS] beside block 3's patches, of the tiny model's 4, as BEiT v2's 9 of 12), when asked for
 
-    python util/targets_experiment.py --teacher outputs/demo_chain/3_image_text_itc_lambda_10000/checkpoint-7.pth
-    python util/targets_experiment.py --teacher T --data_path ../shared/data/flickr8k_1k/images \\
+    python experiments/targets_experiment.py --teacher outputs/demo_chain/3_image_text_itc_lambda_10000/checkpoint-7.pth
+    python experiments/targets_experiment.py --teacher T --data_path ../shared/data/flickr8k_1k/images \\
         --labelled ../shared/data/hymenoptera --quick
-    python util/targets_experiment.py --teacher PHOTO_TEACHER --data_path PHOTOS \\
+    python experiments/targets_experiment.py --teacher PHOTO_TEACHER --data_path PHOTOS \\
         --labelled outputs/flickr_dog_person --steps transfer    # photos: no synthetic segmentation
 
 Every step is a subprocess whose output is reused when found (rerun the command to continue).
@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 
 from common.errors import UserError, cli_entry  # noqa: E402
 from training.flag_checks import check_paths_exist  # noqa: E402
-from util.experiment_runs import run_script  # noqa: E402
+from experiments.experiment_runs import run_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = ("kmeans", "vqkd", "dall-e")
@@ -150,7 +150,7 @@ def summary_for(out: Path, seeds: list[int]) -> Path:
 
 def transfer(args, target: str, ckpt: Path, size: dict, with_random_init: bool) -> dict:
     out = folder(args, target) / "transfer"
-    run([str(ROOT / "util/transfer_experiment.py"), "--pretrained", str(ckpt), "--data_path", args.labelled,
+    run([str(ROOT / "experiments/transfer_experiment.py"), "--pretrained", str(ckpt), "--data_path", args.labelled,
          "--output_dir", str(out), "--seeds", *map(str, args.seeds), "--finetune_epochs", str(size["finetune_epochs"]),
          "--probe_epochs", str(size["probe_epochs"]), "--num_workers", str(args.num_workers),
          *([] if with_random_init else ["--skip_random_init"])], out.with_suffix(".output.txt"),
@@ -161,7 +161,7 @@ def transfer(args, target: str, ckpt: Path, size: dict, with_random_init: bool) 
 def segmentation(args, target: str, ckpt: Path, size: dict, with_random_init: bool) -> dict:
     out = folder(args, target) / "segmentation"
     scenes = size["seg_scenes"]
-    run([str(ROOT / "util/segmentation_experiment.py"), "--pretrained", str(ckpt), "--output_dir", str(out), "--seeds",
+    run([str(ROOT / "experiments/segmentation_experiment.py"), "--pretrained", str(ckpt), "--output_dir", str(out), "--seeds",
          *map(str, args.seg_seeds), "--epochs", str(size["seg_epochs"]), "--train_scenes", str(scenes[0]), "--val_scenes",
          str(scenes[1]), "--num_workers", str(args.num_workers), *([] if with_random_init else ["--skip_random_init"])],
         out.with_suffix(".output.txt"), summary_for(out, args.seg_seeds))

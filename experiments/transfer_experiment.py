@@ -3,7 +3,7 @@ from a pretrained checkpoint and from random init, over several seeds, and print
 baselines any user would try first, all on the same split: logistic regression and k-nearest
 neighbours on raw pixels and on a random init's frozen features, and the majority class.
 
-    python util/transfer_experiment.py --pretrained outputs/demo_image_mim/checkpoint-9.pth \\
+    python experiments/transfer_experiment.py --pretrained outputs/demo_image_mim/checkpoint-9.pth \\
         --data_path ../shared/data/hymenoptera
 
 `--data_path synthetic` writes the synthetic world's labelled scenes (400 train / 400 val, colour
@@ -35,7 +35,7 @@ from custom_datasets.settings import FinetuneDataSettings  # noqa: E402
 from models.checkpoints import read_model_checkpoint  # noqa: E402
 from training.cli import check_planned_finetune_run, finetune_config_from_argv  # noqa: E402
 from training.finetune import finetune  # noqa: E402
-from util.experiment_runs import finished_or_run, result_settings  # noqa: E402
+from experiments.experiment_runs import finished_or_run, result_settings  # noqa: E402
 
 SYNTHETIC_SIZES = (400, 400)  # labelled train / val scenes for --data_path synthetic
 SYNTHETIC_SEED = 1  # which scenes: the ceiling is computed on the very scenes written
@@ -101,7 +101,7 @@ def baseline_splits(data_path: str, image_size: int) -> tuple[tuple, int]:
 
 def frozen_features(backbone, splits: tuple) -> tuple:
     """Each split's mean-pooled last-block features `Split(x, y)`."""
-    from training.baselines import Split
+    from experiments.baselines import Split
     from training.linear_probe import extract_features
 
     last = backbone.cfg.depth - 1
@@ -112,7 +112,7 @@ def baseline_results(data_path: str, cfg: dict, seeds: list[int]) -> dict[str, l
     """The baselines on the fine-tuning split: raw pixels once (nothing random in them), a random
     init's mean-pooled last-block features once per seed."""
     from models import BackboneConfig, VLMoBackbone
-    from training.baselines import baseline_rows, pixel_features
+    from experiments.baselines import baseline_rows, pixel_features
 
     splits, num_classes = baseline_splits(data_path, cfg.get("img_size", 224))
     results = {name: [row] for name, row in baseline_rows(

@@ -6,8 +6,8 @@ and one table of held-out metrics after every stage, so the effect of self-regul
 the backbone already knew (image MIM and k-NN accuracy) is visible next to what it learned (MLM,
 retrieval).
 
-    python util/demo_chain.py                          # ~10 min on a 2-core CPU
-    python util/demo_chain.py --reg_loss_weight 3e4 --output_dir outputs/chain_b
+    python experiments/demo_chain.py                          # ~10 min on a 2-core CPU
+    python experiments/demo_chain.py --reg_loss_weight 3e4 --output_dir outputs/chain_b
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from models.text_tokenizer import train_wordpiece  # noqa: E402
 from training.cli import pretrain_config_from_argv  # noqa: E402
 from training.pretrain import pretrain  # noqa: E402
 from visualization.canvas import save_picture  # noqa: E402
-from visualization.stage_chart import stage_chart  # noqa: E402
+from experiments.stage_chart import stage_chart  # noqa: E402
 
 CHART = {"image_mim_acc": "image MIM accuracy", "image_mim_loss": "image MIM loss", "image_knn_acc": "image k-NN accuracy",
          "text_mlm_acc": "text MLM accuracy", "itc_t2i_r5": "text-to-image R@5"}

@@ -2,7 +2,7 @@
 at tiny size) on the synthetic world's masks from a pretrained checkpoint and from random init with
 identical settings, and print one table against the all-background baseline.
 
-    python util/segmentation_experiment.py --pretrained outputs/demo_image_mim/checkpoint-9.pth
+    python experiments/segmentation_experiment.py --pretrained outputs/demo_image_mim/checkpoint-9.pth
 
 The scenes and masks are written in ADE20K's layout under OUTPUT_DIR/data and read by the same
 reader as real data; the per-class IoU of every run is in its log.txt.
@@ -29,7 +29,7 @@ from custom_datasets.synthetic_segmentation import write_synthetic_segmentation 
 from models.checkpoints import read_model_checkpoint  # noqa: E402
 from training.cli import finetune_config_from_argv  # noqa: E402
 from training.finetune import finetune  # noqa: E402
-from util.experiment_runs import finished_or_run, result_settings  # noqa: E402
+from experiments.experiment_runs import finished_or_run, result_settings  # noqa: E402
 
 METRICS = ("mIoU", "mAcc", "aAcc")
 

@@ -29,9 +29,9 @@ data (main_pretrain_cook.py, interleaved runs): images per second, loader and to
 `dall-e` package's Encoder), masked forward, MIM loss, backward and AdamW step, vs HF
 `BeitForMaskedImageModeling`. Random weights: speed does not depend on their values.
 
-    python util/benchmark.py                                   # BEiT-base, 224 px, batch 8, CPU
-    python util/benchmark.py --mode mim --device cuda --amp bf16 --batch_size 64
-    ONEDNN_MAX_CPU_ISA=AVX2 python util/benchmark.py --mode mim --impls ours ours_bf16 hf_sdpa   # a CPU without
+    python experiments/benchmark.py                                   # BEiT-base, 224 px, batch 8, CPU
+    python experiments/benchmark.py --mode mim --device cuda --amp bf16 --batch_size 64
+    ONEDNN_MAX_CPU_ISA=AVX2 python experiments/benchmark.py --mode mim --impls ours ours_bf16 hf_sdpa   # a CPU without
                                                      # native bf16 (AVX2-only), emulated by capping oneDNN
 """
 from __future__ import annotations
@@ -502,7 +502,7 @@ def shard_rows(paths: list[Path]) -> dict[str, float]:
     import importlib.util
     import tempfile
 
-    from util.loopback_server import start_loopback_server
+    from experiments.loopback_server import start_loopback_server
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -526,7 +526,7 @@ def shard_rows(paths: list[Path]) -> dict[str, float]:
 def _s3_row(shard: Path, tmp: str) -> float:
     import boto3
 
-    from util.loopback_server import start_loopback_server
+    from experiments.loopback_server import start_loopback_server
 
     env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark", "AWS_DEFAULT_REGION": "us-east-1"}
     server, port = start_loopback_server(["-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"], tmp)

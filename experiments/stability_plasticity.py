@@ -6,7 +6,7 @@ from __future__ import annotations
 from PIL import Image, ImageDraw
 
 from visualization.canvas import BACKGROUND, INK, font
-from visualization.stage_chart import COLOURS, GRID_GREY
+from experiments.stage_chart import COLOURS, GRID_GREY
 
 
 def stability_plasticity(points: dict[str, tuple[float, float, float, float]], x_label: str, y_label: str,

@@ -1,9 +1,9 @@
 """Which way of not forgetting works, at what cost: every continual-learning method over the same
 chain (image MIM → text MLM → image-text ITC), for several seeds, scored on the accuracy matrix.
 
-    python util/continual_benchmark.py --quick                       # every method, one seed, ~15 min on 2 CPU cores
-    python util/continual_benchmark.py --methods self_reg lora l2 --seeds 0 1 2 --lambdas l2=30
-    python util/continual_benchmark.py --quick --image_objective mae  # the image stage with MAE's objective
+    python experiments/continual_benchmark.py --quick                       # every method, one seed, ~15 min on 2 CPU cores
+    python experiments/continual_benchmark.py --methods self_reg lora l2 --seeds 0 1 2 --lambdas l2=30
+    python experiments/continual_benchmark.py --quick --image_objective mae  # the image stage with MAE's objective
 
 Per seed: a reference model (random init), one image MIM stage shared by all methods (it writes
 its Fisher information for ewc), then for each method its text and image-text stages. After
@@ -12,7 +12,7 @@ every stage (and for the reference) one evaluation measures every probe the chai
 trained yet freshly initialised as that stage would start them. Finished stages and rows found in
 --output_dir are reused. Writes results.json (per method: acc, bwt, fwt, forgetting, the last
 stage's score, costs; mean and std over seeds; the matrices), table.md and chart.png.
-Definitions: common/cl_metrics.py and docs/continual.md."""
+Definitions: experiments/cl_metrics.py and docs/continual.md."""
 from __future__ import annotations
 
 import argparse
@@ -27,13 +27,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cl_metrics import mim_gain, summary  # noqa: E402
+from experiments.cl_metrics import mim_gain, summary  # noqa: E402
 from common.errors import UserError, cli_entry  # noqa: E402
 from custom_datasets.pair_data import caption_texts  # noqa: E402
 from models.text_tokenizer import train_wordpiece  # noqa: E402
 from training.continual import CL_METHODS  # noqa: E402
 from training.flag_checks import check_paths_exist  # noqa: E402
-from util.experiment_runs import run_script  # noqa: E402
+from experiments.experiment_runs import run_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # the chain's stages in each order: the first trains fully from the reference and is shared by every
@@ -171,7 +171,7 @@ def evaluate_row(flags: list[str], weights: Path, out: Path, image_objective: st
 
 
 def with_mim_gain(row: dict[str, float]) -> dict[str, float]:
-    """The row with the MIM loss also as a score (common.cl_metrics.mim_gain; 128 visual tokens)."""
+    """The row with the MIM loss also as a score (experiments.cl_metrics.mim_gain; 128 visual tokens)."""
     if "image_mim_loss" in row:
         row["image_mim_gain"] = mim_gain(row["image_mim_loss"], VISUAL_VOCAB)
     return row
@@ -515,7 +515,7 @@ def write_chart(results: dict[str, dict], seed: str, out: Path, stages: tuple[st
     from torch.utils.tensorboard import SummaryWriter
 
     from visualization.canvas import save_picture
-    from visualization.stage_chart import stage_chart
+    from experiments.stage_chart import stage_chart
 
     probes = {"image_mim_loss": "image MIM loss", "image_mae_loss": "image MAE loss", "image_knn_acc": "image k-NN accuracy", "text_mlm_acc": "text MLM "
               "accuracy", "itc_t2i_r5": "text-to-image R@5"}
@@ -536,7 +536,7 @@ def write_tradeoff(results: dict[str, dict], out: Path) -> Path:
     """The stability–plasticity picture: the last stage's score against the mean final score of the
     earlier stages, one point per method (mean ± std over seeds)."""
     from visualization.canvas import save_picture
-    from visualization.stability_plasticity import stability_plasticity
+    from experiments.stability_plasticity import stability_plasticity
 
     points = {}
     for method, r in results.items():
