@@ -18,7 +18,7 @@ from tests.test_distributed_pretrain import BATCH, SETTINGS, STEPS, _batches, _t
 from training.continual import CL_METHODS
 from training.continual.fisher import FISHER_FILE
 
-CASES = {"self_reg": True, "l2": False, "ewc": True, "distill": False, "wise": True}  # method: trains LoRA
+CASES = {"self_reg": True, "self_reg all": True, "l2": False, "ewc": True, "distill": False, "wise": True}  # trains LoRA
 
 
 def _method_task(lora: bool):
@@ -30,11 +30,11 @@ def _method_task(lora: bool):
     return task
 
 
-def _run(task, init_from: str) -> SimpleNamespace:
+def _run(task, init_from: str, scope: str = "adapters") -> SimpleNamespace:
     return SimpleNamespace(backbone=task.backbone, weights=SimpleNamespace(continue_run=False, ckpt=None),
                            ctx=SimpleNamespace(device=torch.device("cpu")), starting_backbone=lambda: _task().backbone,
                            cfg=SimpleNamespace(model=SimpleNamespace(init_from=init_from),
-                                               continual=SimpleNamespace(cl_method="test", wise_alpha=0.5),
+                                               continual=SimpleNamespace(cl_method="test", wise_alpha=0.5, self_reg_scope=scope),
                                                lora=SimpleNamespace(lora_rank=4, reg_delta="scaled")))
 
 
@@ -43,11 +43,12 @@ def _train_with(model, task, batches, method_name: str, folder: str) -> dict[str
 
     from engine_pretrain import train_one_epoch
 
-    method = CL_METHODS[method_name](None)
-    run = _run(task, f"{folder}/checkpoint.pth")
+    name, _, scope = method_name.partition(" ")  # "self_reg all": the penalty on every trained weight
+    method = CL_METHODS[name](None)
+    run = _run(task, f"{folder}/checkpoint.pth", scope or "adapters")
     method.start(run)
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=SETTINGS.lr, weight_decay=0.05)
-    settings = dataclasses.replace(SETTINGS, reg_loss_weight=10.0 if method_name != "self_reg" else 1e4)
+    settings = dataclasses.replace(SETTINGS, reg_loss_weight=10.0 if name != "self_reg" else 1e4)
     stats = train_one_epoch(model, batches, optimizer, torch.device("cpu"), 0, settings, lambda b: b,
                             steps_per_epoch=STEPS, regularizer=method.penalty if method.has_penalty else None,
                             batch_regularizer=method.batch_penalty if method.has_penalty else None)
@@ -75,7 +76,7 @@ def _fisher_beside(folder) -> None:
     save_safetensors(folder / FISHER_FILE, {k: torch.rand(v.shape, generator=gen) * 100 for k, v in base.items()})
 
 
-@pytest.mark.parametrize("method_name", [pytest.param(m, marks=pytest.mark.slow) if m in ("l2", "distill", "wise") else m
+@pytest.mark.parametrize("method_name", [pytest.param(m, marks=pytest.mark.slow) if m in ("l2", "distill", "wise", "self_reg all") else m
                                          for m in CASES])  # by default the two that sum shards of merged ΔW
 def test_a_regularized_stage_under_fsdp_matches_one_process(tmp_path, method_name):
     _fisher_beside(tmp_path)
