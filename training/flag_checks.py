@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from common.errors import UserError
+from custom_datasets.sources import source_for
 from custom_datasets.mixing import split_sources
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def check_data_flags(cfg: "PretrainConfig") -> None:
     if text.webdataset and mode.data_kind != "pair":
         raise UserError(f"--webdataset holds image-text pairs; {cfg.exp_name} does not read pairs (use image_text_itc "
                         f"or compound_pretrain)")
+    source_for(cfg.data_config, mode.data_kind)  # some reader gives this mode's data from these flags
     if text.webdataset and mode.needs_visual_tokens and cfg.visual_tokenizer.d_vae_weight_path is None:
         raise UserError("--webdataset streams its data, so a k-means tokenizer cannot be fitted on it here; fit one "
                         "first with util/fit_visual_tokenizer.py and pass --d_vae_weight_path")

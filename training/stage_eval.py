@@ -17,8 +17,9 @@ from common.console import say
 from custom_datasets import batch as B
 from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.pair_data import SyntheticCaptions
-from custom_datasets.pretrain_data import build_image_datasets, is_synthetic
+from custom_datasets.pretrain_data import build_image_datasets
 from custom_datasets.settings import PretrainDataConfig
+from custom_datasets.sources.synthetic import is_synthetic
 from custom_datasets.text_collate import CaptionCollator
 from custom_datasets.text_masking import masker_for
 from custom_datasets.masking import FractionMaskGenerator

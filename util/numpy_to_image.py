@@ -16,7 +16,7 @@ if __package__ in (None, ""):
 
 from common.errors import UserError, cli_entry  # noqa: E402
 from custom_datasets.image_io import BandScaler, open_tile_rgb  # noqa: E402
-from custom_datasets.pretrain_data import parse_bands  # noqa: E402
+from custom_datasets.sources.image_folder import parse_bands  # noqa: E402
 
 
 @cli_entry
