@@ -167,3 +167,23 @@ def test_an_mae_chain_end_to_end(tmp_path):
         assert not any(k.startswith("image_mim") for row in matrix for k in row)
         assert matrix[1]["image_mae_loss"] < matrix[0].get("image_mae_loss", float("inf"))
     assert "MAE r² kept" in (out / "table.md").read_text()
+
+
+def test_the_resolved_preset_gives_the_image_text_stage_more_epochs_at_a_lower_rate(tmp_path):
+    """--preset resolved: where the adapter methods' contrastive loss no longer collapses to
+    ln(batch); every child command still passes its run's own checks."""
+    import experiments.continual_benchmark as benchmark
+
+    args = benchmark.parser().parse_args(["--preset", "resolved", "--output_dir", str(tmp_path)])
+    args.lambdas = benchmark.parse_lambdas(args.lambdas)
+    args.sizes, args.real, args.text_file = benchmark.SIZES["resolved"], False, None
+    args.chain = benchmark.chain(args.order)
+    benchmark.check_every_run(args)
+    files = benchmark.SeedFiles.of(args, 0)
+    lora = next(v for v in benchmark.variants(args) if v.method == "lora")
+    argv = benchmark.stage_argv(args, benchmark.common_flags(args, 0, files.tokenizer), lora, "image_text_itc",
+                                tmp_path / "start.safetensors", files)
+    assert argv[argv.index("--blr") + 1] == "5e-3" and argv[argv.index("--epochs") + 1] == "12"
+    args.preset = "quick"
+    argv = benchmark.stage_argv(args, [], lora, "image_text_itc", tmp_path / "start.safetensors", files)
+    assert argv[argv.index("--blr") + 1] == "2e-2"  # --quick as it was
