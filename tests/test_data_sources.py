@@ -59,3 +59,14 @@ def test_a_pairs_mode_on_a_plain_image_folder_is_refused_before_any_work(tmp_pat
                    capsys=capsys)
     assert "Traceback" not in text and "\n" not in text.strip()
     assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.parametrize("value", [3, [3, 2, 1], "3,2", "r,g,b"])
+def test_bands_as_a_config_file_may_give_them_are_one_sentence(value):
+    """A YAML `bands:` may be a number or a list, not the comma-separated text the flag takes."""
+    from common.errors import UserError
+    from custom_datasets.sources.image_folder import parse_bands
+
+    with pytest.raises(UserError, match=r"^--bands "):
+        parse_bands(value)
+    assert parse_bands("3,2,1") == [3, 2, 1]

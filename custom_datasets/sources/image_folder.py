@@ -15,11 +15,11 @@ from custom_datasets.sources.base import DataSource
 from custom_datasets.split import require_training_left
 
 
-def parse_bands(text: str | None) -> list[int] | None:
+def parse_bands(text: object) -> list[int] | None:
     if text is None:
         return None
     try:
-        bands = [int(b) for b in text.split(",")]
+        bands = [int(b) for b in str(text).split(",")]  # a --config file may give a number or a list
     except ValueError:
         raise UserError(f"--bands {text} must be comma-separated band indices, e.g. 3,2,1") from None
     if len(bands) != 3:
