@@ -70,3 +70,24 @@ def test_bands_as_a_config_file_may_give_them_are_one_sentence(value):
     with pytest.raises(UserError, match=r"^--bands "):
         parse_bands(value)
     assert parse_bands("3,2,1") == [3, 2, 1]
+
+
+def test_the_run_says_what_it_reads_as_its_reader_describes_it(tmp_path):
+    from training.pretrain import data_description
+
+    folder = images(tmp_path / "photos", ["a.png", "b.png"])
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text('[{"image": "a.png", "caption": "a red cube"}]')
+
+    def said(*flags: str) -> str:
+        return data_description(pretrain_config_from_argv(TINY_BASE + list(flags) + ["--output_dir", str(tmp_path)]))
+
+    assert said("--data_path", "synthetic") == "images of the embedded synthetic world"
+    assert said("--data_path", f"{folder}::{folder}") == f"images in {folder}::{folder}"
+    assert said("--exp_name", "image_text_itc", "--data_path", str(folder), "--data_file_path", str(pairs)) \
+        == f"image-text pairs in {pairs} (images under {folder})"
+    assert said("--exp_name", "image_text_itc", "--data_path", "synthetic", "--data_file_path", str(pairs)) \
+        == f"image-text pairs in {pairs}"
+    assert said("--exp_name", "image_text_itc", "--webdataset", "--data_path",
+                "https://user:secret@host/{00000..00003}.tar", "--train_num_samples", "8", "--eval_data_file_path",
+                str(pairs)) == "image-text pairs in the WebDataset shards https://user:***@host/{00000..00003}.tar"

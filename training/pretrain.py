@@ -16,9 +16,9 @@ from common import distributed as dist_util
 from common.config_args import flat_settings, save_settings
 from common.console import say
 from common.errors import UserError
-from common.url_secrets import masked_url
 from custom_datasets.mixing import MixedSources
 from custom_datasets.pretrain_data import PretrainData, build_pretrain_data
+from custom_datasets.sources import source_for
 from training.engine_pretrain import evaluate, train_one_epoch
 from models.backbone import VLMoBackbone
 from models.lora import add_lora
@@ -296,18 +296,10 @@ def build_optimization(run: PretrainRun) -> Optimization:
 
 
 def data_description(cfg: PretrainConfig) -> str:
-    """What the run trains on, in words: never a surprise (the synthetic world only when asked for)."""
+    """What the run trains on, in words, as its reader says it: never a surprise (the synthetic world
+    only when asked for)."""
     kind = {"image": "images", "text": "captions", "pair": "image-text pairs"}[cfg.mode.data_kind]
-    if cfg.data.data_path == "synthetic" and not cfg.text.data_file_path:
-        return f"{kind} of the embedded synthetic world"
-    if cfg.text.webdataset:
-        return f"{kind} in the WebDataset shards {masked_url(cfg.data.data_path)}"
-    files = " ".join(cfg.text.data_file_path or ())
-    if cfg.mode.data_kind == "image":
-        return f"{kind} in {cfg.data.data_path}"
-    root = (f" (images under {cfg.data.data_path})" if cfg.mode.data_kind == "pair" and cfg.data.data_path
-            and cfg.data.data_path != "synthetic" else "")
-    return f"{kind} in {files}{root}"
+    return source_for(cfg.data_config, cfg.mode.data_kind).describe(cfg.data_config, kind)
 
 
 def describe_run(run: PretrainRun, optim: Optimization) -> None:

@@ -20,3 +20,4 @@ class DataSource:
     kinds: tuple[str, ...]  # "image", "text", "pair"
     claims: Callable[[PretrainDataConfig, str], bool]  # the run's flags ask for this reader
     build: Callable[[PretrainDataConfig, str, Builders], tuple[Dataset, Dataset]]
+    describe: Callable[[PretrainDataConfig, str], str]  # (cfg, what: "images", ...) -> what the run reads, in words

@@ -24,4 +24,8 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
     return Subset(corpus, train), Subset(corpus, val)
 
 
-SOURCE = DataSource("caption files", "--data_file_path CAPTIONS.json", ("text",), _claims, _build)
+def in_files(cfg: PretrainDataConfig, what: str) -> str:
+    return f"{what} in {' '.join(cfg.text.data_file_path)}"
+
+
+SOURCE = DataSource("caption files", "--data_file_path CAPTIONS.json", ("text",), _claims, _build, in_files)

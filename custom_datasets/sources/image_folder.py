@@ -53,4 +53,9 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
     return train_set, ImageFiles(root, val_build, bands, table, held_out, scaler=train_set.scaler)
 
 
-SOURCE = DataSource("image folder", "--data_path FOLDER (images, .npy tiles)", ("image",), _claims, _build)
+def in_data_path(cfg: PretrainDataConfig, what: str) -> str:
+    return f"{what} in {cfg.data.data_path}"
+
+
+SOURCE = DataSource("image folder", "--data_path FOLDER (images, .npy tiles)", ("image",), _claims, _build,
+                    in_data_path)

@@ -11,7 +11,7 @@ from custom_datasets.image_folder import ImageFiles
 from custom_datasets.mixing import SEPARATOR, MixedSources, check_weights, split_sources
 from custom_datasets.settings import PretrainDataConfig
 from custom_datasets.sources.base import DataSource
-from custom_datasets.sources.image_folder import held_out_split, parse_bands
+from custom_datasets.sources.image_folder import held_out_split, in_data_path, parse_bands
 
 
 def _claims(cfg: PretrainDataConfig, kind: str) -> bool:
@@ -35,4 +35,5 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
     return MixedSources(trains, weights, roots), ConcatDataset(vals)
 
 
-SOURCE = DataSource("mixed image folders", '--data_path "A::B" --data_weights', ("image",), _claims, _build)
+SOURCE = DataSource("mixed image folders", '--data_path "A::B" --data_weights', ("image",), _claims, _build,
+                    in_data_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from custom_datasets.pair_data import ImageCaptionPairs
 from custom_datasets.settings import PretrainDataConfig
 from custom_datasets.sources.base import DataSource
+from custom_datasets.sources.caption_files import in_files
 from custom_datasets.sources.synthetic import is_synthetic
 from custom_datasets.split import file_key, split_held_out
 from custom_datasets.text_data import read_pairs
@@ -29,4 +30,10 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
     return ImageCaptionPairs(train, train_build), ImageCaptionPairs(val, val_build)
 
 
-SOURCE = DataSource("pair files", "--data_file_path PAIRS.json with --data_path IMAGE_ROOT", ("pair",), _claims, _build)
+def _describe(cfg: PretrainDataConfig, what: str) -> str:
+    root = f" (images under {cfg.data.data_path})" if cfg.data.data_path and not is_synthetic(cfg) else ""
+    return in_files(cfg, what) + root
+
+
+SOURCE = DataSource("pair files", "--data_file_path PAIRS.json with --data_path IMAGE_ROOT", ("pair",), _claims, _build,
+                    _describe)

@@ -27,4 +27,5 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
             SyntheticWorld("val", data.synthetic_val_size, cfg.seed, data.synthetic_render_size, val_build))
 
 
-SOURCE = DataSource("synthetic", "--data_path synthetic", ("image", "text", "pair"), _claims, _build)
+SOURCE = DataSource("synthetic", "--data_path synthetic", ("image", "text", "pair"), _claims, _build,
+                    lambda cfg, what: f"{what} of the embedded synthetic world")

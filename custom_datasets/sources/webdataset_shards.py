@@ -45,4 +45,10 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
     raise UserError("--webdataset needs held-out pairs: --eval_data_path SHARDS or --eval_data_file_path PAIRS.json")
 
 
-SOURCE = DataSource("WebDataset shards", "--webdataset --data_path SHARDS", ("pair",), _claims, _build)
+def _describe(cfg: PretrainDataConfig, what: str) -> str:
+    from common.url_secrets import masked_url
+
+    return f"{what} in the WebDataset shards {masked_url(cfg.data.data_path)}"
+
+
+SOURCE = DataSource("WebDataset shards", "--webdataset --data_path SHARDS", ("pair",), _claims, _build, _describe)
