@@ -91,3 +91,47 @@ def test_the_run_says_what_it_reads_as_its_reader_describes_it(tmp_path):
     assert said("--exp_name", "image_text_itc", "--webdataset", "--data_path",
                 "https://user:secret@host/{00000..00003}.tar", "--train_num_samples", "8", "--eval_data_file_path",
                 str(pairs)) == "image-text pairs in the WebDataset shards https://user:***@host/{00000..00003}.tar"
+
+
+def test_each_reader_refuses_what_it_cannot_read_at_the_flag_check(tmp_path):
+    """A reader's own rules (held-out pairs of shards, weights of one folder, one image root) are
+    asked of the reader the flags pick, when the flags are read: before a folder, tokenizer or shard
+    is touched (the shards' missing held-out pairs used to surface only once the loader was built)."""
+    from common.errors import UserError
+
+    folder = images(tmp_path / "photos", ["a.png", "b.png"])
+    captions = tmp_path / "captions.json"
+    captions.write_text('[{"caption": "a red cube"}]')
+    cases = [
+        (["--exp_name", "image_text_itc", "--webdataset", "--data_path", "https://host/{0..3}.tar",
+          "--train_num_samples", "8"], "--webdataset needs held-out pairs"),
+        (["--data_path", str(folder), "--data_weights", "3"], "--data_weights mixes several sources"),
+        (["--data_path", f"{folder}::{folder}", "--eval_data_path", str(folder)],
+         "--eval_data_path with several --data_path sources"),
+        (["--data_path", f"{folder}::{folder}", "--data_weights", "1"], "--data_weights has 1 values for 2 sources"),
+        (["--exp_name", "text_mlm", "--data_path", f"{folder}::{folder}", "--data_file_path", str(captions)],
+         '--data_path "A::B" mixes image folders; text data is read from files'),
+        (["--data_path", str(folder), "--bands", "3,2"], "--bands 3,2 must name exactly three bands"),
+    ]
+    for flags, sentence in cases:
+        with pytest.raises(UserError) as info:
+            pretrain_config_from_argv(TINY_BASE + flags + ["--output_dir", str(tmp_path / "run")])
+        assert sentence in str(info.value), (flags, str(info.value))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_paths_a_reader_opens_are_checked_and_the_worlds_name_is_not_a_path(tmp_path):
+    from common.errors import UserError
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text('[{"image": "a.png", "caption": "a red cube"}]')
+    with pytest.raises(UserError, match="--data_path /no/images does not exist"):
+        pretrain_config_from_argv(TINY_BASE + ["--exp_name", "image_text_itc", "--data_path", "/no/images",
+                                               "--data_file_path", str(pairs), "--output_dir", str(tmp_path / "r")])
+    with pytest.raises(UserError, match="--eval_data_path /no/held_out does not exist"):
+        pretrain_config_from_argv(TINY_BASE + ["--data_path", "synthetic", "--eval_data_path", "/no/held_out",
+                                               "--output_dir", str(tmp_path / "r")])
+    # the world's name is not a folder, for every kind that reads it beside a run's own files
+    cfg = pretrain_config_from_argv(TINY_BASE + ["--exp_name", "image_text_itc", "--data_path", "synthetic",
+                                                 "--data_file_path", str(pairs), "--output_dir", str(tmp_path / "r")])
+    assert source_for(cfg.data_config, "pair").name == "pair files"

@@ -5,7 +5,6 @@ from typing import TYPE_CHECKING
 
 from common.errors import UserError
 from custom_datasets.sources import source_for
-from custom_datasets.mixing import split_sources
 
 if TYPE_CHECKING:
     from training.config import PretrainConfig
@@ -41,13 +40,12 @@ def check_data_flags(cfg: "PretrainConfig") -> None:
     if mode.needs_visual_tokens and cfg.visual_tokenizer.d_vae_type == "dall-e" \
             and not cfg.visual_tokenizer.d_vae_weight_path and not carries_encoder:
         raise UserError("--d_vae_type dall-e needs --d_vae_weight_path DIR holding OpenAI's encoder.pkl")
-    if not 1 < text.max_text_len <= text.max_text_len_of_initckpt:
-        raise UserError(f"--max_text_len {text.max_text_len} must be between 2 and --max_text_len_of_initckpt "
-                        f"{text.max_text_len_of_initckpt}")
     if text.webdataset and mode.data_kind != "pair":
         raise UserError(f"--webdataset holds image-text pairs; {cfg.exp_name} does not read pairs (use image_text_itc "
                         f"or compound_pretrain)")
-    source_for(cfg.data_config, mode.data_kind)  # some reader gives this mode's data from these flags
+    if not 1 < text.max_text_len <= text.max_text_len_of_initckpt:
+        raise UserError(f"--max_text_len {text.max_text_len} must be between 2 and --max_text_len_of_initckpt "
+                        f"{text.max_text_len_of_initckpt}")
     if text.webdataset and mode.needs_visual_tokens and cfg.visual_tokenizer.d_vae_weight_path is None:
         raise UserError("--webdataset streams its data, so a k-means tokenizer cannot be fitted on it here; fit one "
                         "first with util/fit_visual_tokenizer.py and pass --d_vae_weight_path")
@@ -134,19 +132,15 @@ def check_pretrain_flags(cfg: "PretrainConfig", planned: frozenset[str] = frozen
     check_launch_flags(cfg.run)
     check_fsdp_launch(cfg.model.fsdp)
     check_weight_flags(cfg)
-    data = cfg.data.data_path if cfg.data.data_path != "synthetic" and not cfg.text.webdataset else None
-    sources = split_sources(data) if data else []
-    shard_sources = split_sources(cfg.data.data_path) if cfg.text.webdataset and cfg.data.data_path else []
-    if cfg.data.data_weights and len(sources) < 2 and len(shard_sources) < 2:
-        raise UserError("--data_weights mixes several sources: give them as --data_path \"A::B\"")
-    if len(sources) > 1 and cfg.mode.data_kind != "image":
-        raise UserError(f"--data_path \"A::B\" mixes image folders; --exp_name {cfg.exp_name} reads "
-                        f"{cfg.mode.data_kind} data (mix its files into one list instead)")
-    check_paths_exist({"data_path": sources or None, "data_file_path": cfg.text.data_file_path, "eval_data_path":
-                       None if cfg.text.webdataset else cfg.data.eval_data_path,
+    check_data_flags(cfg)
+    # the reader the flags ask for (refused in one sentence when none gives this mode's data) says which
+    # local paths it opens and which flag combinations it cannot read
+    data, kind = cfg.data_config, cfg.mode.data_kind
+    source = source_for(data, kind)
+    source.check(data, kind)
+    check_paths_exist({**source.inputs(data), "data_file_path": cfg.text.data_file_path,
                        "eval_data_file_path": cfg.text.eval_data_file_path, "init_from": cfg.model.init_from,
                        "resume": cfg.model.resume}, planned)
-    check_data_flags(cfg)
     check_lora_flags(cfg)
     check_continual_flags(cfg)
     if cfg.model.sharded_checkpoint and not cfg.model.fsdp:

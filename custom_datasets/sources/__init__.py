@@ -35,4 +35,6 @@ def source_for(cfg: PretrainDataConfig, kind: str) -> DataSource:
 
 def build_datasets(cfg: PretrainDataConfig, kind: str, builders: Builders) -> tuple[Dataset, Dataset]:
     """(training, held-out) datasets of `kind`, read by the source the flags ask for."""
-    return source_for(cfg, kind).build(cfg, kind, builders)
+    source = source_for(cfg, kind)
+    source.check(cfg, kind)
+    return source.build(cfg, kind, builders)

@@ -7,7 +7,8 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
-from custom_datasets.settings import PretrainDataConfig
+from common.errors import UserError
+from custom_datasets.settings import SYNTHETIC, PretrainDataConfig
 
 # (training, held-out) image -> sample functions of the image and pair kinds; None for text
 Builders = "tuple[Callable, Callable] | None"
@@ -21,3 +22,26 @@ class DataSource:
     claims: Callable[[PretrainDataConfig, str], bool]  # the run's flags ask for this reader
     build: Callable[[PretrainDataConfig, str, Builders], tuple[Dataset, Dataset]]
     describe: Callable[[PretrainDataConfig, str], str]  # (cfg, what: "images", ...) -> what the run reads, in words
+    # the local files and folders it opens, flag -> paths: checked to exist before any work
+    inputs: Callable[[PretrainDataConfig], dict[str, list[str | None]]] = lambda cfg: given_folders(cfg)
+    # refuses flag combinations it cannot read, in one sentence, before any work (raises UserError)
+    check: Callable[[PretrainDataConfig, str], None] = lambda cfg, kind: None
+
+
+def is_synthetic(cfg: PretrainDataConfig) -> bool:
+    """The embedded world, asked for by name: a run never falls back to it."""
+    return cfg.data.data_path == SYNTHETIC
+
+
+def given_folders(cfg: PretrainDataConfig) -> dict[str, list[str | None]]:
+    """--data_path (unless it names the synthetic world) and --eval_data_path as given (None: not given)."""
+    return {"data_path": [None if is_synthetic(cfg) else cfg.data.data_path], "eval_data_path": [cfg.data.eval_data_path]}
+
+
+def refuse_mixed_folders(cfg: PretrainDataConfig, kind: str) -> None:
+    """`--data_path "A::B"` mixes image folders; a reader of one image root cannot take it."""
+    from custom_datasets.mixing import SEPARATOR
+
+    if cfg.data.data_path and SEPARATOR in cfg.data.data_path:
+        raise UserError(f'--data_path "A::B" mixes image folders; {kind} data is read from files: mix them into one '
+                        f"--data_file_path list instead")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch.utils.data import Subset
 
 from custom_datasets.settings import PretrainDataConfig
-from custom_datasets.sources.base import DataSource
+from custom_datasets.sources.base import DataSource, refuse_mixed_folders
 from custom_datasets.split import record_keys, split_held_out
 from custom_datasets.text_data import CaptionCorpus
 
@@ -28,4 +28,5 @@ def in_files(cfg: PretrainDataConfig, what: str) -> str:
     return f"{what} in {' '.join(cfg.text.data_file_path)}"
 
 
-SOURCE = DataSource("caption files", "--data_file_path CAPTIONS.json", ("text",), _claims, _build, in_files)
+SOURCE = DataSource("caption files", "--data_file_path CAPTIONS.json", ("text",), _claims, _build, in_files,
+                    check=refuse_mixed_folders)

@@ -53,9 +53,15 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
     return train_set, ImageFiles(root, val_build, bands, table, held_out, scaler=train_set.scaler)
 
 
+def _check(cfg: PretrainDataConfig, kind: str) -> None:
+    if cfg.data.data_weights:
+        raise UserError('--data_weights mixes several sources: give them as --data_path "A::B"')
+    parse_bands(cfg.data.bands)
+
+
 def in_data_path(cfg: PretrainDataConfig, what: str) -> str:
     return f"{what} in {cfg.data.data_path}"
 
 
 SOURCE = DataSource("image folder", "--data_path FOLDER (images, .npy tiles)", ("image",), _claims, _build,
-                    in_data_path)
+                    in_data_path, check=_check)

@@ -23,9 +23,6 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
     data = cfg.data
     roots = split_sources(data.data_path)
     weights = check_weights(roots, data.data_weights)
-    if data.eval_data_path:
-        raise UserError("--eval_data_path with several --data_path sources: leave it out (each source holds out a "
-                        "--val_fraction of its own) or mix the sources into one folder")
     bands = parse_bands(data.bands)
     trains, vals = [], []
     for root in map(Path, roots):
@@ -35,5 +32,14 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
     return MixedSources(trains, weights, roots), ConcatDataset(vals)
 
 
+def _check(cfg: PretrainDataConfig, kind: str) -> None:
+    data = cfg.data
+    check_weights(split_sources(data.data_path), data.data_weights)
+    if data.eval_data_path:
+        raise UserError("--eval_data_path with several --data_path sources: leave it out (each source holds out a "
+                        "--val_fraction of its own) or mix the sources into one folder")
+    parse_bands(data.bands)
+
+
 SOURCE = DataSource("mixed image folders", '--data_path "A::B" --data_weights', ("image",), _claims, _build,
-                    in_data_path)
+                    in_data_path, inputs=lambda cfg: {"data_path": split_sources(cfg.data.data_path)}, check=_check)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from custom_datasets.pair_data import ImageCaptionPairs
 from custom_datasets.settings import PretrainDataConfig
-from custom_datasets.sources.base import DataSource
+from custom_datasets.sources.base import DataSource, is_synthetic, refuse_mixed_folders
 from custom_datasets.sources.caption_files import in_files
-from custom_datasets.sources.synthetic import is_synthetic
 from custom_datasets.split import file_key, split_held_out
 from custom_datasets.text_data import read_pairs
 
@@ -36,4 +35,4 @@ def _describe(cfg: PretrainDataConfig, what: str) -> str:
 
 
 SOURCE = DataSource("pair files", "--data_file_path PAIRS.json with --data_path IMAGE_ROOT", ("pair",), _claims, _build,
-                    _describe)
+                    _describe, check=refuse_mixed_folders)

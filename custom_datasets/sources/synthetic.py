@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from custom_datasets.pair_data import SyntheticCaptions
-from custom_datasets.settings import SYNTHETIC, PretrainDataConfig
-from custom_datasets.sources.base import DataSource
+from custom_datasets.settings import PretrainDataConfig
+from custom_datasets.sources.base import DataSource, is_synthetic
 from custom_datasets.synthetic_world import SyntheticWorld
-
-
-def is_synthetic(cfg: PretrainDataConfig) -> bool:
-    return cfg.data.data_path == SYNTHETIC
 
 
 def _claims(cfg: PretrainDataConfig, kind: str) -> bool:

@@ -38,11 +38,17 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
     if text.eval_data_file_path:
         return train, ImageCaptionPairs(read_pairs(text.eval_data_file_path, None, data.allow_outside_data_path,
                                                    "--eval_data_file_path"), val_build)
-    if data.eval_data_path:
-        shards = expand_shards(data.eval_data_path, "--eval_data_path")
-        return train, WebDatasetPairs(shards, count_samples(shards, **reading), val_build, seed=cfg.seed, shuffle=False,
-                                      **reading)
-    raise UserError("--webdataset needs held-out pairs: --eval_data_path SHARDS or --eval_data_file_path PAIRS.json")
+    shards = expand_shards(data.eval_data_path, "--eval_data_path")  # one of the two: _check
+    return train, WebDatasetPairs(shards, count_samples(shards, **reading), val_build, seed=cfg.seed, shuffle=False,
+                                  **reading)
+
+
+def _check(cfg: PretrainDataConfig, kind: str) -> None:
+    text, data = cfg.text, cfg.data
+    if data.data_weights and len(split_sources(data.data_path or "")) < 2:
+        raise UserError('--data_weights mixes several sources: give them as --data_path "A::B"')
+    if not (text.eval_data_file_path or data.eval_data_path):
+        raise UserError("--webdataset needs held-out pairs: --eval_data_path SHARDS or --eval_data_file_path PAIRS.json")
 
 
 def _describe(cfg: PretrainDataConfig, what: str) -> str:
@@ -51,4 +57,5 @@ def _describe(cfg: PretrainDataConfig, what: str) -> str:
     return f"{what} in the WebDataset shards {masked_url(cfg.data.data_path)}"
 
 
-SOURCE = DataSource("WebDataset shards", "--webdataset --data_path SHARDS", ("pair",), _claims, _build, _describe)
+SOURCE = DataSource("WebDataset shards", "--webdataset --data_path SHARDS", ("pair",), _claims, _build, _describe,
+                    inputs=lambda cfg: {}, check=_check)
