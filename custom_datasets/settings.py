@@ -9,7 +9,14 @@ from common.config_args import flag
 from common.flag_scopes import both, mode_reads, when
 
 SYNTHETIC = "synthetic"
-SYNTHETIC_WORLD = when("runs with --data_path synthetic", lambda cfg: cfg.data.data_path == SYNTHETIC)
+
+
+def is_synthetic(cfg) -> bool:
+    """The embedded world, asked for by name (`--data_path synthetic`): a run never falls back to it."""
+    return cfg.data.data_path == SYNTHETIC
+
+
+SYNTHETIC_WORLD = when("runs with --data_path synthetic", is_synthetic)
 WEBDATASET = when("runs with --webdataset", lambda cfg: cfg.text.webdataset)
 IMAGE_VIEWS, MASKING = mode_reads("image_views"), mode_reads("masking")
 BLOCK_MASKS = both(MASKING, when("runs with --mask_strategy block", lambda cfg: cfg.views.mask_strategy == "block"))

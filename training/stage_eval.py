@@ -19,7 +19,7 @@ from custom_datasets.collate import collate_skipping_bad
 from custom_datasets.pair_data import SyntheticCaptions
 from custom_datasets.pretrain_data import build_image_datasets
 from custom_datasets.settings import PretrainDataConfig
-from custom_datasets.sources.base import is_synthetic
+from custom_datasets.settings import is_synthetic
 from custom_datasets.text_collate import CaptionCollator
 from custom_datasets.text_masking import masker_for
 from custom_datasets.masking import FractionMaskGenerator

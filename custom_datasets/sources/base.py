@@ -8,7 +8,7 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from common.errors import UserError
-from custom_datasets.settings import SYNTHETIC, PretrainDataConfig
+from custom_datasets.settings import PretrainDataConfig, is_synthetic
 
 # (training, held-out) image -> sample functions of the image and pair kinds; None for text
 Builders = "tuple[Callable, Callable] | None"
@@ -26,11 +26,6 @@ class DataSource:
     inputs: Callable[[PretrainDataConfig], dict[str, list[str | None]]] = lambda cfg: given_folders(cfg)
     # refuses flag combinations it cannot read, in one sentence, before any work (raises UserError)
     check: Callable[[PretrainDataConfig, str], None] = lambda cfg, kind: None
-
-
-def is_synthetic(cfg: PretrainDataConfig) -> bool:
-    """The embedded world, asked for by name: a run never falls back to it."""
-    return cfg.data.data_path == SYNTHETIC
 
 
 def given_folders(cfg: PretrainDataConfig) -> dict[str, list[str | None]]:

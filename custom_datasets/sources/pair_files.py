@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from custom_datasets.pair_data import ImageCaptionPairs
-from custom_datasets.settings import PretrainDataConfig
-from custom_datasets.sources.base import DataSource, is_synthetic, refuse_mixed_folders
+from custom_datasets.settings import PretrainDataConfig, is_synthetic
+from custom_datasets.sources.base import DataSource, refuse_mixed_folders
 from custom_datasets.sources.caption_files import in_files
 from custom_datasets.split import file_key, split_held_out
 from custom_datasets.text_data import read_pairs

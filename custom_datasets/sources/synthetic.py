@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from custom_datasets.pair_data import SyntheticCaptions
-from custom_datasets.settings import PretrainDataConfig
-from custom_datasets.sources.base import DataSource, is_synthetic
+from custom_datasets.settings import PretrainDataConfig, is_synthetic
+from custom_datasets.sources.base import DataSource
 from custom_datasets.synthetic_world import SyntheticWorld
 
 
