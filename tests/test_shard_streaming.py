@@ -246,9 +246,12 @@ def test_args_yaml_records_a_presigned_url_without_its_signature(tmp_path):
     from common.config_args import flat_settings
     from training.cli import pretrain_config_from_argv
 
+    held_out = tmp_path / "held_out.json"  # a shards run needs held-out pairs, refused at the flag check without
+    held_out.write_text('[{"image": "a.png", "caption": "a red cube"}]')
     cfg = pretrain_config_from_argv(TINY_BASE + ["--exp_name", "image_text_itc", "--webdataset", "--data_path",
                                             "https://host/{00000..00002}.tar?X-Amz-Signature=" + SECRET,
-                                            "--train_num_samples", "16", "--output_dir", str(tmp_path)])
+                                            "--train_num_samples", "16", "--eval_data_file_path", str(held_out),
+                                            "--output_dir", str(tmp_path / "run")])
     recorded = yaml.safe_dump(flat_settings(cfg))
     assert SECRET not in recorded and "https://host/{00000..00002}.tar?***" in recorded
 
