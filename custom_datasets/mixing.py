@@ -35,6 +35,8 @@ def exact_counts(total: int, weights: Sequence[float]) -> list[int]:
 def check_weights(sources: list[str], weights: Sequence[float] | None) -> list[float]:
     if weights is None:
         return [1.0] * len(sources)
+    if len(sources) < 2:
+        raise UserError('--data_weights mixes several sources: give them as --data_path "A::B"')
     if len(weights) != len(sources):
         raise UserError(f"--data_weights has {len(weights)} values for {len(sources)} sources in --data_path; give one "
                         f"weight per source (e.g. --data_weights {' '.join(['1'] * len(sources))})")

@@ -9,7 +9,7 @@ import numpy as np
 from common.errors import UserError
 from custom_datasets.file_index import index_folder
 from custom_datasets.image_folder import ImageFiles
-from custom_datasets.mixing import SEPARATOR
+from custom_datasets.mixing import SEPARATOR, check_weights
 from custom_datasets.settings import PretrainDataConfig
 from custom_datasets.sources.base import DataSource
 from custom_datasets.split import require_training_left
@@ -54,8 +54,7 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
 
 
 def _check(cfg: PretrainDataConfig, kind: str) -> None:
-    if cfg.data.data_weights:
-        raise UserError('--data_weights mixes several sources: give them as --data_path "A::B"')
+    check_weights([cfg.data.data_path], cfg.data.data_weights)  # one folder: weights are refused
     parse_bands(cfg.data.bands)
 
 

@@ -45,10 +45,7 @@ def _build(cfg: PretrainDataConfig, kind: str, builders):
 
 def _check(cfg: PretrainDataConfig, kind: str) -> None:
     text, data = cfg.text, cfg.data
-    specs = split_sources(data.data_path or "")
-    if data.data_weights and len(specs) < 2:
-        raise UserError('--data_weights mixes several sources: give them as --data_path "A::B"')
-    check_weights(specs, data.data_weights)
+    check_weights(split_sources(data.data_path or ""), data.data_weights)
     if not (text.eval_data_file_path or data.eval_data_path):
         raise UserError("--webdataset needs held-out pairs: --eval_data_path SHARDS or --eval_data_file_path PAIRS.json")
 
